@@ -1,0 +1,71 @@
+"""kling_async: bulk lip-sync video generation through the Kling API, for asyncio.
+
+Describe jobs with :class:`LipSyncJob`, open a :class:`KlingClient` for your server's dialect
+and iterate :meth:`KlingClient.run_batch` for results in completion order.
+"""
+
+from importlib.metadata import PackageNotFoundError, version
+
+from ._config import PollPolicy, RetryPolicy
+from ._errors import (
+    AccountError,
+    APIError,
+    AuthenticationError,
+    ConcurrencyLimitError,
+    ConnectError,
+    ContentPolicyError,
+    InvalidRequestError,
+    KlingError,
+    MalformedResponseError,
+    NotFoundError,
+    PermissionDeniedError,
+    RateLimitError,
+    ServerError,
+    TaskCancelledError,
+    TaskFailedError,
+    TaskTimedOutError,
+    TransportError,
+    TransportTimeout,
+    ValidationError,
+    created_nothing,
+    error_from_response,
+)
+from ._jobs import LipSyncJob
+from ._results import Face, JobResult, TaskSnapshot, TaskState
+
+try:
+    __version__ = version("kling-async")
+except PackageNotFoundError:  # pragma: no cover - running from a source tree without install
+    __version__ = "0.0.0"
+
+__all__ = [
+    "APIError",
+    "AccountError",
+    "AuthenticationError",
+    "ConcurrencyLimitError",
+    "ConnectError",
+    "ContentPolicyError",
+    "Face",
+    "InvalidRequestError",
+    "JobResult",
+    "KlingError",
+    "LipSyncJob",
+    "MalformedResponseError",
+    "NotFoundError",
+    "PermissionDeniedError",
+    "PollPolicy",
+    "RateLimitError",
+    "RetryPolicy",
+    "ServerError",
+    "TaskCancelledError",
+    "TaskFailedError",
+    "TaskSnapshot",
+    "TaskState",
+    "TaskTimedOutError",
+    "TransportError",
+    "TransportTimeout",
+    "ValidationError",
+    "__version__",
+    "created_nothing",
+    "error_from_response",
+]

@@ -1,0 +1,81 @@
+"""The two tuning knobs of a client: how tasks are polled, and how failed requests are retried."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import attrs
+
+from ._errors import ValidationError
+
+__all__ = ["PollPolicy", "RetryPolicy"]
+
+
+def _positive(instance: Any, attribute: attrs.Attribute[Any], value: float) -> None:
+    if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
+        raise ValidationError(attribute.name, "must be a finite number greater than 0")
+
+
+def _non_negative(instance: Any, attribute: attrs.Attribute[Any], value: float) -> None:
+    if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
+        raise ValidationError(attribute.name, "must be a finite number of at least 0")
+
+
+def _fraction(instance: Any, attribute: attrs.Attribute[Any], value: float) -> None:
+    if not (isinstance(value, (int, float)) and 0 <= value <= 1):
+        raise ValidationError(attribute.name, "must be between 0 and 1")
+
+
+def _growth(instance: Any, attribute: attrs.Attribute[Any], value: float) -> None:
+    if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 1):
+        raise ValidationError(attribute.name, "must be a finite number of at least 1")
+
+
+def _count(instance: Any, attribute: attrs.Attribute[Any], value: int) -> None:
+    if not (isinstance(value, int) and not isinstance(value, bool) and value >= 1):
+        raise ValidationError(attribute.name, "must be a whole number of at least 1")
+
+
+@attrs.frozen(kw_only=True)
+class PollPolicy:
+    """When to ask the server about a task (all times in seconds).
+
+    The first query goes out ``first_delay`` after the submit; each later interval is
+    ``multiplier`` times the one before, jittered by up to ``jitter`` of itself, and never longer
+    than ``max_interval``.  A task still unfinished ``timeout`` after its submit ends as
+    ``TIMED_OUT`` with its task id kept: Kling lip-sync takes about 3 minutes with long tails
+    (API.md section 1, "Timing"), so the default waits two hours.
+
+    With ``adaptive`` the tracker learns from finished tasks when results usually arrive, and
+    polls less before that.  With ``list_queries`` it refreshes many tasks with one paged list
+    request where the dialect has one.  ``max_concurrent_queries`` bounds status requests in
+    flight at once.
+    """
+
+    first_delay: float = attrs.field(default=10.0, validator=_non_negative)
+    max_interval: float = attrs.field(default=30.0, validator=_positive)
+    multiplier: float = attrs.field(default=1.5, validator=_growth)
+    jitter: float = attrs.field(default=0.1, validator=_fraction)
+    timeout: float = attrs.field(default=7200.0, validator=_positive)
+    adaptive: bool = True
+    list_queries: bool = True
+    max_concurrent_queries: int = attrs.field(default=8, validator=_count)
+
+
+@attrs.frozen(kw_only=True)
+class RetryPolicy:
+    """How failed requests are retried (times in seconds).
+
+    A request is tried at most ``max_attempts`` times in all.  The n-th retry waits
+    ``base_delay * multiplier ** (n - 1)``, capped at ``max_delay`` and shortened at random by up
+    to ``jitter`` of itself so that many clients do not retry in step; a server's Retry-After is
+    honoured when it asks for longer.  Submits are retried only when the server certainly
+    created nothing (see :func:`kling_async.created_nothing`).
+    """
+
+    max_attempts: int = attrs.field(default=5, validator=_count)
+    base_delay: float = attrs.field(default=0.5, validator=_non_negative)
+    max_delay: float = attrs.field(default=30.0, validator=_non_negative)
+    multiplier: float = attrs.field(default=2.0, validator=_growth)
+    jitter: float = attrs.field(default=0.5, validator=_fraction)

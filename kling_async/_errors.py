@@ -1,0 +1,323 @@
+"""Exceptions raised by kling_async, and the table that maps server answers to them.
+
+Every exception the library raises on purpose is a :class:`KlingError`::
+
+    KlingError
+    ├── ValidationError            bad input, caught before any request (also a ValueError)
+    ├── TransportError             no usable HTTP answer
+    │   ├── ConnectError           the connection was never made: nothing reached the server
+    │   ├── TransportTimeout       no answer in time; the server may have acted
+    │   └── MalformedResponseError an answer that is not the JSON the protocol promises
+    ├── APIError                   the server said no: status, code, message, request_id
+    │   ├── AuthenticationError    1000-1004, HTTP 401: bad or expired key or token
+    │   ├── PermissionDeniedError  1103, 1304, HTTP 403: no access to this API, or IP not allowed
+    │   ├── AccountError           1100-1102, apimodels' HTTP 402: account in arrears, no balance
+    │   ├── RateLimitError         1302: requests too fast (retryable)
+    │   │   └── ConcurrencyLimitError  1303: more running tasks than the account allows (retryable)
+    │   ├── InvalidRequestError    1200-1202, HTTP 400: the request was refused as invalid
+    │   │   └── NotFoundError      1203, HTTP 404: no such task or resource
+    │   ├── ContentPolicyError     1300, 1301: platform or content-security policy
+    │   └── ServerError            5000-5002, HTTP 5xx (retryable)
+    ├── TaskFailedError            the task ran and failed; ``str()`` is the server's reason
+    ├── TaskTimedOutError          tracked longer than ``PollPolicy.timeout``; the task id is kept
+    └── TaskCancelledError         the batch was left before the task ended
+
+:func:`error_from_response` turns an (HTTP status, body) pair into one of the :class:`APIError`
+classes.  It reads both, because some gateways answer business errors with HTTP 200 and only a
+non-zero body ``code`` (API.md section 1, "Business codes").
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+__all__ = [
+    "APIError",
+    "AccountError",
+    "AuthenticationError",
+    "ConcurrencyLimitError",
+    "ConnectError",
+    "ContentPolicyError",
+    "InvalidRequestError",
+    "KlingError",
+    "MalformedResponseError",
+    "NotFoundError",
+    "PermissionDeniedError",
+    "RateLimitError",
+    "ServerError",
+    "TaskCancelledError",
+    "TaskFailedError",
+    "TaskTimedOutError",
+    "TransportError",
+    "TransportTimeout",
+    "ValidationError",
+    "created_nothing",
+    "error_from_response",
+]
+
+
+class KlingError(Exception):
+    """Base class of every error kling_async raises on purpose.
+
+    ``submitted_task_ids`` lists the tasks a batch had created when this error stopped it, so
+    that nothing paid for is lost (empty when the error did not stop a batch).
+    """
+
+    submitted_task_ids: tuple[str, ...] = ()
+
+    #: True for errors that end a whole batch: the account itself is unusable.
+    fatal: bool = False
+
+    #: True where trying the same request again later may succeed.
+    retryable: bool = False
+
+
+class ValidationError(KlingError, ValueError):
+    """A job or option breaks a documented rule; raised before any request is sent.
+
+    ``field`` names the offending field (wire-independent, as the user spelled it) and ``rule``
+    says what it must satisfy.
+    """
+
+    def __init__(self, field: str, rule: str) -> None:
+        self.field = field
+        self.rule = rule
+        super().__init__(f"{field}: {rule}")
+
+
+class TransportError(KlingError):
+    """No usable HTTP answer arrived (connection, time-out or unreadable answer)."""
+
+    retryable = True
+
+
+class ConnectError(TransportError):
+    """The connection could not be made, so the request certainly never reached the server."""
+
+
+class TransportTimeout(TransportError, TimeoutError):
+    """The server did not answer in time; it may still have acted on the request."""
+
+
+class MalformedResponseError(TransportError):
+    """The answer is not the JSON shape the protocol promises.
+
+    ``status`` is the HTTP status of that answer.  The body is not kept: it may be large, and a
+    broken gateway may echo request headers into it.
+    """
+
+    def __init__(self, message: str, *, status: int | None = None) -> None:
+        self.status = status
+        super().__init__(message)
+
+
+class APIError(KlingError):
+    """The server answered with an error.
+
+    ``status`` is the HTTP status, ``code`` the body's business code (``None`` when the body had
+    none), ``message`` the server's own words and ``request_id`` the id to quote to the vendor.
+    ``retry_after`` holds the server's Retry-After hint in seconds, when it sent one.
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        status: int,
+        code: int | None = None,
+        request_id: str | None = None,
+        retry_after: float | None = None,
+    ) -> None:
+        self.status = status
+        self.code = code
+        self.message = message
+        self.request_id = request_id
+        self.retry_after = retry_after
+        super().__init__(message)
+
+    def __str__(self) -> str:
+        where = f"HTTP {self.status}" + (f", code {self.code}" if self.code is not None else "")
+        tail = f", request_id {self.request_id}" if self.request_id else ""
+        return f"{self.message} ({where}{tail})"
+
+    def __repr__(self) -> str:
+        return (
+            f"{type(self).__name__}({self.message!r}, status={self.status}, code={self.code}, "
+            f"request_id={self.request_id!r})"
+        )
+
+
+class AuthenticationError(APIError):
+    """The key or token was refused (1000-1004, HTTP 401)."""
+
+    fatal = True
+
+    @property
+    def token_expired(self) -> bool:
+        """Whether a freshly minted token may succeed (1003, 1004 or "signature invalid")."""
+        return self.code in (1003, 1004) or "signature" in self.message.lower()
+
+
+class PermissionDeniedError(APIError):
+    """The account may not use this API or model, or the IP is not allowed (1103, 1304, 403)."""
+
+    fatal = True
+
+
+class AccountError(APIError):
+    """The account cannot pay: exception, arrears, resource pack used up (1100-1102, HTTP 402)."""
+
+    fatal = True
+
+
+class RateLimitError(APIError):
+    """Requests arrive too fast (1302); back off and try again."""
+
+    retryable = True
+
+
+class ConcurrencyLimitError(RateLimitError):
+    """More running tasks than the account's resource pack allows (1303); wait for a slot."""
+
+
+class InvalidRequestError(APIError):
+    """The server refused the request as invalid (1200-1202, HTTP 400)."""
+
+
+class NotFoundError(InvalidRequestError):
+    """No such task or resource (1203, HTTP 404)."""
+
+
+class ContentPolicyError(APIError):
+    """The platform or content-security policy refused the request (1300, 1301)."""
+
+
+class ServerError(APIError):
+    """The server failed (5000-5002, HTTP 5xx); trying again later may succeed."""
+
+    retryable = True
+
+
+class TaskFailedError(KlingError):
+    """The task ran and failed.  ``str(error)`` is the server's reason, ``code`` its code."""
+
+    def __init__(self, message: str, *, task_id: str | None, code: str | int | None = None) -> None:
+        self.task_id = task_id
+        self.code = code
+        super().__init__(message)
+
+
+class TaskTimedOutError(KlingError, TimeoutError):
+    """The task was tracked longer than ``PollPolicy.timeout``; it may still finish later."""
+
+    def __init__(self, task_id: str | None, timeout: float) -> None:
+        self.task_id = task_id
+        self.timeout = timeout
+        super().__init__(f"task {task_id} still unfinished after {timeout:g} s")
+
+
+class TaskCancelledError(KlingError):
+    """The batch was left (or cancelled) before this job's task ended."""
+
+    def __init__(self, task_id: str | None) -> None:
+        self.task_id = task_id
+        what = f"task {task_id}" if task_id else "job"
+        super().__init__(f"{what} cancelled before it finished")
+
+
+# Business codes of the official format, API.md section 1 "Business codes".
+_CODE_TABLE: dict[int, type[APIError]] = {
+    **dict.fromkeys((1000, 1001, 1002, 1003, 1004), AuthenticationError),
+    **dict.fromkeys((1100, 1101, 1102), AccountError),
+    1103: PermissionDeniedError,
+    **dict.fromkeys((1200, 1201, 1202), InvalidRequestError),
+    1203: NotFoundError,
+    **dict.fromkeys((1300, 1301), ContentPolicyError),
+    1302: RateLimitError,
+    1303: ConcurrencyLimitError,
+    1304: PermissionDeniedError,
+    **dict.fromkeys((5000, 5001, 5002), ServerError),
+}
+
+# HTTP statuses, used where the body carries no known business code (apimodels' body codes are
+# HTTP numbers too, API.md section 2).
+_STATUS_TABLE: dict[int, type[APIError]] = {
+    400: InvalidRequestError,
+    401: AuthenticationError,
+    402: AccountError,
+    403: PermissionDeniedError,
+    404: NotFoundError,
+    422: InvalidRequestError,
+    429: RateLimitError,
+}
+
+# A body code that means success: 0 in the official format, 200 at apimodels.
+_SUCCESS_CODES = frozenset((0, 200))
+
+
+def error_from_response(
+    status: int,
+    body: object,
+    *,
+    retry_after: float | None = None,
+) -> APIError | None:
+    """Return the error an answer stands for, or ``None`` when it is a success.
+
+    ``body`` is the decoded JSON (or ``None`` when there was none).  The body's business ``code``
+    decides where it is known, else the HTTP status: HTTP 429 carries both retryable (1302, 1303)
+    and fatal (1100-1102, 1304) codes, and some gateways send errors with HTTP 200.
+    """
+    fields: Mapping[str, object] = body if isinstance(body, Mapping) else {}
+    raw_code = fields.get("code")
+    code = raw_code if isinstance(raw_code, int) and not isinstance(raw_code, bool) else None
+    ok_status = 200 <= status < 300
+    if ok_status and (code is None or code in _SUCCESS_CODES):
+        return None
+    raw_message = fields.get("message") or fields.get("msg")
+    message = str(raw_message) if raw_message else _default_message(status, code)
+    raw_request_id = fields.get("request_id")
+    request_id = str(raw_request_id) if raw_request_id else None
+    cls = _class_for(status, code)
+    return cls(
+        message,
+        status=status,
+        code=code,
+        request_id=request_id,
+        retry_after=retry_after,
+    )
+
+
+def _class_for(status: int, code: int | None) -> type[APIError]:
+    if code is not None and code in _CODE_TABLE:
+        return _CODE_TABLE[code]
+    if code is not None and code in _STATUS_TABLE:
+        return _STATUS_TABLE[code]
+    if code is not None and code >= 500 and code < 600:
+        return ServerError
+    if status in _STATUS_TABLE:
+        return _STATUS_TABLE[status]
+    if status >= 500:
+        return ServerError
+    return APIError
+
+
+def _default_message(status: int, code: int | None) -> str:
+    return f"the server answered HTTP {status}" + (f" with code {code}" if code is not None else "")
+
+
+def created_nothing(error: BaseException) -> bool:
+    """Whether a failed *submit* certainly created no task, so sending it again cannot pay twice.
+
+    True only for answers that say so (1302, 1303, 5001 / HTTP 503, and a 401 token refusal) and
+    for connections that were never made.  A time-out, a dropped connection, 5000 or 5002 may hide
+    a task the server did create: those submits are never repeated blindly.
+    """
+    if isinstance(error, ConnectError):
+        return True
+    if isinstance(error, RateLimitError):
+        return True
+    if isinstance(error, AuthenticationError):
+        return True
+    if isinstance(error, ServerError):
+        return error.code == 5001 or (error.code is None and error.status == 503)
+    return False

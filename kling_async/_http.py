@@ -1,0 +1,102 @@
+"""Plain records of HTTP requests and answers, and URL joining that keeps gateway prefixes.
+
+Dialects build :class:`HttpRequest` values and parse :class:`HttpResponse` values without doing
+any I/O; the transport is the only code that turns one into the other over the network.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from typing import Literal
+from urllib.parse import urlencode, urlsplit
+
+import attrs
+
+from ._errors import MalformedResponseError, ValidationError
+
+__all__ = ["HttpRequest", "HttpResponse", "join_url", "normalize_base_url", "normalize_prefix"]
+
+Method = Literal["GET", "POST"]
+
+
+@attrs.frozen(kw_only=True)
+class HttpRequest:
+    """A request to send: ``path`` is relative to the base URL and already carries any prefix.
+
+    ``idempotent`` is False for requests that create (and bill) a task: the client never repeats
+    those unless the server certainly created nothing.
+    """
+
+    method: Method
+    path: str
+    params: tuple[tuple[str, str], ...] = ()
+    json: object = None
+    idempotent: bool = True
+
+    def url(self, base_url: str) -> str:
+        """The absolute URL of this request against ``base_url``."""
+        url = join_url(base_url, self.path)
+        return f"{url}?{urlencode(self.params)}" if self.params else url
+
+
+@attrs.frozen(kw_only=True)
+class HttpResponse:
+    """An answer as received: status, headers (lower-case names) and the raw body."""
+
+    status: int
+    body: bytes = b""
+    headers: Mapping[str, str] = attrs.field(factory=dict)
+
+    def json(self) -> object:
+        """The body decoded as JSON, ``None`` for an empty body.
+
+        Raises :class:`MalformedResponseError` when the body is not JSON (some gateways answer
+        errors with HTML pages).
+        """
+        if not self.body.strip():
+            return None
+        try:
+            return json.loads(self.body)
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise MalformedResponseError(
+                f"HTTP {self.status} answer is not JSON: {exc}", status=self.status
+            ) from None
+
+    @property
+    def retry_after(self) -> float | None:
+        """The Retry-After header in seconds, when it is a number of seconds."""
+        raw = self.headers.get("retry-after")
+        if raw is None:
+            return None
+        try:
+            seconds = float(raw)
+        except ValueError:
+            return None
+        return seconds if seconds >= 0 else None
+
+
+def normalize_base_url(base_url: str) -> str:
+    """Check that ``base_url`` is an http(s) URL with a host, and drop a trailing slash."""
+    parts = urlsplit(base_url)
+    if parts.scheme not in ("http", "https") or not parts.netloc:
+        raise ValidationError("base_url", "must be an http:// or https:// URL with a host")
+    if parts.query or parts.fragment:
+        raise ValidationError("base_url", "must not carry a query or fragment")
+    return base_url.rstrip("/")
+
+
+def normalize_prefix(prefix: str) -> str:
+    """Return ``prefix`` as ``/segment[/segment...]`` without a trailing slash, or ``""``."""
+    stripped = prefix.strip("/")
+    return f"/{stripped}" if stripped else ""
+
+
+def join_url(base_url: str, path: str) -> str:
+    """Join ``base_url`` and an absolute ``path`` by plain concatenation.
+
+    ``urljoin`` and ``aiohttp.ClientSession(base_url=...)`` follow RFC 3986, where a path starting
+    with ``/`` replaces the base's own path and so silently drops a gateway prefix such as
+    ``https://host/kling`` (API.md section 1, "Prefix trap").  Concatenation keeps it.
+    """
+    return base_url.rstrip("/") + "/" + path.lstrip("/")

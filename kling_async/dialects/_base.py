@@ -1,0 +1,105 @@
+"""What every dialect provides, and the envelope decoding they share.
+
+A dialect is pure protocol: it turns a :class:`LipSyncJob` into requests and answers into
+:class:`TaskSnapshot` values, and never does I/O.  The client drives it:
+
+* :meth:`Dialect.flow` is a generator.  Each value it yields is a :class:`Submit` (a request that
+  creates a task).  The client sends it, parses the answer with :meth:`Dialect.parse_submit`,
+  tracks the task until it ends (with :meth:`Dialect.query_request` / :meth:`Dialect.parse_query`,
+  or list queries) and sends the *terminal* snapshot back into the generator.  The generator
+  returns the snapshot that decides the job: a one-step dialect returns the first one, a two-step
+  flow (identify-face, then lip-sync) yields a second :class:`Submit` built from the first result.
+* Errors are raised as :class:`~kling_async.APIError` (from :func:`decode_envelope`) or
+  :class:`~kling_async.MalformedResponseError`; the client decides what to retry.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Generator, Mapping
+from typing import Protocol
+
+import attrs
+
+from .._errors import MalformedResponseError, error_from_response
+from .._http import HttpRequest, HttpResponse
+from .._jobs import LipSyncJob
+from .._results import TaskSnapshot
+
+__all__ = ["Dialect", "LipSyncFlow", "Submit", "decode_envelope"]
+
+
+@attrs.frozen(kw_only=True)
+class Submit:
+    """A request that creates a task at ``stage`` (``"lip-sync"``, ``"identify-face"``...)."""
+
+    request: HttpRequest
+    stage: str
+
+
+#: Yields :class:`Submit` steps, receives each step's terminal snapshot, returns the deciding one.
+LipSyncFlow = Generator[Submit, TaskSnapshot, TaskSnapshot]
+
+
+class Dialect(Protocol):
+    """The protocol of one family of servers (official format, apimodels, ...)."""
+
+    #: Short name, as the CLI's ``--dialect`` spells it.
+    name: str
+    #: The stage :meth:`query_request` uses when a caller names only a task id.
+    default_stage: str
+    #: Largest page of the list query, or 0 when the dialect has none.
+    list_page_size: int
+
+    def check_job(self, job: LipSyncJob) -> None:
+        """Raise :class:`~kling_async.ValidationError` for a job this dialect cannot run."""
+
+    def flow(self, job: LipSyncJob, *, callback_url: str | None = None) -> LipSyncFlow:
+        """The submit steps of ``job``; see the module docstring."""
+        ...
+
+    def parse_submit(self, stage: str, response: HttpResponse) -> TaskSnapshot:
+        """The snapshot of the task a submit created; raises on an error answer."""
+        ...
+
+    def query_request(self, stage: str, task_id: str) -> HttpRequest:
+        """The request that asks about one task."""
+        ...
+
+    def parse_query(self, stage: str, task_id: str, response: HttpResponse) -> TaskSnapshot:
+        """The snapshot of ``task_id`` in a query answer; raises on an error answer."""
+        ...
+
+    def list_request(self, stage: str, page: int, page_size: int) -> HttpRequest | None:
+        """One page of recent tasks (newest first), or None where there is no list query."""
+        ...
+
+    def parse_list(self, stage: str, response: HttpResponse) -> list[TaskSnapshot]:
+        """The snapshots on one page of a list answer."""
+        ...
+
+    def parse_callback(self, body: bytes) -> TaskSnapshot:
+        """The snapshot a callback body carries; MalformedResponseError when unreadable."""
+        ...
+
+
+def decode_envelope(response: HttpResponse) -> Mapping[str, object]:
+    """Decode a JSON answer and return its envelope, raising the error it stands for.
+
+    Both dialects wrap answers in ``{"code", "message"|"msg", "data", ...}``; success is HTTP 2xx
+    with code 0 (official) or 200 (apimodels), and an error may arrive with HTTP 200 (API.md
+    section 1, "Business codes").
+    """
+    try:
+        body = response.json()
+    except MalformedResponseError:
+        if 200 <= response.status < 300:
+            raise
+        body = None  # an HTML error page: the status alone tells what went wrong
+    error = error_from_response(response.status, body, retry_after=response.retry_after)
+    if error is not None:
+        raise error
+    if not isinstance(body, Mapping):
+        raise MalformedResponseError(
+            f"HTTP {response.status} answer is not a JSON object", status=response.status
+        )
+    return body
