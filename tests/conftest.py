@@ -1,0 +1,8 @@
+"""Shared pytest configuration: async tests run on anyio's asyncio backend (aiohttp needs asyncio)."""
+
+import pytest
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"
