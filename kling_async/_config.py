@@ -12,29 +12,39 @@ from ._errors import ValidationError
 __all__ = ["PollPolicy", "RetryPolicy"]
 
 
+def _number(value: object) -> bool:
+    # bool is an int subclass, but ``timeout=True`` is a mistake, not one second.
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
 def _positive(instance: Any, attribute: attrs.Attribute[Any], value: float) -> None:
-    if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
+    if not (_number(value) and math.isfinite(value) and value > 0):
         raise ValidationError(attribute.name, "must be a finite number greater than 0")
 
 
 def _non_negative(instance: Any, attribute: attrs.Attribute[Any], value: float) -> None:
-    if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
+    if not (_number(value) and math.isfinite(value) and value >= 0):
         raise ValidationError(attribute.name, "must be a finite number of at least 0")
 
 
 def _fraction(instance: Any, attribute: attrs.Attribute[Any], value: float) -> None:
-    if not (isinstance(value, (int, float)) and 0 <= value <= 1):
+    if not (_number(value) and 0 <= value <= 1):
         raise ValidationError(attribute.name, "must be between 0 and 1")
 
 
 def _growth(instance: Any, attribute: attrs.Attribute[Any], value: float) -> None:
-    if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 1):
+    if not (_number(value) and math.isfinite(value) and value >= 1):
         raise ValidationError(attribute.name, "must be a finite number of at least 1")
 
 
 def _count(instance: Any, attribute: attrs.Attribute[Any], value: int) -> None:
     if not (isinstance(value, int) and not isinstance(value, bool) and value >= 1):
         raise ValidationError(attribute.name, "must be a whole number of at least 1")
+
+
+def _flag(instance: Any, attribute: attrs.Attribute[Any], value: bool) -> None:
+    if not isinstance(value, bool):
+        raise ValidationError(attribute.name, "must be True or False")
 
 
 @attrs.frozen(kw_only=True)
@@ -58,8 +68,8 @@ class PollPolicy:
     multiplier: float = attrs.field(default=1.5, validator=_growth)
     jitter: float = attrs.field(default=0.1, validator=_fraction)
     timeout: float = attrs.field(default=7200.0, validator=_positive)
-    adaptive: bool = True
-    list_queries: bool = True
+    adaptive: bool = attrs.field(default=True, validator=_flag)
+    list_queries: bool = attrs.field(default=True, validator=_flag)
     max_concurrent_queries: int = attrs.field(default=8, validator=_count)
 
 
@@ -72,6 +82,10 @@ class RetryPolicy:
     to ``jitter`` of itself so that many clients do not retry in step; a server's Retry-After is
     honoured when it asks for longer.  Submits are retried only when the server certainly
     created nothing (see :func:`kling_async.created_nothing`).
+
+    A submit refused for concurrency (1303) is not a failure: the job waits for one of its own
+    tasks to end, and at least ``concurrency_delay`` (doubling on each refusal, up to
+    ``max_delay``), since other clients may share the account (API.md section 1, 1303).
     """
 
     max_attempts: int = attrs.field(default=5, validator=_count)
@@ -79,3 +93,4 @@ class RetryPolicy:
     max_delay: float = attrs.field(default=30.0, validator=_non_negative)
     multiplier: float = attrs.field(default=2.0, validator=_growth)
     jitter: float = attrs.field(default=0.5, validator=_fraction)
+    concurrency_delay: float = attrs.field(default=1.0, validator=_non_negative)

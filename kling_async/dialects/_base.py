@@ -30,10 +30,15 @@ __all__ = ["Dialect", "LipSyncFlow", "Submit", "decode_envelope"]
 
 @attrs.frozen(kw_only=True)
 class Submit:
-    """A request that creates a task at ``stage`` (``"lip-sync"``, ``"identify-face"``...)."""
+    """A request that creates a task at ``stage`` (``"lip-sync"``, ``"identify-face"``...).
+
+    ``final`` is False for preparatory steps (identify-face): the task that makes the video comes
+    from a later step, so :meth:`KlingClient.submit` waits for this one and goes on.
+    """
 
     request: HttpRequest
     stage: str
+    final: bool = True
 
 
 #: Yields :class:`Submit` steps, receives each step's terminal snapshot, returns the deciding one.

@@ -1,0 +1,104 @@
+"""Credentials: a plain Bearer key, or the official API's short-lived HS256 JWT.
+
+Pure code (PyJWT signs in memory): the transport asks for an ``Authorization`` header value with
+the current time and, after a token refusal, calls :meth:`Credentials.refresh`.  Neither class
+lets its secret reach a ``repr`` or an exception message.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+import jwt
+
+from ._errors import ValidationError
+
+__all__ = ["BearerKey", "Credentials", "KlingJwt"]
+
+
+class Credentials(Protocol):
+    """What the transport needs from credentials."""
+
+    def authorization(self, now: float) -> str:
+        """The ``Authorization`` header value to send at Unix time ``now``."""
+        ...
+
+    def refresh(self) -> bool:
+        """Forget any cached token; True when a new one may be accepted where the old was not."""
+        ...
+
+
+def _check_secret(field: str, value: object) -> str:
+    if not isinstance(value, str) or not value.strip():
+        raise ValidationError(field, "must be a non-empty string")
+    if any(ch in value for ch in "\r\n") or value != value.strip():
+        # A newline in a header value would let a caller's key inject headers.
+        raise ValidationError(field, "must not contain line breaks or surrounding spaces")
+    return value
+
+
+class BearerKey:
+    """A static API key, sent as ``Authorization: Bearer <key>`` (gateways, newer accounts)."""
+
+    __slots__ = ("_header",)
+
+    def __init__(self, api_key: str) -> None:
+        self._header = "Bearer " + _check_secret("api_key", api_key)
+
+    def authorization(self, now: float) -> str:
+        """The header value; the same at any time."""
+        return self._header
+
+    def refresh(self) -> bool:
+        """A static key cannot be renewed."""
+        return False
+
+    def __repr__(self) -> str:
+        return "BearerKey(api_key=<hidden>)"
+
+
+class KlingJwt:
+    """The official API's token: HS256, ``iss`` = access key, valid 30 minutes (API.md section 1).
+
+    A token is minted on first use, cached and minted again ``renew_margin`` seconds before it
+    expires.  ``nbf`` lies 5 s in the past so that a server clock slightly behind ours accepts it.
+    """
+
+    __slots__ = ("_access_key", "_expires", "_secret_key", "_token")
+
+    lifetime = 1800.0
+    not_before_skew = 5.0
+    renew_margin = 300.0
+
+    def __init__(self, access_key: str, secret_key: str) -> None:
+        self._access_key = _check_secret("access_key", access_key)
+        self._secret_key = _check_secret("secret_key", secret_key)
+        self._token: str | None = None
+        self._expires = 0.0
+
+    def authorization(self, now: float) -> str:
+        """A valid token's header value, minting a new token when the cached one is near expiry."""
+        if self._token is None or now >= self._expires - self.renew_margin:
+            self._token = self._mint(now)
+            self._expires = int(now) + self.lifetime
+        return "Bearer " + self._token
+
+    def refresh(self) -> bool:
+        """Drop the cached token; the next request carries a fresh one.
+
+        The official API is reported to refuse correct tokens now and then with "signature
+        invalid"; a fresh token and one retry fixes it (API.md section 1, "JWT auth").
+        """
+        self._token = None
+        return True
+
+    def _mint(self, now: float) -> str:
+        claims = {
+            "iss": self._access_key,
+            "exp": int(now + self.lifetime),
+            "nbf": int(now - self.not_before_skew),
+        }
+        return jwt.encode(claims, self._secret_key, algorithm="HS256", headers={"typ": "JWT"})
+
+    def __repr__(self) -> str:
+        return "KlingJwt(access_key=<hidden>, secret_key=<hidden>)"

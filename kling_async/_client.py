@@ -1,0 +1,264 @@
+"""KlingClient: one server, one session, one task-slot limiter; submit, get_task, run_batch."""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+from collections.abc import AsyncIterable, Callable, Iterable
+from types import TracebackType
+from typing import Any
+
+import aiohttp
+import anyio
+from anyio.abc import TaskGroup
+
+from ._auth import BearerKey, Credentials, KlingJwt
+from ._backoff import poll_delay
+from ._batch import Batch, BatchIterator
+from ._config import PollPolicy, RetryPolicy
+from ._errors import ValidationError
+from ._http import normalize_base_url
+from ._jobs import LipSyncJob
+from ._requester import Requester
+from ._results import TaskSnapshot, TaskState
+from ._transport import Timeouts, Transport
+from .dialects import Dialect, Submit
+from .dialects.apimodels import ApimodelsDialect
+from .dialects.kling import KlingDialect
+
+__all__ = ["APIMODELS_BASE_URL", "DMXAPI_BASE_URL", "OFFICIAL_BASE_URL", "KlingClient"]
+
+logger = logging.getLogger("kling_async")
+
+#: The official API outside China (API.md section 1; it replaced api.klingai.com).
+OFFICIAL_BASE_URL = "https://api-singapore.klingai.com"
+#: The DMXAPI gateway, which serves the official format under ``/kling``.
+DMXAPI_BASE_URL = "https://www.dmxapi.cn"
+#: apimodels.app (API.md section 2).
+APIMODELS_BASE_URL = "https://apimodels.app"
+
+JobSource = Iterable[LipSyncJob] | AsyncIterable[LipSyncJob]
+
+
+class KlingClient:
+    """A client for one Kling-speaking server.
+
+    Build it with :meth:`kling`, :meth:`dmxapi` or :meth:`apimodels`, then use it as an async
+    context manager::
+
+        async with KlingClient.dmxapi(api_key=key) as client:
+            async for result in client.run_batch(jobs):
+                print(result.key, result.video_url or result.error)
+
+    ``max_in_flight`` is how many tasks the client keeps running on the server at once (the
+    vendor limits running tasks per account, not requests); ``poll`` and ``retry`` tune status
+    queries and retries.  A caller-provided aiohttp ``session`` is used as it is and left open.
+    """
+
+    def __init__(
+        self,
+        *,
+        dialect: Dialect,
+        credentials: Credentials,
+        base_url: str,
+        max_in_flight: int = 20,
+        poll: PollPolicy = PollPolicy(),
+        retry: RetryPolicy = RetryPolicy(),
+        session: aiohttp.ClientSession | None = None,
+        timeouts: Timeouts = Timeouts(),
+        rng: random.Random | None = None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        if (
+            not isinstance(max_in_flight, int)
+            or isinstance(max_in_flight, bool)
+            or max_in_flight < 1
+        ):
+            raise ValidationError("max_in_flight", "must be a whole number of at least 1")
+        if not isinstance(poll, PollPolicy):
+            raise ValidationError("poll", "must be a PollPolicy")
+        if not isinstance(retry, RetryPolicy):
+            raise ValidationError("retry", "must be a RetryPolicy")
+        self.dialect = dialect
+        self.base_url = normalize_base_url(base_url)
+        self.max_in_flight = max_in_flight
+        self.poll = poll
+        self.retry = retry
+        self._rng = rng or random.Random()
+        self._clock = clock
+        transport = Transport(
+            base_url=self.base_url,
+            credentials=credentials,
+            session=session,
+            pool_size=max_in_flight + poll.max_concurrent_queries,
+            timeouts=timeouts,
+            clock=clock,
+        )
+        self._requester = Requester(transport, retry, self._rng)
+        self._task_group: TaskGroup | None = None
+
+    # -- constructors --------------------------------------------------------------------
+
+    @classmethod
+    def kling(
+        cls,
+        *,
+        access_key: str | None = None,
+        secret_key: str | None = None,
+        api_key: str | None = None,
+        base_url: str = OFFICIAL_BASE_URL,
+        prefix: str = "",
+        advanced: bool = False,
+        **options: Any,
+    ) -> KlingClient:
+        """A client for the official Kling format, at the official API or any gateway.
+
+        Authenticate with ``access_key`` and ``secret_key`` (a JWT is minted and renewed) or with
+        a plain ``api_key`` sent as a Bearer token.  ``prefix`` is the gateway's path prefix
+        (``"/kling"`` at most gateways).  With ``advanced`` jobs use the official advanced
+        lip-sync (identify-face, then advanced-lip-sync).
+        """
+        credentials: Credentials
+        if api_key is not None:
+            if access_key is not None or secret_key is not None:
+                raise ValidationError("api_key", "give either api_key or access_key + secret_key")
+            credentials = BearerKey(api_key)
+        elif access_key is not None and secret_key is not None:
+            credentials = KlingJwt(access_key, secret_key)
+        else:
+            raise ValidationError("access_key", "give access_key and secret_key, or api_key")
+        dialect = KlingDialect(prefix=prefix, advanced=advanced)
+        return cls(dialect=dialect, credentials=credentials, base_url=base_url, **options)
+
+    @classmethod
+    def dmxapi(
+        cls,
+        *,
+        api_key: str,
+        base_url: str = DMXAPI_BASE_URL,
+        prefix: str = "/kling",
+        **options: Any,
+    ) -> KlingClient:
+        """A client for the DMXAPI gateway: official format under ``/kling``, Bearer key."""
+        return cls.kling(api_key=api_key, base_url=base_url, prefix=prefix, **options)
+
+    @classmethod
+    def apimodels(
+        cls, *, api_key: str, base_url: str = APIMODELS_BASE_URL, **options: Any
+    ) -> KlingClient:
+        """A client for apimodels.app: advanced lip-sync in two tasks, audio jobs only."""
+        return cls(
+            dialect=ApimodelsDialect(),
+            credentials=BearerKey(api_key),
+            base_url=base_url,
+            **options,
+        )
+
+    # -- lifetime ------------------------------------------------------------------------
+
+    async def __aenter__(self) -> KlingClient:
+        if self._task_group is not None:
+            raise RuntimeError("this KlingClient is already open")
+        group = anyio.create_task_group()
+        await group.__aenter__()
+        self._task_group = group
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        group, self._task_group = self._task_group, None
+        try:
+            if group is not None:
+                # Batches still running when the client closes are abandoned: cancel them.
+                group.cancel_scope.cancel()
+                await group.__aexit__(exc_type, exc, tb)
+        finally:
+            await self._requester.transport.aclose()
+
+    async def aclose(self) -> None:
+        """Close the client (what leaving ``async with`` does)."""
+        await self.__aexit__(None, None, None)
+
+    def __repr__(self) -> str:
+        return (
+            f"KlingClient(dialect={self.dialect.name!r}, base_url={self.base_url!r}, "
+            f"max_in_flight={self.max_in_flight})"
+        )
+
+    # -- single tasks --------------------------------------------------------------------
+
+    async def submit(self, job: LipSyncJob) -> TaskSnapshot:
+        """Create the task that makes ``job``'s video and return its first snapshot.
+
+        In a two-step dialect this first runs the identify-face step and waits for it; when that
+        step fails, its (failed) snapshot is returned.  Errors are raised as :class:`KlingError`.
+        """
+        self.dialect.check_job(job)
+        flow = self.dialect.flow(job)
+        step = next(flow)
+        while True:
+            snapshot = await self.create_task(step)
+            if step.final:
+                flow.close()
+                return snapshot
+            if not snapshot.state.is_terminal:
+                snapshot = await self._wait(step.stage, snapshot)
+            try:
+                step = flow.send(snapshot)
+            except StopIteration as stop:
+                result: TaskSnapshot = stop.value
+                return result
+
+    async def get_task(self, task_id: str, *, stage: str | None = None) -> TaskSnapshot:
+        """Ask the server about one task (of the dialect's main stage unless ``stage`` is given)."""
+        if not isinstance(task_id, str) or not task_id:
+            raise ValidationError("task_id", "must be a non-empty string")
+        stage = stage or self.dialect.default_stage
+        request = self.dialect.query_request(stage, task_id)
+        return await self._requester.call(
+            request, lambda response: self.dialect.parse_query(stage, task_id, response)
+        )
+
+    async def create_task(
+        self, step: Submit, *, retry_concurrency_limit: bool = True
+    ) -> TaskSnapshot:
+        """Send one submit step; retried only where the server certainly created nothing."""
+        return await self._requester.call(
+            step.request,
+            lambda response: self.dialect.parse_submit(step.stage, response),
+            retry_concurrency_limit=retry_concurrency_limit,
+        )
+
+    async def _wait(self, stage: str, snapshot: TaskSnapshot) -> TaskSnapshot:
+        started = anyio.current_time()
+        polls = 0
+        while not snapshot.state.is_terminal:
+            if anyio.current_time() - started > self.poll.timeout:
+                return TaskSnapshot(task_id=snapshot.task_id, state=TaskState.TIMED_OUT)
+            await anyio.sleep(poll_delay(self.poll, polls, self._rng))
+            polls += 1
+            snapshot = await self.get_task(snapshot.task_id, stage=stage)
+        return snapshot
+
+    # -- batches -------------------------------------------------------------------------
+
+    def run_batch(self, jobs: JobSource, **options: Any) -> BatchIterator:
+        """Run many jobs; iterate the result for one :class:`JobResult` per job, as they finish.
+
+        See :class:`kling_async._batch.Batch` for the options.
+        """
+        return self._start(Batch(self, jobs=jobs, **options))
+
+    def track(self, task_ids: Iterable[str], *, stage: str | None = None) -> BatchIterator:
+        """Follow tasks submitted elsewhere; yields a :class:`JobResult` per task id as it ends."""
+        return self._start(Batch(self, task_ids=list(task_ids), stage=stage))
+
+    def _start(self, batch: Batch) -> BatchIterator:
+        if self._task_group is None:
+            raise RuntimeError("open the client first: `async with client:`")
+        return batch.start(self._task_group)

@@ -1,0 +1,181 @@
+"""The only module that touches aiohttp's client: sends :class:`HttpRequest` records.
+
+It owns (or borrows) one ``aiohttp.ClientSession`` with a sized connection pool and explicit
+time-outs, builds absolute URLs that keep gateway prefixes, adds the ``Authorization`` header,
+and maps aiohttp's exceptions onto the :class:`~kling_async.TransportError` tree.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+
+import aiohttp
+import attrs
+
+from ._auth import Credentials
+from ._errors import (
+    AuthenticationError,
+    ConnectError,
+    KlingError,
+    MalformedResponseError,
+    TransportError,
+    TransportTimeout,
+    error_from_response,
+)
+from ._http import HttpRequest, HttpResponse
+
+__all__ = ["MAX_BODY_BYTES", "Timeouts", "Transport"]
+
+logger = logging.getLogger("kling_async")
+
+#: Largest answer read into memory; a list page of 500 tasks is well under 1 MiB.
+MAX_BODY_BYTES = 16 * 1024 * 1024
+
+
+@attrs.frozen(kw_only=True)
+class Timeouts:
+    """Time-outs of one request, in seconds: to connect, between reads, and in all.
+
+    The total is generous because a submit may upload up to 5 MB of base64 audio.
+    """
+
+    connect: float = 15.0
+    read: float = 60.0
+    total: float = 180.0
+
+    def to_aiohttp(self) -> aiohttp.ClientTimeout:
+        """The same limits as aiohttp's record."""
+        return aiohttp.ClientTimeout(
+            total=self.total, sock_connect=self.connect, connect=self.connect, sock_read=self.read
+        )
+
+
+class Transport:
+    """Sends requests to one server with one session.
+
+    A caller-provided ``session`` is used as it is and never closed here; otherwise the
+    transport opens its own on first use with a pool of ``pool_size`` connections and closes it
+    in :meth:`aclose`.
+    """
+
+    def __init__(
+        self,
+        *,
+        base_url: str,
+        credentials: Credentials,
+        session: aiohttp.ClientSession | None = None,
+        pool_size: int = 32,
+        timeouts: Timeouts = Timeouts(),
+        user_agent: str = "kling-async",
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.base_url = base_url
+        self._credentials = credentials
+        self._session = session
+        self._owns_session = session is None
+        self._pool_size = pool_size
+        self._timeout = timeouts.to_aiohttp()
+        self._user_agent = user_agent
+        self._clock = clock
+
+    @property
+    def session(self) -> aiohttp.ClientSession:
+        """The session in use, opened on first access when the transport owns it."""
+        if self._session is None:
+            connector = aiohttp.TCPConnector(limit=self._pool_size, limit_per_host=self._pool_size)
+            self._session = aiohttp.ClientSession(
+                connector=connector, timeout=self._timeout, raise_for_status=False
+            )
+        return self._session
+
+    async def aclose(self) -> None:
+        """Close the session if this transport opened it."""
+        if self._owns_session and self._session is not None:
+            session, self._session = self._session, None
+            await session.close()
+
+    async def send(self, request: HttpRequest) -> HttpResponse:
+        """Send ``request`` and return the answer, whatever its status.
+
+        A 401 that a fresh token may cure (1003, 1004, "signature invalid") is retried once after
+        :meth:`Credentials.refresh`: nothing was created, so this cannot pay twice.
+        """
+        response = await self._send_once(request)
+        if response.status == 401 and self._token_refused(response) and self._credentials.refresh():
+            logger.debug("token refused; retrying once with a fresh one")
+            response = await self._send_once(request)
+        return response
+
+    @staticmethod
+    def _token_refused(response: HttpResponse) -> bool:
+        try:
+            error = error_from_response(response.status, response.json())
+        except MalformedResponseError:
+            return False
+        return isinstance(error, AuthenticationError) and error.token_expired
+
+    async def _send_once(self, request: HttpRequest) -> HttpResponse:
+        url = request.url(self.base_url)
+        headers = {
+            "Authorization": self._credentials.authorization(self._clock()),
+            "Accept": "application/json",
+            "User-Agent": self._user_agent,
+        }
+        started = time.monotonic()
+        try:
+            async with self.session.request(
+                request.method, url, json=request.json, headers=headers, timeout=self._timeout
+            ) as answer:
+                body = await _read_bounded(answer)
+                response = HttpResponse(
+                    status=answer.status,
+                    body=body,
+                    headers={k.lower(): v for k, v in answer.headers.items()},
+                )
+        except KlingError:
+            raise
+        except aiohttp.ClientConnectorError as exc:
+            raise ConnectError(f"cannot connect to {_origin(url)}: {exc.os_error}") from None
+        except (asyncio.TimeoutError, aiohttp.ServerTimeoutError):
+            raise TransportTimeout(
+                f"{request.method} {request.path}: no answer within the time-out"
+            ) from None
+        except aiohttp.ClientError as exc:
+            raise TransportError(f"{request.method} {request.path}: {type(exc).__name__}") from None
+        logger.debug(
+            "%s %s -> %d in %.3f s",
+            request.method,
+            request.path,
+            response.status,
+            time.monotonic() - started,
+        )
+        return response
+
+
+async def _read_bounded(answer: aiohttp.ClientResponse) -> bytes:
+    declared = answer.content_length
+    if declared is not None and declared > MAX_BODY_BYTES:
+        raise MalformedResponseError(
+            f"answer of {declared} bytes exceeds {MAX_BODY_BYTES}", status=answer.status
+        )
+    if declared is not None:
+        return await answer.read()
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in answer.content.iter_chunked(64 * 1024):
+        size += len(chunk)
+        if size > MAX_BODY_BYTES:
+            raise MalformedResponseError(
+                f"answer larger than {MAX_BODY_BYTES} bytes", status=answer.status
+            )
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def _origin(url: str) -> str:
+    # Only scheme and host: a URL path may carry task ids, never secrets, but keep messages short.
+    scheme, _, rest = url.partition("://")
+    return f"{scheme}://{rest.split('/', 1)[0]}"
