@@ -1,0 +1,237 @@
+"""Wire structures of the official Kling format and their mapping onto :class:`TaskSnapshot`.
+
+The private attrs classes below carry the wire's own field names (API.md section 1, "Query one"
+and "Advanced lip-sync"); one cattrs converter structures decoded JSON into them, and the mapping
+functions turn them into the public models, so no wire name reaches :mod:`kling_async._results`.
+Anything missing or of the wrong type becomes a :class:`MalformedResponseError` naming the field
+(never echoing values: bodies can be large).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping
+from typing import Any, TypeVar
+
+import attrs
+import cattrs
+from cattrs.gen import make_dict_structure_fn
+
+from .._errors import MalformedResponseError
+from .._results import Face, TaskSnapshot, TaskState
+
+__all__ = ["identify_face_snapshot", "map_state", "task_snapshot"]
+
+_T = TypeVar("_T")
+
+# API.md section 1, "Task states".  "succeeded" and "success" are not in the vendor pages but are
+# accepted because gateways re-spell states; a state outside this table is a protocol break.
+_STATES: dict[str, TaskState] = {
+    "submitted": TaskState.SUBMITTED,
+    "processing": TaskState.PROCESSING,
+    "succeed": TaskState.SUCCEEDED,
+    "succeeded": TaskState.SUCCEEDED,
+    "success": TaskState.SUCCEEDED,
+    "failed": TaskState.FAILED,
+}
+
+
+@attrs.frozen
+class _Video:
+    url: str
+    id: str | None = None
+
+
+@attrs.frozen
+class _TaskResult:
+    videos: list[_Video] = attrs.Factory(list)
+
+
+@attrs.frozen
+class _ParentVideo:
+    url: str | None = None
+    id: str | None = None
+
+
+@attrs.frozen
+class _TaskInfo:
+    parent_video: _ParentVideo | None = None
+    external_task_id: str | None = None
+
+
+@attrs.frozen
+class _Task:
+    task_id: str
+    task_status: str | None = None
+    task_status_msg: str | None = None
+    task_info: _TaskInfo | None = None
+    task_result: _TaskResult | None = None
+    created_at: float | None = None
+    updated_at: float | None = None
+
+
+@attrs.frozen
+class _FaceData:
+    face_id: str
+    face_image: str | None = None
+    start_time: int | None = None
+    end_time: int | None = None
+
+
+@attrs.frozen
+class _IdentifyFace:
+    session_id: str
+    face_data: list[_FaceData] = attrs.Factory(list)
+
+
+def _structure_str(value: object, _: object) -> str:
+    # Ids are strings on the wire, but a gateway may send an 18-digit id as a JSON number.
+    if isinstance(value, str):
+        return value
+    if isinstance(value, int) and not isinstance(value, bool):
+        return str(value)
+    raise TypeError(f"expected a string, got {type(value).__name__}")
+
+
+def _structure_float(value: object, _: object) -> float:
+    # Millisecond timestamps: cattrs' default would call float() on anything, even True or "nan".
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
+        return float(value)
+    if isinstance(value, str):
+        try:
+            number = float(value)
+        except ValueError:
+            pass
+        else:
+            if math.isfinite(number):
+                return number
+    raise TypeError(f"expected a number, got {type(value).__name__}")
+
+
+def _structure_int(value: object, type_: object) -> int:
+    number = _structure_float(value, type_)
+    if not number.is_integer():
+        raise TypeError("expected a whole number")
+    return int(number)
+
+
+def _objects_only(cls: type[Any], converter: cattrs.Converter) -> Callable[[object, Any], Any]:
+    # cattrs would happily build a nested struct out of a string (every field defaulted); a
+    # wire object must be a JSON object.
+    structure_fields = make_dict_structure_fn(cls, converter)
+
+    def structure(value: object, type_: Any) -> Any:
+        if not isinstance(value, Mapping):
+            raise TypeError(f"expected a JSON object, got {type(value).__name__}")
+        return structure_fields(value, type_)
+
+    return structure
+
+
+def _make_converter() -> cattrs.Converter:
+    converter = cattrs.Converter()
+    converter.register_structure_hook_factory(attrs.has, _objects_only)
+    converter.register_structure_hook(str, _structure_str)
+    converter.register_structure_hook(float, _structure_float)
+    converter.register_structure_hook(int, _structure_int)
+    return converter
+
+
+#: The one converter of the official-format dialect.
+_CONVERTER = _make_converter()
+
+
+def _structure(raw: object, cls: type[_T], *, where: str, status: int | None) -> _T:
+    if not isinstance(raw, Mapping):
+        raise MalformedResponseError(f"{where} is not a JSON object", status=status)
+    try:
+        return _CONVERTER.structure(raw, cls)
+    except cattrs.BaseValidationError as exc:
+        problems = "; ".join(cattrs.transform_error(exc, path=where)[:5])
+        message = f"unexpected answer shape: {problems}"
+        raise MalformedResponseError(message, status=status) from None
+    except (TypeError, ValueError, KeyError) as exc:  # pragma: no cover - detailed validation
+        raise MalformedResponseError(f"{where}: {exc}", status=status) from None
+
+
+def _seconds(ms: float | None) -> float | None:
+    return None if ms is None else ms / 1000
+
+
+def _short(text: str, limit: int = 40) -> str:
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def map_state(raw: str, *, where: str, status: int | None) -> TaskState:
+    """Map a wire ``task_status`` onto :class:`TaskState`; unknown words are malformed."""
+    state = _STATES.get(raw.strip().lower())
+    if state is None:
+        raise MalformedResponseError(
+            f"{where}.task_status {_short(raw)!r} is not a known task state", status=status
+        )
+    return state
+
+
+def task_snapshot(
+    raw: object,
+    *,
+    where: str,
+    status: int | None,
+    default_state: TaskState | None = None,
+) -> TaskSnapshot:
+    """The snapshot of one task object (a submit answer's, a query's ``data``, a callback body).
+
+    ``default_state`` stands in for a missing ``task_status`` (a submit answer without one can
+    only mean the task was just submitted); without it a missing status is malformed.
+    """
+    task = _structure(raw, _Task, where=where, status=status)
+    if task.task_status is not None:
+        state = map_state(task.task_status, where=where, status=status)
+    elif default_state is not None:
+        state = default_state
+    else:
+        raise MalformedResponseError(f"{where}.task_status is missing", status=status)
+    videos = task.task_result.videos if task.task_result else []
+    urls = tuple(video.url for video in videos if video.url)
+    if state is TaskState.SUCCEEDED and not urls:
+        # A success without a video cannot be delivered; a later query may well carry it.
+        raise MalformedResponseError(
+            f"{where}: task {task.task_id} succeeded without task_result.videos[].url",
+            status=status,
+        )
+    info = task.task_info or _TaskInfo()
+    parent = info.parent_video
+    return TaskSnapshot(
+        task_id=task.task_id,
+        state=state,
+        message=task.task_status_msg or None,
+        video_urls=urls,
+        created_at=_seconds(task.created_at),
+        updated_at=_seconds(task.updated_at),
+        parent_video_url=(parent.url or None) if parent else None,
+        external_task_id=info.external_task_id or None,
+    )
+
+
+def identify_face_snapshot(raw: object, *, where: str, status: int | None) -> TaskSnapshot:
+    """The snapshot of an identify-face answer: finished at once, ``task_id`` = session id.
+
+    The official identify-face call answers synchronously (API.md section 1, "Advanced
+    lip-sync"), so there is nothing to poll: the snapshot is already ``SUCCEEDED``.
+    """
+    answer = _structure(raw, _IdentifyFace, where=where, status=status)
+    faces = tuple(
+        Face(
+            face_id=face.face_id,
+            image_url=face.face_image or None,
+            start_ms=face.start_time,
+            end_ms=face.end_time,
+        )
+        for face in answer.face_data
+    )
+    return TaskSnapshot(
+        task_id=answer.session_id,
+        state=TaskState.SUCCEEDED,
+        session_id=answer.session_id,
+        faces=faces,
+    )
