@@ -7,6 +7,7 @@ any I/O; the transport is the only code that turns one into the other over the n
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Mapping
 from typing import Literal
 from urllib.parse import urlencode, urlsplit
@@ -58,7 +59,8 @@ class HttpResponse:
             return None
         try:
             return json.loads(self.body)
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+            # RecursionError: a pathologically nested body must not escape as a non-KlingError.
             raise MalformedResponseError(
                 f"HTTP {self.status} answer is not JSON: {exc}", status=self.status
             ) from None
@@ -73,15 +75,33 @@ class HttpResponse:
             seconds = float(raw)
         except ValueError:
             return None
-        return seconds if seconds >= 0 else None
+        # "inf" and "nan" parse as floats but are no delay anyone can wait for.
+        return seconds if math.isfinite(seconds) and seconds >= 0 else None
 
 
 def normalize_base_url(base_url: str) -> str:
-    """Check that ``base_url`` is an http(s) URL with a host, and drop a trailing slash."""
-    parts = urlsplit(base_url)
-    if parts.scheme not in ("http", "https") or not parts.netloc:
-        raise ValidationError("base_url", "must be an http:// or https:// URL with a host")
-    if parts.query or parts.fragment:
+    """Check that ``base_url`` is an http(s) URL with a host, and drop a trailing slash.
+
+    Surrounding whitespace (a trailing newline from an environment file) is dropped too.
+    """
+    rule = "must be an http:// or https:// URL with a host"
+    if not isinstance(base_url, str):
+        raise ValidationError("base_url", rule)
+    base_url = base_url.strip()
+    # urlsplit silently deletes tabs and newlines inside a URL, so it cannot be trusted to see
+    # them; the joined URL would still carry them.
+    if any(ch.isspace() or ord(ch) < 32 for ch in base_url):
+        raise ValidationError("base_url", "must not contain whitespace or control characters")
+    try:
+        parts = urlsplit(base_url)
+        parts.port  # noqa: B018 - raises ValueError on a bad port
+    except ValueError:
+        raise ValidationError("base_url", rule) from None
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValidationError("base_url", rule)
+    # Checked on the text: urlsplit reports an empty query for "https://host?", and joining
+    # paths after any "?" or "#" would put them in the query or fragment.
+    if "?" in base_url or "#" in base_url:
         raise ValidationError("base_url", "must not carry a query or fragment")
     return base_url.rstrip("/")
 

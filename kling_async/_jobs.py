@@ -54,9 +54,16 @@ def _check_url(field: str, value: str | None) -> None:
         return
     if not isinstance(value, str):
         raise ValidationError(field, "must be a string URL")
-    parts = urlsplit(value)
-    if parts.scheme not in ("http", "https") or not parts.netloc:
-        raise ValidationError(field, "must be an http:// or https:// URL with a host")
+    rule = "must be an http:// or https:// URL with a host"
+    try:
+        parts = urlsplit(value)
+        parts.port  # noqa: B018 - raises ValueError on a bad port
+    except ValueError:
+        # urlsplit raises a plain ValueError (e.g. "http://[::1"), which is no KlingError.
+        raise ValidationError(field, rule) from None
+    # hostname, not netloc: "https://:80/x" and "https://user@/x" have a netloc but no host.
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValidationError(field, rule)
 
 
 def _check_ms(field: str, value: int | None, *, optional: bool = False) -> None:
@@ -194,8 +201,9 @@ class LipSyncJob:
         if (self.video_url is None) == (self.video_id is None):
             raise ValidationError("video_url", "give exactly one of video_url and video_id")
         _check_url("video_url", self.video_url)
-        if self.video_id is not None and (not isinstance(self.video_id, str) or not self.video_id):
-            raise ValidationError("video_id", "must be a non-empty string")
+        video_id = self.video_id
+        if video_id is not None and (not isinstance(video_id, str) or not video_id.strip()):
+            raise ValidationError("video_id", "must be a non-blank string")
 
     def _check_text(self) -> None:
         if not isinstance(self.text, str) or not self.text.strip():
@@ -218,7 +226,8 @@ class LipSyncJob:
         if abs(speed * 10 - round(speed * 10)) > 1e-9:
             raise ValidationError("voice_speed", "must have at most one decimal place")
         if self.audio_url is not None or self.audio_file is not None:
-            raise ValidationError("audio_url", "a text job takes no audio")
+            field = "audio_url" if self.audio_url is not None else "audio_file"
+            raise ValidationError(field, "a text job takes no audio")
 
     def _check_audio(self) -> None:
         if self.voice_id is not None:
@@ -254,8 +263,9 @@ class LipSyncJob:
         index = self.face_index
         if not isinstance(index, int) or isinstance(index, bool) or index < 0:
             raise ValidationError("face_index", "must be a whole number, at least 0")
-        if self.face_id is not None and (not isinstance(self.face_id, str) or not self.face_id):
-            raise ValidationError("face_id", "must be a non-empty string")
+        face_id = self.face_id
+        if face_id is not None and (not isinstance(face_id, str) or not face_id.strip()):
+            raise ValidationError("face_id", "must be a non-blank string")
 
 
 def _read_audio_path(path: Path) -> tuple[bytes, str]:
