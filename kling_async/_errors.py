@@ -268,8 +268,7 @@ def error_from_response(
     and fatal (1100-1102, 1304) codes, and some gateways send errors with HTTP 200.
     """
     fields: Mapping[str, object] = body if isinstance(body, Mapping) else {}
-    raw_code = fields.get("code")
-    code = raw_code if isinstance(raw_code, int) and not isinstance(raw_code, bool) else None
+    code = _as_code(fields.get("code"))
     ok_status = 200 <= status < 300
     if ok_status and (code is None or code in _SUCCESS_CODES):
         return None
@@ -285,6 +284,15 @@ def error_from_response(
         request_id=request_id,
         retry_after=retry_after,
     )
+
+
+def _as_code(raw: object) -> int | None:
+    # Some gateways send the business code as a string ("1303"): accept both forms.
+    if isinstance(raw, int) and not isinstance(raw, bool):
+        return raw
+    if isinstance(raw, str) and raw.strip().lstrip("-").isdigit():
+        return int(raw)
+    return None
 
 
 def _class_for(status: int, code: int | None) -> type[APIError]:

@@ -232,6 +232,10 @@ class LipSyncJob:
     def _check_audio(self) -> None:
         if self.voice_id is not None:
             raise ValidationError("voice_id", "only a text job takes a voice")
+        if self.voice_language is not None:
+            raise ValidationError("voice_language", "only a text job takes a voice language")
+        if self.voice_speed != 1.0:
+            raise ValidationError("voice_speed", "only a text job takes a voice speed")
         if (self.audio_url is None) == (self.audio_file is None):
             raise ValidationError("audio_url", "give exactly one of audio_url and audio_file")
         _check_url("audio_url", self.audio_url)

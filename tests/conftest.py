@@ -1,4 +1,4 @@
-"""Shared pytest configuration: async tests run on anyio's asyncio backend (aiohttp needs asyncio)."""
+"""Shared pytest configuration: async tests run on anyio's asyncio backend (aiohttp needs it)."""
 
 import pytest
 

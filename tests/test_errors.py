@@ -266,11 +266,19 @@ def test_message_beats_msg_and_request_id_is_text() -> None:
 
 
 def test_non_integer_codes_are_ignored() -> None:
-    # Only an int is a business code; the HTTP status decides otherwise.
-    for code in ("1303", 1303.0, None, True, [1303]):
+    # Only an int (or a string of digits) is a business code; the HTTP status decides otherwise.
+    for code in ("abc", 1303.0, None, True, [1303]):
         err = error_from_response(404, {"code": code, "message": "m"})
         assert type(err) is NotFoundError
         assert err.code is None
+
+
+def test_codes_sent_as_strings_are_understood() -> None:
+    # A gateway that quotes its codes must not turn a 1303 into a success.
+    err = error_from_response(200, {"code": "1303", "message": "busy"})
+    assert type(err) is ConcurrencyLimitError
+    assert err.code == 1303
+    assert error_from_response(200, {"code": "0", "data": {}}) is None
 
 
 def test_retry_after_defaults_to_none() -> None:

@@ -563,3 +563,17 @@ def test_construction_is_keyword_only() -> None:
         LipSyncJob(VIDEO)  # type: ignore[misc]
     with pytest.raises(TypeError):
         LipSyncJob.from_text("hi", "voice")  # type: ignore[misc]
+
+
+@pytest.mark.parametrize(
+    ("field", "value"), [("voice_language", "en"), ("voice_language", "fr"), ("voice_speed", 1.5)]
+)
+def test_audio_jobs_refuse_voice_options(field: str, value: object) -> None:
+    # A voice option on an audio job would be silently ignored: say so instead.
+    with pytest.raises(ValidationError) as info:
+        LipSyncJob.from_audio(
+            video_url="https://example.com/v.mp4",
+            audio_url="https://example.com/a.mp3",
+            **{field: value},
+        )
+    assert info.value.field == field

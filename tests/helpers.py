@@ -1,0 +1,55 @@
+"""Small builders shared by the engine tests (no mocks: everything talks to FakeKlingServer)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import kling_async as ka
+from kling_async.testing import FakeKlingServer
+
+API_KEY = "sk-sandbox"
+
+#: Polling fast enough for tests: the fake server's tasks take tens of milliseconds.
+FAST_POLL = ka.PollPolicy(first_delay=0.01, max_interval=0.03, multiplier=1.5, timeout=10.0)
+FAST_RETRY = ka.RetryPolicy(
+    max_attempts=6, base_delay=0.005, max_delay=0.05, concurrency_delay=0.01
+)
+
+#: A few bytes that sniff as WAV audio.
+WAV = b"RIFF\x24\x00\x00\x00WAVEfmt " + b"\x00" * 32
+
+
+def text_job(n: int, **extra: Any) -> ka.LipSyncJob:
+    return ka.LipSyncJob.from_text(
+        video_url=f"https://example.com/clip-{n}.mp4",
+        text=f"line {n}",
+        voice_id="girlfriend_1_speech02",
+        voice_language="en",
+        **extra,
+    )
+
+
+def audio_job(n: int, **extra: Any) -> ka.LipSyncJob:
+    return ka.LipSyncJob.from_audio(
+        video_url=f"https://example.com/clip-{n}.mp4",
+        audio_url=f"https://example.com/line-{n}.mp3",
+        **extra,
+    )
+
+
+def kling_client(server: FakeKlingServer, **options: Any) -> ka.KlingClient:
+    options.setdefault("poll", FAST_POLL)
+    options.setdefault("retry", FAST_RETRY)
+    return ka.KlingClient.kling(api_key=API_KEY, base_url=server.url, **options)
+
+
+def dmx_client(server: FakeKlingServer, **options: Any) -> ka.KlingClient:
+    options.setdefault("poll", FAST_POLL)
+    options.setdefault("retry", FAST_RETRY)
+    return ka.KlingClient.dmxapi(api_key=API_KEY, base_url=server.url, **options)
+
+
+def apimodels_client(server: FakeKlingServer, **options: Any) -> ka.KlingClient:
+    options.setdefault("poll", FAST_POLL)
+    options.setdefault("retry", FAST_RETRY)
+    return ka.KlingClient.apimodels(api_key=API_KEY, base_url=server.url, **options)

@@ -1,0 +1,206 @@
+"""KlingClient.submit / get_task against the fake server: auth, prefixes, retries, errors."""
+
+from __future__ import annotations
+
+import logging
+
+import aiohttp
+import anyio
+import pytest
+from helpers import (
+    API_KEY,
+    FAST_POLL,
+    FAST_RETRY,
+    WAV,
+    apimodels_client,
+    audio_job,
+    dmx_client,
+    kling_client,
+    text_job,
+)
+
+import kling_async as ka
+from kling_async.testing import FakeKlingServer, FaultPlan
+
+pytestmark = pytest.mark.anyio
+
+
+async def wait_terminal(client: ka.KlingClient, task_id: str) -> ka.TaskSnapshot:
+    with anyio.fail_after(5):
+        while True:
+            snap = await client.get_task(task_id)
+            if snap.state.is_terminal:
+                return snap
+            await anyio.sleep(0.01)
+
+
+async def test_submit_and_get_task_official_format_with_bearer_key() -> None:
+    async with FakeKlingServer(task_duration=0.05) as server, kling_client(server) as client:
+        snap = await client.submit(text_job(1))
+        assert snap.state is ka.TaskState.SUBMITTED
+        assert snap.task_id in server.tasks
+        done = await wait_terminal(client, snap.task_id)
+    assert done.state is ka.TaskState.SUCCEEDED
+    assert done.video_url is not None and done.video_url.endswith(f"{snap.task_id}.mp4")
+    assert server.requests["submit"] == 1
+    assert server.tasks_created == 1
+
+
+async def test_dmxapi_keeps_the_kling_prefix() -> None:
+    async with FakeKlingServer(task_duration=0.02, prefixes=("/kling",)) as server:
+        async with dmx_client(server) as client:
+            snap = await client.submit(audio_job(1))
+            done = await wait_terminal(client, snap.task_id)
+    assert done.state is ka.TaskState.SUCCEEDED
+    assert server.requests["submit"] == 1
+
+
+async def test_jwt_credentials_are_accepted() -> None:
+    async with FakeKlingServer(task_duration=0.02) as server:
+        client = ka.KlingClient.kling(
+            access_key="ak-sandbox",
+            secret_key="sk-sandbox-secret",
+            base_url=server.url,
+            poll=FAST_POLL,
+            retry=FAST_RETRY,
+        )
+        async with client:
+            snap = await client.submit(text_job(1))
+            done = await wait_terminal(client, snap.task_id)
+    assert done.state is ka.TaskState.SUCCEEDED
+
+
+async def test_wrong_jwt_secret_is_an_authentication_error() -> None:
+    async with FakeKlingServer() as server:
+        client = ka.KlingClient.kling(
+            access_key="ak-sandbox", secret_key="wrong", base_url=server.url, retry=FAST_RETRY
+        )
+        async with client:
+            with pytest.raises(ka.AuthenticationError) as info:
+                await client.submit(text_job(1))
+    assert info.value.status == 401
+    assert "wrong" not in str(info.value) and "wrong" not in repr(info.value)
+    assert server.tasks_created == 0
+
+
+async def test_bad_key_is_fatal_and_not_retried() -> None:
+    async with FakeKlingServer() as server:
+        client = ka.KlingClient.kling(api_key="sk-nope", base_url=server.url, retry=FAST_RETRY)
+        async with client:
+            with pytest.raises(ka.AuthenticationError) as info:
+                await client.get_task("123")
+    assert info.value.fatal
+    assert sum(server.requests.values()) == 1
+
+
+async def test_submit_retries_1303_and_5001_where_nothing_was_created() -> None:
+    async with FakeKlingServer() as server, kling_client(server) as client:
+        server.script("submit", status=429, code=1303, times=2)
+        server.script("submit", status=503, code=5001, times=1)
+        snap = await client.submit(text_job(1))
+    assert snap.task_id in server.tasks
+    assert server.tasks_created == 1
+
+
+async def test_submit_is_not_repeated_after_an_ambiguous_5000() -> None:
+    async with FakeKlingServer() as server, kling_client(server) as client:
+        server.script("submit", status=500, code=5000, times=1)
+        with pytest.raises(ka.ServerError) as info:
+            await client.submit(text_job(1))
+    assert info.value.code == 5000
+    assert server.requests["submit"] == 1
+
+
+async def test_business_error_sent_with_http_200_is_still_an_error() -> None:
+    async with FakeKlingServer() as server, kling_client(server) as client:
+        server.script("submit", status=400, code=1201, message="video_url is bad", as_http_200=True)
+        with pytest.raises(ka.InvalidRequestError, match="video_url is bad") as info:
+            await client.submit(text_job(1))
+    assert info.value.status == 200 and info.value.code == 1201
+
+
+async def test_queries_are_retried_on_server_errors() -> None:
+    async with FakeKlingServer(task_duration=0.01) as server, kling_client(server) as client:
+        snap = await client.submit(text_job(1))
+        server.script("query", status=500, code=5000, times=3)
+        again = await client.get_task(snap.task_id)
+    assert again.task_id == snap.task_id
+    assert server.requests["query"] == 4
+
+
+async def test_data_as_a_list_quirk_is_understood() -> None:
+    faults = FaultPlan(data_as_list=True)
+    async with FakeKlingServer(task_duration=0.01, faults=faults) as server:
+        async with kling_client(server) as client:
+            snap = await client.submit(text_job(1))
+            done = await wait_terminal(client, snap.task_id)
+    assert done.state is ka.TaskState.SUCCEEDED
+
+
+async def test_unknown_task_is_not_found() -> None:
+    async with FakeKlingServer() as server, kling_client(server) as client:
+        with pytest.raises(ka.NotFoundError):
+            await client.get_task("999999999999999999")
+
+
+async def test_connection_refused_is_a_connect_error() -> None:
+    async with FakeKlingServer() as server:
+        url = server.url
+    # The server is closed now: nothing listens on its port.
+    retry = ka.RetryPolicy(max_attempts=2, base_delay=0.001, max_delay=0.001)
+    async with ka.KlingClient.kling(api_key=API_KEY, base_url=url, retry=retry) as client:
+        with pytest.raises(ka.ConnectError):
+            await client.get_task("1")
+
+
+async def test_apimodels_submit_runs_identify_face_first() -> None:
+    async with FakeKlingServer(task_duration=0.02) as server, apimodels_client(server) as client:
+        snap = await client.submit(
+            ka.LipSyncJob.from_audio(video_url="https://e.com/v.mp4", audio_file=WAV)
+        )
+        done = await wait_terminal(client, snap.task_id)
+    assert done.state is ka.TaskState.SUCCEEDED
+    assert server.requests["apimodels-submit"] == 2
+    assert server.tasks[snap.task_id].stage == "advanced-lip-sync"
+
+
+async def test_apimodels_refuses_text_jobs_before_any_request() -> None:
+    async with FakeKlingServer() as server, apimodels_client(server) as client:
+        with pytest.raises(ka.ValidationError) as info:
+            await client.submit(text_job(1))
+    assert info.value.field == "text"
+    assert sum(server.requests.values()) == 0
+
+
+async def test_caller_owned_session_is_left_open() -> None:
+    async with FakeKlingServer(task_duration=0.01) as server, aiohttp.ClientSession() as session:
+        async with kling_client(server, session=session) as client:
+            await client.submit(text_job(1))
+        assert not session.closed
+
+
+async def test_secrets_stay_out_of_reprs_and_logs(caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.DEBUG, logger="kling_async")
+    async with FakeKlingServer(task_duration=0.01) as server:
+        client = ka.KlingClient.kling(
+            access_key="ak-sandbox", secret_key="sk-sandbox-secret", base_url=server.url
+        )
+        async with client:
+            await client.submit(text_job(1))
+        text = repr(client) + repr(client._requester.transport._credentials) + caplog.text
+    assert "sk-sandbox-secret" not in text and "ak-sandbox" not in text
+    assert "Bearer" not in caplog.text
+    assert "POST" in caplog.text  # the DEBUG line per request exists
+
+
+def test_credentials_are_validated() -> None:
+    with pytest.raises(ka.ValidationError, match="access_key"):
+        ka.KlingClient.kling(access_key="only-half")
+    with pytest.raises(ka.ValidationError, match="api_key"):
+        ka.KlingClient.kling(api_key="k", access_key="a", secret_key="s")
+    with pytest.raises(ka.ValidationError, match="api_key"):
+        ka.KlingClient.dmxapi(api_key="bad\nkey")
+    with pytest.raises(ka.ValidationError, match="base_url"):
+        ka.KlingClient.dmxapi(api_key="k", base_url="ftp://x")
+    with pytest.raises(ka.ValidationError, match="max_in_flight"):
+        ka.KlingClient.dmxapi(api_key="k", max_in_flight=0)
