@@ -4,5 +4,14 @@ A new gateway is a new module here and nothing else; see :mod:`kling_async.diale
 """
 
 from ._base import Dialect, LipSyncFlow, Submit, decode_envelope
+from .apimodels import ApimodelsDialect
+from .kling import KlingDialect
 
-__all__ = ["Dialect", "LipSyncFlow", "Submit", "decode_envelope"]
+__all__ = [
+    "ApimodelsDialect",
+    "Dialect",
+    "KlingDialect",
+    "LipSyncFlow",
+    "Submit",
+    "decode_envelope",
+]

@@ -1,0 +1,202 @@
+"""The apimodels.app dialect: advanced lip-sync in two tasks (API.md section 2).
+
+A job runs as two billed tasks created at the same endpoint, ``POST /api/v1/audio/generations``:
+
+1. ``kling-identify-face`` with the ``video_url`` finds the faces; its completed answer carries
+   ``faceData = {session_id, face_list: [{face_id, face_reference}]}``.
+2. ``kling-advanced-lip-sync`` with that ``session_id`` and one ``face_choose`` entry (the chosen
+   face and its audio) makes the video; its completed answer carries ``resultUrls``.
+
+Both are tracked with ``GET /api/v1/audio/generations?task_id=...``; there is no list query.  The
+wire names and their converter live in :mod:`._apimodels_wire`.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+from collections.abc import Mapping
+from typing import Final
+
+import attrs
+
+from .._errors import MalformedResponseError, ValidationError
+from .._http import HttpRequest, HttpResponse
+from .._jobs import LipSyncJob
+from .._results import Face, TaskSnapshot, TaskState
+from ._apimodels_wire import (
+    ADVANCED_LIP_SYNC,
+    IDENTIFY_FACE,
+    MODELS,
+    FaceChoice,
+    IdentifyFaceBody,
+    LipSyncBody,
+    parse_callback_data,
+    parse_task,
+    to_json,
+    to_snapshot,
+)
+from ._base import LipSyncFlow, Submit, decode_envelope
+
+__all__ = ["ADVANCED_LIP_SYNC", "IDENTIFY_FACE", "ApimodelsDialect"]
+
+_PATH: Final = "/api/v1/audio/generations"
+
+
+def _create(body: IdentifyFaceBody | LipSyncBody) -> HttpRequest:
+    # A create bills a task: never repeated blindly (idempotent=False).
+    return HttpRequest(method="POST", path=_PATH, json=to_json(body), idempotent=False)
+
+
+def _sound_file(job: LipSyncJob) -> str:
+    # "sound_file" takes a URL or base64 (API.md section 2).
+    if job.audio_url is not None:
+        return job.audio_url
+    assert job.audio_file is not None  # LipSyncJob guarantees one of the two for an audio job
+    return base64.b64encode(job.audio_file).decode("ascii")
+
+
+def _choose_face(job: LipSyncJob, faces: tuple[Face, ...]) -> Face | str:
+    """The face the job asks for, or a message saying why there is none."""
+    count = f"{len(faces)} face{'' if len(faces) == 1 else 's'}"
+    if job.face_id is not None:
+        for face in faces:
+            if face.face_id == job.face_id:
+                return face
+        known = ", ".join(repr(face.face_id) for face in faces)
+        listing = f"{count}: {known}" if faces else count
+        return f"no face with id {job.face_id!r}: the video has {listing}"
+    if job.face_index < len(faces):
+        return faces[job.face_index]
+    return f"no face with index {job.face_index}: the video has {count}"
+
+
+def _lip_sync_flow(job: LipSyncJob, callback_url: str | None) -> LipSyncFlow:
+    assert job.video_url is not None  # check_job ran first
+    identify_body = IdentifyFaceBody(
+        model=MODELS[IDENTIFY_FACE], video_url=job.video_url, callback_url=callback_url
+    )
+    # final=False: the video comes from the second task, so submit() goes on past this one.
+    identified = yield Submit(request=_create(identify_body), stage=IDENTIFY_FACE, final=False)
+    if identified.state is not TaskState.SUCCEEDED:
+        return identified  # e.g. "Face detection failed: no faces found"
+    # A missing face fails the job here, before a (billed) lip-sync task is created.
+    face = _choose_face(job, identified.faces)
+    if isinstance(face, str):
+        return attrs.evolve(identified, state=TaskState.FAILED, message=face)
+    if identified.session_id is None:
+        message = "identify-face task finished without a session_id"
+        return attrs.evolve(identified, state=TaskState.FAILED, message=message)
+    choice = FaceChoice(
+        face_id=face.face_id,
+        sound_file=_sound_file(job),
+        sound_start_time=job.sound_start_time,
+        sound_end_time=job.sound_end_time,
+        sound_insert_time=job.sound_insert_time,
+        sound_volume=job.sound_volume,
+        original_audio_volume=job.original_audio_volume,
+    )
+    lip_sync_body = LipSyncBody(
+        model=MODELS[ADVANCED_LIP_SYNC],
+        session_id=identified.session_id,
+        face_choose=[choice],
+        callback_url=callback_url,
+    )
+    return (yield Submit(request=_create(lip_sync_body), stage=ADVANCED_LIP_SYNC))
+
+
+class ApimodelsDialect:
+    """apimodels.app's unified format: identify-face, then advanced lip-sync (API.md section 2).
+
+    Takes audio jobs on a ``video_url``; the face is ``job.face_id`` when set, else the
+    ``job.face_index``-th face found.  A missing face ends the job as a FAILED snapshot of the
+    identify-face task, before the lip-sync task is created.
+    """
+
+    name = "apimodels"
+    default_stage = ADVANCED_LIP_SYNC
+    #: No list query: every task is tracked with its own query.
+    list_page_size = 0
+
+    def check_job(self, job: LipSyncJob) -> None:
+        """Refuse text jobs and ``video_id`` jobs, which this service cannot run."""
+        if job.text is not None:
+            raise ValidationError(
+                "text", "apimodels runs advanced lip-sync, which takes audio, not text"
+            )
+        if job.video_id is not None or job.video_url is None:
+            raise ValidationError(
+                "video_id", "apimodels takes a video_url only, not a Kling video_id"
+            )
+
+    def flow(self, job: LipSyncJob, *, callback_url: str | None = None) -> LipSyncFlow:
+        """Two submits: identify-face, then advanced lip-sync with the chosen face.
+
+        ``callback_url`` wins over ``job.callback_url``; both tasks report to it.  Raises
+        :class:`ValidationError` here, at once, for a job :meth:`check_job` refuses.
+        """
+        self.check_job(job)
+        return _lip_sync_flow(job, callback_url or job.callback_url)
+
+    def parse_submit(self, stage: str, response: HttpResponse) -> TaskSnapshot:
+        """The new task's snapshot (``pending`` is SUBMITTED, as is an answer with no state)."""
+        what, status = "create answer", response.status
+        task = parse_task(decode_envelope(response).get("data"), what=what, status=status)
+        if task.taskId is None:
+            raise MalformedResponseError(f"apimodels {what}: data.taskId is missing", status=status)
+        # The task exists once it has an id; a missing state must not lose a billed task.
+        return to_snapshot(
+            task,
+            task_id=task.taskId,
+            stage=stage,
+            what=what,
+            status=status,
+            default_state=TaskState.SUBMITTED,
+        )
+
+    def query_request(self, stage: str, task_id: str) -> HttpRequest:
+        """``GET /api/v1/audio/generations?task_id=...``, the same for both stages."""
+        if not isinstance(task_id, str) or not task_id:
+            raise ValidationError("task_id", "must be a non-empty string")
+        return HttpRequest(method="GET", path=_PATH, params=(("task_id", task_id),))
+
+    def parse_query(self, stage: str, task_id: str, response: HttpResponse) -> TaskSnapshot:
+        """The snapshot of ``task_id``; an answer about another task is malformed."""
+        what, status = "query answer", response.status
+        task = parse_task(decode_envelope(response).get("data"), what=what, status=status)
+        if task.taskId is not None and task.taskId != task_id:
+            raise MalformedResponseError(
+                f"apimodels {what}: answer is about another task than {task_id}", status=status
+            )
+        return to_snapshot(task, task_id=task_id, stage=stage, what=what, status=status)
+
+    def list_request(self, stage: str, page: int, page_size: int) -> HttpRequest | None:
+        """Always None: apimodels has no list query."""
+        return None
+
+    def parse_list(self, stage: str, response: HttpResponse) -> list[TaskSnapshot]:
+        """Never called (``list_page_size`` is 0); raises NotImplementedError."""
+        raise NotImplementedError("apimodels has no list query")
+
+    def parse_callback(self, body: bytes) -> TaskSnapshot:
+        """The snapshot a callback carries (terminal states only, API.md section 2).
+
+        ``param`` and ``resultJson`` are JSON strings, decoded once; a null ``resultJson`` is
+        fine for a failed task.  The stage comes from the callback's ``model``.
+        """
+        try:
+            decoded = json.loads(body)
+        except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+            raise MalformedResponseError(f"apimodels callback is not JSON: {exc}") from None
+        if not isinstance(decoded, Mapping):
+            raise MalformedResponseError("apimodels callback is not a JSON object")
+        task, video_url = parse_callback_data(decoded.get("data"))
+        assert task.taskId is not None  # required in a callback
+        return to_snapshot(
+            task,
+            task_id=task.taskId,
+            stage="",
+            what="callback",
+            status=None,
+            parent_video_url=video_url,
+        )
