@@ -6,6 +6,7 @@ import asyncio
 import base64
 import io
 import json
+import socket
 import time
 import warnings
 from collections.abc import AsyncIterator, Callable
@@ -91,7 +92,7 @@ async def submit(server: FakeKlingServer, http: aiohttp.ClientSession, **changes
 @pytest.mark.parametrize("prefix", ["", "/kling"])
 @pytest.mark.parametrize("auth", ["bearer", "jwt"])
 async def test_official_round_trip(prefix: str, auth: str) -> None:
-    async with running(task_duration=0.2, processing_after=0.1) as (server, http):
+    async with running(task_duration=0.3, processing_after=0.1) as (server, http):
         headers = KEY if auth == "bearer" else make_jwt()
         base = server.url + prefix + LIP_SYNC
         status, answer = await call(http, "POST", base, text_body(), headers)
@@ -107,11 +108,11 @@ async def test_official_round_trip(prefix: str, auth: str) -> None:
         assert data["task_status"] == "submitted"
         assert abs(data["created_at"] / 1000 - time.time()) < 5
         seen = []
-        for _ in range(3):
+        for pause in (0.15, 0.2, 0):  # processing from 0.1 s, done at 0.3 s
             status, answer = await call(http, "GET", f"{base}/{task_id}", headers=headers)
             assert status == 200
             seen.append(answer["data"]["task_status"])
-            await asyncio.sleep(0.11)
+            await asyncio.sleep(pause)
         assert seen == ["submitted", "processing", "succeed"]
         task = answer["data"]
         assert task["task_info"]["parent_video"]["url"] == CLIP
@@ -358,6 +359,12 @@ async def receiver() -> AsyncIterator[tuple[str, list[Any]]]:
         yield str(hook_server.make_url("/hook")), received
 
 
+def closed_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
 async def wait_for(predicate: Callable[[], bool], seconds: float = 2.0) -> None:
     # The server's callbacks_sent record has no event to wait on: poll it briefly.
     with anyio.fail_after(seconds):
@@ -370,7 +377,7 @@ async def test_official_callbacks() -> None:
         body = {**text_body(), "callback_url": hook}
         _status, answer = await call(http, "POST", server.url + "/kling" + LIP_SYNC, body)
         task_id = answer["data"]["task_id"]
-        dead = {**text_body(), "callback_url": "http://127.0.0.1:9/hook"}
+        dead = {**text_body(), "callback_url": f"http://127.0.0.1:{closed_port()}/hook"}
         assert (await call(http, "POST", server.url + LIP_SYNC, dead))[0] == 200
         await wait_for(lambda: len(server.callbacks_sent) == 4)
         assert [c["task_status"] for c in received] == ["processing", "succeed"]
@@ -380,6 +387,20 @@ async def test_official_callbacks() -> None:
         assert {outcome for url, outcome in server.callbacks_sent if url != hook} == {
             "ClientConnectorError"
         }
+
+
+async def test_forced_finish_reports_each_state_once() -> None:
+    options = {"task_duration": 0.2, "processing_after": 0.1}
+    async with receiver() as (hook, received), running(**options) as (server, http):
+        body = {**text_body(), "callback_url": hook}
+        _, answer = await call(http, "POST", server.url + LIP_SYNC, body)
+        task_id = answer["data"]["task_id"]
+        server.finish(task_id, "failed", "stopped by the test")
+        await wait_for(lambda: len(received) == 1)
+        await asyncio.sleep(0.25)  # past the task's own processing and end times
+        assert [(c["task_status"], c["task_status_msg"]) for c in received] == [
+            ("failed", "stopped by the test")
+        ]
 
 
 async def test_apimodels_two_step_flow_with_callbacks() -> None:

@@ -57,6 +57,8 @@ class FakeKlingServer:
 
     See the :mod:`kling_async.testing` docstring for what it serves and how to use it.  All
     options are keyword-only; ``start()`` / ``close()`` (or ``async with``) run it.
+    ``processing_after`` defaults to half of each task's duration; ``port=0`` picks a free
+    port; ``callback_timeout`` bounds each callback delivery, in seconds.
     """
 
     def __init__(

@@ -141,19 +141,19 @@ class FakeTask:
     task_id: str
     dialect: Dialect
     stage: Stage
-    input: Mapping[str, Any] = attrs.field(repr=False)
+    input: Mapping[str, Any]
     callback_url: str | None = None
     model: str | None = None
     session: FaceSession | None = None
-    clock: Clock = attrs.field(repr=False)
-    born: float = attrs.field(repr=False)
-    processing_at: float = attrs.field(repr=False)
-    ends_at: float = attrs.field(repr=False)
-    outcome: Outcome = attrs.field(repr=False)
-    planned_reason: str | None = attrs.field(default=None, repr=False)
-    result_url: str = attrs.field(repr=False)
+    clock: Clock
+    born: float
+    processing_at: float
+    ends_at: float
+    outcome: Outcome
+    planned_reason: str | None = None
+    result_url: str
     #: The last state a callback reported (the dispatcher sends only changes).
-    notified: State | None = attrs.field(default=None, repr=False)
+    notified: State | None = None
 
     def __repr__(self) -> str:
         return (
@@ -313,9 +313,14 @@ class Account:
         self.on_change(task)
         return task
 
-    def newest_first(self, dialect: Dialect, stage: Stage) -> list[FakeTask]:
-        """Tasks of one dialect and stage, newest first (the list query's order)."""
-        return [self.tasks[i] for i in reversed(self._order.get((dialect, stage), []))]
+    def newest_first(self, dialect: Dialect, stage: Stage, skip: int, count: int) -> list[FakeTask]:
+        """``count`` tasks of one dialect and stage after the ``skip`` newest, newest first.
+
+        Only the page is touched: list queries stay cheap with many thousands of tasks.
+        """
+        ids = self._order.get((dialect, stage), [])
+        stop = max(0, len(ids) - skip)
+        return [self.tasks[i] for i in reversed(ids[max(0, stop - count) : stop])]
 
     def new_session(
         self,
