@@ -164,9 +164,6 @@ class ApimodelsRoutes:
     def _create(
         self, body: dict[str, Any], callback_url: str | None, *, no_faces: bool
     ) -> FakeTask:
-        if not self._account.has_room():
-            self._gate.requests["limited"] += 1
-            raise Refusal(429, "too many concurrent tasks")
         model = str(body["model"])
         return self._account.create(
             dialect="apimodels",

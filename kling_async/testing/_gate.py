@@ -18,7 +18,7 @@ from typing import Literal
 import jwt
 from aiohttp import web
 
-from ._state import FaultPlan
+from ._state import FaultPlan, TaskLimitReached
 from ._wire import Refusal, WireDialect, html_500, refusal_response, truncated_json
 
 __all__ = ["Credentials", "Gate", "Handler", "Kind", "RouteHandler"]
@@ -123,7 +123,13 @@ class Gate:
                 if early is not None:
                     self.requests["faulted"] += 1
                     return early
-                response = await handler(request, request_id)
+                try:
+                    response = await handler(request, request_id)
+                except TaskLimitReached:
+                    # The task limit holds from submit until a task ends (API.md section 1,
+                    # "Concurrency"); apimodels words it as HTTP 429 "too many concurrent tasks".
+                    self.requests["limited"] += 1
+                    raise Refusal(1303) from None
             except Refusal as refusal:
                 self.requests["rejected"] += 1
                 return refusal_response(

@@ -163,11 +163,6 @@ class OfficialRoutes:
         session: FaceSession | None = None,
     ) -> web.Response:
         callback_url = check_callback_url(body)
-        if not self._account.has_room():
-            # The task limit holds from submit until a task ends (API.md section 1,
-            # "Concurrency"); over it, nothing is created.
-            self._gate.requests["limited"] += 1
-            raise Refusal(1303)
         task = self._account.create(
             dialect="kling",
             stage=stage,

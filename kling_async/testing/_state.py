@@ -25,6 +25,7 @@ __all__ = [
     "FakeFace",
     "FakeTask",
     "FaultPlan",
+    "TaskLimitReached",
 ]
 
 #: The official failure reason for a video without a person in it (DMXAPI's page, API.md s. 1).
@@ -204,6 +205,10 @@ class FakeTask:
         return self.processing_at if now >= self.processing_at else self.born
 
 
+class TaskLimitReached(Exception):
+    """A submit found the account's task limit full; nothing was created."""
+
+
 def _ignore(task: FakeTask) -> None:
     pass
 
@@ -267,7 +272,12 @@ class Account:
         session: FaceSession | None = None,
         fail_reason: str | None = None,
     ) -> FakeTask:
-        """Create a task now; ``fail_reason`` makes it fail (else the failure rate may)."""
+        """Create a task now; ``fail_reason`` makes it fail (else the failure rate may).
+
+        Raises :class:`TaskLimitReached` when the task limit is full.
+        """
+        if not self.has_room():
+            raise TaskLimitReached
         total = self._duration(self.rng) if callable(self._duration) else self._duration
         total = max(0.0, float(total))
         half = total / 2 if self._processing_after is None else self._processing_after
