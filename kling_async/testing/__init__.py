@@ -32,7 +32,7 @@ makes it find two.
 
 ``task_limit`` caps the tasks running at once (the account's resource pack): one more submit is
 refused with 1303 / HTTP 429 and creates nothing.  :class:`FaultPlan` injects failures at
-seeded-random rates; ``server.script(...)`` answers the next requests of a route with a chosen
+seeded-random rates (assign ``server.faults`` to change them mid-run); ``server.script(...)`` answers the next requests of a route with a chosen
 error; ``server.set_account_error(code)`` breaks the whole account; ``server.finish(task_id)``
 ends a task now.  Requests submitted with a ``callback_url`` get callbacks (official: the task
 object on each state change; apimodels: the documented envelope on terminal states).
