@@ -32,10 +32,11 @@ makes it find two.
 
 ``task_limit`` caps the tasks running at once (the account's resource pack): one more submit is
 refused with 1303 / HTTP 429 and creates nothing.  :class:`FaultPlan` injects failures at
-seeded-random rates (assign ``server.faults`` to change them mid-run); ``server.script(...)`` answers the next requests of a route with a chosen
-error; ``server.set_account_error(code)`` breaks the whole account; ``server.finish(task_id)``
-ends a task now.  Requests submitted with a ``callback_url`` get callbacks (official: the task
-object on each state change; apimodels: the documented envelope on terminal states).
+seeded-random rates (assign ``server.faults`` to change them mid-run); ``server.script(...)``
+answers the next requests of a route with a chosen error; ``server.set_account_error(code)``
+breaks the whole account; ``server.finish(task_id)`` ends a task now.  Requests submitted with
+a ``callback_url`` get callbacks (official: the task object on each state change; apimodels:
+the documented envelope on terminal states).
 
 Inspect ``server.requests`` (a Counter by route name), ``server.tasks`` (id -> :class:`FakeTask`),
 ``server.tasks_created``, ``server.running``, ``server.max_running_seen`` and
