@@ -6,6 +6,8 @@ and iterate :meth:`KlingClient.run_batch` for results in completion order.
 
 from importlib.metadata import PackageNotFoundError, version
 
+from ._batch import BatchIterator
+from ._client import APIMODELS_BASE_URL, DMXAPI_BASE_URL, OFFICIAL_BASE_URL, KlingClient
 from ._config import PollPolicy, RetryPolicy
 from ._errors import (
     AccountError,
@@ -39,15 +41,20 @@ except PackageNotFoundError:  # pragma: no cover - running from a source tree wi
     __version__ = "0.0.0"
 
 __all__ = [
+    "APIMODELS_BASE_URL",
+    "DMXAPI_BASE_URL",
+    "OFFICIAL_BASE_URL",
     "APIError",
     "AccountError",
     "AuthenticationError",
+    "BatchIterator",
     "ConcurrencyLimitError",
     "ConnectError",
     "ContentPolicyError",
     "Face",
     "InvalidRequestError",
     "JobResult",
+    "KlingClient",
     "KlingError",
     "LipSyncJob",
     "MalformedResponseError",

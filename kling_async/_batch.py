@@ -323,6 +323,7 @@ class BatchIterator:
         # An abandoned iterator (``break`` out of ``async for``) must not leave the batch running.
         with contextlib.suppress(Exception):  # interpreter shutdown
             self._batch.cancel()
+            self._receive.close()
 
 
 class _Slot:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 import kling_async as ka
-from kling_async.testing import FakeKlingServer
+from kling_async.testing import ROUTES, FakeKlingServer
 
 API_KEY = "sk-sandbox"
 
@@ -53,3 +53,8 @@ def apimodels_client(server: FakeKlingServer, **options: Any) -> ka.KlingClient:
     options.setdefault("poll", FAST_POLL)
     options.setdefault("retry", FAST_RETRY)
     return ka.KlingClient.apimodels(api_key=API_KEY, base_url=server.url, **options)
+
+
+def requests_sent(server: FakeKlingServer) -> int:
+    """Requests the server received, over every route (tallies such as "rejected" left out)."""
+    return sum(server.requests[route] for route in ROUTES)

@@ -16,6 +16,7 @@ from helpers import (
     audio_job,
     dmx_client,
     kling_client,
+    requests_sent,
     text_job,
 )
 
@@ -59,7 +60,7 @@ async def test_jwt_credentials_are_accepted() -> None:
     async with FakeKlingServer(task_duration=0.02) as server:
         client = ka.KlingClient.kling(
             access_key="ak-sandbox",
-            secret_key="sk-sandbox-secret",
+            secret_key="sk-sandbox-secret-for-hs256-tokens",
             base_url=server.url,
             poll=FAST_POLL,
             retry=FAST_RETRY,
@@ -73,13 +74,16 @@ async def test_jwt_credentials_are_accepted() -> None:
 async def test_wrong_jwt_secret_is_an_authentication_error() -> None:
     async with FakeKlingServer() as server:
         client = ka.KlingClient.kling(
-            access_key="ak-sandbox", secret_key="wrong", base_url=server.url, retry=FAST_RETRY
+            access_key="ak-sandbox",
+            secret_key="wrong-secret-of-the-right-length-32b",
+            base_url=server.url,
+            retry=FAST_RETRY,
         )
         async with client:
             with pytest.raises(ka.AuthenticationError) as info:
                 await client.submit(text_job(1))
     assert info.value.status == 401
-    assert "wrong" not in str(info.value) and "wrong" not in repr(info.value)
+    assert "wrong-secret" not in str(info.value) + repr(info.value)
     assert server.tasks_created == 0
 
 
@@ -90,7 +94,7 @@ async def test_bad_key_is_fatal_and_not_retried() -> None:
             with pytest.raises(ka.AuthenticationError) as info:
                 await client.get_task("123")
     assert info.value.fatal
-    assert sum(server.requests.values()) == 1
+    assert requests_sent(server) == 1
 
 
 async def test_submit_retries_1303_and_5001_where_nothing_was_created() -> None:
@@ -169,7 +173,7 @@ async def test_apimodels_refuses_text_jobs_before_any_request() -> None:
         with pytest.raises(ka.ValidationError) as info:
             await client.submit(text_job(1))
     assert info.value.field == "text"
-    assert sum(server.requests.values()) == 0
+    assert requests_sent(server) == 0
 
 
 async def test_caller_owned_session_is_left_open() -> None:
@@ -183,12 +187,14 @@ async def test_secrets_stay_out_of_reprs_and_logs(caplog: pytest.LogCaptureFixtu
     caplog.set_level(logging.DEBUG, logger="kling_async")
     async with FakeKlingServer(task_duration=0.01) as server:
         client = ka.KlingClient.kling(
-            access_key="ak-sandbox", secret_key="sk-sandbox-secret", base_url=server.url
+            access_key="ak-sandbox",
+            secret_key="sk-sandbox-secret-for-hs256-tokens",
+            base_url=server.url,
         )
         async with client:
             await client.submit(text_job(1))
         text = repr(client) + repr(client._requester.transport._credentials) + caplog.text
-    assert "sk-sandbox-secret" not in text and "ak-sandbox" not in text
+    assert "sk-sandbox-secret-for-hs256-tokens" not in text and "ak-sandbox" not in text
     assert "Bearer" not in caplog.text
     assert "POST" in caplog.text  # the DEBUG line per request exists
 

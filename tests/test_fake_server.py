@@ -51,7 +51,7 @@ def text_body(**changes: Any) -> dict[str, Any]:
 
 def make_jwt(
     access_key: str = "ak-sandbox",
-    secret: str = "sk-sandbox-secret",
+    secret: str = "sk-sandbox-secret-for-hs256-tokens",
     *,
     expires_in: float = 1800,
     not_before: float = -5,

@@ -20,8 +20,8 @@ It serves, on ``server.url``:
 
 Requests need ``Authorization: Bearer <key>`` with a key from ``api_keys`` (default
 ``"sk-sandbox"``) or, in the official format, an HS256 JWT signed for ``jwt_credentials``
-(default access key ``"ak-sandbox"``, secret ``"sk-sandbox-secret"``).  Bodies are checked as
-the real server checks them (1201 with the field named).
+(default access key ``"ak-sandbox"``, secret ``"sk-sandbox-secret-for-hs256-tokens"``).
+Bodies are checked as the real server checks them (1201 with the field named).
 
 Tasks go submitted -> processing -> succeed or failed over ``task_duration`` seconds (a number,
 or a function of a ``random.Random``), computed from the event loop's clock whenever read.

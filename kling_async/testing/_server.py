@@ -24,7 +24,9 @@ __all__ = ["ROUTES", "SANDBOX_API_KEY", "SANDBOX_JWT_CREDENTIALS", "FakeKlingSer
 #: The Bearer key the fake accepts by default (official format and apimodels).
 SANDBOX_API_KEY = "sk-sandbox"
 #: The access key -> secret key pair the fake accepts as HS256 JWTs by default.
-SANDBOX_JWT_CREDENTIALS: Mapping[str, str] = MappingProxyType({"ak-sandbox": "sk-sandbox-secret"})
+SANDBOX_JWT_CREDENTIALS: Mapping[str, str] = MappingProxyType(
+    {"ak-sandbox": "sk-sandbox-secret-for-hs256-tokens"}
+)
 #: Route names, as counted in :attr:`FakeKlingServer.requests` and taken by ``script``.
 ROUTES = (
     "submit",
