@@ -80,6 +80,7 @@ class Batch:
             retry=client.retry,
             rng=client._rng,
             on_fatal=self._abort,
+            callbacks=callback_url is not None,
         )
 
     def start(self, group: TaskGroup) -> BatchIterator:

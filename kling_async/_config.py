@@ -60,7 +60,9 @@ class PollPolicy:
     With ``adaptive`` the tracker learns from finished tasks when results usually arrive, and
     polls less before that.  With ``list_queries`` it refreshes many tasks with one paged list
     request where the dialect has one.  ``max_concurrent_queries`` bounds status requests in
-    flight at once.
+    flight at once.  When the server sends callbacks (a batch with a ``callback_url``), polling
+    goes on only as a safety net, at most every ``callback_safety_interval`` seconds: callbacks
+    are unsigned hints and may be lost (API.md section 1, "Callback").
     """
 
     first_delay: float = attrs.field(default=10.0, validator=_non_negative)
@@ -71,6 +73,7 @@ class PollPolicy:
     adaptive: bool = attrs.field(default=True, validator=_flag)
     list_queries: bool = attrs.field(default=True, validator=_flag)
     max_concurrent_queries: int = attrs.field(default=8, validator=_count)
+    callback_safety_interval: float = attrs.field(default=300.0, validator=_positive)
 
 
 @attrs.frozen(kw_only=True)

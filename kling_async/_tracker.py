@@ -72,6 +72,7 @@ class Tracker:
         retry: RetryPolicy,
         rng: random.Random,
         on_fatal: Callable[[KlingError], None],
+        callbacks: bool = False,
     ) -> None:
         self._dialect = dialect
         self._requester = requester
@@ -79,6 +80,7 @@ class Tracker:
         self._retry = retry
         self._rng = rng
         self._on_fatal = on_fatal
+        self._callbacks = callbacks
         self._watches: dict[str, Watch] = {}
         self._heap: list[tuple[float, int, int, Watch]] = []
         self._seq = itertools.count()
@@ -102,7 +104,7 @@ class Tracker:
         if snapshot.state.is_terminal:
             return snapshot, 0
         now = anyio.current_time()
-        first = poll_delay(self._poll, 0, self._rng, first=self._learnt_first_delay())
+        first = self._delay(0)
         watch = Watch(task_id=snapshot.task_id, stage=stage, started=now, due=now + first)
         self._watches[watch.task_id] = watch
         self._schedule(watch, watch.due)
@@ -229,8 +231,14 @@ class Tracker:
             self._learn(anyio.current_time() - watch.started)
             self._finish(watch, snapshot)
             return
-        delay = poll_delay(self._poll, watch.polls, self._rng)
-        self._schedule(watch, anyio.current_time() + delay)
+        self._schedule(watch, anyio.current_time() + self._delay(watch.polls))
+
+    def _delay(self, polls: int) -> float:
+        delay = poll_delay(self._poll, polls, self._rng, first=self._learnt_first_delay())
+        if self._callbacks:
+            # Callbacks finish tasks; polls only catch the ones that got lost.
+            delay = max(delay, self._poll.callback_safety_interval)
+        return delay
 
     def _query_failed(self, watch: Watch, error: KlingError) -> None:
         watch.busy = False

@@ -34,6 +34,7 @@ FIELDS: list[tuple[Policy, str, str]] = [
     (PollPolicy, "adaptive", "flag"),
     (PollPolicy, "list_queries", "flag"),
     (PollPolicy, "max_concurrent_queries", "count"),
+    (PollPolicy, "callback_safety_interval", "positive"),
     (RetryPolicy, "max_attempts", "count"),
     (RetryPolicy, "base_delay", "non_negative"),
     (RetryPolicy, "max_delay", "non_negative"),
