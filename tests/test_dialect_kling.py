@@ -589,8 +589,8 @@ def test_advanced_video_id_is_sent_to_identify_face() -> None:
 @pytest.mark.parametrize(
     ("options", "message"),
     [
-        ({"face_index": 2}, "no face with index 2 (video has 2 faces)"),
-        ({"face_id": "7"}, "no face with id '7' (video has 2 faces: '0', '1')"),
+        ({"face_index": 2}, "no face with index 2: the video has 2 faces"),
+        ({"face_id": "7"}, "no face with id '7': the video has 2 faces: '0', '1'"),
     ],
 )
 def test_advanced_missing_face_fails_the_job(options: dict[str, Any], message: str) -> None:
@@ -612,7 +612,7 @@ def test_advanced_no_faces_at_all() -> None:
     next(gen)
     with pytest.raises(StopIteration) as stop:
         gen.send(found)
-    assert stop.value.value.message == "no face with index 0 (video has 0 faces)"
+    assert stop.value.value.message == "no face with index 0: the video has 0 faces"
 
 
 def test_advanced_identify_face_failure_is_returned() -> None:

@@ -15,7 +15,8 @@ A dialect is pure protocol: it turns a :class:`LipSyncJob` into requests and ans
 
 from __future__ import annotations
 
-from collections.abc import Generator, Mapping
+import base64
+from collections.abc import Generator, Mapping, Sequence
 from typing import Protocol
 
 import attrs
@@ -23,9 +24,17 @@ import attrs
 from .._errors import MalformedResponseError, error_from_response
 from .._http import HttpRequest, HttpResponse
 from .._jobs import LipSyncJob
-from .._results import TaskSnapshot
+from .._results import Face, TaskSnapshot
 
-__all__ = ["Dialect", "LipSyncFlow", "Submit", "decode_envelope"]
+__all__ = [
+    "Dialect",
+    "LipSyncFlow",
+    "Submit",
+    "audio_base64",
+    "choose_face",
+    "decode_envelope",
+    "sound_source",
+]
 
 
 @attrs.frozen(kw_only=True)
@@ -108,3 +117,33 @@ def decode_envelope(response: HttpResponse) -> Mapping[str, object]:
             f"HTTP {response.status} answer is not a JSON object", status=response.status
         )
     return body
+
+
+def audio_base64(job: LipSyncJob) -> str:
+    """The job's audio bytes as base64, as every dialect sends a file (API.md sections 1, 2)."""
+    if job.audio_file is None:  # pragma: no cover - LipSyncJob guarantees one audio source
+        raise ValueError("the job has no audio_file")
+    return base64.b64encode(job.audio_file).decode("ascii")
+
+
+def sound_source(job: LipSyncJob) -> str:
+    """What advanced lip-sync's ``sound_file`` takes: the audio URL, else base64 of the file."""
+    return job.audio_url if job.audio_url is not None else audio_base64(job)
+
+
+def choose_face(job: LipSyncJob, faces: Sequence[Face]) -> Face | str:
+    """The face ``job`` asks for (``face_id``, else ``face_index``), or why there is none.
+
+    The reason becomes the failed job's message, so it names what the video does have.
+    """
+    count = f"{len(faces)} face{'' if len(faces) == 1 else 's'}"
+    if job.face_id is not None:
+        for face in faces:
+            if face.face_id == job.face_id:
+                return face
+        known = ", ".join(repr(face.face_id) for face in faces[:10])
+        listing = f"{count}: {known}" if faces else count
+        return f"no face with id {job.face_id[:60]!r}: the video has {listing}"
+    if job.face_index < len(faces):
+        return faces[job.face_index]
+    return f"no face with index {job.face_index}: the video has {count}"

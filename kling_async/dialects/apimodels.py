@@ -13,7 +13,6 @@ wire names and their converter live in :mod:`._apimodels_wire`.
 
 from __future__ import annotations
 
-import base64
 import json
 from collections.abc import Mapping
 from typing import Final
@@ -23,7 +22,7 @@ import attrs
 from .._errors import MalformedResponseError, ValidationError
 from .._http import HttpRequest, HttpResponse
 from .._jobs import LipSyncJob
-from .._results import Face, TaskSnapshot, TaskState
+from .._results import TaskSnapshot, TaskState
 from ._apimodels_wire import (
     ADVANCED_LIP_SYNC,
     IDENTIFY_FACE,
@@ -36,7 +35,7 @@ from ._apimodels_wire import (
     to_json,
     to_snapshot,
 )
-from ._base import LipSyncFlow, Submit, decode_envelope
+from ._base import LipSyncFlow, Submit, choose_face, decode_envelope, sound_source
 
 __all__ = ["ADVANCED_LIP_SYNC", "IDENTIFY_FACE", "ApimodelsDialect"]
 
@@ -46,29 +45,6 @@ _PATH: Final = "/api/v1/audio/generations"
 def _create(body: IdentifyFaceBody | LipSyncBody) -> HttpRequest:
     # A create bills a task: never repeated blindly (idempotent=False).
     return HttpRequest(method="POST", path=_PATH, json=to_json(body), idempotent=False)
-
-
-def _sound_file(job: LipSyncJob) -> str:
-    # "sound_file" takes a URL or base64 (API.md section 2).
-    if job.audio_url is not None:
-        return job.audio_url
-    assert job.audio_file is not None  # LipSyncJob guarantees one of the two for an audio job
-    return base64.b64encode(job.audio_file).decode("ascii")
-
-
-def _choose_face(job: LipSyncJob, faces: tuple[Face, ...]) -> Face | str:
-    """The face the job asks for, or a message saying why there is none."""
-    count = f"{len(faces)} face{'' if len(faces) == 1 else 's'}"
-    if job.face_id is not None:
-        for face in faces:
-            if face.face_id == job.face_id:
-                return face
-        known = ", ".join(repr(face.face_id) for face in faces)
-        listing = f"{count}: {known}" if faces else count
-        return f"no face with id {job.face_id!r}: the video has {listing}"
-    if job.face_index < len(faces):
-        return faces[job.face_index]
-    return f"no face with index {job.face_index}: the video has {count}"
 
 
 def _lip_sync_flow(job: LipSyncJob, callback_url: str | None) -> LipSyncFlow:
@@ -81,7 +57,7 @@ def _lip_sync_flow(job: LipSyncJob, callback_url: str | None) -> LipSyncFlow:
     if identified.state is not TaskState.SUCCEEDED:
         return identified  # e.g. "Face detection failed: no faces found"
     # A missing face fails the job here, before a (billed) lip-sync task is created.
-    face = _choose_face(job, identified.faces)
+    face = choose_face(job, identified.faces)
     if isinstance(face, str):
         return attrs.evolve(identified, state=TaskState.FAILED, message=face)
     if identified.session_id is None:
@@ -89,7 +65,7 @@ def _lip_sync_flow(job: LipSyncJob, callback_url: str | None) -> LipSyncFlow:
         return attrs.evolve(identified, state=TaskState.FAILED, message=message)
     choice = FaceChoice(
         face_id=face.face_id,
-        sound_file=_sound_file(job),
+        sound_file=sound_source(job),
         sound_start_time=job.sound_start_time,
         sound_end_time=job.sound_end_time,
         sound_insert_time=job.sound_insert_time,

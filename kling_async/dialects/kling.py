@@ -13,9 +13,8 @@ Pure protocol: no I/O.  The wire structures and their mapping live in :mod:`._kl
 
 from __future__ import annotations
 
-import base64
 import json
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from urllib.parse import quote
 
 import attrs
@@ -24,7 +23,14 @@ from .._errors import MalformedResponseError, ValidationError
 from .._http import HttpRequest, HttpResponse, normalize_prefix
 from .._jobs import LipSyncJob
 from .._results import Face, TaskSnapshot, TaskState
-from ._base import LipSyncFlow, Submit, decode_envelope
+from ._base import (
+    LipSyncFlow,
+    Submit,
+    audio_base64,
+    choose_face,
+    decode_envelope,
+    sound_source,
+)
 from ._kling_wire import identify_face_snapshot, task_snapshot
 
 __all__ = [
@@ -121,7 +127,7 @@ class KlingDialect:
         found = yield Submit(request=identify, stage=STAGE_IDENTIFY_FACE, final=False)
         if found.state is not TaskState.SUCCEEDED:
             return found
-        face = _choose_face(job, found.faces)
+        face = choose_face(job, found.faces)
         if isinstance(face, str):
             return attrs.evolve(found, state=TaskState.FAILED, message=face)
         done = yield Submit(
@@ -148,7 +154,7 @@ class KlingDialect:
             fields["audio_url"] = job.audio_url
         else:
             fields["audio_type"] = "file"
-            fields["audio_file"] = _b64(job.audio_file)
+            fields["audio_file"] = audio_base64(job)
         body: dict[str, object] = {"input": fields}
         if callback:
             body["callback_url"] = callback  # top level, not inside input
@@ -162,7 +168,7 @@ class KlingDialect:
         # API.md section 1, "Advanced lip-sync": sound_file takes a URL or base64.
         choice: dict[str, object] = {
             "face_id": face.face_id,
-            "sound_file": job.audio_url if job.audio_url is not None else _b64(job.audio_file),
+            "sound_file": sound_source(job),
             "sound_start_time": job.sound_start_time,
             "sound_end_time": job.sound_end_time,
             "sound_insert_time": job.sound_insert_time,
@@ -309,24 +315,3 @@ def _video_ref(job: LipSyncJob) -> dict[str, object]:
     if job.video_id is not None:
         return {"video_id": job.video_id}
     return {"video_url": job.video_url}
-
-
-def _b64(data: bytes | None) -> str:
-    if data is None:  # pragma: no cover - LipSyncJob guarantees audio_url or audio_file
-        raise ValidationError("audio_file", "give exactly one of audio_url and audio_file")
-    return base64.b64encode(data).decode("ascii")
-
-
-def _choose_face(job: LipSyncJob, faces: Sequence[Face]) -> Face | str:
-    """The face the job asks for, or the reason there is none (a failed job's message)."""
-    count = f"{len(faces)} face" + ("" if len(faces) == 1 else "s")
-    if job.face_id is not None:
-        for face in faces:
-            if face.face_id == job.face_id:
-                return face
-        known = ", ".join(repr(face.face_id) for face in faces[:10])
-        detail = f"{count}: {known}" if faces else count
-        return f"no face with id {job.face_id[:60]!r} (video has {detail})"
-    if job.face_index < len(faces):
-        return faces[job.face_index]
-    return f"no face with index {job.face_index} (video has {count})"
