@@ -1,0 +1,226 @@
+"""The ``kling-async`` command line (also ``python -m kling_async``).
+
+``run`` validates a job file and runs it as one batch, appending a JSON line per finished job;
+``status`` looks tasks up; ``fake-server`` serves the sandbox.  Exit status: 0 when every job
+succeeded, 1 when some failed, 2 for usage errors and fatal account errors (bad key, no
+balance), 130 when interrupted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import traceback
+from collections.abc import Sequence
+from typing import NoReturn
+
+from .. import __version__
+from .._errors import AuthenticationError, KlingError
+from ._connect import CliError, add_connection_options
+from ._progress import TqdmLogHandler
+from ._run import run_command
+from ._sandbox import TASK_LIMIT
+from ._status import fake_server_command, status_command
+
+__all__ = ["main"]
+
+PROG = "kling-async"
+
+EPILOG = """\
+Keys come from --api-key or the environment: KLING_API_KEY (a Bearer key, every dialect), or
+KLING_ACCESS_KEY + KLING_SECRET_KEY (the official API's JWT). Exit status: 0 when every job
+succeeded, 1 when some failed, 2 on usage or fatal account errors.
+First run: kling-async run examples/jobs.jsonl --out results.jsonl --sandbox"""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        # "unrecognized arguments: --api-kye sk-..." would echo a mistyped key: show options only.
+        if message.startswith("unrecognized arguments:"):
+            words = message.split(":", 1)[1].split()
+            shown = [word for word in words if word.startswith("-")] or ["(values hidden)"]
+            message = "unrecognized arguments: " + " ".join(shown)
+        super().error(message)
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, not {value}")
+    return value
+
+
+def _count(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be at least 0, not {value}")
+    return value
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
+    if not value >= 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a finite number of seconds >= 0: {text!r}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of every subcommand."""
+    output = _Parser(add_help=False)
+    loudness = output.add_argument_group("output").add_mutually_exclusive_group()
+    loudness.add_argument("-q", "--quiet", action="store_true", help="no progress display")
+    loudness.add_argument(
+        "-v",
+        "--verbose",
+        action="store_true",
+        help="debug logging of kling_async to stderr, and tracebacks with errors",
+    )
+
+    parser = _Parser(
+        prog=PROG,
+        description="Bulk lip-sync video generation through the Kling API.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    commands = parser.add_subparsers(title="commands", dest="command", metavar="COMMAND")
+    commands.required = True
+
+    run = commands.add_parser(
+        "run",
+        parents=[output],
+        help="run a job file as one batch",
+        description="Validate every line of JOBS, then run them all, appending one JSON line "
+        "per finished job to --out as it finishes.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    run.add_argument("jobs", metavar="JOBS", help="job file: JSONL, or CSV with a header (*.csv)")
+    run.add_argument(
+        "-o",
+        "--out",
+        metavar="RESULTS",
+        required=True,
+        help="results file, appended to as jobs finish (JSON lines; - for stdout)",
+    )
+    add_connection_options(run)
+    run.add_argument(
+        "--max-in-flight",
+        metavar="N",
+        type=_positive_int,
+        default=20,
+        help="tasks kept running on the server at once (default 20; fewer are used when the "
+        "account refuses with 1303)",
+    )
+    run.add_argument(
+        "--sandbox",
+        action="store_true",
+        help="run against a fake server started in-process: no account, no network",
+    )
+    run.add_argument(
+        "--skip-invalid",
+        action="store_true",
+        help="run the valid lines of a job file with bad lines, instead of stopping",
+    )
+    run.set_defaults(handler=run_command)
+
+    status = commands.add_parser(
+        "status",
+        parents=[output],
+        help="look tasks up",
+        description="Look tasks up by id; prints one JSON line per task.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    status.add_argument("task_ids", metavar="TASK_ID", nargs="+", help="task ids")
+    add_connection_options(status)
+    status.set_defaults(handler=status_command)
+
+    serve = commands.add_parser(
+        "fake-server",
+        parents=[output],
+        help="run the sandbox server standalone",
+        description="Serve the sandbox (every dialect, the public test keys) until Ctrl-C.",
+    )
+    serve.add_argument("--host", default="127.0.0.1", help="address (default 127.0.0.1)")
+    serve.add_argument(
+        "--port", type=_count, default=8765, help="TCP port (default 8765; 0: any free port)"
+    )
+    serve.add_argument(
+        "--task-duration",
+        metavar="S",
+        type=_seconds,
+        help="seconds every task takes (default: about 2, varying)",
+    )
+    serve.add_argument(
+        "--task-limit",
+        metavar="N",
+        type=_count,
+        default=TASK_LIMIT,
+        help=f"tasks running at once before 1303 refusals (default {TASK_LIMIT}; 0: no limit)",
+    )
+    serve.add_argument("--seed", type=int, help="random seed (default: a new one each start)")
+    serve.set_defaults(handler=fake_server_command)
+    return parser
+
+
+def _configure_logging(verbose: bool) -> None:
+    logger = logging.getLogger("kling_async")
+    for handler in list(logger.handlers):
+        if isinstance(handler, TqdmLogHandler):
+            logger.removeHandler(handler)
+    handler = TqdmLogHandler()
+    if verbose:
+        handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s %(message)s"))
+        logger.setLevel(logging.DEBUG)
+    else:
+        # Errors reach the user as this command's own one-line message; warnings pass as is.
+        handler.setFormatter(logging.Formatter(f"{PROG}: %(levelname)s: %(message)s".lower()))
+        handler.addFilter(lambda record: record.levelno < logging.ERROR)
+        logger.setLevel(logging.WARNING)
+    logger.addHandler(handler)
+    logger.propagate = False
+
+
+def _fail(message: str) -> int:
+    print(f"{PROG}: error: {message}", file=sys.stderr)
+    return 2
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line; returns the exit status."""
+    args = build_parser().parse_args(argv)
+    _configure_logging(args.verbose)
+    try:
+        status: int = args.handler(args)
+    except CliError as exc:
+        return _fail(str(exc))
+    except KeyboardInterrupt:
+        print(f"{PROG}: interrupted", file=sys.stderr)
+        return 130
+    except KlingError as exc:
+        if args.verbose:
+            traceback.print_exc()
+        message = str(exc)
+        if isinstance(exc, AuthenticationError):
+            message += "; check the key (--api-key or KLING_API_KEY), --dialect and --base-url"
+        if exc.submitted_task_ids:
+            ids = " ".join(exc.submitted_task_ids)
+            message += f" (tasks already created, see `{PROG} status`: {ids})"
+        return _fail(message)
+    except Exception as exc:
+        if args.verbose:
+            traceback.print_exc()
+            return _fail(f"{type(exc).__name__}: {exc}")
+        return _fail(f"{type(exc).__name__}: {exc} (run with --verbose for the traceback)")
+    return status
