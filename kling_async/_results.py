@@ -26,6 +26,9 @@ class TaskState(str, enum.Enum):
     TIMED_OUT = "timed_out"
     CANCELLED = "cancelled"
 
+    def __str__(self) -> str:
+        return self.value
+
     @property
     def is_terminal(self) -> bool:
         """Whether the task will change no more (as far as this client is concerned)."""
