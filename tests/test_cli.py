@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -334,3 +336,22 @@ async def test_fake_server_command() -> None:
         process.terminate()
         with anyio.fail_after(10):
             assert await process.wait() == 0
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="POSIX signals")
+def test_ctrl_c_keeps_the_results_so_far(tmp_path: Path) -> None:
+    out = tmp_path / "results.jsonl"
+    command = [sys.executable, "-m", "kling_async", "run", str(EXAMPLES / "jobs.jsonl")]
+    command += ["--out", str(out), "--sandbox", "--max-in-flight", "2"]
+    env = _env(KLING_ASYNC_SANDBOX_DURATION="0.3")
+    with subprocess.Popen(command, env=env, stderr=subprocess.PIPE, text=True) as process:
+        deadline = time.monotonic() + 20
+        while not (out.exists() and out.read_text().count("\n") >= 2):
+            assert time.monotonic() < deadline and process.poll() is None
+            time.sleep(0.05)
+        process.send_signal(signal.SIGINT)
+        _, stderr = process.communicate(timeout=20)
+    assert process.returncode == 130
+    assert stderr.strip().splitlines()[-1] == "kling-async: interrupted"
+    lines = results(out)
+    assert 2 <= len(lines) < 20 and all(line["ok"] for line in lines)
