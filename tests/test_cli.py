@@ -236,7 +236,9 @@ def test_csv_jobs(tmp_path: Path) -> None:
     unknown.write_text("video_url,txet\nhttps://e.com/1.mp4,Hi\n")
     done = cli("run", str(unknown), "--out", str(out), "--sandbox", "--skip-invalid")
     assert done.returncode == 2
-    assert f"{unknown}:1: txet: unknown field (did you mean 'text'?)" in done.stderr
+    assert done.stderr == (
+        f"kling-async: error: {unknown}:1: txet: unknown field (did you mean 'text'?)\n"
+    )
 
 
 @pytest.mark.anyio

@@ -185,7 +185,7 @@ def _configure_logging(verbose: bool) -> None:
         logger.setLevel(logging.DEBUG)
     else:
         # Errors reach the user as this command's own one-line message; warnings pass as is.
-        handler.setFormatter(logging.Formatter(f"{PROG}: %(levelname)s: %(message)s".lower()))
+        handler.setFormatter(logging.Formatter(f"{PROG}: warning: %(message)s"))
         handler.addFilter(lambda record: record.levelno < logging.ERROR)
         logger.setLevel(logging.WARNING)
     logger.addHandler(handler)

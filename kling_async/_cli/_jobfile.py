@@ -20,6 +20,7 @@ import attrs
 
 from .._errors import ValidationError
 from .._jobs import LipSyncJob
+from ._connect import CliError
 
 __all__ = ["JOB_FIELDS", "JobFile", "JobFileError", "Record", "Survey", "survey"]
 
@@ -39,7 +40,7 @@ _KINDS = _field_kinds()
 JOB_FIELDS = tuple(_KINDS)
 
 
-class JobFileError(Exception):
+class JobFileError(CliError):
     """The file as a whole cannot be read (missing, not UTF-8, a bad CSV header)."""
 
 
