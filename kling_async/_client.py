@@ -176,7 +176,10 @@ class KlingClient:
             if group is not None:
                 # Batches still running when the client closes are abandoned: cancel them.
                 group.cancel_scope.cancel()
-                await group.__aexit__(exc_type, exc, tb)
+                # Batches hand their own errors to their consumers, so the group ends clean.
+                # The caller's exception is not passed in: anyio would wrap it in an
+                # ExceptionGroup, and a KlingError raised in the body must come out as itself.
+                await group.__aexit__(None, None, None)
         finally:
             await self._requester.transport.aclose()
 

@@ -210,3 +210,15 @@ def test_credentials_are_validated() -> None:
         ka.KlingClient.dmxapi(api_key="k", base_url="ftp://x")
     with pytest.raises(ka.ValidationError, match="max_in_flight"):
         ka.KlingClient.dmxapi(api_key="k", max_in_flight=0)
+
+
+async def test_errors_raised_inside_the_client_block_come_out_unwrapped() -> None:
+    async with FakeKlingServer() as server:
+        client = ka.KlingClient.kling(api_key="sk-wrong", base_url=server.url, retry=FAST_RETRY)
+        with pytest.raises(ka.AuthenticationError):
+            async with client:
+                async for _ in client.run_batch([text_job(1)]):
+                    pass
+        with pytest.raises(KeyError):
+            async with kling_client(server):
+                raise KeyError("mine")
