@@ -215,10 +215,17 @@ def test_credentials_are_validated() -> None:
 async def test_errors_raised_inside_the_client_block_come_out_unwrapped() -> None:
     async with FakeKlingServer() as server:
         client = ka.KlingClient.kling(api_key="sk-wrong", base_url=server.url, retry=FAST_RETRY)
-        with pytest.raises(ka.AuthenticationError):
+
+        async def run_inside_the_client() -> None:
             async with client:
                 async for _ in client.run_batch([text_job(1)]):
                     pass
-        with pytest.raises(KeyError):
+
+        async def raise_inside_the_client() -> None:
             async with kling_client(server):
                 raise KeyError("mine")
+
+        with pytest.raises(ka.AuthenticationError):
+            await run_inside_the_client()
+        with pytest.raises(KeyError):
+            await raise_inside_the_client()
