@@ -229,3 +229,33 @@ async def test_errors_raised_inside_the_client_block_come_out_unwrapped() -> Non
             await run_inside_the_client()
         with pytest.raises(KeyError):
             await raise_inside_the_client()
+
+
+async def test_a_refused_token_is_reminted_and_retried_once() -> None:
+    # The official API now and then refuses a correct token ("signature invalid", 1004):
+    # a fresh JWT and one retry fix it (API.md section 1, "JWT auth").
+    async with FakeKlingServer(task_duration=0.01) as server:
+        client = ka.KlingClient.kling(
+            access_key="ak-sandbox",
+            secret_key="sk-sandbox-secret-for-hs256-tokens",
+            base_url=server.url,
+            retry=ka.RetryPolicy(max_attempts=1),
+        )
+        async with client:
+            server.script("submit", status=401, code=1004, message="signature invalid")
+            snap = await client.submit(text_job(1))
+            assert snap.task_id in server.tasks
+            server.script("query", status=401, code=1004, message="signature invalid", times=2)
+            with pytest.raises(ka.AuthenticationError):
+                await client.get_task(snap.task_id)  # a second refusal in a row is final
+    assert server.requests["submit"] == 2
+    assert server.requests["query"] == 2
+    assert server.tasks_created == 1
+
+
+async def test_a_static_key_refusal_is_not_retried() -> None:
+    async with FakeKlingServer() as server, kling_client(server) as client:
+        server.script("submit", status=401, code=1004, message="token expired")
+        with pytest.raises(ka.AuthenticationError):
+            await client.submit(text_job(1))
+    assert server.requests["submit"] == 1
