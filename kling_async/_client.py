@@ -1,11 +1,19 @@
-"""KlingClient: one server, one session, one task-slot limiter; submit, get_task, run_batch."""
+"""KlingClient: one server, one session, one task-slot limiter; submit, get_task, run_batch.
+
+Also the client's side of callbacks (:meth:`KlingClient.deliver_callback`, fed by
+:mod:`kling_async.webhook`) and of downloads (:meth:`KlingClient.download`).
+"""
 
 from __future__ import annotations
 
+import collections
 import logging
+import os
 import random
 import time
+import weakref
 from collections.abc import AsyncIterable, Callable, Iterable
+from pathlib import Path
 from types import TracebackType
 from typing import Any
 
@@ -17,11 +25,12 @@ from ._auth import BearerKey, Credentials, KlingJwt
 from ._backoff import poll_delay
 from ._batch import Batch, BatchIterator
 from ._config import PollPolicy, RetryPolicy
+from ._download import Downloader, file_name
 from ._errors import ValidationError
 from ._http import normalize_base_url
 from ._jobs import LipSyncJob
 from ._requester import Requester
-from ._results import TaskSnapshot, TaskState
+from ._results import JobResult, TaskSnapshot, TaskState
 from ._transport import Timeouts, Transport
 from .dialects import Dialect, Submit
 from .dialects.apimodels import ApimodelsDialect
@@ -40,6 +49,10 @@ APIMODELS_BASE_URL = "https://apimodels.app"
 
 JobSource = Iterable[LipSyncJob] | AsyncIterable[LipSyncJob]
 
+#: Task ids remembered after their tracking ended, so that a late or repeated callback about
+#: one is answered 2xx (apimodels retries a callback for 30 minutes until it gets a 2xx).
+RECENT_TASKS = 16384
+
 
 class KlingClient:
     """A client for one Kling-speaking server.
@@ -54,6 +67,7 @@ class KlingClient:
     ``max_in_flight`` is how many tasks the client keeps running on the server at once (the
     vendor limits running tasks per account, not requests); ``poll`` and ``retry`` tune status
     queries and retries.  A caller-provided aiohttp ``session`` is used as it is and left open.
+    ``max_downloads`` bounds the videos :meth:`download` fetches at once.
     """
 
     def __init__(
@@ -69,6 +83,7 @@ class KlingClient:
         timeouts: Timeouts = Timeouts(),
         rng: random.Random | None = None,
         clock: Callable[[], float] = time.time,
+        max_downloads: int = 4,
     ) -> None:
         if (
             not isinstance(max_in_flight, int)
@@ -76,6 +91,12 @@ class KlingClient:
             or max_in_flight < 1
         ):
             raise ValidationError("max_in_flight", "must be a whole number of at least 1")
+        if (
+            not isinstance(max_downloads, int)
+            or isinstance(max_downloads, bool)
+            or max_downloads < 1
+        ):
+            raise ValidationError("max_downloads", "must be a whole number of at least 1")
         if not isinstance(poll, PollPolicy):
             raise ValidationError("poll", "must be a PollPolicy")
         if not isinstance(retry, RetryPolicy):
@@ -97,6 +118,12 @@ class KlingClient:
         )
         self._requester = Requester(transport, retry, self._rng)
         self._task_group: TaskGroup | None = None
+        self._downloader = Downloader(
+            transport, retry=retry, rng=self._rng, max_concurrent=max_downloads
+        )
+        # Batches that may still track tasks, for callbacks; finished ones are pruned.
+        self._batches: weakref.WeakSet[Batch] = weakref.WeakSet()
+        self._recent: collections.OrderedDict[str, None] = collections.OrderedDict()
 
     # -- constructors --------------------------------------------------------------------
 
@@ -264,4 +291,74 @@ class KlingClient:
     def _start(self, batch: Batch) -> BatchIterator:
         if self._task_group is None:
             raise RuntimeError("open the client first: `async with client:`")
+        batch.tracker.on_unwatch = self._remember
+        self._batches.add(batch)
         return batch.start(self._task_group)
+
+    # -- callbacks -----------------------------------------------------------------------
+
+    def deliver_callback(self, snapshot: TaskSnapshot) -> bool:
+        """Hand a callback's snapshot to every live batch that tracks its task.
+
+        A terminal snapshot finishes the task at once; a non-terminal one changes nothing
+        (polling goes on).  Repeated and out-of-order callbacks are harmless: a task that has
+        ended ignores later news.  Returns True when the task is tracked now or was tracked
+        recently by this client (the callback deserves a 2xx answer), False for a task this
+        client knows nothing about.  :class:`kling_async.webhook.CallbackReceiver` calls this;
+        call it yourself from any other web framework.
+        """
+        known = False
+        for batch in list(self._batches):
+            if batch._finished.is_set():
+                self._batches.discard(batch)
+            elif batch.tracker.update(snapshot):
+                known = True
+        return known or snapshot.task_id in self._recent
+
+    def handle_callback(self, body: bytes) -> bool:
+        """Parse a callback body with this client's dialect and :meth:`deliver_callback` it.
+
+        Raises :class:`~kling_async.MalformedResponseError` for a body that is not a callback.
+        """
+        return self.deliver_callback(self.dialect.parse_callback(body))
+
+    def _remember(self, task_id: str) -> None:
+        self._recent[task_id] = None
+        self._recent.move_to_end(task_id)
+        while len(self._recent) > RECENT_TASKS:
+            self._recent.popitem(last=False)
+
+    # -- downloads -----------------------------------------------------------------------
+
+    async def download(
+        self,
+        result: JobResult | TaskSnapshot,
+        directory: str | os.PathLike[str],
+        *,
+        filename: str | None = None,
+    ) -> Path:
+        """Save ``result``'s video in ``directory`` (created if missing); return the file's path.
+
+        The file is named after the job's key (a :class:`TaskSnapshot`'s task id, or when the
+        key has no usable character), made safe: no path separators, no ``..``, no control
+        characters, at most 120 bytes, plus the video's extension.  ``filename`` overrides the
+        name (made safe the same way).  An existing file is never overwritten: if it holds the
+        same video (same size, same first 64 KiB) its path is returned without downloading,
+        otherwise the new file gets a ``-1``, ``-2``... suffix.
+
+        The video is streamed to a temporary file in ``directory`` and appears under its name
+        only when complete and of the announced size; dropped connections resume with HTTP
+        Range where the host allows.  The API key is never sent to the video's host.  At most
+        ``max_downloads`` downloads run at once per client.  Raises
+        :class:`~kling_async.DownloadError` when the video cannot be had (an expired URL, a
+        size that never matches) and :class:`~kling_async.ValidationError` for a result with no
+        video.
+        """
+        if not isinstance(result, (JobResult, TaskSnapshot)):
+            raise ValidationError("result", "must be a JobResult or a TaskSnapshot")
+        url = result.video_url
+        if url is None:
+            raise ValidationError("result", "has no video (the task did not succeed)")
+        key = result.key if isinstance(result, JobResult) else None
+        name = file_name(url, key=key, task_id=result.task_id, filename=filename)
+        return await self._downloader.download(url, Path(directory), name)

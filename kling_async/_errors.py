@@ -20,7 +20,8 @@ Every exception the library raises on purpose is a :class:`KlingError`::
     │   └── ServerError            5000-5002, HTTP 5xx (retryable)
     ├── TaskFailedError            the task ran and failed; ``str()`` is the server's reason
     ├── TaskTimedOutError          tracked longer than ``PollPolicy.timeout``; the task id is kept
-    └── TaskCancelledError         the batch was left before the task ended
+    ├── TaskCancelledError         the batch was left before the task ended
+    └── DownloadError              a result video could not be saved (gone, cut short, wrong size)
 
 :func:`error_from_response` turns an (HTTP status, body) pair into one of the :class:`APIError`
 classes.  It reads both, because some gateways answer business errors with HTTP 200 and only a
@@ -38,6 +39,7 @@ __all__ = [
     "ConcurrencyLimitError",
     "ConnectError",
     "ContentPolicyError",
+    "DownloadError",
     "InvalidRequestError",
     "KlingError",
     "MalformedResponseError",
@@ -223,6 +225,31 @@ class TaskCancelledError(KlingError):
         self.task_id = task_id
         what = f"task {task_id}" if task_id else "job"
         super().__init__(f"{what} cancelled before it finished")
+
+
+class DownloadError(KlingError):
+    """A result video could not be saved to disk.
+
+    ``url`` is the video's address without its query string (signed CDN URLs carry secrets
+    there), ``status`` the HTTP status of the last answer when there was one.  ``retryable`` is
+    True when trying later may succeed (a server error, a dropped connection); an expired URL
+    (HTTP 403, 404, 410) is not.  ``retry_after`` is the host's Retry-After hint in seconds.
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        url: str,
+        status: int | None = None,
+        retryable: bool = False,
+        retry_after: float | None = None,
+    ) -> None:
+        self.url = url
+        self.status = status
+        self.retryable = retryable
+        self.retry_after = retry_after
+        super().__init__(message)
 
 
 # Business codes of the official format, API.md section 1 "Business codes".

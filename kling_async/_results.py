@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import enum
+from pathlib import Path
 
 import attrs
 
@@ -86,7 +87,8 @@ class JobResult:
     lip-sync task once it exists, else the identify-face task; ``None`` when no task was created.
     A failure is a value: ``ok`` is False and ``error`` holds a :class:`KlingError` whose
     ``str()`` is the server's reason.  Times are Unix seconds; ``polls`` counts status queries
-    that looked at this job's tasks.
+    that looked at this job's tasks.  ``path`` is where the video was saved, when the batch
+    downloaded it (``run_batch(..., download_to=DIR)``, see :meth:`KlingClient.download`).
     """
 
     key: str
@@ -97,6 +99,7 @@ class JobResult:
     submitted_at: float | None = None
     finished_at: float | None = None
     polls: int = 0
+    path: Path | None = None
 
     @property
     def ok(self) -> bool:

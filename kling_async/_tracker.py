@@ -88,6 +88,9 @@ class Tracker:
         self._limiter = anyio.CapacityLimiter(poll.max_concurrent_queries)
         self._durations: list[float] = []
         self.requests = 0
+        #: Called with each task id the tracker stops watching; the client remembers them so
+        #: that a late or repeated callback about the task is answered 2xx, without effect.
+        self.on_unwatch: Callable[[str], None] | None = None
 
     @property
     def live(self) -> int:
@@ -112,6 +115,8 @@ class Tracker:
             await watch.done.wait()
         finally:
             self._watches.pop(watch.task_id, None)
+            if self.on_unwatch is not None:
+                self.on_unwatch(watch.task_id)
         assert watch.result is not None
         return watch.result, watch.polls
 

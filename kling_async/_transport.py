@@ -3,14 +3,16 @@
 It owns (or borrows) one ``aiohttp.ClientSession`` with a sized connection pool and explicit
 time-outs, builds absolute URLs that keep gateway prefixes, adds the ``Authorization`` header,
 and maps aiohttp's exceptions onto the :class:`~kling_async.TransportError` tree.
+:meth:`Transport.stream` fetches result videos from their (CDN) URLs, without credentials.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable, Mapping
 
 import aiohttp
 import attrs
@@ -27,7 +29,7 @@ from ._errors import (
 )
 from ._http import HttpRequest, HttpResponse
 
-__all__ = ["MAX_BODY_BYTES", "Timeouts", "Transport"]
+__all__ = ["MAX_BODY_BYTES", "Stream", "Timeouts", "Transport"]
 
 logger = logging.getLogger("kling_async")
 
@@ -78,6 +80,14 @@ class Transport:
         self._owns_session = session is None
         self._pool_size = pool_size
         self._timeout = timeouts.to_aiohttp()
+        # A video may take long to arrive on a slow link: no total limit, but the same limits on
+        # connecting and between reads, so a stalled download still fails.
+        self._stream_timeout = aiohttp.ClientTimeout(
+            total=None,
+            connect=timeouts.connect,
+            sock_connect=timeouts.connect,
+            sock_read=timeouts.read,
+        )
         self._user_agent = user_agent
         self._clock = clock
 
@@ -153,6 +163,57 @@ class Transport:
             time.monotonic() - started,
         )
         return response
+
+    @contextlib.asynccontextmanager
+    async def stream(
+        self, url: str, *, headers: Mapping[str, str] | None = None
+    ) -> AsyncIterator[Stream]:
+        """GET an absolute ``url`` on any host and hand over the answer while it arrives.
+
+        No ``Authorization`` header is ever sent: result videos live on other hosts (CDNs) than
+        the API, and the key must not leak to them.  ``Accept-Encoding: identity`` asks for the
+        bytes as stored, so that sizes and byte ranges refer to the file itself.
+        """
+        sent = {"User-Agent": self._user_agent, "Accept-Encoding": "identity", **(headers or {})}
+        where = _origin(url)
+        try:
+            answer = await self.session.get(url, headers=sent, timeout=self._stream_timeout)
+        except aiohttp.ClientConnectorError as exc:
+            raise ConnectError(f"cannot connect to {where}: {exc.os_error}") from None
+        except (asyncio.TimeoutError, aiohttp.ServerTimeoutError):
+            raise TransportTimeout(f"GET {where}: no answer within the time-out") from None
+        except aiohttp.ClientError as exc:
+            raise TransportError(f"GET {where}: {type(exc).__name__}") from None
+        try:
+            yield Stream(answer, where)
+        finally:
+            # An unfinished body leaves the connection unusable; aiohttp then closes it.
+            answer.release()
+
+
+class Stream:
+    """An answer whose body is still arriving: status, headers (lower-case names), chunks."""
+
+    def __init__(self, answer: aiohttp.ClientResponse, where: str) -> None:
+        self._answer = answer
+        self._where = where
+        self.status = answer.status
+        self.headers: Mapping[str, str] = {k.lower(): v for k, v in answer.headers.items()}
+
+    async def read(self, size: int = 256 * 1024) -> bytes:
+        """The next chunk of at most ``size`` bytes; ``b""`` once the body is complete.
+
+        A body cut short (connection dropped, declared length not reached) raises
+        :class:`TransportError`; a stalled one :class:`TransportTimeout`.
+        """
+        try:
+            return await self._answer.content.read(size)
+        except (asyncio.TimeoutError, aiohttp.ServerTimeoutError):
+            raise TransportTimeout(f"GET {self._where}: the body stalled") from None
+        except aiohttp.ClientError as exc:
+            raise TransportError(
+                f"GET {self._where}: body cut short ({type(exc).__name__})"
+            ) from None
 
 
 async def _read_bounded(answer: aiohttp.ClientResponse) -> bytes:

@@ -17,6 +17,7 @@ from kling_async._errors import (
     ConcurrencyLimitError,
     ConnectError,
     ContentPolicyError,
+    DownloadError,
     InvalidRequestError,
     KlingError,
     MalformedResponseError,
@@ -319,6 +320,7 @@ ALL_CLASSES: list[type[KlingError]] = [
     TaskFailedError,
     TaskTimedOutError,
     TaskCancelledError,
+    DownloadError,
 ]
 
 
