@@ -1,0 +1,324 @@
+"""Receiving the server's callbacks, so a task finishes the moment the server says so.
+
+A batch started with ``callback_url=`` passes that URL with every task; the server POSTs the
+task's news there (official format: the task object on each state change, possibly repeated or
+out of order; apimodels: an envelope on terminal states, retried for up to 30 minutes until it
+gets a 2xx; API.md sections 1 and 2).  :class:`CallbackReceiver` receives them and hands them to
+the client's live batches, which then poll only as a slow safety net
+(``PollPolicy.callback_safety_interval``)::
+
+    receiver = CallbackReceiver(client)
+    app.add_subapp("/hooks", receiver.aiohttp_app())                # aiohttp
+    fastapi_app.mount("/hooks", receiver.asgi_app)                  # FastAPI / Starlette
+    url = receiver.callback_url("https://dub.example.com/hooks")    # what the vendor can reach
+    async for result in client.run_batch(jobs, callback_url=url):
+        ...
+
+Callbacks are unsigned, so the URL carries an unguessable token (compared in constant time);
+anything else at that address is answered with a short status and no work:
+
+====  ==============================================================================
+200   a readable callback about a task this client tracks now or tracked recently (its
+      last 16384 tasks): late and repeated callbacks too, so the vendor stops retrying
+400   the body is not a callback in the client's dialect
+404   wrong token (nothing revealed), or a task this client does not know (the vendor
+      retries, which gives a batch resumed from its journal a chance to take it)
+405   a method other than POST
+413   a body larger than ``max_body`` (read no further than that)
+415   a Content-Type that is not JSON
+====  ==============================================================================
+"""
+
+from __future__ import annotations
+
+import collections
+import hmac
+import logging
+import re
+import secrets
+from collections.abc import Awaitable, Callable, Mapping, MutableMapping
+from typing import TYPE_CHECKING, Any
+from urllib.parse import urlsplit
+
+import attrs
+from aiohttp import web
+
+from ._errors import KlingError, ValidationError
+
+if TYPE_CHECKING:
+    from ._client import KlingClient
+
+__all__ = ["CALLBACK_SEGMENT", "CallbackReceiver"]
+
+logger = logging.getLogger("kling_async")
+
+#: The path segment before the token: callback URLs end in ``/kling-callback/<token>``.
+CALLBACK_SEGMENT = "kling-callback"
+#: The default bound on a callback body: a task object or envelope is a few KiB.
+DEFAULT_MAX_BODY = 64 * 1024
+
+_TOKEN = re.compile(r"[A-Za-z0-9_-]{16,256}")
+
+#: ASGI types, spelled out so that no ASGI framework is needed.
+Scope = MutableMapping[str, Any]
+Message = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+
+
+@attrs.frozen
+class _Reply:
+    status: int
+    text: str
+    headers: tuple[tuple[str, str], ...] = ()
+
+
+_OK = _Reply(200, "ok")
+_NOT_FOUND = _Reply(404, "not found")
+_BAD_METHOD = _Reply(405, "method not allowed", (("Allow", "POST"),))
+_TOO_LARGE = _Reply(413, "body too large")
+_NOT_JSON = _Reply(415, "JSON only")
+_MALFORMED = _Reply(400, "not a callback")
+
+
+class _Refused(Exception):
+    """Stop reading the request and answer with ``reply``."""
+
+    def __init__(self, reply: _Reply) -> None:
+        self.reply = reply
+
+
+class _Disconnected(Exception):
+    """The ASGI client went away before its body arrived: nothing to answer."""
+
+
+class CallbackReceiver:
+    """Receives a client's callbacks over HTTP; see the module docstring.
+
+    ``token`` is the secret in the callback URL; a fresh one (``secrets.token_urlsafe(32)``) is
+    made when none is given.  Pass a fixed token (16 to 256 letters, digits, ``-`` or ``_``,
+    kept as secret as an API key) when a batch resumed from a journal must still receive
+    callbacks for tasks submitted before a restart: those tasks carry the old URL.
+    ``max_body`` bounds a callback's size in bytes.  apimodels' callbacks echo the request in
+    ``param``: with audio sent as base64 they can exceed the default 64 KiB, so raise it (or
+    send audio URLs); a refused callback is still caught by the safety polls.
+
+    ``counts`` tallies answers by outcome (``"accepted"``, ``"unknown"``, ``"forged"``,
+    ``"malformed"``, ``"too_large"``, ``"bad_method"``, ``"not_json"``).
+    """
+
+    def __init__(
+        self, client: KlingClient, *, token: str | None = None, max_body: int = DEFAULT_MAX_BODY
+    ) -> None:
+        if token is None:
+            token = secrets.token_urlsafe(32)
+        elif not isinstance(token, str) or not _TOKEN.fullmatch(token):
+            raise ValidationError(
+                "token", "must be 16 to 256 URL-safe characters (letters, digits, '-', '_')"
+            )
+        if not isinstance(max_body, int) or isinstance(max_body, bool) or max_body < 1:
+            raise ValidationError("max_body", "must be a whole number of at least 1")
+        self._client = client
+        self._token = token
+        self._token_bytes = token.encode("ascii")
+        self.max_body = max_body
+        self.counts: collections.Counter[str] = collections.Counter()
+
+    def __repr__(self) -> str:
+        # The token is a secret: never in a repr.
+        return f"CallbackReceiver(client={self._client!r}, max_body={self.max_body})"
+
+    @property
+    def path(self) -> str:
+        """``/kling-callback/<token>``: the path the receiving routes answer (a secret)."""
+        return f"/{CALLBACK_SEGMENT}/{self._token}"
+
+    def callback_url(self, base: str) -> str:
+        """The URL to pass as ``callback_url``: ``base`` followed by :attr:`path`.
+
+        ``base`` is the public origin the vendor's servers can reach, plus the prefix the
+        receiver is mounted under (``"https://dub.example.com/hooks"``), not a loopback
+        address; use https, since the URL carries the token.
+        """
+        parts = urlsplit(base) if isinstance(base, str) else None
+        if (
+            parts is None
+            or parts.scheme not in ("http", "https")
+            or not parts.netloc
+            or parts.query
+            or parts.fragment
+        ):
+            raise ValidationError("base", "must be an http(s) URL without query or fragment")
+        return base.rstrip("/") + self.path
+
+    # -- aiohttp -------------------------------------------------------------------------
+
+    def aiohttp_app(self) -> web.Application:
+        """An aiohttp application answering ``/kling-callback/{token}`` (any method).
+
+        Serve it alone, or nest it: ``app.add_subapp("/hooks", receiver.aiohttp_app())``.
+        """
+        app = web.Application(client_max_size=self.max_body)
+        app.router.add_route("*", f"/{CALLBACK_SEGMENT}/{{token}}", self.aiohttp_handler)
+        return app
+
+    async def aiohttp_handler(self, request: web.Request) -> web.Response:
+        """An aiohttp handler, for a route of your own app.
+
+        Register it at :attr:`path`, or at any pattern with a ``{token}`` part
+        (``app.router.add_route("*", "/hooks/kling-callback/{token}", receiver.aiohttp_handler)``).
+        """
+        token = request.match_info.get("token")
+        if token is None:
+            token = _token_in(request.path)
+        try:
+            self._check(token, request.method, request.headers)
+            body = await self._read_aiohttp(request)
+            reply = self._accept(body)
+        except _Refused as refused:
+            reply = refused.reply
+        response = web.Response(status=reply.status, text=reply.text, headers=dict(reply.headers))
+        if reply is _TOO_LARGE:
+            response.force_close()  # rather than read the rest of the body to keep the connection
+        return response
+
+    async def _read_aiohttp(self, request: web.Request) -> bytes:
+        chunks: list[bytes] = []
+        size = 0
+        while chunk := await request.content.readany():
+            size += len(chunk)
+            if size > self.max_body:
+                raise self._refuse("too_large", _TOO_LARGE)
+            chunks.append(chunk)
+        return b"".join(chunks)
+
+    # -- ASGI ----------------------------------------------------------------------------
+
+    async def asgi_app(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """A plain ASGI application: mount it in FastAPI or Starlette, or serve it alone.
+
+        ``app.mount("/hooks", receiver.asgi_app)`` answers ``/hooks/kling-callback/<token>``.
+        """
+        if scope["type"] == "lifespan":
+            await _lifespan(receive, send)
+            return
+        if scope["type"] != "http":
+            return  # a websocket: closing without accepting refuses it
+        headers = {
+            bytes(name).decode("latin-1").lower(): bytes(value).decode("latin-1")
+            for name, value in scope.get("headers", ())
+        }
+        try:
+            self._check(_token_in(_relative_path(scope)), str(scope.get("method", "")), headers)
+            body = await self._read_asgi(receive)
+            reply = self._accept(body)
+        except _Refused as refused:
+            reply = refused.reply
+        except _Disconnected:
+            return
+        text = reply.text.encode()
+        await send(
+            {
+                "type": "http.response.start",
+                "status": reply.status,
+                "headers": [
+                    (b"content-type", b"text/plain; charset=utf-8"),
+                    (b"content-length", str(len(text)).encode()),
+                    *((k.lower().encode(), v.encode()) for k, v in reply.headers),
+                ],
+            }
+        )
+        await send({"type": "http.response.body", "body": text})
+
+    async def _read_asgi(self, receive: Receive) -> bytes:
+        chunks: list[bytes] = []
+        size = 0
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                raise _Disconnected
+            if message["type"] != "http.request":
+                continue
+            chunk = bytes(message.get("body", b""))
+            size += len(chunk)
+            if size > self.max_body:
+                raise self._refuse("too_large", _TOO_LARGE)
+            chunks.append(chunk)
+            if not message.get("more_body", False):
+                return b"".join(chunks)
+
+    # -- what both share -----------------------------------------------------------------
+
+    def _check(self, token: str | None, method: str, headers: Mapping[str, str]) -> None:
+        """Refuse what needs no body: a wrong token first, so that nothing else is revealed.
+
+        ``headers`` must find lower-case names (aiohttp's headers do, in any case).
+        """
+        given = (token or "").encode("utf-8", "surrogatepass")
+        if not hmac.compare_digest(given, self._token_bytes):
+            raise self._refuse("forged", _NOT_FOUND)
+        if method.upper() != "POST":
+            raise self._refuse("bad_method", _BAD_METHOD)
+        declared = headers.get("content-length")
+        if declared is not None:
+            if not declared.strip().isdigit():
+                raise self._refuse("malformed", _MALFORMED)
+            if int(declared) > self.max_body:
+                raise self._refuse("too_large", _TOO_LARGE)
+        content_type = headers.get("content-type")
+        if content_type is not None and not _is_json(content_type):
+            raise self._refuse("not_json", _NOT_JSON)
+
+    def _accept(self, body: bytes) -> _Reply:
+        """Parse a callback and deliver it; the tracker update is all the work there is."""
+        try:
+            snapshot = self._client.dialect.parse_callback(body)
+        except KlingError as exc:
+            # The class only: a message may quote the body, and apimodels echoes the callback
+            # URL (with its token) in ``param``.
+            logger.warning("callback not understood (%s)", type(exc).__name__)
+            return self._refuse("malformed", _MALFORMED).reply
+        if self._client.deliver_callback(snapshot):
+            self.counts["accepted"] += 1
+            logger.debug("callback: task %s is %s", snapshot.task_id, snapshot.state.value)
+            return _OK
+        logger.debug("callback about a task this client does not track")
+        return self._refuse("unknown", _NOT_FOUND).reply
+
+    def _refuse(self, outcome: str, reply: _Reply) -> _Refused:
+        self.counts[outcome] += 1
+        return _Refused(reply)
+
+
+def _is_json(content_type: str) -> bool:
+    media = content_type.split(";", 1)[0].strip().lower()
+    return media in ("application/json", "text/json") or media.endswith("+json")
+
+
+def _token_in(path: str) -> str | None:
+    """The token of a path ``.../kling-callback/<token>``, else None."""
+    parts = path.rstrip("/").rsplit("/", 2)
+    if len(parts) == 3 and parts[1] == CALLBACK_SEGMENT:
+        return parts[2]
+    return None
+
+
+def _relative_path(scope: Scope) -> str:
+    # Starlette's Mount keeps the full path and moves the prefix into root_path (older
+    # versions stripped the path instead): accept both, but only the callback path itself.
+    path = str(scope.get("path", ""))
+    root = str(scope.get("root_path", "")).rstrip("/")
+    if root and path.startswith(root + "/"):
+        path = path[len(root) :]
+    return path if path.count("/") == 2 else ""
+
+
+async def _lifespan(receive: Receive, send: Send) -> None:
+    # Served alone (uvicorn), the app is asked to start and stop: there is nothing to do.
+    while True:
+        message = await receive()
+        if message["type"] == "lifespan.startup":
+            await send({"type": "lifespan.startup.complete"})
+        elif message["type"] == "lifespan.shutdown":
+            await send({"type": "lifespan.shutdown.complete"})
+            return
