@@ -21,6 +21,8 @@ Every exception the library raises on purpose is a :class:`KlingError`::
     ├── TaskFailedError            the task ran and failed; ``str()`` is the server's reason
     ├── TaskTimedOutError          tracked longer than ``PollPolicy.timeout``; the task id is kept
     ├── TaskCancelledError         the batch was left before the task ended
+    ├── SubmitOutcomeUnknownError  a submit may have created a task that could not be found
+    ├── JournalError               the batch journal cannot be read or written (stops the batch)
     └── DownloadError              a result video could not be saved (gone, cut short, wrong size)
 
 :func:`error_from_response` turns an (HTTP status, body) pair into one of the :class:`APIError`
@@ -41,12 +43,14 @@ __all__ = [
     "ContentPolicyError",
     "DownloadError",
     "InvalidRequestError",
+    "JournalError",
     "KlingError",
     "MalformedResponseError",
     "NotFoundError",
     "PermissionDeniedError",
     "RateLimitError",
     "ServerError",
+    "SubmitOutcomeUnknownError",
     "TaskCancelledError",
     "TaskFailedError",
     "TaskTimedOutError",
@@ -250,6 +254,37 @@ class DownloadError(KlingError):
         self.retryable = retryable
         self.retry_after = retry_after
         super().__init__(message)
+
+
+class SubmitOutcomeUnknownError(KlingError):
+    """A submit got no clear answer, so the server may or may not have created a task.
+
+    Raised (as a job's result, in a batch with a journal) when a run stopped while the submit
+    was in flight, or the submit timed out or met 5000/5002, and no matching task turned up in
+    the server's recent tasks.  ``stage`` is the submit's stage and ``cause`` the error it met
+    (``None`` after a crash).  Sending it again might pay for a second task: rerun the batch with
+    ``resubmit_unknown=True`` to do so anyway.
+    """
+
+    def __init__(self, stage: str, *, cause: KlingError | None = None, detail: str = "") -> None:
+        self.stage = stage
+        self.cause = cause
+        why = "a run stopped mid-submit" if cause is None else f"{type(cause).__name__}: {cause}"
+        extra = f"; {detail}" if detail else ""
+        super().__init__(
+            f"{stage} submit outcome unknown ({why}{extra}): the server may have created a task;"
+            " rerun with resubmit_unknown=True to submit again"
+        )
+
+
+class JournalError(KlingError):
+    """The batch journal cannot be opened, read or written; the batch stops.
+
+    Without a working journal a crash could lose what was submitted, so no further request is
+    sent.  ``str(error)`` names the file and SQLite's reason.
+    """
+
+    fatal = True
 
 
 # Business codes of the official format, API.md section 1 "Business codes".

@@ -19,12 +19,14 @@ from kling_async._errors import (
     ContentPolicyError,
     DownloadError,
     InvalidRequestError,
+    JournalError,
     KlingError,
     MalformedResponseError,
     NotFoundError,
     PermissionDeniedError,
     RateLimitError,
     ServerError,
+    SubmitOutcomeUnknownError,
     TaskCancelledError,
     TaskFailedError,
     TaskTimedOutError,
@@ -290,7 +292,7 @@ def test_retry_after_defaults_to_none() -> None:
 
 # --- flags ------------------------------------------------------------------------------------
 
-FATAL = {AuthenticationError, PermissionDeniedError, AccountError}
+FATAL = {AuthenticationError, PermissionDeniedError, AccountError, JournalError}
 RETRYABLE = {
     TransportError,
     ConnectError,
@@ -320,6 +322,8 @@ ALL_CLASSES: list[type[KlingError]] = [
     TaskFailedError,
     TaskTimedOutError,
     TaskCancelledError,
+    SubmitOutcomeUnknownError,
+    JournalError,
     DownloadError,
 ]
 

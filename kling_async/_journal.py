@@ -1,0 +1,331 @@
+"""The batch journal: each job's progress in SQLite, so a rerun after a crash pays nothing twice.
+
+One journal file belongs to one batch (one dialect at one server).  Per job key it keeps a hash
+of the job's request (:func:`~._journal_codec.request_hash`), per submit stage the state of
+that submit, and the job's latest result::
+
+    jobs(key, request_hash, video_url, result, final, reported)
+    stages(key, stage, status, intent_at, task_id, snapshot)
+
+A stage's ``status`` is ``submitting`` (written, and committed, *before* its request leaves;
+``intent_at`` is the wall-clock time), ``created`` (the task id is known: committed as soon as
+the answer arrives) or ``refused`` (the server answered that it created nothing).  ``final``
+marks a result a rerun keeps (success, a task that failed, a refused request); ``reported``
+marks a result the consumer has taken (not waited for: committed within moments).
+
+The file is SQLite in WAL mode, locked by one batch at a time (:mod:`._journal_store`, which
+also commits concurrent writes together).  A submit's intent is committed with
+``synchronous=FULL`` (on disk before its request leaves, power cut included); task ids, results
+and marks with ``NORMAL`` (they survive the process dying; a power cut can lose the last ones,
+and then a rerun looks for the task as after a crash mid-submit, or reports the result again).
+The whole journal is read into memory when it opens: every later lookup is a dictionary access.
+"""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+from collections.abc import Sequence
+from typing import Any
+
+import anyio
+import attrs
+
+from ._errors import JournalError, ValidationError
+from ._journal_codec import (
+    result_from_json,
+    result_to_json,
+    snapshot_from_json,
+    snapshot_to_json,
+)
+from ._journal_store import Row, Store, journal_error
+from ._results import JobResult, TaskSnapshot
+
+__all__ = ["CREATED", "REFUSED", "SUBMITTING", "Journal", "JournalJob", "JournalStage"]
+
+#: A stage's status: its request is about to leave, or left without a clear answer.
+SUBMITTING = "submitting"
+#: A stage's status: the task exists and its id is known.
+CREATED = "created"
+#: A stage's status: the server answered that it created nothing.
+REFUSED = "refused"
+
+
+@attrs.define(kw_only=True)
+class JournalStage:
+    """What the journal knows about one submit stage of one job."""
+
+    status: str
+    intent_at: float
+    task_id: str | None = None
+    snapshot: TaskSnapshot | None = None
+
+
+@attrs.define(kw_only=True)
+class JournalJob:
+    """What the journal knows about one job: its request hash, stages and latest result."""
+
+    key: str
+    request_hash: str
+    video_url: str | None = None
+    result: JobResult | None = None
+    final: bool = False
+    reported: bool = False
+    stages: dict[str, JournalStage] = attrs.Factory(dict)
+    #: Whether the job's row exists in the file (new jobs are written with their first change).
+    stored: bool = True
+
+    @property
+    def may_have_task(self) -> bool:
+        """Whether some submit of this job may have created a task (so it may not change)."""
+        return any(stage.status != REFUSED for stage in self.stages.values())
+
+
+class Journal:
+    """An open journal; see the module docstring.
+
+    Build it with :meth:`open`.  :meth:`job`, :meth:`owner` and :meth:`unresolved` answer from
+    memory; the writing methods change memory at once and return when the change is committed
+    (except :meth:`reported`, which a background task commits).
+    """
+
+    def __init__(self, store: Store, rows: list[Row]) -> None:
+        self._store = store
+        self.path = store.path
+        self._jobs = {job.key: job for job in map(_job_from_row, rows)}
+        self._owners = {
+            stage.task_id: job.key
+            for job in self._jobs.values()
+            for stage in job.stages.values()
+            if stage.task_id is not None
+        }
+        self._added = 0  # statements handed to the store so far
+        self._flushes = 0  # flushes running in worker threads now
+        self._flushed = anyio.Event()  # set (and replaced) whenever a flush returns
+        self._marked = anyio.Event()  # set when a mark waits to be committed
+        self._closed = False
+
+    @classmethod
+    async def open(
+        cls,
+        path: str | os.PathLike[str],
+        *,
+        dialect: str,
+        stage: str,
+        base_url: str,
+        lock_timeout: float = 5.0,
+    ) -> Journal:
+        """Open (or create) the journal at ``path`` for a batch of ``dialect`` at ``base_url``.
+
+        Raises :class:`ValidationError` when the file belongs to another dialect or server, and
+        :class:`JournalError` when it cannot be used (not a journal, or still in use after
+        ``lock_timeout`` seconds: a batch that just ended in this process may still be closing
+        it).
+        """
+        name = os.fspath(path)
+        meta = {"dialect": dialect, "stage": stage, "base_url": base_url}
+
+        def setup() -> tuple[Store, list[Row]]:
+            store = Store(name, timeout=lock_timeout)
+            try:
+                return store, store.open(meta)
+            except BaseException:
+                store.close()
+                raise
+
+        try:
+            store, rows = await anyio.to_thread.run_sync(setup)
+            return cls(store, rows)
+        except ValidationError:
+            raise
+        except sqlite3.Error as exc:
+            raise journal_error(name, exc) from None
+        except (ValueError, KeyError, TypeError) as exc:  # a record this version cannot read
+            raise JournalError(f"journal {name}: unreadable record ({exc!r:.200})") from None
+
+    @property
+    def transactions(self) -> int:
+        """Transactions committed since the journal opened (concurrent writes share one)."""
+        return self._store.transactions
+
+    # -- reading -------------------------------------------------------------------------
+
+    def job(self, key: str) -> JournalJob | None:
+        """The journal's record of ``key``, or None."""
+        return self._jobs.get(key)
+
+    def owner(self, task_id: str) -> str | None:
+        """The key of the job that owns ``task_id``, or None."""
+        return self._owners.get(task_id)
+
+    def unresolved(self, key: str, stage: str, video_url: str, near: float, within: float) -> int:
+        """How many jobs besides ``key`` wait on an unanswered ``stage`` submit of ``video_url``.
+
+        Only submits sent within ``within`` seconds of ``near`` count.
+        """
+        return sum(
+            1
+            for job in self._jobs.values()
+            if job.key != key
+            and job.video_url == video_url
+            and (record := job.stages.get(stage)) is not None
+            and record.status == SUBMITTING
+            and abs(record.intent_at - near) <= within
+        )
+
+    # -- writing -------------------------------------------------------------------------
+
+    def begin(self, key: str, request_hash: str, video_url: str | None) -> JournalJob:
+        """Start a record for ``key`` (replacing one whose job never created a task).
+
+        Nothing is written until the job's first change.
+        """
+        job = JournalJob(key=key, request_hash=request_hash, video_url=video_url, stored=False)
+        self._jobs[key] = job
+        return job
+
+    async def submitting(self, key: str, stage: str, at: float) -> None:
+        """Record that ``stage``'s request of ``key`` is about to leave: on disk on return."""
+        job = self._write_job(key)
+        job.stages[stage] = JournalStage(status=SUBMITTING, intent_at=at)
+        self._add(
+            "INSERT OR REPLACE INTO stages (key, stage, status, intent_at) VALUES (?, ?, ?, ?)",
+            (key, stage, SUBMITTING, at),
+            durable=True,
+        )
+        await self._commit()
+
+    async def created(
+        self, key: str, stage: str, task_id: str, snapshot: TaskSnapshot | None = None
+    ) -> None:
+        """Record ``stage``'s task id (and, for a synchronous step, its terminal ``snapshot``)."""
+        job = self._write_job(key)
+        record = job.stages.get(stage)
+        intent = record.intent_at if record is not None else 0.0
+        job.stages[stage] = JournalStage(
+            status=CREATED, intent_at=intent, task_id=task_id, snapshot=snapshot
+        )
+        self._owners[task_id] = key
+        text = snapshot_to_json(snapshot) if snapshot is not None else None
+        self._add(
+            "INSERT OR REPLACE INTO stages VALUES (?, ?, ?, ?, ?, ?)",
+            (key, stage, CREATED, intent, task_id, text),
+        )
+        await self._commit()
+
+    async def refused(self, key: str, stage: str) -> None:
+        """Record that ``stage``'s request of ``key`` created nothing (it may be sent again)."""
+        record = self._jobs[key].stages.get(stage)
+        if record is None or record.status != SUBMITTING:
+            return
+        record.status = REFUSED
+        self._add("UPDATE stages SET status = ? WHERE key = ? AND stage = ?", (REFUSED, key, stage))
+        await self._commit()
+
+    async def finished(self, result: JobResult, *, final: bool) -> None:
+        """Record ``result`` as its job's latest (not yet reported); committed on return."""
+        job = self._write_job(result.key)
+        job.result, job.final, job.reported = result, final, False
+        self._add(
+            "UPDATE jobs SET result = ?, final = ?, reported = 0 WHERE key = ?",
+            (result_to_json(result), int(final), result.key),
+        )
+        await self._commit()
+
+    def reported(self, key: str) -> None:
+        """Mark ``key``'s latest result as taken by the consumer.
+
+        Not waited for: :meth:`commit_marks` commits it within moments (with whatever else is
+        being written then), and :meth:`close` at the latest.
+        """
+        job = self._jobs.get(key)
+        if job is None or job.reported or self._closed:
+            return
+        job.reported = True
+        self._add("UPDATE jobs SET reported = 1 WHERE key = ?", (key,))
+        self._marked.set()
+
+    async def commit_marks(self) -> None:
+        """Commit marks as they come, until cancelled (a task of the batch runs this).
+
+        A failing journal ends it quietly: the batch's next write raises the error.
+        """
+        while True:
+            await self._marked.wait()
+            self._marked = anyio.Event()
+            try:
+                await self._commit()
+            except JournalError:
+                return
+
+    async def close(self) -> None:
+        """Commit what is pending and close the file, releasing it (idempotent)."""
+        if self._closed:
+            return
+        self._closed = True
+        with anyio.CancelScope(shield=True):
+            try:
+                await anyio.to_thread.run_sync(self._store.close)
+            except sqlite3.Error as exc:
+                raise journal_error(self.path, exc) from None
+
+    def _write_job(self, key: str) -> JournalJob:
+        job = self._jobs[key]
+        if not job.stored:
+            job.stored = True
+            # A replaced record's stages were all refused: none of them may be tracked.
+            self._add("DELETE FROM stages WHERE key = ?", (key,))
+            self._add(
+                "INSERT OR REPLACE INTO jobs (key, request_hash, video_url) VALUES (?, ?, ?)",
+                (key, job.request_hash, job.video_url),
+            )
+        return job
+
+    def _add(self, sql: str, params: Sequence[Any], *, durable: bool = False) -> None:
+        if self._closed:
+            raise JournalError(f"journal {self.path} is closed")
+        self._store.add(sql, params, durable=durable)
+        self._added += 1
+
+    async def _commit(self) -> None:
+        """Return once every statement added so far is committed (see :mod:`._journal_store`).
+
+        Two flushes at most run at once: one commits while the other waits for the write lock,
+        ready to take everything added meanwhile.  Other writers wait for one to return, so a
+        transaction costs one trip through a worker thread, not one per writer.  Shielded: a
+        statement once added is written even if its writer is cancelled, so that memory and
+        file agree about every submit.
+        """
+        wanted = self._added
+        with anyio.CancelScope(shield=True):
+            while self._store.committed < wanted:
+                if self._flushes >= 2:
+                    await self._flushed.wait()
+                    continue
+                self._flushes += 1
+                try:
+                    await anyio.to_thread.run_sync(self._store.flush)
+                finally:
+                    self._flushes -= 1
+                    flushed, self._flushed = self._flushed, anyio.Event()
+                    flushed.set()
+
+
+def _job_from_row(row: Row) -> JournalJob:
+    (key, request_hash, video_url, result, final, reported), stages = row
+    job = JournalJob(
+        key=key,
+        request_hash=request_hash,
+        video_url=video_url,
+        result=result_from_json(result) if result else None,
+        final=bool(final),
+        reported=bool(reported),
+    )
+    for _, stage, status, intent_at, task_id, snapshot in stages:
+        job.stages[stage] = JournalStage(
+            status=status,
+            intent_at=intent_at,
+            task_id=task_id,
+            snapshot=snapshot_from_json(snapshot) if snapshot else None,
+        )
+    return job

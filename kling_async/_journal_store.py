@@ -1,0 +1,195 @@
+"""The SQLite side of the batch journal: the file's layout, reading it, and group commit.
+
+Everything here runs in worker threads (``anyio.to_thread``), never on the event loop: a
+``synchronous=FULL`` commit waits for the disk.  One connection per journal serves them all,
+one transaction at a time under :attr:`Store.write_lock`.
+
+Group commit: writers append statements to :attr:`Store` 's pending list (a short critical
+section on the event loop's thread) and then call :meth:`Store.flush` in a worker thread.  The
+flush that gets the write lock commits *everything* pending at that moment, its own statements
+and those of writers still waiting for the lock, in one transaction; a writer whose statements
+were committed by an earlier flush finds nothing left to do.  Either way, when a writer's flush
+returns its statements are committed, and the next transaction starts as soon as the previous
+one ends, without waiting for the event loop.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import threading
+from collections.abc import Sequence
+from typing import Any
+
+from ._errors import JournalError, ValidationError
+
+__all__ = ["SCHEMA_VERSION", "Row", "Store"]
+
+#: ``PRAGMA user_version`` of the layout this module writes.
+SCHEMA_VERSION = 1
+
+_SCHEMA = (
+    "CREATE TABLE meta (name TEXT PRIMARY KEY, value TEXT NOT NULL)",
+    """CREATE TABLE jobs (
+        key TEXT PRIMARY KEY,
+        request_hash TEXT NOT NULL,
+        video_url TEXT,
+        result TEXT,
+        final INTEGER NOT NULL DEFAULT 0,
+        reported INTEGER NOT NULL DEFAULT 0
+    )""",
+    """CREATE TABLE stages (
+        key TEXT NOT NULL REFERENCES jobs(key),
+        stage TEXT NOT NULL,
+        status TEXT NOT NULL CHECK (status IN ('submitting', 'created', 'refused')),
+        intent_at REAL NOT NULL,
+        task_id TEXT,
+        snapshot TEXT,
+        PRIMARY KEY (key, stage)
+    )""",
+)
+
+#: A job row and its stage rows, as read: ``(jobs row, [stages rows])``.
+Row = tuple[tuple[Any, ...], list[tuple[Any, ...]]]
+
+
+class Store:
+    """One journal file: opened, checked and read by :meth:`open`, written by :meth:`flush`."""
+
+    def __init__(self, path: str, *, timeout: float) -> None:
+        self.path = path
+        # timeout: how long to wait for a lock held by another connection (see open()).
+        self._conn = sqlite3.connect(
+            path, timeout=timeout, isolation_level=None, check_same_thread=False
+        )
+        self.write_lock = threading.Lock()
+        self._pending_lock = threading.Lock()
+        self._pending: list[tuple[str, Sequence[Any], bool]] = []
+        self._synchronous = ""
+        self._broken: JournalError | None = None
+        #: Transactions committed by :meth:`flush`, and the statements they held.
+        self.transactions = 0
+        self.committed = 0
+
+    def open(self, meta: dict[str, str]) -> list[Row]:
+        """Lock the file, create or check its layout and ``meta``, and return every job.
+
+        Raises :class:`ValidationError` when ``meta`` (dialect, stage, base URL) differs from
+        the file's, and :class:`JournalError` for a file that is no journal of this version.
+        """
+        conn = self._conn
+        # EXCLUSIVE: the lock the first write takes is held until close, so a second process
+        # (or batch) cannot run the same journal and submit the same jobs again.
+        conn.execute("PRAGMA locking_mode=EXCLUSIVE")
+        mode = conn.execute("PRAGMA journal_mode=WAL").fetchone()[0]
+        if str(mode).lower() != "wal":
+            raise JournalError(f"journal {self.path}: cannot use WAL mode (got {mode})")
+        with self.write_lock:
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                version = conn.execute("PRAGMA user_version").fetchone()[0]
+                tables = conn.execute("SELECT count(*) FROM sqlite_master").fetchone()[0]
+                if version == 0 and tables == 0:
+                    for sql in _SCHEMA:
+                        conn.execute(sql)
+                    conn.executemany("INSERT INTO meta VALUES (?, ?)", sorted(meta.items()))
+                    conn.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+                elif version != SCHEMA_VERSION:
+                    raise JournalError(
+                        f"journal {self.path}: layout version {version} is not the supported"
+                        f" {SCHEMA_VERSION} (not a kling_async journal, or from another version)"
+                    )
+                else:
+                    stored = dict(conn.execute("SELECT name, value FROM meta").fetchall())
+                    _check_meta(self.path, stored, meta)
+                rows = self._read()
+                conn.execute("COMMIT")
+            except BaseException:
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK")
+                raise
+        return rows
+
+    def _read(self) -> list[Row]:
+        jobs: dict[str, Row] = {}
+        for row in self._conn.execute(
+            "SELECT key, request_hash, video_url, result, final, reported FROM jobs"
+        ):
+            jobs[row[0]] = (row, [])
+        for row in self._conn.execute(
+            "SELECT key, stage, status, intent_at, task_id, snapshot FROM stages"
+        ):
+            jobs[row[0]][1].append(row)
+        return list(jobs.values())
+
+    def add(self, sql: str, params: Sequence[Any], *, durable: bool) -> None:
+        """Queue one statement for the next transaction (``durable``: fsync that one)."""
+        with self._pending_lock:
+            self._pending.append((sql, params, durable))
+
+    def flush(self) -> None:
+        """Commit every statement queued so far (blocking; run it in a worker thread).
+
+        Raises :class:`JournalError` once a transaction has failed: what it held is lost, so
+        the journal can no longer vouch for anything.
+        """
+        with self.write_lock:
+            if self._broken is not None:
+                raise self._broken
+            with self._pending_lock:
+                statements, self._pending = self._pending, []
+            if not statements:
+                return  # an earlier flush took them
+            try:
+                self._apply(statements)
+            except sqlite3.Error as exc:
+                self._broken = journal_error(self.path, exc)
+                raise self._broken from None
+            self.transactions += 1
+            self.committed += len(statements)
+
+    def _apply(self, statements: list[tuple[str, Sequence[Any], bool]]) -> None:
+        conn = self._conn
+        # FULL reaches the disk before COMMIT returns; NORMAL survives the process dying but
+        # not a power cut.  A FULL commit also makes every NORMAL one before it durable.
+        synchronous = "FULL" if any(durable for _, _, durable in statements) else "NORMAL"
+        if synchronous != self._synchronous:
+            conn.execute(f"PRAGMA synchronous={synchronous}")
+            self._synchronous = synchronous
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            for sql, params, _ in statements:
+                conn.execute(sql, params)
+            conn.execute("COMMIT")
+        except BaseException:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            raise
+
+    def close(self) -> None:
+        """Commit what is pending and close the connection (which releases the lock)."""
+        try:
+            self.flush()
+        finally:
+            with self.write_lock:
+                self._conn.close()
+
+
+def _check_meta(path: str, stored: dict[str, str], wanted: dict[str, str]) -> None:
+    for name in ("dialect", "stage", "base_url"):
+        if stored.get(name) != wanted.get(name):
+            # Its task ids mean nothing to another server or dialect: tracking them there would
+            # fail every job, and reconciling could adopt strangers' tasks.
+            raise ValidationError(
+                "journal",
+                f"{path} was written by a batch for {stored.get('dialect')} "
+                f"({stored.get('stage')}) at {stored.get('base_url')}, not {wanted.get('dialect')}"
+                f" ({wanted.get('stage')}) at {wanted.get('base_url')}; use another journal file",
+            )
+
+
+def journal_error(path: str, exc: sqlite3.Error) -> JournalError:
+    """The :class:`JournalError` for SQLite's ``exc`` on the journal at ``path``."""
+    text = str(exc)
+    if "locked" in text or "busy" in text:
+        text += " (is another batch using this journal?)"
+    return JournalError(f"journal {path}: {text}")
