@@ -4,19 +4,23 @@ A batch runs in the client's task group, never inside the consumer's ``async for
 lazily, each takes a task slot (:mod:`._slots`) before its submit and gives it back when its task
 ends, one :class:`~._tracker.Tracker` polls every live task, and results travel to the consumer
 through a memory object stream.  Leaving the loop cancels the batch.
+
+With ``journal=PATH`` the batch keeps each job's progress in a journal (:mod:`._journal`) and
+a rerun resumes it; :mod:`._resume` decides, per job and per submit, what the journal allows.
 """
 
 from __future__ import annotations
 
-import contextlib
+import functools
 import logging
 import math
+import os
 from collections.abc import AsyncIterable, AsyncIterator, Iterable
 from typing import TYPE_CHECKING, Any
 
 import anyio
 from anyio.abc import TaskGroup
-from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
+from anyio.streams.memory import MemoryObjectSendStream
 
 from ._errors import (
     ConcurrencyLimitError,
@@ -24,10 +28,13 @@ from ._errors import (
     TaskCancelledError,
     TaskFailedError,
     TaskTimedOutError,
+    TransportTimeout,
     ValidationError,
 )
+from ._iterator import BatchIterator
 from ._jobs import LipSyncJob
 from ._results import JobResult, TaskSnapshot, TaskState
+from ._resume import SKIP, Resume
 from ._slots import TaskSlots
 from ._tracker import Tracker
 from .dialects import Submit
@@ -39,6 +46,9 @@ __all__ = ["Batch", "BatchIterator"]
 
 logger = logging.getLogger("kling_async")
 
+#: Seconds a stopping batch with a journal waits for the answers of submits already sent.
+SUBMIT_GRACE = 5.0
+
 
 class Batch:
     """One run of jobs (or tracked task ids) through a client.
@@ -46,6 +56,22 @@ class Batch:
     ``callback_url`` is passed to the dialect for every job (where your webhook receives the
     server's callbacks).  Results not yet taken by the consumer are bounded: the batch stops
     reading jobs while twice ``max_in_flight`` results wait.
+
+    ``journal`` (a file path) makes the batch resumable: rerun the same jobs with the same
+    journal after a crash and
+
+    * a job whose result the consumer already took is not reported again; a finished job whose
+      result was not taken yet is reported from the journal, without a request;
+    * a job whose task exists is tracked, never submitted again;
+    * a job whose submit was in flight when the run stopped is looked for among the server's
+      recent tasks (dialects with a list query) and adopted when found; otherwise its result is
+      a :class:`~kling_async.SubmitOutcomeUnknownError`, unless ``resubmit_unknown`` is True;
+    * everything else is submitted.
+
+    Keys must be unique within the batch (a job without ``key`` is keyed by its position, which
+    only resumes correctly when the jobs come in the same order), and a key may not name a
+    different job than the journal recorded, once that job may have created a task: both raise
+    :class:`~kling_async.ValidationError` out of the loop.  See the README's "Resuming" section.
     """
 
     def __init__(
@@ -56,22 +82,35 @@ class Batch:
         task_ids: list[str] | None = None,
         stage: str | None = None,
         callback_url: str | None = None,
+        journal: str | os.PathLike[str] | None = None,
+        resubmit_unknown: bool = False,
     ) -> None:
+        if journal is not None and not isinstance(journal, (str, os.PathLike)):
+            raise ValidationError("journal", "must be a file path")
+        if journal is not None and task_ids is not None:
+            raise ValidationError("journal", "only run_batch keeps a journal, not track")
+        if not isinstance(resubmit_unknown, bool):
+            raise ValidationError("resubmit_unknown", "must be True or False")
         self._client = client
         self._dialect = client.dialect
         self._jobs = jobs
         self._task_ids = task_ids
         self._stage = stage or client.dialect.default_stage
         self._callback_url = callback_url
+        self._journal_path = journal
+        self._resubmit_unknown = resubmit_unknown
+        self.resume: Resume | None = None
         self._slots = TaskSlots(client.max_in_flight)
         self._credit = anyio.Semaphore(2 * client.max_in_flight)
         self._scope = anyio.CancelScope()
         self._finished = anyio.Event()
+        self._consumer_done = anyio.Event()
         self._first_answer = anyio.Event()
         self._canary_taken = False
         self._fatal: KlingError | None = None
         self._crash: BaseException | None = None
         self._live: dict[str, str] = {}  # task id -> job key, for tasks not yet reported
+        self._submits: set[anyio.CancelScope] = set()  # journaled submits on their way
         self.counts = {"submitted": 0, "succeeded": 0, "failed": 0}
         self.tracker = Tracker(
             dialect=client.dialect,
@@ -90,8 +129,16 @@ class Batch:
         return BatchIterator(self, receive)
 
     def cancel(self) -> None:
-        """Stop submitting and tracking; tasks already created keep running on the server."""
+        """Stop submitting and tracking; tasks already created keep running on the server.
+
+        With a journal, submits already on their way get :data:`SUBMIT_GRACE` seconds to be
+        answered, so that the journal knows their tasks.
+        """
         self._scope.cancel()
+        if self._submits:  # (only while the batch runs: __del__ may call this later)
+            deadline = anyio.current_time() + SUBMIT_GRACE
+            for scope in self._submits:
+                scope.deadline = min(scope.deadline, deadline)
 
     # -- running -------------------------------------------------------------------------
 
@@ -99,7 +146,25 @@ class Batch:
         what = "tracking" if self._task_ids is not None else "batch"
         logger.info("%s started: max_in_flight=%d", what, self._slots.capacity)
         try:
+            async with anyio.create_task_group() as marks:
+                await self._run_jobs(send, marks)
+                if self.resume is not None:
+                    # The consumer marks the results it takes until it leaves the stream.
+                    await self._consumer_done.wait()
+                marks.cancel_scope.cancel()
+        finally:
+            await self._close_journal()
+            self._finished.set()
+            self._log_end(what)
+
+    async def _run_jobs(self, send: MemoryObjectSendStream[JobResult], marks: TaskGroup) -> None:
+        try:
             with self._scope:
+                if self._journal_path is not None:
+                    self.resume = await Resume.open(
+                        self._client, self._journal_path, resubmit_unknown=self._resubmit_unknown
+                    )
+                    marks.start_soon(self.resume.journal.commit_marks)
                 async with anyio.create_task_group() as outer:
                     outer.start_soon(self.tracker.run)
                     async with anyio.create_task_group() as jobs:
@@ -109,8 +174,16 @@ class Batch:
             self._crash = exc
         finally:
             send.close()
-            self._finished.set()
-            self._log_end(what)
+
+    async def _close_journal(self) -> None:
+        if self.resume is None:
+            return
+        with anyio.CancelScope(shield=True):
+            try:
+                await self.resume.journal.close()
+            except KlingError as exc:
+                logger.error("closing the journal failed: %s", exc)
+                self._fatal = self._fatal or exc
 
     async def _feed(self, group: TaskGroup, send: MemoryObjectSendStream[JobResult]) -> None:
         if self._task_ids is not None:
@@ -120,19 +193,33 @@ class Batch:
             return
         index = 0
         async for job in _aiter(self._jobs or ()):
+            key = job.key if isinstance(job, LipSyncJob) and job.key else str(index)
+            index += 1
+            if self.resume is not None:
+                try:
+                    known = self.resume.admit(key, job)
+                except ValidationError as exc:
+                    self._abort(exc)  # duplicate key, or a changed job: stop, resumably
+                    return
+                if known is SKIP:
+                    continue
+                if known is not None:  # finished in an earlier run, not yet taken
+                    await self._credit.acquire()
+                    self.counts["succeeded" if known.ok else "failed"] += 1
+                    await send.send(known)
+                    continue
             await self._credit.acquire()
             await self._slots.acquire()
-            group.start_soon(self._run_job, index, job, send)
-            index += 1
+            group.start_soon(self._run_job, key, job, send)
 
     async def _run_job(
-        self, index: int, job: LipSyncJob, send: MemoryObjectSendStream[JobResult]
+        self, key: str, job: LipSyncJob, send: MemoryObjectSendStream[JobResult]
     ) -> None:
-        key = job.key if isinstance(job, LipSyncJob) and job.key else str(index)
         slot = _Slot(self._slots)
         task_id: str | None = None
         submitted_at: float | None = None
         polls = 0
+        resume = self.resume if isinstance(job, LipSyncJob) else None
         try:
             if not isinstance(job, LipSyncJob):
                 raise ValidationError("job", f"must be a LipSyncJob, not {type(job).__name__}")
@@ -140,8 +227,15 @@ class Batch:
             flow = self._dialect.flow(job, callback_url=self._callback_url)
             step = next(flow)
             while True:
-                snapshot = await self._create(step, slot)
+                if resume is None:
+                    snapshot = await self._create(step, slot)
+                else:
+                    submit = functools.partial(self._create, step, slot, key)
+                    snapshot = await resume.open_step(key, job, step, submit)
                 task_id = snapshot.task_id
+                submitted_at = submitted_at or (
+                    resume.intent_at(key, step.stage) if resume else None
+                )
                 submitted_at = submitted_at or self._client._clock()
                 self._live[task_id] = key
                 self.counts["submitted"] += 1
@@ -172,6 +266,13 @@ class Batch:
         if task_id is not None:
             self._live.pop(task_id, None)
             self._slots.finished()
+        if resume is not None:
+            try:
+                # Recorded before it is handed on: a crash after this reports it from here.
+                await resume.finished(result)
+            except KlingError as exc:
+                self._abort(exc)
+                return
         self.counts["succeeded" if result.ok else "failed"] += 1
         await send.send(result)
 
@@ -184,8 +285,12 @@ class Batch:
         self.counts["succeeded" if result.ok else "failed"] += 1
         await send.send(result)
 
-    async def _create(self, step: Submit, slot: _Slot) -> TaskSnapshot:
-        """Submit one step, waiting out 1303 refusals; the first submit of a batch goes alone."""
+    async def _create(self, step: Submit, slot: _Slot, key: str | None = None) -> TaskSnapshot:
+        """Submit one step, waiting out 1303 refusals; the first submit of a batch goes alone.
+
+        With a ``key`` (a journaled job) the journal records the intent before each attempt
+        leaves, and the task id (or the refusal) as soon as the answer says.
+        """
         canary = not self._canary_taken
         self._canary_taken = True
         if not canary:
@@ -194,15 +299,17 @@ class Batch:
             await self._first_answer.wait()
         refusals = 0
         retry = self._client.retry
+        resume = self.resume if key is not None else None
         while True:
             try:
-                snapshot = await self._client._requester.call(
-                    step.request,
-                    lambda response: self._dialect.parse_submit(step.stage, response),
-                    retry_concurrency_limit=False,
-                )
+                if resume is not None and key is not None:
+                    snapshot = await self._send_journaled(step, resume, key)
+                else:
+                    snapshot = await self._send(step)
             except ConcurrencyLimitError:
                 self._first_answer.set()
+                if resume is not None and key is not None:
+                    await resume.journal.refused(key, step.stage)
                 refusals += 1
                 self._slots.shrink()
                 slot.release()
@@ -215,9 +322,44 @@ class Batch:
                 # Any answer but a fatal one proves the account usable: let the others go.
                 if not (isinstance(exc, KlingError) and exc.fatal):
                     self._first_answer.set()
+                if resume is not None and key is not None and isinstance(exc, KlingError):
+                    return await resume.submit_failed(key, step.stage, exc)
                 raise
             self._first_answer.set()
+            if resume is not None and key is not None:
+                await resume.created(key, step.stage, snapshot)
             return snapshot
+
+    async def _send(self, step: Submit) -> TaskSnapshot:
+        return await self._client._requester.call(
+            step.request,
+            lambda response: self._dialect.parse_submit(step.stage, response),
+            retry_concurrency_limit=False,
+        )
+
+    async def _send_journaled(self, step: Submit, resume: Resume, key: str) -> TaskSnapshot:
+        """Send ``step`` with its intent on disk first; a stopping batch lets it finish.
+
+        Cut off mid-request, a submit's outcome would be unknown to the next run: so once the
+        intent is recorded the request runs shielded, and a batch told to stop gives it
+        :data:`SUBMIT_GRACE` seconds to be answered (see :meth:`cancel`).
+        """
+        await resume.journal.submitting(key, step.stage, self._client._clock())
+        try:
+            await anyio.lowlevel.checkpoint_if_cancelled()
+        except anyio.get_cancelled_exc_class():
+            await resume.journal.refused(key, step.stage)  # never sent
+            raise
+        scope = anyio.CancelScope(shield=True)
+        self._submits.add(scope)
+        try:
+            with scope:
+                return await self._send(step)
+        finally:
+            self._submits.discard(scope)
+        # The grace ran out: the intent stays unresolved, as after a crash.
+        await anyio.lowlevel.checkpoint()  # raises the batch's cancellation
+        raise TransportTimeout("the batch stopped before the submit was answered")
 
     def _result(
         self, key: str, snapshot: TaskSnapshot, submitted_at: float | None, polls: int
@@ -250,7 +392,7 @@ class Batch:
         if self._fatal is None:
             self._fatal = error
             logger.error("batch stopped: %s", error)
-        self._scope.cancel()
+        self.cancel()
 
     def _log_end(self, what: str) -> None:
         logger.info(
@@ -276,55 +418,14 @@ class Batch:
         if crash is not None and not isinstance(crash, anyio.get_cancelled_exc_class()):
             raise crash
 
+    def delivered(self, key: str) -> None:
+        """The consumer is done with ``key``'s result: a rerun will not report it again."""
+        if self.resume is not None:
+            self.resume.journal.reported(key)
 
-class BatchIterator:
-    """The consumer's side of a batch: an async iterator of :class:`JobResult`.
-
-    Leaving an ``async for`` over it (``break``, an exception, cancellation) cancels the batch.
-    It is also an async context manager, for callers that want the cancellation to be explicit::
-
-        async with client.run_batch(jobs) as results:
-            async for result in results:
-                ...
-    """
-
-    def __init__(self, batch: Batch, receive: MemoryObjectReceiveStream[JobResult]) -> None:
-        self._batch = batch
-        self._receive = receive
-
-    def __aiter__(self) -> BatchIterator:
-        return self
-
-    async def __anext__(self) -> JobResult:
-        try:
-            result = await self._receive.receive()
-        except anyio.EndOfStream:
-            self._receive.close()
-            self._batch.outcome()
-            raise StopAsyncIteration from None
-        except BaseException:
-            self._batch.cancel()
-            raise
-        self._batch._credit.release()
-        return result
-
-    async def aclose(self) -> None:
-        """Cancel the batch (if still running) and wait until it has stopped."""
-        self._batch.cancel()
-        await self._batch._finished.wait()
-        self._receive.close()
-
-    async def __aenter__(self) -> BatchIterator:
-        return self
-
-    async def __aexit__(self, *exc_info: object) -> None:
-        await self.aclose()
-
-    def __del__(self) -> None:
-        # An abandoned iterator (``break`` out of ``async for``) must not leave the batch running.
-        with contextlib.suppress(Exception):  # interpreter shutdown
-            self._batch.cancel()
-            self._receive.close()
+    def consumer_done(self) -> None:
+        """The consumer has left the stream: the journal may close."""
+        self._consumer_done.set()
 
 
 class _Slot:

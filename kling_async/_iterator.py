@@ -1,0 +1,90 @@
+"""The consumer's side of a batch: :class:`BatchIterator`, an async iterator of results."""
+
+from __future__ import annotations
+
+import contextlib
+from typing import TYPE_CHECKING
+
+import anyio
+from anyio.streams.memory import MemoryObjectReceiveStream
+
+from ._results import JobResult
+
+if TYPE_CHECKING:
+    from ._batch import Batch
+
+__all__ = ["BatchIterator"]
+
+
+class BatchIterator:
+    """The consumer's side of a batch: an async iterator of :class:`JobResult`.
+
+    Leaving an ``async for`` over it (``break``, an exception, cancellation) cancels the batch.
+    It is also an async context manager, for callers that want the cancellation to be explicit::
+
+        async with client.run_batch(jobs) as results:
+            async for result in results:
+                ...
+
+    With a journal, a result counts as taken (and is not reported by a rerun) once the consumer
+    asks for the next one, or leaves ``async with`` (or calls :meth:`aclose`) without an
+    exception.  A crash while the consumer holds a result reports that one result again.
+    """
+
+    def __init__(self, batch: Batch, receive: MemoryObjectReceiveStream[JobResult]) -> None:
+        self._batch = batch
+        self._receive = receive
+        self._held: str | None = None  # key of the result the consumer holds
+
+    def __aiter__(self) -> BatchIterator:
+        return self
+
+    async def __anext__(self) -> JobResult:
+        batch = self._batch
+        try:
+            if self._held is not None:
+                key, self._held = self._held, None
+                batch.delivered(key)
+            result = await self._receive.receive()
+        except anyio.EndOfStream:
+            self._receive.close()
+            batch.consumer_done()
+            await batch._finished.wait()
+            batch.outcome()
+            raise StopAsyncIteration from None
+        except BaseException:
+            batch.cancel()
+            batch.consumer_done()
+            raise
+        batch._credit.release()
+        if batch.resume is not None:
+            self._held = result.key
+        return result
+
+    async def aclose(self) -> None:
+        """Cancel the batch (if still running) and wait until it has stopped.
+
+        The result taken last counts as handled (see the class docstring).
+        """
+        self._batch.cancel()
+        if self._held is not None:
+            key, self._held = self._held, None
+            self._batch.delivered(key)
+        self._batch.consumer_done()
+        await self._batch._finished.wait()
+        self._receive.close()
+
+    async def __aenter__(self) -> BatchIterator:
+        return self
+
+    async def __aexit__(self, exc_type: type[BaseException] | None, *exc_info: object) -> None:
+        if exc_type is not None:
+            self._held = None  # the consumer failed while holding it: report it again
+        await self.aclose()
+
+    def __del__(self) -> None:
+        # An abandoned iterator (``break`` out of ``async for``) must not leave the batch running.
+        with contextlib.suppress(Exception):  # interpreter shutdown
+            self._batch.cancel()
+            self._batch.consumer_done()
+            self._receive.close()

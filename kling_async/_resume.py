@@ -1,0 +1,210 @@
+"""What a batch with a journal does differently: per job, per submit, what the journal allows.
+
+:class:`Resume` sits between :class:`~._batch.Batch` and its :class:`~._journal.Journal`:
+
+* :meth:`Resume.admit` decides, as each job is read, whether it runs, is reported from the
+  journal or was reported already, and refuses duplicate keys and changed jobs;
+* :meth:`Resume.open_step` starts one submit step: tracks the task an earlier run created,
+  adopts the task a lost submit created (:mod:`._reconcile`), or submits;
+* :meth:`Resume.submit_failed` sorts a failed submit into "nothing was created" (recorded, may
+  be sent again) and "a task may exist" (looked for, else
+  :class:`~kling_async.SubmitOutcomeUnknownError`);
+* :meth:`Resume.finished` records a result and whether a rerun keeps it (:func:`is_final`).
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+import os
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, Final
+
+from ._errors import (
+    KlingError,
+    ServerError,
+    SubmitOutcomeUnknownError,
+    TransportError,
+    ValidationError,
+    created_nothing,
+)
+from ._jobs import LipSyncJob
+from ._journal import CREATED, SUBMITTING, Journal
+from ._journal_codec import request_hash
+from ._reconcile import CLOCK_SKEW, LATEST_CREATE, Reconciler
+from ._results import JobResult, TaskSnapshot, TaskState
+from .dialects import Submit
+
+if TYPE_CHECKING:
+    from ._client import KlingClient
+
+__all__ = ["SKIP", "Resume", "is_final"]
+
+logger = logging.getLogger("kling_async")
+
+
+class _Skip(enum.Enum):
+    SKIP = "skip"
+
+
+#: :meth:`Resume.admit`'s answer for a job whose result the consumer has taken already.
+SKIP: Final = _Skip.SKIP
+
+
+def is_final(result: JobResult) -> bool:
+    """Whether a rerun keeps ``result`` instead of running the job again.
+
+    Kept: a success, a task that ran and failed, a request the server refused for good.  Not
+    kept: a time-out or cancellation (the task may have finished since: it is tracked again), a
+    :class:`SubmitOutcomeUnknownError` (looked for again) and a refusal that created nothing and
+    may pass (1302, 1303, 5001, a connection never made: submitted again).
+    """
+    if result.state is TaskState.SUCCEEDED:
+        return True
+    if result.state is not TaskState.FAILED:
+        return False
+    error = result.error
+    if isinstance(error, SubmitOutcomeUnknownError):
+        return False
+    return not (error is not None and created_nothing(error))
+
+
+def _ambiguous(error: KlingError) -> bool:
+    # A time-out, a dropped connection, an unreadable answer, 5000/5002: the server may have
+    # created the task before things went wrong (see created_nothing).
+    return isinstance(error, (TransportError, ServerError)) and not created_nothing(error)
+
+
+class Resume:
+    """A batch's use of its journal; see the module docstring."""
+
+    def __init__(self, journal: Journal, reconciler: Reconciler, resubmit_unknown: bool) -> None:
+        self.journal = journal
+        self._reconciler = reconciler
+        self._resubmit_unknown = resubmit_unknown
+        self._keys: set[str] = set()
+
+    @classmethod
+    async def open(
+        cls, client: KlingClient, path: str | os.PathLike[str], *, resubmit_unknown: bool
+    ) -> Resume:
+        """Open the journal at ``path`` for a batch of ``client``."""
+        dialect = client.dialect
+        journal = await Journal.open(
+            path, dialect=dialect.name, stage=dialect.default_stage, base_url=client.base_url
+        )
+        reconciler = Reconciler(
+            dialect=dialect,
+            requester=client._requester,
+            owned=lambda task_id: journal.owner(task_id) is not None,
+            unresolved=lambda key, stage, url, at: journal.unresolved(
+                key, stage, url, at, LATEST_CREATE + CLOCK_SKEW
+            ),
+        )
+        return cls(journal, reconciler, resubmit_unknown)
+
+    # -- per job -------------------------------------------------------------------------
+
+    def admit(self, key: str, job: object) -> JobResult | _Skip | None:
+        """Decide what to do with ``job``: None (run it), a result to report, or :data:`SKIP`.
+
+        Raises :class:`ValidationError` for a key seen before in this batch, and for a job that
+        differs from the one the journal recorded under its key when that one may have created
+        a task (a job that never did may change: its record starts over).
+        """
+        if key in self._keys:
+            raise ValidationError(
+                "key", f"{key!r} names two jobs of this batch; a journal needs unique keys"
+            )
+        self._keys.add(key)
+        if not isinstance(job, LipSyncJob):
+            return None  # fails at once, creates nothing: nothing to journal
+        digest = request_hash(job)
+        record = self.journal.job(key)
+        if record is not None and record.request_hash != digest:
+            if record.may_have_task:
+                raise ValidationError(
+                    "key",
+                    f"{key!r} names another job than the one this journal recorded under it"
+                    " (its request differs) and that one may have created a task; give the"
+                    " changed job a new key, or use a new journal",
+                )
+            record = None
+        if record is None:
+            self.journal.begin(key, digest, job.video_url)
+            return None
+        if record.final and record.result is not None:
+            return SKIP if record.reported else record.result
+        return None
+
+    async def finished(self, result: JobResult) -> None:
+        """Record ``result`` (before it is handed to the consumer)."""
+        if self.journal.job(result.key) is not None:
+            await self.journal.finished(result, final=is_final(result))
+
+    def intent_at(self, key: str, stage: str) -> float | None:
+        """When ``key``'s ``stage`` submit was (first) about to leave, per the journal."""
+        record = self.journal.job(key)
+        step = record.stages.get(stage) if record is not None else None
+        return step.intent_at if step is not None and step.intent_at else None
+
+    # -- per submit step -----------------------------------------------------------------
+
+    async def open_step(
+        self,
+        key: str,
+        job: LipSyncJob,
+        step: Submit,
+        submit: Callable[[], Awaitable[TaskSnapshot]],
+    ) -> TaskSnapshot:
+        """The first snapshot of ``step``'s task: known, adopted or sent with ``submit()``.
+
+        A synchronous step (the official identify-face) whose answer the journal kept is not
+        sent again: its session and faces come from the journal.
+        """
+        record = self.journal.job(key)
+        known = record.stages.get(step.stage) if record is not None else None
+        if known is not None and known.status == CREATED and known.task_id is not None:
+            logger.debug("%s: %s task %s resumed from the journal", key, step.stage, known.task_id)
+            return known.snapshot or TaskSnapshot(task_id=known.task_id, state=TaskState.SUBMITTED)
+        if known is not None and known.status == SUBMITTING:
+            # An earlier run stopped with this submit in flight, or its answer was lost.
+            found, reason = await self._adopt(key, step.stage, job.video_url, known.intent_at)
+            if found is not None:
+                return found
+            if not self._resubmit_unknown:
+                raise SubmitOutcomeUnknownError(step.stage, detail=reason)
+            logger.warning("%s: submitting %s again (resubmit_unknown=True)", key, step.stage)
+        return await submit()
+
+    async def created(self, key: str, stage: str, snapshot: TaskSnapshot) -> None:
+        """Record the task a submit created (a terminal answer is kept whole: identify-face)."""
+        kept = snapshot if snapshot.state.is_terminal else None
+        await self.journal.created(key, stage, snapshot.task_id, kept)
+
+    async def submit_failed(self, key: str, stage: str, error: KlingError) -> TaskSnapshot:
+        """Deal with a submit that raised ``error``: adopt its task, or raise.
+
+        A clear refusal is recorded as such and ``error`` raised; an ambiguous failure is looked
+        up among recent tasks, and raised as :class:`SubmitOutcomeUnknownError` when not found.
+        """
+        record = self.journal.job(key)
+        if not _ambiguous(error) or record is None:
+            await self.journal.refused(key, stage)
+            raise error
+        step = record.stages.get(stage)
+        intent = step.intent_at if step is not None else 0.0
+        found, reason = await self._adopt(key, stage, record.video_url, intent)
+        if found is not None:
+            return found
+        raise SubmitOutcomeUnknownError(stage, cause=error, detail=reason) from error
+
+    async def _adopt(
+        self, key: str, stage: str, video_url: str | None, intent_at: float
+    ) -> tuple[TaskSnapshot | None, str]:
+        match = await self._reconciler.find(key, stage, video_url, intent_at)
+        if match.snapshot is None:
+            logger.info("%s: %s submit outcome unknown: %s", key, stage, match.reason)
+            return None, match.reason
+        await self.journal.created(key, stage, match.snapshot.task_id)
+        return match.snapshot, ""
