@@ -6,11 +6,14 @@ a ``random.Random`` (seeded in tests), and get back a number of seconds.
 
 from __future__ import annotations
 
+import bisect
+import math
 import random
+from collections.abc import Iterable
 
 from ._config import PollPolicy, RetryPolicy
 
-__all__ = ["MAX_RETRY_AFTER", "poll_delay", "retry_delay"]
+__all__ = ["MAX_RETRY_AFTER", "DurationModel", "fit_durations", "poll_delay", "retry_delay"]
 
 #: Longest Retry-After the client honours (seconds); a broken gateway must not park a batch.
 MAX_RETRY_AFTER = 300.0
@@ -58,3 +61,162 @@ def poll_delay(
         base = min(start * policy.multiplier ** min(polls - 1, 64), policy.max_interval)
     spread = policy.jitter * (2.0 * rng.random() - 1.0)
     return max(base * (1.0 + spread), 0.0)
+
+
+# -- learning when tasks finish ----------------------------------------------------------------
+
+#: The learnt schedule's grid, in standard deviations of log-duration around the median.
+_Z_LOW, _Z_HIGH, _Z_STEPS = -4.0, 6.0, 200
+#: Spread assumed when the sample cannot tell (a tenth of the median either way is unknowable).
+_SIGMA_MIN, _SIGMA_MAX = 0.05, 3.0
+
+
+class DurationModel:
+    """How long tasks take: a lognormal fitted to finished (and still running) tasks.
+
+    Durations are positive and right-skewed, and a lognormal fits Kling's "about 3 minutes with
+    long tails" (API.md section 1, "Timing") with two numbers that a few dozen tasks pin down.
+    From it comes the schedule: poll a task at a rate proportional to the square root of its
+    *hazard* (the chance per second that a task of its age finishes now).  Minimising expected
+    polls plus ``lambda`` times expected lag, point by point, gives exactly that interval,
+    ``sqrt(2 / (lambda * hazard))``: dense where finishes are likely, sparse where they are not
+    (early on, and in the long tail).  ``lag_share`` fixes ``lambda``: the mean lag aims at that
+    share of the median duration, whatever the time scale.
+    """
+
+    __slots__ = ("_density", "_g", "_x", "median", "sigma")
+
+    def __init__(self, median: float, sigma: float, lag_share: float) -> None:
+        self.median = median
+        self.sigma = min(max(sigma, _SIGMA_MIN), _SIGMA_MAX)
+        step = (_Z_HIGH - _Z_LOW) / _Z_STEPS
+        xs: list[float] = []
+        gs: list[float] = []
+        lag_integral = 0.0
+        total = 0.0
+        previous_x = previous_root = previous_lag = 0.0
+        for index in range(_Z_STEPS + 1):
+            z = _Z_LOW + index * step
+            x = math.exp(self.sigma * z)  # duration / median
+            survival = 0.5 * math.erfc(z / math.sqrt(2.0))
+            density = math.exp(-0.5 * z * z) / (math.sqrt(2.0 * math.pi) * self.sigma * x)
+            root = math.sqrt(density / survival)  # sqrt(hazard), time in medians
+            lag = math.sqrt(density * survival)  # density / sqrt(hazard)
+            if index:
+                total += 0.5 * (root + previous_root) * (x - previous_x)
+                lag_integral += 0.5 * (lag + previous_lag) * (x - previous_x)
+            xs.append(x)
+            gs.append(total)
+            previous_x, previous_root, previous_lag = x, root, lag
+        self._x = xs
+        self._g = gs
+        # Polls per median of age = density * sqrt(hazard); the expected lag is then
+        # integral(f / sqrt(h)) / (2 * density) medians: solve for the target.
+        self._density = lag_integral / (2.0 * lag_share)
+
+    def __repr__(self) -> str:
+        return f"DurationModel(median={self.median:.4g}, sigma={self.sigma:.3g})"
+
+    def survival(self, age: float) -> float:
+        """The share of tasks still running at ``age`` seconds."""
+        if age <= 0:
+            return 1.0
+        z = math.log(age / self.median) / self.sigma
+        return 0.5 * math.erfc(z / math.sqrt(2.0))
+
+    def hazard(self, age: float) -> float:
+        """Finishes per second expected of one task still running at ``age``."""
+        if age <= 0:
+            return 0.0
+        z = math.log(age / self.median) / self.sigma
+        survival = 0.5 * math.erfc(z / math.sqrt(2.0))
+        if survival <= 0.0:
+            return 0.0  # beyond any sample: nothing to say
+        density = math.exp(-0.5 * z * z) / (math.sqrt(2.0 * math.pi) * self.sigma * age)
+        return density / survival
+
+    def next_poll(self, age: float) -> float | None:
+        """The age at which a task polled at ``age`` should be polled next (None: far tail)."""
+        x = age / self.median
+        xs, gs = self._x, self._g
+        if x <= xs[0]:
+            done = 0.0
+        elif x >= xs[-1]:
+            return None
+        else:
+            i = bisect.bisect_right(xs, x)
+            share = (x - xs[i - 1]) / (xs[i] - xs[i - 1])
+            done = gs[i - 1] + share * (gs[i] - gs[i - 1])
+        target = done + 1.0 / self._density
+        if target >= gs[-1]:
+            return None
+        j = bisect.bisect_left(gs, target)
+        if j == 0:
+            return xs[0] * self.median
+        share = (target - gs[j - 1]) / (gs[j] - gs[j - 1])
+        return (xs[j - 1] + share * (xs[j] - xs[j - 1])) * self.median
+
+
+def fit_durations(
+    observations: Iterable[tuple[float, bool]], lag_share: float, *, min_finished: int = 8
+) -> DurationModel | None:
+    """Fit a :class:`DurationModel` to ``(seconds, finished)`` pairs, or None if too few.
+
+    Tasks still running count as "at least this long" (Kaplan-Meier): at the start of a batch
+    the first tasks to finish are the fastest, and fitting them alone would poll far too early.
+    The estimate's median is the lognormal's; its deciles and quartiles, as far as the sample
+    reaches, set the spread (quantiles are robust to a few odd tasks).
+    """
+    points = sorted(observations)
+    finished = sum(1 for _, done in points if done)
+    if finished < min_finished:
+        return None
+    at_risk = len(points)
+    survival = 1.0
+    quantiles: dict[float, float] = {}
+    index = 0
+    while index < len(points) and len(quantiles) < len(_LEVELS):
+        seconds = points[index][0]
+        ended = leaving = 0
+        while index < len(points) and points[index][0] == seconds:
+            ended += points[index][1]
+            leaving += 1
+            index += 1
+        if ended:
+            survival *= 1.0 - ended / at_risk
+            for level in _LEVELS:
+                if level not in quantiles and survival <= level:
+                    quantiles[level] = max(seconds, 1e-9)
+        at_risk -= leaving
+    if 0.5 in quantiles and 0.75 in quantiles:
+        median = quantiles[0.5]
+        # Each quantile found says how wide the spread is; their mean is steadier than one.
+        spreads = [
+            abs(math.log(quantiles[level] / median)) / z
+            for level, z in _LEVELS.items()
+            if z and level in quantiles
+        ]
+        sigma = sum(spreads) / len(spreads)
+    elif 0.75 in quantiles and 0.9 in quantiles:
+        # Early in a batch only the fastest quarter has finished: the first decile and quartile
+        # give a spread, pulled towards a typical one since two points say little, and the
+        # median follows from it.  Refits soon correct it.
+        low, high = _LEVELS[0.9], _LEVELS[0.75]
+        seen = math.log(quantiles[0.75] / quantiles[0.9]) / (low - high)
+        sigma = (seen + _SIGMA_PRIOR) / 2
+        median = quantiles[0.75] * math.exp(high * sigma)
+    else:
+        return None
+    return DurationModel(median, sigma, lag_share)
+
+
+#: The spread assumed, half-weight, before the sample shows a median (lip-sync: about 0.5).
+_SIGMA_PRIOR = 0.5
+#: Survival levels read off the estimate -> how many standard deviations from the median.
+_LEVELS = {
+    0.9: 1.2815515655446004,
+    0.75: 0.6744897501960817,
+    0.5: 0.0,
+    0.25: 0.6744897501960817,
+    0.1: 1.2815515655446004,
+}

@@ -51,22 +51,33 @@ def _flag(instance: Any, attribute: attrs.Attribute[Any], value: bool) -> None:
 class PollPolicy:
     """When to ask the server about a task (all times in seconds).
 
-    The first query goes out ``first_delay`` after the submit; each later interval is
-    ``multiplier`` times the one before, jittered by up to ``jitter`` of itself, and never longer
-    than ``max_interval``.  A task still unfinished ``timeout`` after its submit ends as
-    ``TIMED_OUT`` with its task id kept: Kling lip-sync takes about 3 minutes with long tails
-    (API.md section 1, "Timing"), so the default waits two hours.
+    Until it has learnt anything, the tracker sends the first query ``first_delay`` after the
+    submit; each later interval is ``multiplier`` times the one before, jittered by up to
+    ``jitter`` of itself, and never longer than ``max_interval``.  A task still unfinished
+    ``timeout`` after its submit ends as ``TIMED_OUT`` with its task id kept: Kling lip-sync takes
+    about 3 minutes with long tails (API.md section 1, "Timing"), so the default waits two hours.
 
-    With ``adaptive`` the tracker learns from finished tasks when results usually arrive, and
-    polls less before that.  With ``list_queries`` it refreshes many tasks with one paged list
-    request where the dialect has one.  ``max_concurrent_queries`` bounds status requests in
-    flight at once.  When the server sends callbacks (a batch with a ``callback_url``), polling
-    goes on only as a safety net, at most every ``callback_safety_interval`` seconds: callbacks
-    are unsigned hints and may be lost (API.md section 1, "Callback").
+    With ``adaptive`` the tracker learns from the batch's tasks how long they take (a lognormal
+    fitted to finished and still-running tasks) and, once about a dozen have finished, polls
+    each task at the rate its chance of finishing *now* deserves: rarely while it is young,
+    densely around the typical duration, less in the long tail.  ``lag_share`` is the price of
+    that trade: the mean delay between a task ending and the result arriving aims at this
+    share of the median duration (0.05: about 9 s for 3-minute tasks, with about a quarter of
+    the queries of polling every 5 s).  Learnt intervals stay between ``first_delay`` and
+    ``max_interval``.
+
+    With ``list_queries`` one paged list request refreshes every live task where the dialect
+    has one (API.md section 1, "Query many"): it goes out when the most urgent task is due, or
+    earlier once about ``list_yield`` tasks are expected to have finished since the last one,
+    which with many live tasks keeps the lag short at about ``1 / list_yield`` requests per
+    task.  ``max_concurrent_queries`` bounds status requests in flight at once.  When the
+    server sends callbacks (a batch with a ``callback_url``), polling goes on only as a safety
+    net, at most every ``callback_safety_interval`` seconds: callbacks are unsigned hints and
+    may be lost (API.md section 1, "Callback").
     """
 
     first_delay: float = attrs.field(default=10.0, validator=_non_negative)
-    max_interval: float = attrs.field(default=30.0, validator=_positive)
+    max_interval: float = attrs.field(default=90.0, validator=_positive)
     multiplier: float = attrs.field(default=1.5, validator=_growth)
     jitter: float = attrs.field(default=0.1, validator=_fraction)
     timeout: float = attrs.field(default=7200.0, validator=_positive)
@@ -74,6 +85,8 @@ class PollPolicy:
     list_queries: bool = attrs.field(default=True, validator=_flag)
     max_concurrent_queries: int = attrs.field(default=8, validator=_count)
     callback_safety_interval: float = attrs.field(default=300.0, validator=_positive)
+    lag_share: float = attrs.field(default=0.05, validator=_positive)
+    list_yield: float = attrs.field(default=10.0, validator=_positive)
 
 
 @attrs.frozen(kw_only=True)

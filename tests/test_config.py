@@ -35,6 +35,8 @@ FIELDS: list[tuple[Policy, str, str]] = [
     (PollPolicy, "list_queries", "flag"),
     (PollPolicy, "max_concurrent_queries", "count"),
     (PollPolicy, "callback_safety_interval", "positive"),
+    (PollPolicy, "lag_share", "positive"),
+    (PollPolicy, "list_yield", "positive"),
     (RetryPolicy, "max_attempts", "count"),
     (RetryPolicy, "base_delay", "non_negative"),
     (RetryPolicy, "max_delay", "non_negative"),
