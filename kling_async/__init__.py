@@ -36,7 +36,7 @@ from ._errors import (
     error_from_response,
 )
 from ._jobs import LipSyncJob
-from ._results import Face, JobResult, TaskSnapshot, TaskState
+from ._results import BatchProgress, Face, JobResult, TaskSnapshot, TaskState
 
 try:
     __version__ = version("kling-async")
@@ -51,6 +51,7 @@ __all__ = [
     "AccountError",
     "AuthenticationError",
     "BatchIterator",
+    "BatchProgress",
     "ConcurrencyLimitError",
     "ConnectError",
     "ContentPolicyError",

@@ -16,15 +16,19 @@ import logging
 import math
 import os
 from collections.abc import AsyncIterable, AsyncIterator, Iterable
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import anyio
+import attrs
 from anyio.abc import TaskGroup
 from anyio.streams.memory import MemoryObjectSendStream
 
 from ._errors import (
     ConcurrencyLimitError,
+    ConnectError,
     KlingError,
+    RateLimitError,
     TaskCancelledError,
     TaskFailedError,
     TaskTimedOutError,
@@ -33,7 +37,7 @@ from ._errors import (
 )
 from ._iterator import BatchIterator
 from ._jobs import LipSyncJob
-from ._results import JobResult, TaskSnapshot, TaskState
+from ._results import BatchProgress, JobResult, TaskSnapshot, TaskState
 from ._resume import SKIP, Resume
 from ._slots import TaskSlots
 from ._tracker import Tracker
@@ -72,6 +76,11 @@ class Batch:
     only resumes correctly when the jobs come in the same order), and a key may not name a
     different job than the journal recorded, once that job may have created a task: both raise
     :class:`~kling_async.ValidationError` out of the loop.  See the README's "Resuming" section.
+
+    ``download_to`` (a directory) saves each successful video there before its result is
+    reported (:meth:`KlingClient.download`); ``JobResult.path`` says where.  A download that
+    fails leaves the result ``ok`` (the video exists, its URL still works) with ``path`` None
+    and ``error`` set to the :class:`~kling_async.DownloadError`.
     """
 
     def __init__(
@@ -84,6 +93,7 @@ class Batch:
         callback_url: str | None = None,
         journal: str | os.PathLike[str] | None = None,
         resubmit_unknown: bool = False,
+        download_to: str | os.PathLike[str] | None = None,
     ) -> None:
         if journal is not None and not isinstance(journal, (str, os.PathLike)):
             raise ValidationError("journal", "must be a file path")
@@ -91,6 +101,8 @@ class Batch:
             raise ValidationError("journal", "only run_batch keeps a journal, not track")
         if not isinstance(resubmit_unknown, bool):
             raise ValidationError("resubmit_unknown", "must be True or False")
+        if download_to is not None and not isinstance(download_to, (str, os.PathLike)):
+            raise ValidationError("download_to", "must be a directory path")
         self._client = client
         self._dialect = client.dialect
         self._jobs = jobs
@@ -99,6 +111,7 @@ class Batch:
         self._callback_url = callback_url
         self._journal_path = journal
         self._resubmit_unknown = resubmit_unknown
+        self._download_to = Path(download_to) if download_to is not None else None
         self.resume: Resume | None = None
         self._slots = TaskSlots(client.max_in_flight)
         self._credit = anyio.Semaphore(2 * client.max_in_flight)
@@ -127,6 +140,15 @@ class Batch:
         send, receive = anyio.create_memory_object_stream[JobResult](math.inf)
         group.start_soon(self._run, send)
         return BatchIterator(self, receive)
+
+    def progress(self) -> BatchProgress:
+        """Counts of the batch so far (what a progress display shows)."""
+        return BatchProgress(
+            submitted=self.counts["submitted"],
+            running=len(self._live),
+            succeeded=self.counts["succeeded"],
+            failed=self.counts["failed"],
+        )
 
     def cancel(self) -> None:
         """Stop submitting and tracking; tasks already created keep running on the server.
@@ -205,8 +227,7 @@ class Batch:
                     continue
                 if known is not None:  # finished in an earlier run, not yet taken
                     await self._credit.acquire()
-                    self.counts["succeeded" if known.ok else "failed"] += 1
-                    await send.send(known)
+                    group.start_soon(self._report, known, send)
                     continue
             await self._credit.acquire()
             await self._slots.acquire()
@@ -273,6 +294,18 @@ class Batch:
             except KlingError as exc:
                 self._abort(exc)
                 return
+        await self._report(result, send)
+
+    async def _report(self, result: JobResult, send: MemoryObjectSendStream[JobResult]) -> None:
+        """Save the video where asked, count the result and hand it to the consumer."""
+        if self._download_to is not None and result.ok and result.path is None:
+            try:
+                path = await self._client.download(result, self._download_to)
+            except KlingError as exc:
+                logger.warning("download of %s failed: %s", result.key, exc)
+                result = attrs.evolve(result, error=exc)
+            else:
+                result = attrs.evolve(result, path=path)
         self.counts["succeeded" if result.ok else "failed"] += 1
         await send.send(result)
 
@@ -281,9 +314,7 @@ class Batch:
         snapshot = TaskSnapshot(task_id=task_id, state=TaskState.SUBMITTED)
         terminal, polls = await self.tracker.wait(snapshot, self._stage)
         self._live.pop(task_id, None)
-        result = self._result(task_id, terminal, None, polls)
-        self.counts["succeeded" if result.ok else "failed"] += 1
-        await send.send(result)
+        await self._report(self._result(task_id, terminal, None, polls), send)
 
     async def _create(self, step: Submit, slot: _Slot, key: str | None = None) -> TaskSnapshot:
         """Submit one step, waiting out 1303 refusals; the first submit of a batch goes alone.
@@ -318,7 +349,21 @@ class Batch:
                 await anyio.sleep(delay)
                 await slot.acquire()
                 continue
+            except RateLimitError as exc:
+                # 1302 after the requester's own retries: still not a reason to fail a job
+                # whose task was never created.  Wait longer, keeping the slot.
+                self._first_answer.set()
+                if resume is not None and key is not None:
+                    await resume.journal.refused(key, step.stage)
+                refusals += 1
+                delay = min(retry.concurrency_delay * 2 ** (refusals - 1), retry.max_delay)
+                logger.debug("1302: waiting %.2f s", max(delay, exc.retry_after or 0.0))
+                await anyio.sleep(max(delay, exc.retry_after or 0.0))
+                continue
             except BaseException as exc:
+                if canary and isinstance(exc, ConnectError):
+                    # The server cannot be reached at all: every job would fail the same way.
+                    self._abort(exc)
                 # Any answer but a fatal one proves the account usable: let the others go.
                 if not (isinstance(exc, KlingError) and exc.fatal):
                     self._first_answer.set()

@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING
 import anyio
 from anyio.streams.memory import MemoryObjectReceiveStream
 
-from ._results import JobResult
+from ._results import BatchProgress, JobResult
 
 if TYPE_CHECKING:
     from ._batch import Batch
@@ -35,6 +35,11 @@ class BatchIterator:
         self._batch = batch
         self._receive = receive
         self._held: str | None = None  # key of the result the consumer holds
+
+    @property
+    def progress(self) -> BatchProgress:
+        """The batch's counts so far: submitted, running, succeeded, failed."""
+        return self._batch.progress()
 
     def __aiter__(self) -> BatchIterator:
         return self

@@ -9,7 +9,7 @@ import attrs
 
 from ._errors import KlingError
 
-__all__ = ["Face", "JobResult", "TaskSnapshot", "TaskState"]
+__all__ = ["BatchProgress", "Face", "JobResult", "TaskSnapshot", "TaskState"]
 
 
 class TaskState(str, enum.Enum):
@@ -110,3 +110,18 @@ class JobResult:
     def video_url(self) -> str | None:
         """The finished video's URL (the first, should the server return several)."""
         return self.video_urls[0] if self.video_urls else None
+
+
+@attrs.frozen(kw_only=True)
+class BatchProgress:
+    """Counts of a running batch: tasks submitted, tasks running now, results so far."""
+
+    submitted: int
+    running: int
+    succeeded: int
+    failed: int
+
+    @property
+    def done(self) -> int:
+        """Results reported so far."""
+        return self.succeeded + self.failed

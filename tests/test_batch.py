@@ -6,11 +6,13 @@ import asyncio
 import itertools
 import logging
 from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
 
 import anyio
 import pytest
 from helpers import (
     FAST_POLL,
+    FAST_RETRY,
     WAV,
     apimodels_client,
     audio_job,
@@ -272,3 +274,44 @@ async def test_apimodels_two_step_flow_in_the_engine() -> None:
     assert server.tasks[noface.task_id or ""].stage == "identify-face"
     assert isinstance(by_key["text"].error, ka.ValidationError)
     assert server.tasks_created == 5 * 2 + 1
+
+
+async def test_download_to_saves_every_video_before_reporting(tmp_path: Path) -> None:
+    jobs = [text_job(n, key=f"ep1/line {n}") for n in range(4)]
+    async with FakeKlingServer(task_duration=0.01) as server, kling_client(server) as client:
+        results = [r async for r in client.run_batch(jobs, download_to=tmp_path / "videos")]
+    assert all(r.ok and r.error is None for r in results)
+    paths = sorted(r.path for r in results if r.path)
+    assert len(paths) == 4
+    assert all(p.parent == tmp_path / "videos" and p.stat().st_size > 0 for p in paths)
+    assert server.requests["download"] == 4
+
+
+async def test_rate_limited_submits_wait_instead_of_failing() -> None:
+    async with FakeKlingServer(task_duration=0.01) as server, kling_client(server) as client:
+        # More 1302 answers than the RetryPolicy's attempts: the job still goes through.
+        server.script("submit", status=429, code=1302, times=FAST_RETRY.max_attempts + 3)
+        results = await collect(client, [text_job(1)])
+    assert results[0].ok
+    assert server.tasks_created == 1
+
+
+async def test_unreachable_server_stops_the_batch_at_the_first_submit() -> None:
+    async with FakeKlingServer() as server:
+        url = server.url
+    retry = ka.RetryPolicy(max_attempts=2, base_delay=0.001, max_delay=0.001)
+    async with ka.KlingClient.kling(api_key="k", base_url=url, retry=retry) as client:
+        with pytest.raises(ka.ConnectError):
+            await collect(client, [text_job(n) for n in range(50)])
+
+
+async def test_progress_counts_what_the_batch_did() -> None:
+    async with FakeKlingServer(task_duration=0.05) as server:
+        async with kling_client(server, max_in_flight=3) as client:
+            results = client.run_batch([text_job(n) for n in range(6)])
+            seen = []
+            async for _ in results:
+                seen.append(results.progress)
+    assert seen[-1] == ka.BatchProgress(submitted=6, running=0, succeeded=6, failed=0)
+    assert seen[-1].done == 6
+    assert all(p.running <= 3 for p in seen)

@@ -31,6 +31,7 @@ RESULT_FIELDS = {
     "submitted_at",
     "finished_at",
     "polls",
+    "path",
 }
 SECRET = "sk-not-the-right-key-7f3a9c"
 
@@ -357,3 +358,45 @@ def test_ctrl_c_keeps_the_results_so_far(tmp_path: Path) -> None:
     assert stderr.strip().splitlines()[-1] == "kling-async: interrupted"
     lines = results(out)
     assert 2 <= len(lines) < 20 and all(line["ok"] for line in lines)
+
+
+@pytest.mark.anyio
+async def test_journal_resumes_without_creating_any_task_twice(tmp_path: Path) -> None:
+    jobs = write_jsonl(tmp_path / "jobs.jsonl", *(text_job(n, key=f"k{n}") for n in range(4)))
+    journal = tmp_path / "dub.journal"
+    first, second = tmp_path / "first.jsonl", tmp_path / "second.jsonl"
+    async with FakeKlingServer(task_duration=0.02) as server:
+        common = ("--base-url", server.url, "--journal", str(journal), "--first-poll", "0.02")
+        done = await acli(
+            "run", str(jobs), "--out", str(first), *common, KLING_API_KEY="sk-sandbox"
+        )
+        assert done.returncode == 0, done.stderr.decode()
+        assert server.tasks_created == 4
+        # Two more lines, then the same command again: only the new jobs are submitted.
+        write_jsonl(jobs, *(text_job(n, key=f"k{n}") for n in range(6)))
+        again = await acli(
+            "run", str(jobs), "--out", str(second), *common, KLING_API_KEY="sk-sandbox"
+        )
+        assert again.returncode == 0, again.stderr.decode()
+    assert server.tasks_created == 6
+    assert sorted(r["key"] for r in results(first)) == ["k0", "k1", "k2", "k3"]
+    assert sorted(r["key"] for r in results(second)) == ["k4", "k5"]
+
+
+def test_download_saves_the_videos(tmp_path: Path) -> None:
+    jobs = write_jsonl(tmp_path / "jobs.jsonl", text_job(1, key="ep1/line 1"), text_job(2, key="b"))
+    out = tmp_path / "results.jsonl"
+    done = cli("run", str(jobs), "--out", str(out), "--sandbox", "--download", str(tmp_path / "v"))
+    assert done.returncode == 0, done.stderr
+    paths = [Path(r["path"]) for r in results(out)]
+    assert len(paths) == 2
+    assert all(path.parent == tmp_path / "v" and path.stat().st_size > 0 for path in paths)
+
+
+def test_resubmit_unknown_needs_a_journal(tmp_path: Path) -> None:
+    jobs = write_jsonl(tmp_path / "jobs.jsonl", text_job(1))
+    done = cli(
+        "run", str(jobs), "--out", str(tmp_path / "r.jsonl"), "--sandbox", "--resubmit-unknown"
+    )
+    assert done.returncode == 2
+    assert "--resubmit-unknown goes with --journal" in done.stderr

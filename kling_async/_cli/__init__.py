@@ -54,6 +54,16 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a number above 0, not {text}")
+    return value
+
+
 def _count(text: str) -> int:
     try:
         value = int(text)
@@ -131,6 +141,35 @@ def build_parser() -> argparse.ArgumentParser:
         "--skip-invalid",
         action="store_true",
         help="run the valid lines of a job file with bad lines, instead of stopping",
+    )
+    run.add_argument(
+        "--first-poll",
+        metavar="S",
+        type=_positive_float,
+        help="seconds from a submit to the task's first status query (default 10)",
+    )
+    run.add_argument(
+        "--max-poll-interval",
+        metavar="S",
+        type=_positive_float,
+        help="longest wait between two status queries of a task (default 30)",
+    )
+    run.add_argument(
+        "--journal",
+        metavar="FILE",
+        help="keep progress in this file (SQLite); run the same command again after a crash "
+        "to resume: finished jobs are not redone and no job gets a second task",
+    )
+    run.add_argument(
+        "--resubmit-unknown",
+        action="store_true",
+        help="with --journal: submit again a job whose earlier submit may or may not have "
+        "created a task (it may then be paid twice)",
+    )
+    run.add_argument(
+        "--download",
+        metavar="DIR",
+        help="save each finished video in DIR (named after the job key) before reporting it",
     )
     run.set_defaults(handler=run_command)
 

@@ -16,6 +16,8 @@ from typing import Any, TextIO
 import anyio
 from tqdm import tqdm
 
+from .._iterator import BatchIterator
+
 __all__ = ["Progress", "TqdmLogHandler"]
 
 
@@ -40,8 +42,9 @@ class Progress:
     """Counts of a run and their display.
 
     ``mode`` is ``"bar"`` (a live tqdm bar), ``"lines"`` (a plain line every ``interval``
-    seconds and at the end) or ``"quiet"`` (nothing).  ``submitted`` counts jobs the batch has
-    taken up (each holds, or waits for, a task slot); ``running`` those of them not yet done.
+    seconds and at the end) or ``"quiet"`` (nothing).  Once :meth:`watch` is given the batch,
+    ``submitted`` and ``running`` are the batch's own counts of tasks submitted and running on
+    the server; before that, jobs taken up and not yet done.
     """
 
     def __init__(
@@ -61,6 +64,11 @@ class Progress:
         self.failed = 0
         self._started = time.monotonic()
         self._bar: tqdm[Any] | None = None
+        self._batch: BatchIterator | None = None
+
+    def watch(self, results: BatchIterator) -> None:
+        """Read submitted and running task counts from this batch from now on."""
+        self._batch = results
 
     def start(self) -> None:
         """Start the clock (and show the bar): the batch begins now."""
@@ -86,8 +94,15 @@ class Progress:
 
     @property
     def running(self) -> int:
-        """Jobs taken up and not yet finished."""
+        """Tasks running on the server (before :meth:`watch`: jobs taken up, not done)."""
+        if self._batch is not None:
+            return self._batch.progress.running
         return max(0, self.submitted - self.done)
+
+    @property
+    def tasks_submitted(self) -> int:
+        """Tasks submitted so far (before :meth:`watch`: jobs taken up)."""
+        return self._batch.progress.submitted if self._batch is not None else self.submitted
 
     @property
     def elapsed(self) -> float:
@@ -143,7 +158,11 @@ class Progress:
 
     def _postfix(self) -> None:
         if self._bar is not None:
-            counts = {"submitted": self.submitted, "running": self.running, "failed": self.failed}
+            counts = {
+                "submitted": self.tasks_submitted,
+                "running": self.running,
+                "failed": self.failed,
+            }
             self._bar.set_postfix(counts, refresh=False)  # a dict keeps this order
 
     def _print(self, text: str) -> None:

@@ -13,8 +13,10 @@ from pathlib import Path
 from typing import Any, TextIO
 
 import anyio
+import attrs
 
 from .._batch import BatchIterator
+from .._config import PollPolicy
 from .._errors import KlingError, ValidationError
 from .._jobs import LipSyncJob
 from .._results import JobResult, TaskState
@@ -52,6 +54,7 @@ def result_line(result: JobResult, line: int | None = None) -> dict[str, Any]:
         "submitted_at": result.submitted_at,
         "finished_at": result.finished_at,
         "polls": result.polls,
+        "path": str(result.path) if result.path is not None else None,
     }
 
 
@@ -191,13 +194,29 @@ class _Run:
                     "no account, no network)",
                     file=sys.stderr,
                 )
+        if args.first_poll is not None or args.max_poll_interval is not None:
+            poll = options.get("poll", PollPolicy())
+            first = args.first_poll if args.first_poll is not None else poll.first_delay
+            longest = args.max_poll_interval or max(poll.max_interval, first)
+            options["poll"] = attrs.evolve(poll, first_delay=first, max_interval=longest)
         client = await stack.enter_async_context(make_client(args, **options))
+        if args.resubmit_unknown and not args.journal:
+            raise CliError("--resubmit-unknown goes with --journal")
+        batch_options: dict[str, Any] = {}
+        if args.journal:
+            batch_options["journal"] = args.journal
+            batch_options["resubmit_unknown"] = args.resubmit_unknown
+        if args.download:
+            batch_options["download_to"] = args.download
         self.progress.start()
-        return await stack.enter_async_context(client.run_batch(self._feed()))
+        results = client.run_batch(self._feed(), **batch_options)
+        self.progress.watch(results)
+        return await stack.enter_async_context(results)
 
     def _record(self, result: JobResult, line: int | None = None) -> None:
         self.writer.write(result, line)
-        self.progress.job_finished(result.ok)
+        # A video made but not saved (--download failed) counts as a failure of the run.
+        self.progress.job_finished(result.ok and result.error is None)
 
     async def _feed(self) -> AsyncIterator[LipSyncJob]:
         """The jobs, built one at a time as the batch asks (audio files read off the loop)."""
