@@ -184,9 +184,9 @@ class _Run:
             options["poll"], options["retry"] = sandbox_policies(duration)
             options["base_url"] = server.url
             if args.dialect == "apimodels":
-                # apimodels documents no concurrency refusal like 1303, so the library retries
-                # the fake's HTTP 429 as a rate limit and, past max_attempts, fails the job:
-                # stay within the sandbox account's limit instead.
+                # apimodels documents no concurrency refusal like 1303: its HTTP 429 is a plain
+                # rate limit, which waits but cannot shrink the task slots.  Stay within the
+                # sandbox account's limit so the demo does not spin on refusals.
                 options["max_in_flight"] = min(args.max_in_flight, TASK_LIMIT)
             if not args.quiet:
                 print(
