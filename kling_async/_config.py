@@ -85,7 +85,7 @@ class PollPolicy:
     list_queries: bool = attrs.field(default=True, validator=_flag)
     max_concurrent_queries: int = attrs.field(default=8, validator=_count)
     callback_safety_interval: float = attrs.field(default=300.0, validator=_positive)
-    lag_share: float = attrs.field(default=0.05, validator=_positive)
+    lag_share: float = attrs.field(default=0.0475, validator=_positive)
     list_yield: float = attrs.field(default=10.0, validator=_positive)
 
 

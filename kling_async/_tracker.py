@@ -26,98 +26,22 @@ from typing import Any
 import anyio
 import anyio.lowlevel
 
-from ._backoff import DurationModel, fit_durations, poll_delay, retry_delay
+from ._backoff import DurationModel, poll_delay, retry_delay
 from ._config import PollPolicy, RetryPolicy
 from ._errors import KlingError, NotFoundError
 from ._requester import Requester
 from ._results import TaskSnapshot, TaskState
+from ._watch import Learner, Watch
 from .dialects import Dialect
 
 __all__ = ["Tracker", "Watch"]
 
 logger = logging.getLogger("kling_async")
 
-#: Tasks (the most recently started of a stage) the duration model is fitted to.
-_SAMPLE_SIZE = 256
-#: Finished tasks needed before a model replaces the fixed back-off.
-_MIN_SAMPLES = 8
-#: Most finishes between two refits of a model.
-_REFIT_EVERY = 8
+#: Longest interval before a model exists, in first_delays.
+_COLD_INTERVALS = 3
 #: Most list pages read in one refresh; tasks not found by then are queried one by one.
 _MAX_LIST_PAGES = 3
-
-
-class Watch:
-    """One tracked task: its schedule, poll count and, once it ends, its terminal snapshot.
-
-    Kept small (slots, no event of its own): a tracker may hold a hundred thousand of them.
-    ``on_done(watch)`` is called once, when ``result`` has been set.
-    """
-
-    __slots__ = (
-        "busy",
-        "due",
-        "ended",
-        "errors",
-        "on_done",
-        "polled",
-        "polls",
-        "result",
-        "stage",
-        "started",
-        "task_id",
-        "unlisted",
-    )
-
-    def __init__(
-        self, task_id: str, stage: str, started: float, on_done: Callable[[Watch], None]
-    ) -> None:
-        self.task_id = task_id
-        self.stage = stage
-        self.started = started
-        self.on_done = on_done
-        self.due = math.inf
-        self.polled = started  # when the last answer about the task came
-        self.polls = 0
-        self.errors = 0
-        self.busy = False
-        self.unlisted = False  # too old for the list pages: queried on its own
-        # Seconds from start to a finish the server reported; negative: tracking stopped
-        # otherwise after that many seconds (the task ran at least that long).
-        self.ended: float | None = None
-        self.result: TaskSnapshot | None = None
-
-    def __repr__(self) -> str:
-        return f"Watch({self.task_id!r}, stage={self.stage!r}, polls={self.polls})"
-
-    def __lt__(self, other: Watch) -> bool:
-        # Ties in the heap (equal due times) are broken by task id: any order will do.
-        return self.task_id < other.task_id
-
-
-class _Learner:
-    """The recent tasks of one stage and the duration model fitted to them."""
-
-    __slots__ = ("cohort", "fresh", "model")
-
-    def __init__(self) -> None:
-        self.cohort: deque[Watch] = deque(maxlen=_SAMPLE_SIZE)
-        self.fresh = 0
-        self.model: DurationModel | None = None
-
-    def refit(self, now: float, lag_share: float) -> None:
-        self.fresh = 0
-        observations = [
-            (now - w.started, False)
-            if w.ended is None
-            else (w.ended, True)
-            if w.ended >= 0
-            else (-w.ended, False)
-            for w in self.cohort
-        ]
-        self.model = fit_durations(observations, lag_share, min_finished=_MIN_SAMPLES) or (
-            self.model
-        )
 
 
 class Tracker:
@@ -150,10 +74,12 @@ class Tracker:
         self._sleep_until = math.inf
         self._queue: deque[Watch | str] = deque()  # a watch to query, or a stage to list
         self._work = anyio.Event()
-        self._learners: dict[str, _Learner] = {}
+        self._learners: dict[str, Learner] = {}
         self._listable: dict[str, bool] = {}
-        self._listing: dict[str, list[Watch]] = {}  # stage -> due watches the list must cover
-        self._list_due: dict[str, float] = {}
+        # stage -> (due watches the list refresh must cover, pages whose turn it is)
+        self._listing: dict[str, tuple[list[Watch], set[int]]] = {}
+        self._list_due: dict[tuple[str, int], float] = {}  # (stage, page) -> early refresh
+        self._page_size: dict[str, int] = {}
         first = poll.first_delay or poll.max_interval / 100
         self._floor = min(first, poll.max_interval)
         self.requests = 0
@@ -266,31 +192,35 @@ class Tracker:
                 continue
             watch.busy = True
             due.append(watch)
-        stages = [stage for stage, when in self._list_due.items() if when <= now]
-        for stage in stages:
-            del self._list_due[stage]
-        if not due and not stages:
+        pages = [key for key, when in self._list_due.items() if when <= now]
+        for key in pages:
+            del self._list_due[key]
+        if not due and not pages:
             return
         if not self._poll.list_queries:
             self._queue.extend(due)
         else:
-            by_stage: dict[str, list[Watch]] = {stage: [] for stage in stages}
+            by_stage: dict[str, tuple[list[Watch], set[int]]] = {}
+            for stage, page in pages:
+                by_stage.setdefault(stage, ([], set()))[1].add(page)
             for watch in due:
-                by_stage.setdefault(watch.stage, []).append(watch)
-            for stage, watches in by_stage.items():
-                self._plan_refresh(stage, watches)
+                by_stage.setdefault(watch.stage, ([], set()))[0].append(watch)
+            for stage, (watches, turns) in by_stage.items():
+                self._plan_refresh(stage, watches, turns)
         self._work.set()
 
-    def _plan_refresh(self, stage: str, due: list[Watch]) -> None:
-        alone = [w for w in due if w.unlisted]
+    def _plan_refresh(self, stage: str, due: list[Watch], pages: set[int]) -> None:
+        alone = [w for w in due if w.depth < 0]
         if alone:
             self._queue.extend(alone)
-            due = [w for w in due if not w.unlisted]
+            due = [w for w in due if w.depth >= 0]
+            if not due and not pages:
+                return
         listing = self._listing.get(stage)
         if listing is not None:
-            listing.extend(due)  # the refresh in flight answers for them too
-        elif self._listed(stage) and (len(due) > 1 or self._live_in(stage) > 1):
-            self._listing[stage] = due
+            listing[0].extend(due)  # the refresh in flight answers for them too
+        elif self._listed(stage) and (len(due) > 1 or pages or self._live_in(stage) > 1):
+            self._listing[stage] = (due, pages)
             self._queue.append(stage)
         else:
             # One task: a single query costs the same and never misses (list pages hold only
@@ -333,58 +263,84 @@ class Tracker:
             self._apply(watch, snapshot, anyio.current_time())
 
     async def _refresh_by_list(self, stage: str) -> None:
-        wanted = {
-            w.task_id: w for w in self._watches.values() if w.stage == stage and not w.unlisted
-        }
-        page_size = min(self._dialect.list_page_size, max(30, 2 * len(wanted)))
-        found: dict[str, TaskSnapshot] = {}
+        """Read the list pages due watches (or a page's early refresh) call for; apply all found.
+
+        New tasks are on the first page; older ones sink as newer tasks are created, so a due
+        watch not on its last known page is looked for on the next ones, up to
+        ``_MAX_LIST_PAGES``, and queried on its own when it is not there either.
+        """
+        due, turns = self._listing[stage]
+        wanted = {w.task_id: w for w in self._watches.values() if w.stage == stage and w.depth >= 0}
+        # Pages grow with the tasks to cover and never shrink: depths stay comparable, and the
+        # last long tasks of a batch are still found deep down.
+        size = self._page_size[stage] = min(
+            self._dialect.list_page_size,
+            max(30, 4 * len(wanted), self._page_size.get(stage, 0)),
+        )
+        found: dict[str, tuple[TaskSnapshot, int]] = {}
+        read: set[int] = set()
         try:
-            for page in range(1, _MAX_LIST_PAGES + 1):
-                request = self._dialect.list_request(stage, page, page_size)
+            while True:
+                expected = [1 + w.depth // size for w in due if w.task_id not in found]
+                unread = {p for p in [*expected, *turns] if p not in read and p <= _MAX_LIST_PAGES}
+                if not unread:
+                    break
+                page = min(unread)
+                request = self._dialect.list_request(stage, page, size)
                 if request is None:
                     break
                 self.requests += 1
                 response = await self._requester.transport.send(request)
                 snapshots = self._dialect.parse_list(stage, response)
-                found.update((s.task_id, s) for s in snapshots if s.task_id in wanted)
-                # Read further only for a task that is due: the others can wait their turn.
-                due = self._listing.get(stage, ())
-                if len(snapshots) < page_size or all(w.task_id in found for w in due):
-                    break
+                read.add(page)
+                first = (page - 1) * size
+                for index, snapshot in enumerate(snapshots):
+                    if snapshot.task_id in wanted:
+                        found[snapshot.task_id] = (snapshot, first + index)
+                for watch in due:
+                    if watch.task_id not in found and 1 + watch.depth // size <= page:
+                        watch.depth = page * size  # newer tasks pushed it further down
+                if len(snapshots) < size:
+                    break  # the last page
         except KlingError as exc:
-            for watch in self._listing.pop(stage, []):
+            for watch in self._listing.pop(stage, ([], set()))[0]:
                 self._query_failed(watch, exc)
             return
         now = anyio.current_time()
-        for task_id, snapshot in found.items():
+        for task_id, (snapshot, depth) in found.items():
             watch = wanted[task_id]
+            watch.depth = depth
             if watch.result is None:
                 self._apply(watch, snapshot, now)
-        for watch in self._listing.pop(stage, []):
+        for watch in wanted.values():
+            if watch.task_id not in found and 1 + watch.depth // size in read:
+                watch.depth = (1 + watch.depth // size) * size  # not due, and it has sunk
+        for watch in self._listing.pop(stage, ([], set()))[0]:
             if watch.result is None and watch.task_id not in found:
                 # Not on the newest pages (newer tasks crowd them): ask directly, from now on.
-                watch.unlisted = True
+                watch.depth = -1
                 self._queue.append(watch)
                 self._work.set()
         self._plan_list(stage, now)
 
     def _plan_list(self, stage: str, now: float) -> None:
-        """Refresh ``stage`` early once about ``list_yield`` of its tasks should have ended."""
+        """Refresh a page early once about ``list_yield`` of its tasks should have ended."""
         learner = self._learners.get(stage)
         model = learner.model if learner else None
         if model is None:
             return
-        rate = sum(
-            model.hazard(now - w.started)
-            for w in self._watches.values()
-            if w.stage == stage and w.result is None
-        )
-        if rate <= 0:
-            return
-        when = now + max(self._floor, self._poll.list_yield / rate)
-        self._list_due[stage] = when
-        if when < self._sleep_until:
-            self._wakeup.set()
+        size = self._page_size.get(stage, self._dialect.list_page_size)
+        rates: dict[int, float] = {}
+        for watch in self._watches.values():
+            if watch.stage == stage and watch.result is None and watch.depth >= 0:
+                page = 1 + watch.depth // size
+                rates[page] = rates.get(page, 0.0) + model.hazard(now - watch.started)
+        for page, rate in rates.items():
+            if rate > 0:
+                when = now + max(self._floor, self._poll.list_yield / rate)
+                self._list_due[stage, page] = when
+                if when < self._sleep_until:
+                    self._wakeup.set()
 
     def _apply(self, watch: Watch, snapshot: TaskSnapshot, now: float) -> None:
         watch.busy = False
@@ -399,14 +355,26 @@ class Tracker:
 
     def _delay(self, watch: Watch, now: float) -> float:
         model = self.model(watch.stage)
+        listed = self._poll.list_queries and watch.depth >= 0 and self._listed(watch.stage)
         if model is None:
             delay = poll_delay(self._poll, watch.polls, self._rng)
+            if self._poll.adaptive:
+                # Until the first model, keep looking every few first_delays: the back-off's
+                # long intervals would cost the first tasks a long lag for a few saved polls.
+                delay = min(delay, _COLD_INTERVALS * self._floor * (1 + self._poll.jitter))
+        elif listed and watch.depth >= self._page_size.get(watch.stage, 1):
+            # Only a deeper list page shows it, among few of our tasks: that page is read when
+            # about list_yield finishes are expected there, or after max_interval.
+            delay = self._poll.max_interval
         else:
             age = now - watch.started
             after = model.next_poll(age)
             base = self._poll.max_interval if after is None else after - age
-            base = min(max(base, self._floor), self._poll.max_interval)
-            delay = base * (1.0 + self._poll.jitter * (2.0 * self._rng.random() - 1.0))
+            delay = min(max(base, self._floor), self._poll.max_interval)
+            if not listed:
+                # With list queries the earliest task sets the pace for all: no jitter there,
+                # it would only pull every refresh earlier.
+                delay *= 1.0 + self._poll.jitter * (2.0 * self._rng.random() - 1.0)
         if self._callbacks:
             # Callbacks finish tasks; polls only catch the ones that got lost.
             delay = max(delay, self._poll.callback_safety_interval)
@@ -447,30 +415,29 @@ class Tracker:
 
     # -- learning ------------------------------------------------------------------------
 
-    def _learner(self, stage: str) -> _Learner:
+    def _learner(self, stage: str) -> Learner:
         learner = self._learners.get(stage)
         if learner is None:
-            learner = self._learners[stage] = _Learner()
+            learner = self._learners[stage] = Learner()
         return learner
 
     def _learn(self, watch: Watch, snapshot: TaskSnapshot, now: float, ended: float) -> None:
         """Record how long ``watch``'s task took; it ended by ``now``, about at ``ended``."""
         if not self._poll.adaptive or watch.ended is not None:
             return
-        # The server's own timestamps say when the task ended; our poll only saw it later, and
-        # learning "duration + lag" would stretch every schedule (by 5% at 3 minutes).
-        observed = now - watch.started
-        duration = ended - watch.started
-        if snapshot.created_at is not None and snapshot.updated_at is not None:
-            reported = snapshot.updated_at - snapshot.created_at
-            if 0 < reported <= observed + self._poll.max_interval:
-                duration = reported
-        watch.ended = max(duration, 0.0)
         learner = self._learner(watch.stage)
-        learner.fresh += 1
-        # Refit after every finish while few are known, then every few (it sorts the cohort).
-        if learner.fresh >= min(_REFIT_EVERY, 1 + len(learner.cohort) // 32):
-            learner.refit(now, self._poll.lag_share)
+        first = learner.model is None
+        learner.finished(watch, snapshot, now, ended, self._poll)
+        if first and learner.model is not None:
+            self._reschedule(watch.stage, now)
+
+    def _reschedule(self, stage: str, now: float) -> None:
+        """Bring polls forward that the back-off had put later than the new model asks."""
+        for watch in self._watches.values():
+            if watch.stage == stage and not watch.busy and watch.result is None:
+                when = watch.polled + self._delay(watch, watch.polled)
+                if when < watch.due:
+                    self._schedule(watch, max(when, now))
 
     def _listed(self, stage: str) -> bool:
         listed = self._listable.get(stage)

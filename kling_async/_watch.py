@@ -1,0 +1,122 @@
+"""What the tracker keeps per task (:class:`Watch`) and per stage (:class:`Learner`).
+
+No I/O here: a watch is a small record (a tracker may hold a hundred thousand), a learner the
+recent tasks of one stage and the duration model fitted to them (:mod:`._backoff`).
+"""
+
+from __future__ import annotations
+
+import math
+from collections import deque
+from collections.abc import Callable
+
+from ._backoff import DurationModel, fit_durations
+from ._config import PollPolicy
+from ._results import TaskSnapshot
+
+__all__ = ["Learner", "Watch"]
+
+#: Tasks (the most recently started of a stage) the duration model is fitted to.
+_SAMPLE_SIZE = 256
+#: Finished tasks needed before a model replaces the fixed back-off.
+_MIN_SAMPLES = 8
+#: Most finishes between two refits of a model.
+_REFIT_EVERY = 8
+
+
+class Watch:
+    """One tracked task: its schedule, poll count and, once it ends, its terminal snapshot.
+
+    Kept small (slots, no event of its own): a tracker may hold a hundred thousand of them.
+    ``on_done(watch)`` is called once, when ``result`` has been set.
+    """
+
+    __slots__ = (
+        "busy",
+        "depth",
+        "due",
+        "ended",
+        "errors",
+        "on_done",
+        "polled",
+        "polls",
+        "result",
+        "stage",
+        "started",
+        "task_id",
+    )
+
+    def __init__(
+        self, task_id: str, stage: str, started: float, on_done: Callable[[Watch], None]
+    ) -> None:
+        self.task_id = task_id
+        self.stage = stage
+        self.started = started
+        self.on_done = on_done
+        self.due = math.inf
+        self.polled = started  # when the last answer about the task came
+        self.polls = 0
+        self.errors = 0
+        self.busy = False
+        # Where the newest-first task list showed it last (0 for a new task); -1: beyond the
+        # pages read, so it is queried on its own from then on.
+        self.depth = 0
+        # Seconds from start to a finish the server reported; negative: tracking stopped
+        # otherwise after that many seconds (the task ran at least that long).
+        self.ended: float | None = None
+        self.result: TaskSnapshot | None = None
+
+    def __repr__(self) -> str:
+        return f"Watch({self.task_id!r}, stage={self.stage!r}, polls={self.polls})"
+
+    def __lt__(self, other: Watch) -> bool:
+        # Ties in the heap (equal due times) are broken by task id: any order will do.
+        return self.task_id < other.task_id
+
+
+class Learner:
+    """The recent tasks of one stage and the duration model fitted to them.
+
+    The cohort is the last ``_SAMPLE_SIZE`` tasks *started*: finished ones with their
+    durations, running ones as "at least this long", so that the fit is not biased towards the
+    tasks that happen to finish first.
+    """
+
+    __slots__ = ("cohort", "fresh", "model")
+
+    def __init__(self) -> None:
+        self.cohort: deque[Watch] = deque(maxlen=_SAMPLE_SIZE)
+        self.fresh = 0
+        self.model: DurationModel | None = None
+
+    def refit(self, now: float, lag_share: float) -> None:
+        self.fresh = 0
+        observations = [
+            (now - w.started, False)
+            if w.ended is None
+            else (w.ended, True)
+            if w.ended >= 0
+            else (-w.ended, False)
+            for w in self.cohort
+        ]
+        self.model = fit_durations(observations, lag_share, min_finished=_MIN_SAMPLES) or (
+            self.model
+        )
+
+    def finished(
+        self, watch: Watch, snapshot: TaskSnapshot, now: float, ended: float, poll: PollPolicy
+    ) -> None:
+        """Record that ``watch``'s task ended (seen at ``now``, about at ``ended``); maybe refit."""
+        # The server's own timestamps say when the task ended; our poll only saw it later, and
+        # learning "duration + lag" would stretch every schedule (by 5% at 3 minutes).
+        observed = now - watch.started
+        duration = ended - watch.started
+        if snapshot.created_at is not None and snapshot.updated_at is not None:
+            reported = snapshot.updated_at - snapshot.created_at
+            if 0 < reported <= observed + poll.max_interval:
+                duration = reported
+        watch.ended = max(duration, 0.0)
+        self.fresh += 1
+        # Refit after every finish while few are known, then every few (it sorts the cohort).
+        if self.fresh >= min(_REFIT_EVERY, 1 + len(self.cohort) // 32):
+            self.refit(now, poll.lag_share)
