@@ -73,7 +73,7 @@ class Tracker:
         self._wakeup = anyio.Event()
         self._sleep_until = math.inf
         self._queue: deque[Watch | str] = deque()  # a watch to query, or a stage to list
-        self._work = anyio.Event()
+        self._idle: deque[anyio.Event] = deque()  # one per worker waiting for work
         self._learners: dict[str, Learner] = {}
         self._listable: dict[str, bool] = {}
         # stage -> (due watches the list refresh must cover, pages whose turn it is)
@@ -120,7 +120,14 @@ class Tracker:
         self._watches[task_id] = watch
         if self._poll.adaptive:
             self._learner(stage).cohort.append(watch)
-        self._schedule(watch, now + self._delay(watch, now))
+        delay = self._delay(watch, now)
+        if delay <= 0 and not self._poll.list_queries:
+            # Due at once (first_delay 0): straight to a worker, without waking the loop.
+            watch.busy = True
+            self._queue.append(watch)
+            self._kick()
+        else:
+            self._schedule(watch, now + delay)
         return watch
 
     def unwatch(self, watch: Watch) -> None:
@@ -207,7 +214,7 @@ class Tracker:
                 by_stage.setdefault(watch.stage, ([], set()))[0].append(watch)
             for stage, (watches, turns) in by_stage.items():
                 self._plan_refresh(stage, watches, turns)
-        self._work.set()
+        self._kick()
 
     def _plan_refresh(self, stage: str, due: list[Watch], pages: set[int]) -> None:
         alone = [w for w in due if w.depth < 0]
@@ -244,9 +251,14 @@ class Tracker:
                 elif item.result is None:
                     await self._refresh_one(item)
                 continue
-            if self._work.is_set():
-                self._work = anyio.Event()
-            await self._work.wait()
+            idle = anyio.Event()
+            self._idle.append(idle)
+            await idle.wait()
+
+    def _kick(self) -> None:
+        """Wake one idle worker per queued item (not all of them: no thundering herd)."""
+        for _ in range(min(len(self._queue), len(self._idle))):
+            self._idle.popleft().set()
 
     # -- refreshing ----------------------------------------------------------------------
 
@@ -320,7 +332,7 @@ class Tracker:
                 # Not on the newest pages (newer tasks crowd them): ask directly, from now on.
                 watch.depth = -1
                 self._queue.append(watch)
-                self._work.set()
+                self._kick()
         self._plan_list(stage, now)
 
     def _plan_list(self, stage: str, now: float) -> None:
