@@ -10,10 +10,11 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import sys
 import traceback
-from collections.abc import Sequence
-from typing import NoReturn
+from collections.abc import Callable, Sequence
+from typing import NoReturn, TypeVar
 
 from .. import __version__
 from .._errors import AuthenticationError, KlingError
@@ -44,44 +45,31 @@ class _Parser(argparse.ArgumentParser):
         super().error(message)
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, not {value}")
-    return value
+N = TypeVar("N", int, float)
 
 
-def _positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-    if not 0 < value < float("inf"):
-        raise argparse.ArgumentTypeError(f"must be a number above 0, not {text}")
-    return value
+def _bounded(
+    convert: Callable[[str], N], what: str, *, least: N, strict: bool = False
+) -> Callable[[str], N]:
+    """An argparse ``type`` reading ``what`` (a finite number) of at least (or above) ``least``."""
+
+    def parse(text: str) -> N:
+        try:
+            value = convert(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not {what}: {text!r}") from None
+        if not math.isfinite(value) or value < least or (strict and value == least):
+            bound = "above" if strict else "at least"
+            raise argparse.ArgumentTypeError(f"must be {what} {bound} {least}, not {text!r}")
+        return value
+
+    return parse
 
 
-def _count(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be at least 0, not {value}")
-    return value
-
-
-def _seconds(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
-    if not value >= 0 or value == float("inf"):
-        raise argparse.ArgumentTypeError(f"must be a finite number of seconds >= 0: {text!r}")
-    return value
+_positive_int = _bounded(int, "a whole number", least=1)
+_count = _bounded(int, "a whole number", least=0)
+_positive_float = _bounded(float, "a number", least=0.0, strict=True)
+_seconds = _bounded(float, "a number of seconds", least=0.0)
 
 
 def build_parser() -> argparse.ArgumentParser:
