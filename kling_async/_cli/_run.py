@@ -168,8 +168,8 @@ class _Run:
                     async for result in results:
                         self._record(result)
                 except Exception as exc:
-                    # Raised after the client is closed: raised through `async with client`,
-                    # it would come out wrapped in an ExceptionGroup.
+                    # Raised once the progress task group is closed: raised through it, the
+                    # error would come out wrapped in an ExceptionGroup.
                     stopped = exc
                 group.cancel_scope.cancel()
         if stopped is not None:
