@@ -43,7 +43,11 @@ class HttpRequest:
 
 @attrs.frozen(kw_only=True)
 class HttpResponse:
-    """An answer as received: status, headers (lower-case names) and the raw body."""
+    """An answer as received: status, headers and the raw body.
+
+    ``headers`` answers lookups by lower-case name (the transport hands over aiohttp's
+    case-insensitive headers as they are; a plain dict must hold lower-case names).
+    """
 
     status: int
     body: bytes = b""

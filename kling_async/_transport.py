@@ -90,6 +90,11 @@ class Transport:
         )
         self._user_agent = user_agent
         self._clock = clock
+        # Built once and reused while the Authorization value stays the same (always, for a
+        # static key; until the next mint for a JWT): aiohttp copies headers into its own
+        # multidict, never mutating ours.
+        self._authorization = ""
+        self._headers: dict[str, str] = {}
 
     @property
     def session(self) -> aiohttp.ClientSession:
@@ -127,24 +132,29 @@ class Transport:
             return False
         return isinstance(error, AuthenticationError) and error.token_expired
 
+    def _request_headers(self) -> dict[str, str]:
+        authorization = self._credentials.authorization(self._clock())
+        if authorization != self._authorization:
+            self._authorization = authorization
+            self._headers = {
+                "Authorization": authorization,
+                "Accept": "application/json",
+                "User-Agent": self._user_agent,
+            }
+        return self._headers
+
     async def _send_once(self, request: HttpRequest) -> HttpResponse:
         url = request.url(self.base_url)
-        headers = {
-            "Authorization": self._credentials.authorization(self._clock()),
-            "Accept": "application/json",
-            "User-Agent": self._user_agent,
-        }
+        headers = self._request_headers()
         started = time.monotonic()
         try:
             async with self.session.request(
                 request.method, url, json=request.json, headers=headers, timeout=self._timeout
             ) as answer:
                 body = await _read_bounded(answer)
-                response = HttpResponse(
-                    status=answer.status,
-                    body=body,
-                    headers={k.lower(): v for k, v in answer.headers.items()},
-                )
+                # aiohttp's headers are a case-insensitive multidict already: looked up by a
+                # lower-case name they answer as HttpResponse promises, without a copy per answer.
+                response = HttpResponse(status=answer.status, body=body, headers=answer.headers)
         except KlingError:
             raise
         except aiohttp.ClientConnectorError as exc:
@@ -155,13 +165,14 @@ class Transport:
             ) from None
         except aiohttp.ClientError as exc:
             raise TransportError(f"{request.method} {request.path}: {type(exc).__name__}") from None
-        logger.debug(
-            "%s %s -> %d in %.3f s",
-            request.method,
-            request.path,
-            response.status,
-            time.monotonic() - started,
-        )
+        if logger.isEnabledFor(logging.DEBUG):
+            logger.debug(
+                "%s %s -> %d in %.3f s",
+                request.method,
+                request.path,
+                response.status,
+                time.monotonic() - started,
+            )
         return response
 
     @contextlib.asynccontextmanager

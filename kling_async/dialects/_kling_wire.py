@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Mapping
-from typing import Any, TypeVar
+from typing import Any, NamedTuple, TypeVar
 
 import attrs
 import cattrs
@@ -172,6 +172,106 @@ def map_state(raw: str, *, where: str, status: int | None) -> TaskState:
     return state
 
 
+class _Flat(NamedTuple):
+    """The fields of one task object that the snapshot needs, already checked."""
+
+    task_id: str
+    task_status: str | None
+    task_status_msg: str | None
+    urls: tuple[str, ...]
+    created_at: float | None
+    updated_at: float | None
+    parent_video_url: str | None
+    external_task_id: str | None
+
+
+def _opt_str(value: object) -> bool:
+    return value is None or type(value) is str
+
+
+def _opt_ms(value: object) -> bool:
+    # Exactly int or float (not bool, not a numeric string): anything else takes the strict path.
+    return value is None or (type(value) in (int, float) and math.isfinite(value))  # type: ignore[arg-type]
+
+
+def _fast_task(raw: object) -> _Flat | None:
+    """The fields of a well-formed task object by plain dict access; None when in any doubt.
+
+    Almost every answer is well-formed, and the cattrs converter costs several times as much.
+    This path accepts only what the converter would accept *with the same result* (plain
+    strings, numbers, JSON objects and lists where the wire structures say so); anything else,
+    even when the converter would take it (an id sent as a number), returns None and takes the
+    strict path, which also writes the error messages.
+    """
+    if type(raw) is not dict:
+        return None
+    get = raw.get
+    task_id, status, message = get("task_id"), get("task_status"), get("task_status_msg")
+    created, updated = get("created_at"), get("updated_at")
+    if not (
+        type(task_id) is str
+        and _opt_str(status)
+        and _opt_str(message)
+        and _opt_ms(created)
+        and _opt_ms(updated)
+    ):
+        return None
+    urls: tuple[str, ...] = ()
+    result = get("task_result")
+    if result is not None:
+        videos = result.get("videos", ()) if type(result) is dict else None
+        if type(videos) not in (list, tuple):
+            return None
+        for video in videos:  # type: ignore[union-attr]
+            if type(video) is not dict or type(video.get("url")) is not str:
+                return None
+            if not _opt_str(video.get("id")):
+                return None
+        urls = tuple(video["url"] for video in videos if video["url"])  # type: ignore[union-attr]
+    parent_url = external = None
+    info = get("task_info")
+    if info is not None:
+        if type(info) is not dict:
+            return None
+        external, parent = info.get("external_task_id"), info.get("parent_video")
+        if not _opt_str(external):
+            return None
+        if parent is not None:
+            if type(parent) is not dict:
+                return None
+            parent_url = parent.get("url")
+            if not (_opt_str(parent_url) and _opt_str(parent.get("id"))):
+                return None
+    return _Flat(
+        task_id=task_id,
+        task_status=status,
+        task_status_msg=message,
+        urls=urls,
+        created_at=None if created is None else float(created),
+        updated_at=None if updated is None else float(updated),
+        parent_video_url=parent_url,
+        external_task_id=external,
+    )
+
+
+def _strict_task(raw: object, *, where: str, status: int | None) -> _Flat:
+    """The same fields through the cattrs converter, with its detailed error messages."""
+    task = _structure(raw, _Task, where=where, status=status)
+    videos = task.task_result.videos if task.task_result else []
+    info = task.task_info or _TaskInfo()
+    parent = info.parent_video
+    return _Flat(
+        task_id=task.task_id,
+        task_status=task.task_status,
+        task_status_msg=task.task_status_msg,
+        urls=tuple(video.url for video in videos if video.url),
+        created_at=task.created_at,
+        updated_at=task.updated_at,
+        parent_video_url=parent.url if parent else None,
+        external_task_id=info.external_task_id,
+    )
+
+
 def task_snapshot(
     raw: object,
     *,
@@ -184,23 +284,20 @@ def task_snapshot(
     ``default_state`` stands in for a missing ``task_status`` (a submit answer without one can
     only mean the task was just submitted); without it a missing status is malformed.
     """
-    task = _structure(raw, _Task, where=where, status=status)
+    task = _fast_task(raw) or _strict_task(raw, where=where, status=status)
     if task.task_status is not None:
         state = map_state(task.task_status, where=where, status=status)
     elif default_state is not None:
         state = default_state
     else:
         raise MalformedResponseError(f"{where}.task_status is missing", status=status)
-    videos = task.task_result.videos if task.task_result else []
-    urls = tuple(video.url for video in videos if video.url)
+    urls = task.urls
     if state is TaskState.SUCCEEDED and not urls:
         # A success without a video cannot be delivered; a later query may well carry it.
         raise MalformedResponseError(
             f"{where}: task {task.task_id} succeeded without task_result.videos[].url",
             status=status,
         )
-    info = task.task_info or _TaskInfo()
-    parent = info.parent_video
     return TaskSnapshot(
         task_id=task.task_id,
         state=state,
@@ -208,8 +305,8 @@ def task_snapshot(
         video_urls=urls,
         created_at=_seconds(task.created_at),
         updated_at=_seconds(task.updated_at),
-        parent_video_url=(parent.url or None) if parent else None,
-        external_task_id=info.external_task_id or None,
+        parent_video_url=task.parent_video_url or None,
+        external_task_id=task.external_task_id or None,
     )
 
 
