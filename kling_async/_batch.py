@@ -15,11 +15,12 @@ import functools
 import logging
 import math
 import os
-from collections.abc import AsyncIterable, AsyncIterator, Iterable
+from collections.abc import AsyncIterable, Iterable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import anyio
+import anyio.lowlevel
 import attrs
 from anyio.abc import TaskGroup
 from anyio.streams.memory import MemoryObjectSendStream
@@ -38,8 +39,9 @@ from ._errors import (
 from ._iterator import BatchIterator
 from ._jobs import LipSyncJob
 from ._results import BatchProgress, JobResult, TaskSnapshot, TaskState
-from ._resume import SKIP, Resume
-from ._slots import TaskSlots
+from ._resume import Resume
+from ._slots import SlotHold, TaskSlots
+from ._source import JobSource
 from ._tracker import Tracker
 from .dialects import Submit
 
@@ -114,7 +116,8 @@ class Batch:
         self._download_to = Path(download_to) if download_to is not None else None
         self.resume: Resume | None = None
         self._slots = TaskSlots(client.max_in_flight)
-        self._credit = anyio.Semaphore(2 * client.max_in_flight)
+        # fast_acquire: taking a free credit needs no trip through the event loop.
+        self._credit = anyio.Semaphore(2 * client.max_in_flight, fast_acquire=True)
         self._scope = anyio.CancelScope()
         self._finished = anyio.Event()
         self._consumer_done = anyio.Event()
@@ -213,30 +216,42 @@ class Batch:
                 await self._credit.acquire()
                 group.start_soon(self._track_one, task_id, send)
             return
-        index = 0
-        async for job in _aiter(self._jobs or ()):
-            key = job.key if isinstance(job, LipSyncJob) and job.key else str(index)
-            index += 1
-            if self.resume is not None:
-                try:
-                    known = self.resume.admit(key, job)
-                except ValidationError as exc:
-                    self._abort(exc)  # duplicate key, or a changed job: stop, resumably
-                    return
-                if known is SKIP:
-                    continue
-                if known is not None:  # finished in an earlier run, not yet taken
-                    await self._credit.acquire()
-                    group.start_soon(self._report, known, send)
-                    continue
+        source = JobSource(self._jobs or (), self.resume)
+        for _ in range(self._slots.capacity):
+            group.start_soon(self._runner, source, send)
+
+    async def _runner(self, source: JobSource, send: MemoryObjectSendStream[JobResult]) -> None:
+        """Run jobs one after another, each holding a task slot; one runner per slot.
+
+        Not a task per job: spawning it and handing it the slot cost more trips through the
+        event loop than the job's own two requests (benchmarks/README.md, "Overhead").
+        """
+        while True:
             await self._credit.acquire()
             await self._slots.acquire()
-            group.start_soon(self._run_job, key, job, send)
+            try:
+                item = await source.next()
+            except ValidationError as exc:
+                self._slots.release()
+                self._abort(exc)  # duplicate key, or a changed job: stop, resumably
+                return
+            except BaseException:
+                self._slots.release()
+                raise
+            if item is None:
+                self._slots.release()
+                self._credit.release()
+                return
+            if isinstance(item, JobResult):  # finished in an earlier run, not yet taken
+                self._slots.release()
+                await self._report(item, send)
+                continue
+            await self._run_job(*item, send)
 
     async def _run_job(
         self, key: str, job: LipSyncJob, send: MemoryObjectSendStream[JobResult]
     ) -> None:
-        slot = _Slot(self._slots)
+        slot = SlotHold(self._slots)
         task_id: str | None = None
         submitted_at: float | None = None
         polls = 0
@@ -307,7 +322,13 @@ class Batch:
             else:
                 result = attrs.evolve(result, path=path)
         self.counts["succeeded" if result.ok else "failed"] += 1
-        await send.send(result)
+        # The stream is unbounded (the credit semaphore bounds it): no waiting to send.  The
+        # checkpoint comes *after* the result is handed over, so that a consumer woken by it
+        # runs before this runner submits another job: a consumer that leaves the loop on this
+        # result must find no newer submit on its way.
+        await anyio.lowlevel.checkpoint_if_cancelled()
+        send.send_nowait(result)
+        await anyio.lowlevel.checkpoint()
 
     async def _track_one(self, task_id: str, send: MemoryObjectSendStream[JobResult]) -> None:
         self._live[task_id] = task_id
@@ -316,7 +337,7 @@ class Batch:
         self._live.pop(task_id, None)
         await self._report(self._result(task_id, terminal, None, polls), send)
 
-    async def _create(self, step: Submit, slot: _Slot, key: str | None = None) -> TaskSnapshot:
+    async def _create(self, step: Submit, slot: SlotHold, key: str | None = None) -> TaskSnapshot:
         """Submit one step, waiting out 1303 refusals; the first submit of a batch goes alone.
 
         With a ``key`` (a journaled job) the journal records the intent before each attempt
@@ -324,10 +345,14 @@ class Batch:
         """
         canary = not self._canary_taken
         self._canary_taken = True
-        if not canary:
+        if not canary and not self._first_answer.is_set():
             # Until one submit has been answered, send no other: a bad key or an empty account
             # then costs one request, not one per job.
             await self._first_answer.wait()
+        else:
+            # No trip through the event loop, but a job started just before the batch was told
+            # to stop must not send its submit (anyio delivers that cancellation only later).
+            await anyio.lowlevel.checkpoint_if_cancelled()
         refusals = 0
         retry = self._client.retry
         resume = self.resume if key is not None else None
@@ -471,31 +496,3 @@ class Batch:
     def consumer_done(self) -> None:
         """The consumer has left the stream: the journal may close."""
         self._consumer_done.set()
-
-
-class _Slot:
-    """One job's hold on a task slot, released at most once however the job ends."""
-
-    __slots__ = ("_held", "_slots")
-
-    def __init__(self, slots: TaskSlots) -> None:
-        self._slots = slots
-        self._held = True  # the feeder acquired it before starting the job
-
-    def release(self) -> None:
-        if self._held:
-            self._held = False
-            self._slots.release()
-
-    async def acquire(self) -> None:
-        await self._slots.acquire()
-        self._held = True
-
-
-async def _aiter(jobs: Iterable[Any] | AsyncIterable[Any]) -> AsyncIterator[Any]:
-    if isinstance(jobs, AsyncIterable):
-        async for job in jobs:
-            yield job
-    else:
-        for job in jobs:
-            yield job

@@ -6,6 +6,7 @@ import contextlib
 from typing import TYPE_CHECKING
 
 import anyio
+import anyio.lowlevel
 from anyio.streams.memory import MemoryObjectReceiveStream
 
 from ._results import BatchProgress, JobResult
@@ -50,7 +51,13 @@ class BatchIterator:
             if self._held is not None:
                 key, self._held = self._held, None
                 batch.delivered(key)
-            result = await self._receive.receive()
+            # A result already waiting is taken without receive()'s trip through the event loop
+            # (a cancelled consumer still sees its cancellation here).
+            await anyio.lowlevel.checkpoint_if_cancelled()
+            try:
+                result = self._receive.receive_nowait()
+            except anyio.WouldBlock:
+                result = await self._receive.receive()
         except anyio.EndOfStream:
             self._receive.close()
             batch.consumer_done()

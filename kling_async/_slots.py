@@ -13,7 +13,7 @@ from collections import deque
 
 import anyio
 
-__all__ = ["TaskSlots"]
+__all__ = ["SlotHold", "TaskSlots"]
 
 
 class TaskSlots:
@@ -74,3 +74,24 @@ class TaskSlots:
         while self._waiters and self.in_use < self.limit:
             self.in_use += 1
             self._waiters.popleft().set()
+
+
+class SlotHold:
+    """One job's hold on a task slot (taken before the job starts), released at most once."""
+
+    __slots__ = ("_held", "_slots")
+
+    def __init__(self, slots: TaskSlots) -> None:
+        self._slots = slots
+        self._held = True
+
+    def release(self) -> None:
+        """Give the slot back, unless already given."""
+        if self._held:
+            self._held = False
+            self._slots.release()
+
+    async def acquire(self) -> None:
+        """Take a slot again (after a 1303 refusal gave it back)."""
+        await self._slots.acquire()
+        self._held = True
