@@ -21,7 +21,6 @@ import math
 import random
 from collections import deque
 from collections.abc import Callable
-from typing import Any
 
 import anyio
 import anyio.lowlevel
@@ -105,6 +104,12 @@ class Tracker:
         A task already tracked keeps its watch, and both callbacks run.  After ``timeout`` the
         result is ``TIMED_OUT``.  :meth:`unwatch` stops tracking without a result.
         """
+        return self._add(task_id, stage, on_done)[0]
+
+    def _add(
+        self, task_id: str, stage: str, on_done: Callable[[Watch], None], inline: bool = False
+    ) -> tuple[Watch, bool]:
+        """:meth:`watch`; with ``inline``, True when the caller is to query the task at once."""
         existing = self._watches.get(task_id)
         if existing is not None:
             first = existing.on_done
@@ -114,7 +119,7 @@ class Tracker:
                 on_done(watch)
 
             existing.on_done = both
-            return existing
+            return existing, False
         now = anyio.current_time()
         watch = Watch(task_id, stage, now, on_done)
         self._watches[task_id] = watch
@@ -122,13 +127,16 @@ class Tracker:
             self._learner(stage).cohort.append(watch)
         delay = self._delay(watch, now)
         if delay <= 0 and not self._poll.list_queries:
-            # Due at once (first_delay 0): straight to a worker, without waking the loop.
+            # Due at once (first_delay 0): to a worker without waking the loop, or, while a
+            # worker idles, asked by the waiting task itself (see wait).
             watch.busy = True
+            if inline and self._idle:
+                return watch, True
             self._queue.append(watch)
             self._kick()
         else:
             self._schedule(watch, now + delay)
-        return watch
+        return watch, False
 
     def unwatch(self, watch: Watch) -> None:
         """Stop tracking ``watch`` (its waiter went away); no callback runs."""
@@ -144,9 +152,19 @@ class Tracker:
         if snapshot.state.is_terminal:
             return snapshot, 0
         ended = anyio.Event()
-        watch = self.watch(snapshot.task_id, stage, lambda _: ended.set())
+        watch, ask = self._add(snapshot.task_id, stage, lambda _: ended.set(), inline=True)
         try:
-            await ended.wait()
+            if ask:
+                # This task queries on an idle worker's turn (max_concurrent_queries holds):
+                # handing it over, and the answer back, would cost two trips through the loop.
+                turn = self._idle.popleft()
+                try:
+                    await self._refresh_one(watch)
+                finally:
+                    self._idle.appendleft(turn)
+                    self._kick()
+            if watch.result is None:
+                await ended.wait()
         finally:
             if watch.result is None:
                 self.unwatch(watch)
@@ -471,11 +489,10 @@ class Tracker:
 
 
 def _failed(task_id: str, error: KlingError) -> TaskSnapshot:
-    return TaskSnapshot(
-        task_id=task_id, state=TaskState.FAILED, message=str(error), error_code=_code(error)
-    )
-
-
-def _code(error: Any) -> int | None:
     code = getattr(error, "code", None)
-    return code if isinstance(code, int) else None
+    return TaskSnapshot(
+        task_id=task_id,
+        state=TaskState.FAILED,
+        message=str(error),
+        error_code=code if isinstance(code, int) else None,
+    )
