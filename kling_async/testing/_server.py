@@ -215,7 +215,9 @@ class FakeKlingServer:
         runner = web.AppRunner(app, access_log=None, shutdown_timeout=SHUTDOWN_SECONDS)
         await runner.setup()
         try:
-            site = web.TCPSite(runner, self.host, self._port)
+            # A deep accept queue: a batch opens up to max_in_flight connections at once, and
+            # past the default 128 the kernel drops SYNs and the client waits out a retransmit.
+            site = web.TCPSite(runner, self.host, self._port, backlog=1024)
             await site.start()
         except BaseException:
             await runner.cleanup()
