@@ -134,13 +134,14 @@ def build_parser() -> argparse.ArgumentParser:
         "--first-poll",
         metavar="S",
         type=_positive_float,
-        help="seconds from a submit to the task's first status query (default 10)",
+        help="seconds from a submit to a task's first status query until the batch has "
+        "learnt how long its tasks take (default 10)",
     )
     run.add_argument(
         "--max-poll-interval",
         metavar="S",
         type=_positive_float,
-        help="longest wait between two status queries of a task (default 30)",
+        help="longest wait between two status queries of a task (default 90)",
     )
     run.add_argument(
         "--journal",
