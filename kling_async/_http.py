@@ -10,13 +10,21 @@ import json
 import math
 from collections.abc import Mapping
 from typing import Literal
-from urllib.parse import urlencode, urlsplit
+from urllib.parse import SplitResult, urlencode, urlsplit
 
 import attrs
 
 from ._errors import MalformedResponseError, ValidationError
 
-__all__ = ["HttpRequest", "HttpResponse", "join_url", "normalize_base_url", "normalize_prefix"]
+__all__ = [
+    "URL_RULE",
+    "HttpRequest",
+    "HttpResponse",
+    "check_http_url",
+    "join_url",
+    "normalize_base_url",
+    "normalize_prefix",
+]
 
 Method = Literal["GET", "POST"]
 
@@ -83,26 +91,42 @@ class HttpResponse:
         return seconds if math.isfinite(seconds) and seconds >= 0 else None
 
 
+#: The rule every URL this library accepts from a caller follows.
+URL_RULE = "must be an http:// or https:// URL with a host"
+
+
+def check_http_url(field: str, value: object) -> SplitResult:
+    """Check that ``value`` is an http(s) URL with a host; return its parts.
+
+    Raises :class:`ValidationError` naming ``field`` (never a bare ``ValueError``: ``urlsplit``
+    raises one for "http://[::1" and a bad port).  The host must be real: "https://:80/x" and
+    "https://user@/x" have a netloc but no host.
+    """
+    if not isinstance(value, str):
+        raise ValidationError(field, URL_RULE)
+    try:
+        parts = urlsplit(value)
+        parts.port  # noqa: B018 - raises ValueError on a bad port
+    except ValueError:
+        raise ValidationError(field, URL_RULE) from None
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValidationError(field, URL_RULE)
+    return parts
+
+
 def normalize_base_url(base_url: str) -> str:
     """Check that ``base_url`` is an http(s) URL with a host, and drop a trailing slash.
 
     Surrounding whitespace (a trailing newline from an environment file) is dropped too.
     """
-    rule = "must be an http:// or https:// URL with a host"
     if not isinstance(base_url, str):
-        raise ValidationError("base_url", rule)
+        raise ValidationError("base_url", URL_RULE)
     base_url = base_url.strip()
     # urlsplit silently deletes tabs and newlines inside a URL, so it cannot be trusted to see
     # them; the joined URL would still carry them.
     if any(ch.isspace() or ord(ch) < 32 for ch in base_url):
         raise ValidationError("base_url", "must not contain whitespace or control characters")
-    try:
-        parts = urlsplit(base_url)
-        parts.port  # noqa: B018 - raises ValueError on a bad port
-    except ValueError:
-        raise ValidationError("base_url", rule) from None
-    if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise ValidationError("base_url", rule)
+    check_http_url("base_url", base_url)
     # Checked on the text: urlsplit reports an empty query for "https://host?", and joining
     # paths after any "?" or "#" would put them in the query or fragment.
     if "?" in base_url or "#" in base_url:

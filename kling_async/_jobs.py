@@ -11,11 +11,11 @@ import math
 import os
 from pathlib import Path
 from typing import Any, Literal
-from urllib.parse import urlsplit
 
 import attrs
 
 from ._errors import ValidationError
+from ._http import check_http_url
 
 __all__ = ["AUDIO_FORMATS", "MAX_AUDIO_BYTES", "MAX_TEXT_LENGTH", "LipSyncJob"]
 
@@ -50,20 +50,8 @@ def sniff_audio_format(data: bytes) -> str | None:
 
 
 def _check_url(field: str, value: str | None) -> None:
-    if value is None:
-        return
-    if not isinstance(value, str):
-        raise ValidationError(field, "must be a string URL")
-    rule = "must be an http:// or https:// URL with a host"
-    try:
-        parts = urlsplit(value)
-        parts.port  # noqa: B018 - raises ValueError on a bad port
-    except ValueError:
-        # urlsplit raises a plain ValueError (e.g. "http://[::1"), which is no KlingError.
-        raise ValidationError(field, rule) from None
-    # hostname, not netloc: "https://:80/x" and "https://user@/x" have a netloc but no host.
-    if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise ValidationError(field, rule)
+    if value is not None:
+        check_http_url(field, value)
 
 
 def _check_ms(field: str, value: int | None, *, optional: bool = False) -> None:

@@ -38,12 +38,12 @@ import re
 import secrets
 from collections.abc import Awaitable, Callable, Mapping, MutableMapping
 from typing import TYPE_CHECKING, Any
-from urllib.parse import urlsplit
 
 import attrs
 from aiohttp import web
 
 from ._errors import KlingError, ValidationError
+from ._http import check_http_url
 
 if TYPE_CHECKING:
     from ._client import KlingClient
@@ -140,14 +140,8 @@ class CallbackReceiver:
         receiver is mounted under (``"https://dub.example.com/hooks"``), not a loopback
         address; use https, since the URL carries the token.
         """
-        parts = urlsplit(base) if isinstance(base, str) else None
-        if (
-            parts is None
-            or parts.scheme not in ("http", "https")
-            or not parts.netloc
-            or parts.query
-            or parts.fragment
-        ):
+        parts = check_http_url("base", base)
+        if parts.query or parts.fragment:
             raise ValidationError("base", "must be an http(s) URL without query or fragment")
         return base.rstrip("/") + self.path
 
