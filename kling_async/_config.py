@@ -66,14 +66,17 @@ class PollPolicy:
     the queries of polling every 5 s).  Learnt intervals stay between ``first_delay`` and
     ``max_interval``.
 
-    With ``list_queries`` one paged list request refreshes every live task where the dialect
-    has one (API.md section 1, "Query many"): it goes out when the most urgent task is due, or
-    earlier once about ``list_yield`` tasks are expected to have finished since the last one,
-    which with many live tasks keeps the lag short at about ``1 / list_yield`` requests per
-    task.  ``max_concurrent_queries`` bounds status requests in flight at once.  When the
-    server sends callbacks (a batch with a ``callback_url``), polling goes on only as a safety
-    net, at most every ``callback_safety_interval`` seconds: callbacks are unsigned hints and
-    may be lost (API.md section 1, "Callback").
+    With ``list_queries`` one paged list request refreshes every live task on a page where the
+    dialect has one (API.md section 1, "Query many": newest first, 500 tasks a page).  A page
+    is read once about ``list_yield`` of its tasks are expected to have finished since its last
+    read, but never twice within ``list_min_interval`` and at least every ``max_interval``; the
+    first page also when one of its tasks is due by its own schedule.  With many live tasks that
+    is about ``1 / list_yield`` requests per task at a lag of a few seconds; long-running tasks
+    sink to deeper pages, which are read less often.  ``max_concurrent_queries`` bounds status
+    requests in flight at once.  When the server sends callbacks (a batch with a
+    ``callback_url``), polling goes on only as a safety net, at most every
+    ``callback_safety_interval`` seconds: callbacks are unsigned hints and may be lost (API.md
+    section 1, "Callback").
     """
 
     first_delay: float = attrs.field(default=10.0, validator=_non_negative)
@@ -86,7 +89,8 @@ class PollPolicy:
     max_concurrent_queries: int = attrs.field(default=8, validator=_count)
     callback_safety_interval: float = attrs.field(default=300.0, validator=_positive)
     lag_share: float = attrs.field(default=0.0475, validator=_positive)
-    list_yield: float = attrs.field(default=10.0, validator=_positive)
+    list_yield: float = attrs.field(default=13.0, validator=_positive)
+    list_min_interval: float = attrs.field(default=8.0, validator=_positive)
 
 
 @attrs.frozen(kw_only=True)

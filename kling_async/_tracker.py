@@ -7,10 +7,10 @@ tracked task is a small :class:`Watch` record; whoever waits for it gets a callb
 When to poll comes from :mod:`._backoff`: a fixed back-off until the tracker has learnt, per
 stage, how long tasks take (:func:`~._backoff.fit_durations`), then a schedule dense where
 finishes are likely and sparse elsewhere.  Where the dialect has a list query (a page holds up
-to 500 tasks, API.md section 1 "Query many") one request refreshes every live task of a stage:
-it goes out when any task is due, or earlier once about ``PollPolicy.list_yield`` finishes are
-expected.  Callbacks feed :meth:`Tracker.update` and finish a task at once.  Transient query
-errors (5xx, transport, 1302) only postpone the next poll; they never fail a task.
+to 500 tasks, API.md section 1 "Query many") one request refreshes every live task on a page:
+:mod:`._listing` decides which pages to read and when.  Callbacks feed :meth:`Tracker.update`
+and finish a task at once.  Transient query errors (5xx, transport, 1302) only postpone the next
+poll; they never fail a task.
 """
 
 from __future__ import annotations
@@ -28,6 +28,8 @@ import anyio.lowlevel
 from ._backoff import DurationModel, poll_delay, retry_delay
 from ._config import PollPolicy, RetryPolicy
 from ._errors import KlingError, NotFoundError
+from ._http import HttpRequest, HttpResponse
+from ._listing import ListPages
 from ._requester import Requester
 from ._results import TaskSnapshot, TaskState
 from ._watch import Learner, Watch
@@ -39,8 +41,6 @@ logger = logging.getLogger("kling_async")
 
 #: Longest interval before a model exists, in first_delays.
 _COLD_INTERVALS = 3
-#: Most list pages read in one refresh; tasks not found by then are queried one by one.
-_MAX_LIST_PAGES = 3
 
 
 class Tracker:
@@ -66,7 +66,7 @@ class Tracker:
         self._retry = retry
         self._rng = rng
         self._on_fatal = on_fatal
-        self._callbacks = callbacks
+        self.callbacks = callbacks
         self._watches: dict[str, Watch] = {}
         self._heap: list[tuple[float, Watch]] = []
         self._wakeup = anyio.Event()
@@ -74,13 +74,9 @@ class Tracker:
         self._queue: deque[Watch | str] = deque()  # a watch to query, or a stage to list
         self._idle: deque[anyio.Event] = deque()  # one per worker waiting for work
         self._learners: dict[str, Learner] = {}
-        self._listable: dict[str, bool] = {}
-        # stage -> (due watches the list refresh must cover, pages whose turn it is)
-        self._listing: dict[str, tuple[list[Watch], set[int]]] = {}
-        self._list_due: dict[tuple[str, int], float] = {}  # (stage, page) -> early refresh
-        self._page_size: dict[str, int] = {}
         first = poll.first_delay or poll.max_interval / 100
         self._floor = min(first, poll.max_interval)
+        self._lists = ListPages(self, dialect, poll)
         self.requests = 0
         #: Called with each task id the tracker stops watching; the client remembers them so
         #: that a late or repeated callback about the task is answered 2xx, without effect.
@@ -192,7 +188,7 @@ class Tracker:
             while True:
                 now = anyio.current_time()
                 self._dispatch(now)
-                wake = min([self._heap[0][0] if self._heap else math.inf, *self._list_due.values()])
+                wake = min(self._heap[0][0] if self._heap else math.inf, self._lists.next_due())
                 if wake <= now:
                     await anyio.lowlevel.checkpoint()
                     continue
@@ -217,9 +213,7 @@ class Tracker:
                 continue
             watch.busy = True
             due.append(watch)
-        pages = [key for key, when in self._list_due.items() if when <= now]
-        for key in pages:
-            del self._list_due[key]
+        pages = self._lists.take_due(now) if self._poll.list_queries else []
         if not due and not pages:
             return
         if not self._poll.list_queries:
@@ -231,26 +225,11 @@ class Tracker:
             for watch in due:
                 by_stage.setdefault(watch.stage, ([], set()))[0].append(watch)
             for stage, (watches, turns) in by_stage.items():
-                self._plan_refresh(stage, watches, turns)
+                if self._lists.listed(stage):
+                    self._lists.plan(stage, watches, turns)
+                else:
+                    self._queue.extend(watches)
         self._kick()
-
-    def _plan_refresh(self, stage: str, due: list[Watch], pages: set[int]) -> None:
-        alone = [w for w in due if w.depth < 0]
-        if alone:
-            self._queue.extend(alone)
-            due = [w for w in due if w.depth >= 0]
-            if not due and not pages:
-                return
-        listing = self._listing.get(stage)
-        if listing is not None:
-            listing[0].extend(due)  # the refresh in flight answers for them too
-        elif self._listed(stage) and (len(due) > 1 or pages or self._live_in(stage) > 1):
-            self._listing[stage] = (due, pages)
-            self._queue.append(stage)
-        else:
-            # One task: a single query costs the same and never misses (list pages hold only
-            # the newest tasks).
-            self._queue.extend(due)
 
     def _schedule(self, watch: Watch, when: float) -> None:
         when = min(when, watch.started + self._poll.timeout)
@@ -265,7 +244,7 @@ class Tracker:
             if queue:
                 item = queue.popleft()
                 if isinstance(item, str):
-                    await self._refresh_by_list(item)
+                    await self._lists.refresh(item)
                 elif item.result is None:
                     await self._refresh_one(item)
                 continue
@@ -292,86 +271,6 @@ class Tracker:
         if watch.result is None:
             self._apply(watch, snapshot, anyio.current_time())
 
-    async def _refresh_by_list(self, stage: str) -> None:
-        """Read the list pages due watches (or a page's early refresh) call for; apply all found.
-
-        New tasks are on the first page; older ones sink as newer tasks are created, so a due
-        watch not on its last known page is looked for on the next ones, up to
-        ``_MAX_LIST_PAGES``, and queried on its own when it is not there either.
-        """
-        due, turns = self._listing[stage]
-        wanted = {w.task_id: w for w in self._watches.values() if w.stage == stage and w.depth >= 0}
-        # Pages grow with the tasks to cover and never shrink: depths stay comparable, and the
-        # last long tasks of a batch are still found deep down.
-        size = self._page_size[stage] = min(
-            self._dialect.list_page_size,
-            max(30, 4 * len(wanted), self._page_size.get(stage, 0)),
-        )
-        found: dict[str, tuple[TaskSnapshot, int]] = {}
-        read: set[int] = set()
-        try:
-            while True:
-                expected = [1 + w.depth // size for w in due if w.task_id not in found]
-                unread = {p for p in [*expected, *turns] if p not in read and p <= _MAX_LIST_PAGES}
-                if not unread:
-                    break
-                page = min(unread)
-                request = self._dialect.list_request(stage, page, size)
-                if request is None:
-                    break
-                self.requests += 1
-                response = await self._requester.transport.send(request)
-                snapshots = self._dialect.parse_list(stage, response)
-                read.add(page)
-                first = (page - 1) * size
-                for index, snapshot in enumerate(snapshots):
-                    if snapshot.task_id in wanted:
-                        found[snapshot.task_id] = (snapshot, first + index)
-                for watch in due:
-                    if watch.task_id not in found and 1 + watch.depth // size <= page:
-                        watch.depth = page * size  # newer tasks pushed it further down
-                if len(snapshots) < size:
-                    break  # the last page
-        except KlingError as exc:
-            for watch in self._listing.pop(stage, ([], set()))[0]:
-                self._query_failed(watch, exc)
-            return
-        now = anyio.current_time()
-        for task_id, (snapshot, depth) in found.items():
-            watch = wanted[task_id]
-            watch.depth = depth
-            if watch.result is None:
-                self._apply(watch, snapshot, now)
-        for watch in wanted.values():
-            if watch.task_id not in found and 1 + watch.depth // size in read:
-                watch.depth = (1 + watch.depth // size) * size  # not due, and it has sunk
-        for watch in self._listing.pop(stage, ([], set()))[0]:
-            if watch.result is None and watch.task_id not in found:
-                # Not on the newest pages (newer tasks crowd them): ask directly, from now on.
-                watch.depth = -1
-                self._queue.append(watch)
-                self._kick()
-        self._plan_list(stage, now)
-
-    def _plan_list(self, stage: str, now: float) -> None:
-        """Refresh a page early once about ``list_yield`` of its tasks should have ended."""
-        learner = self._learners.get(stage)
-        model = learner.model if learner else None
-        if model is None:
-            return
-        size = self._page_size.get(stage, self._dialect.list_page_size)
-        rates: dict[int, float] = {}
-        for watch in self._watches.values():
-            if watch.stage == stage and watch.result is None and watch.depth >= 0:
-                page = 1 + watch.depth // size
-                rates[page] = rates.get(page, 0.0) + model.hazard(now - watch.started)
-        for page, rate in rates.items():
-            if rate > 0:
-                when = now + max(self._floor, self._poll.list_yield / rate)
-                self._list_due[stage, page] = when
-                if when < self._sleep_until:
-                    self._wakeup.set()
-
     def _apply(self, watch: Watch, snapshot: TaskSnapshot, now: float) -> None:
         watch.busy = False
         watch.polls += 1
@@ -385,17 +284,17 @@ class Tracker:
 
     def _delay(self, watch: Watch, now: float) -> float:
         model = self.model(watch.stage)
-        listed = self._poll.list_queries and watch.depth >= 0 and self._listed(watch.stage)
+        listed = self._poll.list_queries and watch.depth >= 0 and self._lists.listed(watch.stage)
+        if listed and self._lists.is_deep(watch):
+            # Only a deeper list page shows it, among few of our tasks: the page's own schedule
+            # reads it (and the time-out still ends it).
+            return math.inf
         if model is None:
             delay = poll_delay(self._poll, watch.polls, self._rng)
             if self._poll.adaptive:
                 # Until the first model, keep looking every few first_delays: the back-off's
                 # long intervals would cost the first tasks a long lag for a few saved polls.
                 delay = min(delay, _COLD_INTERVALS * self._floor * (1 + self._poll.jitter))
-        elif listed and watch.depth >= self._page_size.get(watch.stage, 1):
-            # Only a deeper list page shows it, among few of our tasks: that page is read when
-            # about list_yield finishes are expected there, or after max_interval.
-            delay = self._poll.max_interval
         else:
             age = now - watch.started
             after = model.next_poll(age)
@@ -405,7 +304,7 @@ class Tracker:
                 # With list queries the earliest task sets the pace for all: no jitter there,
                 # it would only pull every refresh earlier.
                 delay *= 1.0 + self._poll.jitter * (2.0 * self._rng.random() - 1.0)
-        if self._callbacks:
+        if self.callbacks:
             # Callbacks finish tasks; polls only catch the ones that got lost.
             delay = max(delay, self._poll.callback_safety_interval)
         return delay
@@ -469,16 +368,14 @@ class Tracker:
                 if when < watch.due:
                     self._schedule(watch, max(when, now))
 
-    def _listed(self, stage: str) -> bool:
-        listed = self._listable.get(stage)
-        if listed is None:
-            listed = self._listable[stage] = (
-                self._dialect.list_page_size > 0
-                and self._dialect.list_request(stage, 1, 1) is not None
-            )
-        return listed
+    # -- what ListPages calls ----------------------------------------------------------
 
-    def _live_in(self, stage: str) -> int:
+    def watched(self, stage: str) -> dict[str, Watch]:
+        """The live watches of ``stage`` that the task list can show, by task id."""
+        return {w.task_id: w for w in self._watches.values() if w.stage == stage and w.depth >= 0}
+
+    def live_in(self, stage: str) -> int:
+        """How many tasks of ``stage`` are tracked, counting no further than two."""
         count = 0
         for watch in self._watches.values():
             if watch.stage == stage:
@@ -486,6 +383,44 @@ class Tracker:
                 if count > 1:
                     break
         return count
+
+    async def send(self, request: HttpRequest) -> HttpResponse:
+        """Send a status request."""
+        return await self._requester.transport.send(request)
+
+    def query_each(self, watches: list[Watch]) -> None:
+        """Have ``watches`` queried one by one."""
+        self._queue.extend(watches)
+        self._kick()
+
+    def queue_list(self, stage: str) -> None:
+        """Have a worker run the pending list refresh of ``stage``."""
+        self._queue.append(stage)
+        self._kick()
+
+    def apply(self, watch: Watch, snapshot: TaskSnapshot, now: float) -> None:
+        """Take news of ``watch``'s task, seen at ``now``."""
+        self._apply(watch, snapshot, now)
+
+    def reschedule(self, watch: Watch, now: float) -> None:
+        """Schedule ``watch``'s next poll afresh (its place in the list changed)."""
+        self._schedule(watch, now + self._delay(watch, now))
+
+    def query_failed(self, watch: Watch, error: KlingError) -> None:
+        """A status request about ``watch`` failed."""
+        self._query_failed(watch, error)
+
+    def fatal(self, error: KlingError) -> None:
+        """An account-level error: the batch stops."""
+        self._on_fatal(error)
+
+    def wake_at(
+        self, dues: dict[tuple[str, int], float], key: tuple[str, int], when: float
+    ) -> None:
+        """Set ``dues[key]`` to ``when``, waking the loop if that is sooner than it sleeps."""
+        dues[key] = when
+        if when < self._sleep_until:
+            self._wakeup.set()
 
 
 def _failed(task_id: str, error: KlingError) -> TaskSnapshot:

@@ -37,6 +37,7 @@ FIELDS: list[tuple[Policy, str, str]] = [
     (PollPolicy, "callback_safety_interval", "positive"),
     (PollPolicy, "lag_share", "positive"),
     (PollPolicy, "list_yield", "positive"),
+    (PollPolicy, "list_min_interval", "positive"),
     (RetryPolicy, "max_attempts", "count"),
     (RetryPolicy, "base_delay", "non_negative"),
     (RetryPolicy, "max_delay", "non_negative"),

@@ -143,6 +143,11 @@ class FakeKlingServer:
         return self._gate.requests
 
     @property
+    def list_pages(self) -> collections.Counter[int]:
+        """List-query pages read, by page number (all stages and dialects together)."""
+        return self._account.list_pages
+
+    @property
     def tasks(self) -> dict[str, FakeTask]:
         """Every task created, by task id."""
         return self._account.tasks

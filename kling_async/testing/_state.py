@@ -7,6 +7,7 @@ when it ends, and its state is computed from the event loop's clock whenever som
 
 from __future__ import annotations
 
+import collections
 import heapq
 import random
 import string
@@ -244,6 +245,8 @@ class Account:
         self.sessions: dict[str, FaceSession] = {}
         self.external_ids: set[str] = set()
         self.max_running_seen = 0
+        #: List pages read, by page number (benchmarks and tests look at deep reads).
+        self.list_pages: collections.Counter[int] = collections.Counter()
         self._running: set[str] = set()
         self._ends: list[tuple[float, str]] = []
         self._order: dict[tuple[Dialect, Stage], list[str]] = {}

@@ -1,0 +1,207 @@
+"""Refreshing many live tasks at once from the newest-first task list.
+
+Where the dialect has a list query (API.md section 1, "Query many": up to 500 tasks a page,
+newest first, finished tasks included) one request refreshes every live task on a page.  Page
+``p`` of size ``s`` holds the tasks at depths ``(p - 1) * s`` to ``p * s - 1``; a task sinks as
+newer ones are created, so long-running tasks end up on deeper pages, among few of ours.
+
+Each page is read on its own schedule: when about ``PollPolicy.list_yield`` of its tasks should
+have ended since it was last read (by the learnt duration model), never more often than every
+``list_min_interval`` and at least every ``max_interval``.  The first page is also read
+whenever one of its tasks is due by its own schedule (with few live tasks that is what keeps
+the lag short).
+A task found missing from its page has sunk: it waits for the next page's turn instead of
+having that page read at once (chasing every sinking task had cost a deep read per first-page
+read), and past ``_MAX_PAGES`` it is queried on its own.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import TYPE_CHECKING
+
+import anyio
+
+from ._config import PollPolicy
+from ._errors import KlingError
+from ._results import TaskSnapshot
+from ._watch import Watch
+from .dialects import Dialect
+
+if TYPE_CHECKING:
+    from ._tracker import Tracker
+
+__all__ = ["ListPages"]
+
+#: Deepest list page read; tasks sunk below it are queried one by one.
+_MAX_PAGES = 3
+#: Smallest page read (a page's size grows with the live tasks, never shrinking).
+_MIN_PAGE_SIZE = 30
+
+
+class ListPages:
+    """The list-query side of a :class:`~._tracker.Tracker`: which pages to read, and when."""
+
+    def __init__(self, tracker: Tracker, dialect: Dialect, poll: PollPolicy) -> None:
+        self._tracker = tracker
+        self._dialect = dialect
+        self._poll = poll
+        self._floor = min(poll.list_min_interval, poll.max_interval)
+        self._listable: dict[str, bool] = {}
+        self._size: dict[str, int] = {}
+        self._read_at: dict[tuple[str, int], float] = {}  # (stage, page) -> last read
+        self._due: dict[tuple[str, int], float] = {}  # (stage, page) -> next read by its schedule
+        # stage -> (due first-page watches the refresh answers for, pages whose turn it is)
+        self._pending: dict[str, tuple[list[Watch], set[int]]] = {}
+
+    def listed(self, stage: str) -> bool:
+        """Whether ``stage`` has a list query at all."""
+        listed = self._listable.get(stage)
+        if listed is None:
+            listed = self._listable[stage] = (
+                self._dialect.list_page_size > 0
+                and self._dialect.list_request(stage, 1, 1) is not None
+            )
+        return listed
+
+    def is_deep(self, watch: Watch) -> bool:
+        """Whether ``watch`` is on a deeper page than the first (read by its page's schedule)."""
+        return watch.depth >= self._size.get(watch.stage, self._dialect.list_page_size)
+
+    def next_due(self) -> float:
+        """When the earliest page is due (``inf``: none)."""
+        return min(self._due.values(), default=math.inf)
+
+    def take_due(self, now: float) -> list[tuple[str, int]]:
+        """The pages due by ``now``, no longer scheduled."""
+        pages = [key for key, when in self._due.items() if when <= now]
+        for key in pages:
+            del self._due[key]
+        return pages
+
+    def plan(self, stage: str, due: list[Watch], pages: set[int]) -> None:
+        """Have ``due`` watches and the ``pages`` whose turn it is refreshed by one worker."""
+        tracker = self._tracker
+        alone = [w for w in due if w.depth < 0]
+        if alone:
+            tracker.query_each(alone)
+            due = [w for w in due if w.depth >= 0]
+        if not due and not pages:
+            return
+        pending = self._pending.get(stage)
+        if pending is not None:
+            pending[0].extend(due)  # the refresh in flight answers for them too
+            pending[1].update(pages)
+        elif len(due) > 1 or pages or tracker.live_in(stage) > 1:
+            self._pending[stage] = (due, set(pages))
+            tracker.queue_list(stage)
+        else:
+            # One task: a single query costs the same and never misses (the list holds only
+            # the newest tasks).
+            tracker.query_each(due)
+
+    async def refresh(self, stage: str) -> None:
+        """Read the pages the pending refresh of ``stage`` calls for; apply what they show."""
+        tracker = self._tracker
+        due, turns = self._pending[stage]
+        wanted = tracker.watched(stage)
+        # Pages grow with the tasks to cover and never shrink: depths stay comparable, and the
+        # last long tasks of a batch are still found deep down.
+        size = self._size[stage] = min(
+            self._dialect.list_page_size,
+            max(_MIN_PAGE_SIZE, 4 * len(wanted), self._size.get(stage, 0)),
+        )
+        found: dict[str, tuple[TaskSnapshot, int]] = {}
+        read: set[int] = set()
+        try:
+            while True:
+                due, turns = self._pending[stage]  # watches may join while a page is read
+                expected = {1 + w.depth // size for w in due if w.task_id not in found}
+                unread = {p for p in expected | turns if p not in read and p <= _MAX_PAGES}
+                if not unread:
+                    break
+                page = min(unread)
+                request = self._dialect.list_request(stage, page, size)
+                if request is None:
+                    break
+                tracker.requests += 1
+                response = await tracker.send(request)
+                snapshots = self._dialect.parse_list(stage, response)
+                read.add(page)
+                self._read_at[stage, page] = anyio.current_time()
+                first = (page - 1) * size
+                for index, snapshot in enumerate(snapshots):
+                    if snapshot.task_id in wanted:
+                        found[snapshot.task_id] = (snapshot, first + index)
+                if len(snapshots) < size:
+                    read.update(range(page + 1, _MAX_PAGES + 1))  # the last page: none deeper
+                    break
+        except KlingError as exc:
+            self._failed(stage, exc)
+            return
+        due, turns = self._pending.pop(stage)
+        now = anyio.current_time()
+        for task_id, (snapshot, depth) in found.items():
+            watch = wanted[task_id]
+            watch.depth = depth
+            if watch.result is None:
+                tracker.apply(watch, snapshot, now)
+        for watch in wanted.values():
+            if watch.task_id not in found and 1 + watch.depth // size in read:
+                self._sink(watch, size, now)
+        late = [w for w in due if w.result is None and w.busy and w.task_id not in found]
+        for watch in late:
+            watch.busy = False
+        if late:
+            # Joined after their page was read: one more refresh answers for them.
+            self.plan(stage, late, set())
+        self._replan(stage, now)
+
+    def _sink(self, watch: Watch, size: int, now: float) -> None:
+        """``watch`` was not on its page: newer tasks pushed it to the next one."""
+        watch.busy = False
+        page = 2 + watch.depth // size
+        if page > _MAX_PAGES:
+            # Too deep to list cheaply: asked directly, by its own schedule, from now on.
+            watch.depth = -1
+            self._tracker.reschedule(watch, now)
+            return
+        watch.depth = (page - 1) * size
+        self._read_at.setdefault((watch.stage, page), now)  # its wait starts now
+        self._tracker.reschedule(watch, now)  # a deep watch waits for its page's turn
+
+    def _replan(self, stage: str, now: float) -> None:
+        """Set each page's next read from its last one and the finishes expected on it."""
+        tracker = self._tracker
+        model = tracker.model(stage)
+        size = self._size.get(stage, self._dialect.list_page_size)
+        rates: dict[int, float] = {}
+        for watch in tracker.watched(stage).values():
+            if watch.result is None and watch.depth >= 0:
+                page = 1 + watch.depth // size
+                hazard = model.hazard(now - watch.started) if model is not None else 0.0
+                rates[page] = rates.get(page, 0.0) + hazard
+        for key in [k for k in self._due if k[0] == stage and k[1] not in rates]:
+            del self._due[key]
+        for page, rate in rates.items():
+            if page == 1 and model is None:
+                continue  # before a model, first-page tasks keep their own back-off
+            interval = self._poll.list_yield / rate if rate > 0 else math.inf
+            interval = min(max(interval, self._floor), self._poll.max_interval)
+            if tracker.callbacks:
+                interval = max(interval, self._poll.callback_safety_interval)
+            tracker.wake_at(
+                self._due, (stage, page), self._read_at.get((stage, page), now) + interval
+            )
+
+    def _failed(self, stage: str, error: KlingError) -> None:
+        tracker = self._tracker
+        due, turns = self._pending.pop(stage, ([], set()))
+        for watch in due:
+            tracker.query_failed(watch, error)
+        if not due and error.fatal:
+            tracker.fatal(error)
+        now = anyio.current_time()
+        for page in turns:
+            # Transient: the page's turn comes again after the shortest interval.
+            tracker.wake_at(self._due, (stage, page), now + self._floor)

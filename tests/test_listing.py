@@ -1,0 +1,74 @@
+"""List queries at depth: tasks that sink below the first page, against the fake server.
+
+The tracker's pages are at least 30 tasks long (4 per live task), so a long task overtaken by a
+few dozen short ones sinks to page 2, then page 3, then out of the pages read at all.
+"""
+
+from __future__ import annotations
+
+import anyio
+import pytest
+from helpers import FAST_RETRY, kling_client, text_job
+
+import kling_async as ka
+from kling_async.testing import FakeKlingServer
+
+pytestmark = pytest.mark.anyio
+
+#: Page 1 polled every 10 ms, deeper pages on their own schedule: every 0.2 s (max_interval;
+#: not adaptive, so no finishes are expected anywhere and that cap is the schedule).
+DEEP = ka.PollPolicy(
+    first_delay=0.01,
+    max_interval=0.2,
+    multiplier=1.0,
+    jitter=0.0,
+    adaptive=False,
+    list_min_interval=0.01,
+    timeout=20.0,
+)
+
+
+def one_long_then_short(long: float, short: int) -> tuple[list[ka.LipSyncJob], object]:
+    durations = iter([long, *[0.005] * short])
+    jobs = [text_job(0, key="long"), *(text_job(n, key=f"short-{n}") for n in range(1, short + 1))]
+    return jobs, lambda rng: next(durations)
+
+
+async def run(server: FakeKlingServer, jobs: list[ka.LipSyncJob]) -> dict[str, ka.JobResult]:
+    async with kling_client(server, max_in_flight=5, poll=DEEP, retry=FAST_RETRY) as client:
+        with anyio.fail_after(20):
+            return {r.key or "": r async for r in client.run_batch(jobs)}
+
+
+async def test_a_sunk_task_is_found_on_its_page_without_chasing_it() -> None:
+    jobs, duration = one_long_then_short(1.2, 50)
+    async with FakeKlingServer(task_duration=duration) as server:  # type: ignore[arg-type]
+        results = await run(server, jobs)
+    assert all(r.ok for r in results.values()) and len(results) == 51
+    assert results["long"].polls >= 1
+    pages = server.list_pages
+    assert pages[2] >= 1  # it was found there: no query of its own was needed
+    assert server.requests["query"] == 0
+    # Page 2 waits for its own turn (every 0.2 s over the long task's 1.2 s), instead of being
+    # read each time the sunk task would have been due (every 10 ms, like page 1: ~100 reads).
+    assert pages[2] <= 1.2 / 0.2 + 2, pages
+
+
+async def test_a_task_below_the_deepest_page_is_queried_on_its_own() -> None:
+    jobs, duration = one_long_then_short(1.5, 130)
+    async with FakeKlingServer(task_duration=duration) as server:  # type: ignore[arg-type]
+        results = await run(server, jobs)
+    assert all(r.ok for r in results.values()) and len(results) == 131
+    pages = server.list_pages
+    assert set(pages) <= {1, 2, 3}, pages  # never deeper than three pages
+    assert pages[3] >= 1
+    assert server.requests["query"] >= 1  # the long task, once it had sunk past page 3
+
+
+async def test_failed_deep_reads_are_retried_and_fail_no_task() -> None:
+    jobs, duration = one_long_then_short(1.0, 45)
+    async with FakeKlingServer(task_duration=duration) as server:  # type: ignore[arg-type]
+        server.script("list", status=500, code=5000, message="busy", times=40)
+        results = await run(server, jobs)
+    assert all(r.ok for r in results.values()), [str(r.error) for r in results.values()]
+    assert server.requests["faulted"] + server.requests["rejected"] >= 40
