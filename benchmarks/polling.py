@@ -23,6 +23,11 @@ are reported unscaled); fixed 0.5 s polling cannot be run that way (5 ms interva
 
     python benchmarks/polling.py      # 300 tasks on 20 slots, then a large account
     python benchmarks/polling.py --clock real --time-factor 0.01 --policies default "fixed 5 s"
+    python benchmarks/polling.py --frontier 20 50 100 200 300 400 500   # list queries by slots
+
+``--frontier`` runs the default policy with list queries on accounts of each size (20 tasks per
+slot) and prints, beside requests and lag, the pages read and the least any schedule can do
+with one page: see :func:`one_page_bound`.
 """
 
 from __future__ import annotations
@@ -112,6 +117,9 @@ async def run_one(
         virtual = anyio.current_time()
     status = requests.get("query", 0) + requests.get("list", 0)
     return {
+        "slots": scenario.slots,
+        "tasks": scenario.tasks,
+        "pages": dict(server.list_pages),
         "requests_per_task": status / scenario.tasks,
         "lists": requests.get("list", 0),
         "queries": requests.get("query", 0),
@@ -225,8 +233,8 @@ def scenarios(args: argparse.Namespace) -> list[Scenario]:
         Scenario(f"{args.tasks} tasks, {args.slots} slots", args.tasks, args.slots, chosen),
     ]
     if args.big_slots:
-        # The list-query goal needs many live tasks (see benchmarks/README.md): one page of a
-        # large account, list queries only, against fixed 5 s polling.
+        # The list-query goal needs many live tasks (see benchmarks/README.md and --frontier):
+        # a large account, list queries only, against fixed 5 s polling.
         big = tuple(p for p in chosen if p in ("default", "fixed 5 s"))
         found.append(
             Scenario(
@@ -240,6 +248,72 @@ def scenarios(args: argparse.Namespace) -> list[Scenario]:
     return found
 
 
+def one_page_bound(slots: int, lag_share: float = 0.03) -> float:
+    """Fewest status requests per task at a p50 lag of ``lag_share`` of the median, any schedule.
+
+    With ``slots`` live tasks, finishes arrive about as a Poisson stream at ``slots / mean``
+    per second; for half of them to be seen within ``lag_share * median`` a refresh must follow
+    every stretch of at most twice that, so at least one request per ``2 * lag_share * median``
+    seconds: ``mean / (slots * 2 * lag_share * median)`` per task.  It assumes one page shows
+    every live task, which is optimistic beyond about 150 slots (newer finished tasks push the
+    oldest live ones to deeper pages).
+    """
+    mean = MEDIAN * math.exp(SIGMA**2 / 2)
+    return mean / (slots * 2 * lag_share * MEDIAN)
+
+
+def frontier(
+    runner: Callable[[Callable[[], Any]], Any], slots: list[int], seed: int
+) -> list[dict[str, Any]]:
+    """The default policy with list queries, one account size after another."""
+    rows = []
+    for count in slots:
+        name = f"{20 * count} tasks, {count} slots"
+        scenario = Scenario(name, 20 * count, count, ("default",), modes=(True,))
+        rows.extend(run(runner, scenario, 1.0, seed))
+    return rows
+
+
+def frontier_report(rows: list[dict[str, Any]]) -> str:
+    lines = [
+        [
+            r["slots"],
+            r["tasks"],
+            r["requests_per_task"],
+            one_page_bound(r["slots"]),
+            r["lag_p50"] / MEDIAN * 100,
+            r["lag_p95"],
+            " / ".join(
+                str(n)
+                for n in (
+                    r["pages"].get(1, 0),
+                    r["pages"].get(2, 0),
+                    sum(n for p, n in r["pages"].items() if p > 2),
+                )
+            ),
+            r["queries"],
+            _met(r["requests_per_task"] <= 0.1 and r["lag_p50"] / MEDIAN <= 0.03),
+        ]
+        for r in rows
+    ]
+    header = [
+        "slots",
+        "tasks",
+        "status req/task",
+        "bound at 3%",
+        "p50 % median",
+        "lag p95 s",
+        "pages 1 / 2 / deeper read",
+        "single queries",
+        "goal met",
+    ]
+    return table(lines, header)
+
+
+def _met(flag: bool) -> str:
+    return "yes" if flag else "NO"
+
+
 def _run_real(main: Callable[[], Any]) -> Any:
     return asyncio.run(main())
 
@@ -248,8 +322,11 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     parser = argparse.ArgumentParser(description="polls per task and detection lag by policy")
     parser.add_argument("--tasks", type=int, default=300)
     parser.add_argument("--slots", type=int, default=20)
-    parser.add_argument("--big-tasks", type=int, default=4000)
-    parser.add_argument("--big-slots", type=int, default=200, help="0 to skip")
+    parser.add_argument("--big-tasks", type=int, default=6000)
+    parser.add_argument("--big-slots", type=int, default=300, help="0 to skip")
+    parser.add_argument(
+        "--frontier", type=int, nargs="+", metavar="SLOTS", help="list queries by account size"
+    )
     parser.add_argument("--clock", choices=("virtual", "real"), default="virtual")
     parser.add_argument("--time-factor", type=float, default=None)
     parser.add_argument("--seed", type=int, default=1)
@@ -260,6 +337,13 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     virtual = args.clock == "virtual"
     factor = args.time_factor or (1.0 if virtual else 0.01)
     runner = run_virtual if virtual else _run_real
+    if args.frontier:
+        if not virtual:
+            parser.error("--frontier runs on the virtual clock only")
+        rows = frontier(runner, args.frontier, args.seed)
+        print(f"default policy, list queries, 20 tasks per slot, seed {args.seed}, virtual clock")
+        print(frontier_report(rows))
+        return rows
     rows = [row for s in scenarios(args) for row in run(runner, s, factor, args.seed)]
     print(
         f"lognormal durations, median {MEDIAN:.0f} s, sigma {SIGMA}; {args.clock} clock, "

@@ -34,7 +34,7 @@ if TYPE_CHECKING:
 __all__ = ["ListPages"]
 
 #: Deepest list page read; tasks sunk below it are queried one by one.
-_MAX_PAGES = 3
+_MAX_PAGES = 5
 #: Smallest page read (a page's size grows with the live tasks, never shrinking).
 _MIN_PAGE_SIZE = 30
 

@@ -120,7 +120,7 @@ class Tracker:
         watch = Watch(task_id, stage, now, on_done)
         self._watches[task_id] = watch
         if self._poll.adaptive:
-            self._learner(stage).cohort.append(watch)
+            self._learner(stage).add(watch, len(self._watches))
         delay = self._delay(watch, now)
         if delay <= 0 and not self._poll.list_queries:
             # Due at once (first_delay 0): to a worker without waking the loop, or, while a

@@ -16,8 +16,10 @@ from ._results import TaskSnapshot
 
 __all__ = ["Learner", "Watch"]
 
-#: Tasks (the most recently started of a stage) the duration model is fitted to.
+#: Tasks (the most recently started of a stage) the duration model is fitted to: at least this
+#: many, and twice the live tasks up to _SAMPLE_MAX (see Learner).
 _SAMPLE_SIZE = 256
+_SAMPLE_MAX = 4096
 #: Finished tasks needed before a model replaces the fixed back-off.
 _MIN_SAMPLES = 8
 #: Most finishes between two refits of a model.
@@ -77,17 +79,28 @@ class Watch:
 class Learner:
     """The recent tasks of one stage and the duration model fitted to them.
 
-    The cohort is the last ``_SAMPLE_SIZE`` tasks *started*: finished ones with their
-    durations, running ones as "at least this long", so that the fit is not biased towards the
-    tasks that happen to finish first.
+    The cohort is the last tasks *started*: finished ones with their durations, running ones
+    as "at least this long", so that the fit is not biased towards the tasks that happen to
+    finish first.  It holds twice as many tasks as are live (at least ``_SAMPLE_SIZE``, at most
+    ``_SAMPLE_MAX``): with 500 live tasks, the newest 256 would all be young and mostly running,
+    and a fit to them overrates how soon older tasks end (a large account's list pages were
+    then read half again as often as needed).
     """
 
     __slots__ = ("cohort", "fresh", "model")
 
     def __init__(self) -> None:
-        self.cohort: deque[Watch] = deque(maxlen=_SAMPLE_SIZE)
+        self.cohort: deque[Watch] = deque()
         self.fresh = 0
         self.model: DurationModel | None = None
+
+    def add(self, watch: Watch, live: int) -> None:
+        """Take a newly tracked task into the cohort, ``live`` tasks being tracked in all."""
+        cohort = self.cohort
+        cohort.append(watch)
+        keep = min(max(_SAMPLE_SIZE, 2 * live), _SAMPLE_MAX)
+        while len(cohort) > keep:
+            cohort.popleft()
 
     def refit(self, now: float, lag_share: float) -> None:
         self.fresh = 0
@@ -117,6 +130,8 @@ class Learner:
                 duration = reported
         watch.ended = max(duration, 0.0)
         self.fresh += 1
-        # Refit after every finish while few are known, then every few (it sorts the cohort).
-        if self.fresh >= min(_REFIT_EVERY, 1 + len(self.cohort) // 32):
+        # Refit after every finish while few are known, then every few, and in a large cohort
+        # every 1/64 of it (a refit sorts the cohort).
+        size = len(self.cohort)
+        if self.fresh >= min(max(_REFIT_EVERY, size // 64), 1 + size // 32):
             self.refit(now, poll.lag_share)

@@ -1,7 +1,7 @@
 """List queries at depth: tasks that sink below the first page, against the fake server.
 
 The tracker's pages are at least 30 tasks long (4 per live task), so a long task overtaken by a
-few dozen short ones sinks to page 2, then page 3, then out of the pages read at all.
+few dozen short ones sinks to page 2, then deeper, and below page 5 out of the pages read.
 """
 
 from __future__ import annotations
@@ -55,14 +55,14 @@ async def test_a_sunk_task_is_found_on_its_page_without_chasing_it() -> None:
 
 
 async def test_a_task_below_the_deepest_page_is_queried_on_its_own() -> None:
-    jobs, duration = one_long_then_short(1.5, 130)
+    jobs, duration = one_long_then_short(2.0, 180)
     async with FakeKlingServer(task_duration=duration) as server:  # type: ignore[arg-type]
         results = await run(server, jobs)
-    assert all(r.ok for r in results.values()) and len(results) == 131
+    assert all(r.ok for r in results.values()) and len(results) == 181
     pages = server.list_pages
-    assert set(pages) <= {1, 2, 3}, pages  # never deeper than three pages
-    assert pages[3] >= 1
-    assert server.requests["query"] >= 1  # the long task, once it had sunk past page 3
+    assert set(pages) <= {1, 2, 3, 4, 5}, pages  # never deeper than five pages
+    assert pages[5] >= 1
+    assert server.requests["query"] >= 1  # the long task, once it had sunk past page 5
 
 
 async def test_failed_deep_reads_are_retried_and_fail_no_task() -> None:
