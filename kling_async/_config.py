@@ -89,7 +89,7 @@ class PollPolicy:
     max_concurrent_queries: int = attrs.field(default=8, validator=_count)
     callback_safety_interval: float = attrs.field(default=300.0, validator=_positive)
     lag_share: float = attrs.field(default=0.0475, validator=_positive)
-    list_yield: float = attrs.field(default=13.0, validator=_positive)
+    list_yield: float = attrs.field(default=12.5, validator=_positive)
     list_min_interval: float = attrs.field(default=8.0, validator=_positive)
 
 
