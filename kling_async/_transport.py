@@ -41,6 +41,15 @@ MAX_BODY_BYTES = 16 * 1024 * 1024
 class Timeouts:
     """Time-outs of one request, in seconds: to connect, between reads, and in all.
 
+    API calls are bounded by ``connect`` and ``total``: a server that stalls (never answers, or
+    stops mid-answer) fails with :class:`~kling_async.TransportTimeout` after at most ``total``
+    seconds.  ``read`` (the longest silence between two reads) applies to video downloads,
+    which have no total limit.  Why not ``read`` on API calls too: an API answer is a small
+    JSON body (bounded by :data:`MAX_BODY_BYTES`, normally a few KB that arrive at once), so
+    ``total`` already bounds it, while aiohttp re-arms a read timer at every request and every
+    chunk received (two more timers a request; at thousands of requests a second, a tenth of
+    the client's CPU, benchmarks/README.md "Overhead").
+
     The total is generous because a submit may upload up to 5 MB of base64 audio.
     """
 
@@ -49,9 +58,25 @@ class Timeouts:
     total: float = 180.0
 
     def to_aiohttp(self) -> aiohttp.ClientTimeout:
-        """The same limits as aiohttp's record."""
+        """All three limits as aiohttp's record (``read`` as ``sock_read``)."""
         return aiohttp.ClientTimeout(
             total=self.total, sock_connect=self.connect, connect=self.connect, sock_read=self.read
+        )
+
+    def for_api(self) -> aiohttp.ClientTimeout:
+        """An API call's limits for aiohttp: ``connect`` and ``total``, no per-read timer."""
+        return aiohttp.ClientTimeout(
+            total=self.total, sock_connect=self.connect, connect=self.connect
+        )
+
+    def for_download(self) -> aiohttp.ClientTimeout:
+        """The limits of a download as aiohttp takes them: ``connect`` and ``read``, no total.
+
+        A video may take long to arrive on a slow link: no total limit, but the same limits on
+        connecting and between reads, so a stalled download still fails.
+        """
+        return aiohttp.ClientTimeout(
+            total=None, connect=self.connect, sock_connect=self.connect, sock_read=self.read
         )
 
 
@@ -79,15 +104,8 @@ class Transport:
         self._session = session
         self._owns_session = session is None
         self._pool_size = pool_size
-        self._timeout = timeouts.to_aiohttp()
-        # A video may take long to arrive on a slow link: no total limit, but the same limits on
-        # connecting and between reads, so a stalled download still fails.
-        self._stream_timeout = aiohttp.ClientTimeout(
-            total=None,
-            connect=timeouts.connect,
-            sock_connect=timeouts.connect,
-            sock_read=timeouts.read,
-        )
+        self._timeout = timeouts.for_api()
+        self._stream_timeout = timeouts.for_download()
         self._user_agent = user_agent
         self._clock = clock
         # Built once and reused while the Authorization value stays the same (always, for a
