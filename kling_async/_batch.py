@@ -212,8 +212,7 @@ class Batch:
         event loop than the job's own two requests (benchmarks/README.md, "Overhead").
         """
         while True:
-            # No cancellation check here: _report's checkpoint ended the previous job, and
-            # _create checks before anything is sent.
+            # No cancellation check here: Submitter.create yields before anything is sent.
             if not self.pipe.try_reserve():
                 await self.pipe.reserve()
             await self._slots.acquire()
@@ -233,6 +232,7 @@ class Batch:
             if isinstance(item, JobResult):  # finished in an earlier run, not yet taken
                 self._slots.release()
                 await self._report(item)
+                await anyio.lowlevel.checkpoint()  # (no submit, and so no yield, otherwise)
                 continue
             await self._run_job(*item)
 
@@ -296,6 +296,8 @@ class Batch:
                 self._abort(exc)
                 return
         await self._report(result)
+        if task_id is None:  # failed before any submit was answered: maybe without a yield
+            await anyio.lowlevel.checkpoint()
 
     async def _report(self, result: JobResult) -> None:
         """Save the video where asked, count the result and hand it to the consumer."""
@@ -313,12 +315,10 @@ class Batch:
             # reads what came before it).  Only the batch's own scope: when an outer one is
             # cancelled, the consumer is leaving too and reads nothing more anyway.
             await anyio.lowlevel.checkpoint_if_cancelled()
-        # No waiting: the result's place was reserved before its job started.  The checkpoint
-        # comes *after* the result is handed over, so that a consumer woken by it runs before
-        # this runner submits another job: a consumer that leaves the loop on this result must
-        # find no newer submit on its way.
+        # No waiting: the result's place was reserved before its job started.  No yield here
+        # either: the consumer woken by it runs before any runner sends another submit, because
+        # Submitter.create yields before it sends.
         self.pipe.put(result)
-        await anyio.lowlevel.checkpoint()
 
     async def _track_one(self, task_id: str) -> None:
         self._live[task_id] = task_id

@@ -78,10 +78,12 @@ class Submitter:
             # Until one submit has been answered, send no other: a bad key or an empty account
             # then costs one request, not one per job.
             await self._first_answer.wait()
-        else:
-            # No trip through the event loop, but a job started just before the batch was told
-            # to stop must not send its submit (anyio delivers that cancellation only later).
-            await anyio.lowlevel.checkpoint_if_cancelled()
+        # One trip through the event loop before anything is sent, for two reasons.  A job
+        # started just as the batch was told to stop must not send its submit: anyio delivers
+        # that cancellation at a yield, not at once.  And a consumer woken by a result handed
+        # over just before (Batch._report) runs first: if it leaves the loop on that result, no
+        # newer submit is on its way.
+        await anyio.lowlevel.checkpoint()
         refusals = 0
         retry = self._retry
         while True:

@@ -30,7 +30,7 @@ from ._config import PollPolicy, RetryPolicy
 from ._errors import KlingError, NotFoundError
 from ._requester import Requester
 from ._results import TaskSnapshot, TaskState
-from ._watch import Learner, Watch
+from ._watch import Learner, Waiter, Watch
 from .dialects import Dialect
 
 __all__ = ["Tracker", "Watch"]
@@ -151,8 +151,8 @@ class Tracker:
         """
         if snapshot.state.is_terminal:
             return snapshot, 0
-        ended = anyio.Event()
-        watch, ask = self._add(snapshot.task_id, stage, lambda _: ended.set(), inline=True)
+        waiter = Waiter()
+        watch, ask = self._add(snapshot.task_id, stage, waiter, inline=True)
         try:
             if ask:
                 # This task queries on an idle worker's turn (max_concurrent_queries holds):
@@ -164,7 +164,7 @@ class Tracker:
                     self._idle.appendleft(turn)
                     self._kick()
             if watch.result is None:
-                await ended.wait()
+                await waiter.wait()
         finally:
             if watch.result is None:
                 self.unwatch(watch)
