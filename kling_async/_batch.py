@@ -213,11 +213,15 @@ class Batch:
         """
         while True:
             # No cancellation check here: Submitter.create yields before anything is sent.
+            # (The non-waiting forms first: a coroutine call each saved, per job.)
             if not self.pipe.try_reserve():
                 await self.pipe.reserve()
-            await self._slots.acquire()
+            if not self._slots.try_acquire():
+                await self._slots.acquire()
             try:
-                item = await source.next()
+                item = source.next_nowait()
+                if item is False:
+                    item = await source.next()
             except ValidationError as exc:
                 self._slots.release()
                 self._abort(exc)  # duplicate key, or a changed job: stop, resumably
