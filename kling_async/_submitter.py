@@ -8,6 +8,7 @@ before it leaves, and the request then runs shielded so that a stopping batch le
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import logging
 from collections.abc import Callable, Coroutine
@@ -55,6 +56,7 @@ class Submitter:
         self._slots = slots
         self._on_fatal = on_fatal
         self._first_answer = anyio.Event()
+        self._answered = False  # (the event's state, read without two calls per submit)
         self._canary_taken = False
         self._submits: set[anyio.CancelScope] = set()  # journaled submits on their way
 
@@ -75,7 +77,7 @@ class Submitter:
         """
         canary = not self._canary_taken
         self._canary_taken = True
-        if not canary and not self._first_answer.is_set():
+        if not canary and not self._answered:
             # Until one submit has been answered, send no other: a bad key or an empty account
             # then costs one request, not one per job.
             await self._first_answer.wait()
@@ -83,8 +85,10 @@ class Submitter:
         # started just as the batch was told to stop must not send its submit: anyio delivers
         # that cancellation at a yield, not at once.  And a consumer woken by a result handed
         # over just before (Batch._report) runs first: if it leaves the loop on that result, no
-        # newer submit is on its way.
-        await anyio.lowlevel.checkpoint()
+        # newer submit is on its way.  asyncio.sleep(0) is what anyio.lowlevel.checkpoint()
+        # does on asyncio, without its backend lookup (a microsecond a job): a batch only runs
+        # on asyncio, which its aiohttp session needs.
+        await asyncio.sleep(0)
         refusals = 0
         retry = self._retry
         while True:
@@ -94,7 +98,7 @@ class Submitter:
                 else:
                     snapshot = await self._send(step)
             except ConcurrencyLimitError:
-                self._first_answer.set()
+                self._answer()
                 if resume is not None and key is not None:
                     await resume.journal.refused(key, step.stage)
                 refusals += 1
@@ -108,7 +112,7 @@ class Submitter:
             except RateLimitError as exc:
                 # 1302 after the requester's own retries: still not a reason to fail a job
                 # whose task was never created.  Wait longer, keeping the slot.
-                self._first_answer.set()
+                self._answer()
                 if resume is not None and key is not None:
                     await resume.journal.refused(key, step.stage)
                 refusals += 1
@@ -122,14 +126,20 @@ class Submitter:
                     self._on_fatal(exc)
                 # Any answer but a fatal one proves the account usable: let the others go.
                 if not (isinstance(exc, KlingError) and exc.fatal):
-                    self._first_answer.set()
+                    self._answer()
                 if resume is not None and key is not None and isinstance(exc, KlingError):
                     return await resume.submit_failed(key, step.stage, exc)
                 raise
-            self._first_answer.set()
+            if not self._answered:
+                self._answer()
             if resume is not None and key is not None:
                 await resume.created(key, step.stage, snapshot)
             return snapshot
+
+    def _answer(self) -> None:
+        """A submit has been answered (not with a fatal error): the others may go."""
+        self._answered = True
+        self._first_answer.set()
 
     def _send(self, step: Submit) -> Coroutine[Any, Any, TaskSnapshot]:
         # The requester's coroutine itself, not one wrapping it: a coroutine less per submit.

@@ -30,7 +30,7 @@ from ._config import PollPolicy, RetryPolicy
 from ._errors import KlingError, NotFoundError
 from ._requester import Requester
 from ._results import TaskSnapshot, TaskState
-from ._watch import Learner, Waiter, Watch
+from ._watch import Learner, Waiter, Watch, loop_time
 from .dialects import Dialect
 
 __all__ = ["Tracker", "Watch"]
@@ -120,7 +120,7 @@ class Tracker:
 
             existing.on_done = both
             return existing, False
-        now = anyio.current_time()
+        now = loop_time()
         watch = Watch(task_id, stage, now, on_done)
         self._watches[task_id] = watch
         if self._poll.adaptive:
@@ -290,7 +290,7 @@ class Tracker:
             self._query_failed(watch, exc)
             return
         if watch.result is None:
-            self._apply(watch, snapshot, anyio.current_time())
+            self._apply(watch, snapshot, loop_time())
 
     async def _refresh_by_list(self, stage: str) -> None:
         """Read the list pages due watches (or a page's early refresh) call for; apply all found.
