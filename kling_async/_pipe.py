@@ -88,7 +88,10 @@ class ResultPipe:
         """The next result if one is waiting, else None; frees its place."""
         if not self._results:
             return None
-        self.unreserve()
+        if self._reservers:  # (unreserve, inline: once per result)
+            self._reservers.popleft().set()
+        else:
+            self._free += 1
         return self._results.popleft()
 
     async def take(self) -> JobResult:
