@@ -2,8 +2,9 @@
 
 A batch runs in the client's task group, never inside the consumer's ``async for``: jobs are read
 lazily, each takes a task slot (:mod:`._slots`) before its submit and gives it back when its task
-ends, one :class:`~._tracker.Tracker` polls every live task, and results travel to the consumer
-through a memory object stream.  Leaving the loop cancels the batch.
+ends, one :class:`~._tracker.Tracker` polls every live task, :mod:`._submitter` sends the
+submits, and results travel to the consumer through a :class:`~._pipe.ResultPipe`.  Leaving the
+loop cancels the batch.
 
 With ``journal=PATH`` the batch keeps each job's progress in a journal (:mod:`._journal`) and
 a rerun resumes it; :mod:`._resume` decides, per job and per submit, what the journal allows.
