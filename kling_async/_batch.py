@@ -2,8 +2,9 @@
 
 A batch runs in the client's task group, never inside the consumer's ``async for``: jobs are read
 lazily, each takes a task slot (:mod:`._slots`) before its submit and gives it back when its task
-ends, one :class:`~._tracker.Tracker` polls every live task, and results travel to the consumer
-through a memory object stream.  Leaving the loop cancels the batch.
+ends, one :class:`~._tracker.Tracker` polls every live task, :mod:`._submitter` sends the
+submits, and results travel to the consumer through a :class:`~._pipe.ResultPipe`.  Leaving the
+loop cancels the batch.
 
 With ``journal=PATH`` the batch keeps each job's progress in a journal (:mod:`._journal`) and
 a rerun resumes it; :mod:`._resume` decides, per job and per submit, what the journal allows.
@@ -13,7 +14,6 @@ from __future__ import annotations
 
 import functools
 import logging
-import math
 import os
 from collections.abc import AsyncIterable, Iterable
 from pathlib import Path
@@ -23,27 +23,23 @@ import anyio
 import anyio.lowlevel
 import attrs
 from anyio.abc import TaskGroup
-from anyio.streams.memory import MemoryObjectSendStream
 
 from ._errors import (
-    ConcurrencyLimitError,
-    ConnectError,
     KlingError,
-    RateLimitError,
     TaskCancelledError,
     TaskFailedError,
     TaskTimedOutError,
-    TransportTimeout,
     ValidationError,
 )
 from ._iterator import BatchIterator
 from ._jobs import LipSyncJob
+from ._pipe import ResultPipe
 from ._results import BatchProgress, JobResult, TaskSnapshot, TaskState
 from ._resume import Resume
 from ._slots import SlotHold, TaskSlots
 from ._source import JobSource
+from ._submitter import Submitter
 from ._tracker import Tracker
-from .dialects import Submit
 
 if TYPE_CHECKING:
     from ._client import KlingClient
@@ -51,9 +47,6 @@ if TYPE_CHECKING:
 __all__ = ["Batch", "BatchIterator"]
 
 logger = logging.getLogger("kling_async")
-
-#: Seconds a stopping batch with a journal waits for the answers of submits already sent.
-SUBMIT_GRACE = 5.0
 
 
 class Batch:
@@ -116,17 +109,14 @@ class Batch:
         self._download_to = Path(download_to) if download_to is not None else None
         self.resume: Resume | None = None
         self._slots = TaskSlots(client.max_in_flight)
-        # fast_acquire: taking a free credit needs no trip through the event loop.
-        self._credit = anyio.Semaphore(2 * client.max_in_flight, fast_acquire=True)
+        self.pipe = ResultPipe(2 * client.max_in_flight)
         self._scope = anyio.CancelScope()
         self._finished = anyio.Event()
         self._consumer_done = anyio.Event()
-        self._first_answer = anyio.Event()
-        self._canary_taken = False
         self._fatal: KlingError | None = None
         self._crash: BaseException | None = None
         self._live: dict[str, str] = {}  # task id -> job key, for tasks not yet reported
-        self._submits: set[anyio.CancelScope] = set()  # journaled submits on their way
+        self._submitter = Submitter(client, self._slots, self._abort)
         self.counts = {"submitted": 0, "succeeded": 0, "failed": 0}
         self.tracker = Tracker(
             dialect=client.dialect,
@@ -140,9 +130,8 @@ class Batch:
 
     def start(self, group: TaskGroup) -> BatchIterator:
         """Start the batch in ``group`` and return the iterator its consumer reads."""
-        send, receive = anyio.create_memory_object_stream[JobResult](math.inf)
-        group.start_soon(self._run, send)
-        return BatchIterator(self, receive)
+        group.start_soon(self._run)
+        return BatchIterator(self, self.pipe)
 
     def progress(self) -> BatchProgress:
         """Counts of the batch so far (what a progress display shows)."""
@@ -156,23 +145,20 @@ class Batch:
     def cancel(self) -> None:
         """Stop submitting and tracking; tasks already created keep running on the server.
 
-        With a journal, submits already on their way get :data:`SUBMIT_GRACE` seconds to be
-        answered, so that the journal knows their tasks.
+        With a journal, submits already on their way get a few seconds to be answered
+        (:data:`~._submitter.SUBMIT_GRACE`), so that the journal knows their tasks.
         """
         self._scope.cancel()
-        if self._submits:  # (only while the batch runs: __del__ may call this later)
-            deadline = anyio.current_time() + SUBMIT_GRACE
-            for scope in self._submits:
-                scope.deadline = min(scope.deadline, deadline)
+        self._submitter.grace()
 
     # -- running -------------------------------------------------------------------------
 
-    async def _run(self, send: MemoryObjectSendStream[JobResult]) -> None:
+    async def _run(self) -> None:
         what = "tracking" if self._task_ids is not None else "batch"
         logger.info("%s started: max_in_flight=%d", what, self._slots.capacity)
         try:
             async with anyio.create_task_group() as marks:
-                await self._run_jobs(send, marks)
+                await self._run_jobs(marks)
                 if self.resume is not None:
                     # The consumer marks the results it takes until it leaves the stream.
                     await self._consumer_done.wait()
@@ -182,7 +168,7 @@ class Batch:
             self._finished.set()
             self._log_end(what)
 
-    async def _run_jobs(self, send: MemoryObjectSendStream[JobResult], marks: TaskGroup) -> None:
+    async def _run_jobs(self, marks: TaskGroup) -> None:
         try:
             with self._scope:
                 if self._journal_path is not None:
@@ -193,12 +179,12 @@ class Batch:
                 async with anyio.create_task_group() as outer:
                     outer.start_soon(self.tracker.run)
                     async with anyio.create_task_group() as jobs:
-                        await self._feed(jobs, send)
+                        await self._feed(jobs)
                     outer.cancel_scope.cancel()
         except BaseException as exc:  # handed to the consumer, never to the client's group
             self._crash = exc
         finally:
-            send.close()
+            self.pipe.close()
 
     async def _close_journal(self) -> None:
         if self.resume is None:
@@ -210,27 +196,33 @@ class Batch:
                 logger.error("closing the journal failed: %s", exc)
                 self._fatal = self._fatal or exc
 
-    async def _feed(self, group: TaskGroup, send: MemoryObjectSendStream[JobResult]) -> None:
+    async def _feed(self, group: TaskGroup) -> None:
         if self._task_ids is not None:
             for task_id in self._task_ids:
-                await self._credit.acquire()
-                group.start_soon(self._track_one, task_id, send)
+                await self.pipe.reserve()
+                group.start_soon(self._track_one, task_id)
             return
         source = JobSource(self._jobs or (), self.resume)
         for _ in range(self._slots.capacity):
-            group.start_soon(self._runner, source, send)
+            group.start_soon(self._runner, source)
 
-    async def _runner(self, source: JobSource, send: MemoryObjectSendStream[JobResult]) -> None:
+    async def _runner(self, source: JobSource) -> None:
         """Run jobs one after another, each holding a task slot; one runner per slot.
 
         Not a task per job: spawning it and handing it the slot cost more trips through the
         event loop than the job's own two requests (benchmarks/README.md, "Overhead").
         """
         while True:
-            await self._credit.acquire()
-            await self._slots.acquire()
+            # No cancellation check here: Submitter.create yields before anything is sent.
+            # (The non-waiting forms first: a coroutine call each saved, per job.)
+            if not self.pipe.try_reserve():
+                await self.pipe.reserve()
+            if not self._slots.try_acquire():
+                await self._slots.acquire()
             try:
-                item = await source.next()
+                item = source.next_nowait()
+                if item is False:
+                    item = await source.next()
             except ValidationError as exc:
                 self._slots.release()
                 self._abort(exc)  # duplicate key, or a changed job: stop, resumably
@@ -240,17 +232,16 @@ class Batch:
                 raise
             if item is None:
                 self._slots.release()
-                self._credit.release()
+                self.pipe.unreserve()
                 return
             if isinstance(item, JobResult):  # finished in an earlier run, not yet taken
                 self._slots.release()
-                await self._report(item, send)
+                await self._report(item)
+                await anyio.lowlevel.checkpoint()  # (no submit, and so no yield, otherwise)
                 continue
-            await self._run_job(*item, send)
+            await self._run_job(*item)
 
-    async def _run_job(
-        self, key: str, job: LipSyncJob, send: MemoryObjectSendStream[JobResult]
-    ) -> None:
+    async def _run_job(self, key: str, job: LipSyncJob) -> None:
         slot = SlotHold(self._slots)
         task_id: str | None = None
         submitted_at: float | None = None
@@ -264,9 +255,9 @@ class Batch:
             step = next(flow)
             while True:
                 if resume is None:
-                    snapshot = await self._create(step, slot)
+                    snapshot = await self._submitter.create(step, slot)
                 else:
-                    submit = functools.partial(self._create, step, slot, key)
+                    submit = functools.partial(self._submitter.create, step, slot, key, resume)
                     snapshot = await resume.open_step(key, job, step, submit)
                 task_id = snapshot.task_id
                 submitted_at = submitted_at or (
@@ -309,9 +300,15 @@ class Batch:
             except KlingError as exc:
                 self._abort(exc)
                 return
-        await self._report(result, send)
+        if self._download_to is not None or self._scope.cancel_called:
+            await self._report(result)
+        else:  # what _report does then, without a coroutine per job
+            self.counts["succeeded" if result.ok else "failed"] += 1
+            self.pipe.put(result)
+        if task_id is None:  # failed before any submit was answered: maybe without a yield
+            await anyio.lowlevel.checkpoint()
 
-    async def _report(self, result: JobResult, send: MemoryObjectSendStream[JobResult]) -> None:
+    async def _report(self, result: JobResult) -> None:
         """Save the video where asked, count the result and hand it to the consumer."""
         if self._download_to is not None and result.ok and result.path is None:
             try:
@@ -322,114 +319,22 @@ class Batch:
             else:
                 result = attrs.evolve(result, path=path)
         self.counts["succeeded" if result.ok else "failed"] += 1
-        # The stream is unbounded (the credit semaphore bounds it): no waiting to send.  The
-        # checkpoint comes *after* the result is handed over, so that a consumer woken by it
-        # runs before this runner submits another job: a consumer that leaves the loop on this
-        # result must find no newer submit on its way.
-        await anyio.lowlevel.checkpoint_if_cancelled()
-        send.send_nowait(result)
-        await anyio.lowlevel.checkpoint()
+        if self._scope.cancel_called:
+            # A stopped batch hands over nothing more (after a fatal error the consumer still
+            # reads what came before it).  Only the batch's own scope: when an outer one is
+            # cancelled, the consumer is leaving too and reads nothing more anyway.
+            await anyio.lowlevel.checkpoint_if_cancelled()
+        # No waiting: the result's place was reserved before its job started.  No yield here
+        # either: the consumer woken by it runs before any runner sends another submit, because
+        # Submitter.create yields before it sends.
+        self.pipe.put(result)
 
-    async def _track_one(self, task_id: str, send: MemoryObjectSendStream[JobResult]) -> None:
+    async def _track_one(self, task_id: str) -> None:
         self._live[task_id] = task_id
         snapshot = TaskSnapshot(task_id=task_id, state=TaskState.SUBMITTED)
         terminal, polls = await self.tracker.wait(snapshot, self._stage)
         self._live.pop(task_id, None)
-        await self._report(self._result(task_id, terminal, None, polls), send)
-
-    async def _create(self, step: Submit, slot: SlotHold, key: str | None = None) -> TaskSnapshot:
-        """Submit one step, waiting out 1303 refusals; the first submit of a batch goes alone.
-
-        With a ``key`` (a journaled job) the journal records the intent before each attempt
-        leaves, and the task id (or the refusal) as soon as the answer says.
-        """
-        canary = not self._canary_taken
-        self._canary_taken = True
-        if not canary and not self._first_answer.is_set():
-            # Until one submit has been answered, send no other: a bad key or an empty account
-            # then costs one request, not one per job.
-            await self._first_answer.wait()
-        else:
-            # No trip through the event loop, but a job started just before the batch was told
-            # to stop must not send its submit (anyio delivers that cancellation only later).
-            await anyio.lowlevel.checkpoint_if_cancelled()
-        refusals = 0
-        retry = self._client.retry
-        resume = self.resume if key is not None else None
-        while True:
-            try:
-                if resume is not None and key is not None:
-                    snapshot = await self._send_journaled(step, resume, key)
-                else:
-                    snapshot = await self._send(step)
-            except ConcurrencyLimitError:
-                self._first_answer.set()
-                if resume is not None and key is not None:
-                    await resume.journal.refused(key, step.stage)
-                refusals += 1
-                self._slots.shrink()
-                slot.release()
-                delay = min(retry.concurrency_delay * 2 ** (refusals - 1), retry.max_delay)
-                logger.debug("1303: %d tasks running; waiting %.2f s", self._slots.in_use, delay)
-                await anyio.sleep(delay)
-                await slot.acquire()
-                continue
-            except RateLimitError as exc:
-                # 1302 after the requester's own retries: still not a reason to fail a job
-                # whose task was never created.  Wait longer, keeping the slot.
-                self._first_answer.set()
-                if resume is not None and key is not None:
-                    await resume.journal.refused(key, step.stage)
-                refusals += 1
-                delay = min(retry.concurrency_delay * 2 ** (refusals - 1), retry.max_delay)
-                logger.debug("1302: waiting %.2f s", max(delay, exc.retry_after or 0.0))
-                await anyio.sleep(max(delay, exc.retry_after or 0.0))
-                continue
-            except BaseException as exc:
-                if canary and isinstance(exc, ConnectError):
-                    # The server cannot be reached at all: every job would fail the same way.
-                    self._abort(exc)
-                # Any answer but a fatal one proves the account usable: let the others go.
-                if not (isinstance(exc, KlingError) and exc.fatal):
-                    self._first_answer.set()
-                if resume is not None and key is not None and isinstance(exc, KlingError):
-                    return await resume.submit_failed(key, step.stage, exc)
-                raise
-            self._first_answer.set()
-            if resume is not None and key is not None:
-                await resume.created(key, step.stage, snapshot)
-            return snapshot
-
-    async def _send(self, step: Submit) -> TaskSnapshot:
-        return await self._client._requester.call(
-            step.request,
-            lambda response: self._dialect.parse_submit(step.stage, response),
-            retry_concurrency_limit=False,
-        )
-
-    async def _send_journaled(self, step: Submit, resume: Resume, key: str) -> TaskSnapshot:
-        """Send ``step`` with its intent on disk first; a stopping batch lets it finish.
-
-        Cut off mid-request, a submit's outcome would be unknown to the next run: so once the
-        intent is recorded the request runs shielded, and a batch told to stop gives it
-        :data:`SUBMIT_GRACE` seconds to be answered (see :meth:`cancel`).
-        """
-        await resume.journal.submitting(key, step.stage, self._client._clock())
-        try:
-            await anyio.lowlevel.checkpoint_if_cancelled()
-        except anyio.get_cancelled_exc_class():
-            await resume.journal.refused(key, step.stage)  # never sent
-            raise
-        scope = anyio.CancelScope(shield=True)
-        self._submits.add(scope)
-        try:
-            with scope:
-                return await self._send(step)
-        finally:
-            self._submits.discard(scope)
-        # The grace ran out: the intent stays unresolved, as after a crash.
-        await anyio.lowlevel.checkpoint()  # raises the batch's cancellation
-        raise TransportTimeout("the batch stopped before the submit was answered")
+        await self._report(self._result(task_id, terminal, None, polls))
 
     def _result(
         self, key: str, snapshot: TaskSnapshot, submitted_at: float | None, polls: int

@@ -323,10 +323,13 @@ class KlingClient:
         return self.deliver_callback(self.dialect.parse_callback(body))
 
     def _remember(self, task_id: str) -> None:
-        self._recent[task_id] = None
-        self._recent.move_to_end(task_id)
-        while len(self._recent) > RECENT_TASKS:
-            self._recent.popitem(last=False)
+        recent = self._recent
+        if task_id in recent:
+            recent.move_to_end(task_id)
+        else:  # (a new key goes to the end: no move, once per tracked task)
+            recent[task_id] = None
+            while len(recent) > RECENT_TASKS:
+                recent.popitem(last=False)
 
     # -- downloads -----------------------------------------------------------------------
 

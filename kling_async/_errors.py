@@ -35,6 +35,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 __all__ = [
+    "SUCCESS_CODES",
     "APIError",
     "AccountError",
     "AuthenticationError",
@@ -313,8 +314,8 @@ _STATUS_TABLE: dict[int, type[APIError]] = {
     429: RateLimitError,
 }
 
-# A body code that means success: 0 in the official format, 200 at apimodels.
-_SUCCESS_CODES = frozenset((0, 200))
+#: Body codes that mean success: 0 in the official format, 200 at apimodels.
+SUCCESS_CODES = frozenset((0, 200))
 
 
 def error_from_response(
@@ -332,7 +333,7 @@ def error_from_response(
     fields: Mapping[str, object] = body if isinstance(body, Mapping) else {}
     code = _as_code(fields.get("code"))
     ok_status = 200 <= status < 300
-    if ok_status and (code is None or code in _SUCCESS_CODES):
+    if ok_status and (code is None or code in SUCCESS_CODES):
         return None
     raw_message = fields.get("message") or fields.get("msg")
     message = str(raw_message) if raw_message else _default_message(status, code)

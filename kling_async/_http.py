@@ -67,10 +67,15 @@ class HttpResponse:
         Raises :class:`MalformedResponseError` when the body is not JSON (some gateways answer
         errors with HTML pages).
         """
-        if not self.body.strip():
+        body = self.body
+        if not body or body.isspace():  # (the same test as ``not body.strip()``, without a copy)
             return None
         try:
-            return json.loads(self.body)
+            if body.startswith(b'{"'):
+                # What json.loads would detect for these first bytes (no BOM, no NUL): UTF-8.
+                # Decoding here skips its encoding sniffing, with the same result.
+                return json.loads(body.decode("utf-8", "surrogatepass"))
+            return json.loads(body)
         except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
             # RecursionError: a pathologically nested body must not escape as a non-KlingError.
             raise MalformedResponseError(

@@ -7,8 +7,8 @@ from typing import TYPE_CHECKING
 
 import anyio
 import anyio.lowlevel
-from anyio.streams.memory import MemoryObjectReceiveStream
 
+from ._pipe import ResultPipe
 from ._results import BatchProgress, JobResult
 
 if TYPE_CHECKING:
@@ -32,9 +32,9 @@ class BatchIterator:
     exception.  A crash while the consumer holds a result reports that one result again.
     """
 
-    def __init__(self, batch: Batch, receive: MemoryObjectReceiveStream[JobResult]) -> None:
+    def __init__(self, batch: Batch, pipe: ResultPipe) -> None:
         self._batch = batch
-        self._receive = receive
+        self._pipe = pipe
         self._held: str | None = None  # key of the result the consumer holds
 
     @property
@@ -51,15 +51,14 @@ class BatchIterator:
             if self._held is not None:
                 key, self._held = self._held, None
                 batch.delivered(key)
-            # A result already waiting is taken without receive()'s trip through the event loop
-            # (a cancelled consumer still sees its cancellation here).
+            # A result already waiting is taken without a trip through the event loop (a
+            # cancelled consumer still sees its cancellation here).
             await anyio.lowlevel.checkpoint_if_cancelled()
-            try:
-                result = self._receive.receive_nowait()
-            except anyio.WouldBlock:
-                result = await self._receive.receive()
+            result = self._pipe.take_nowait()
+            if result is None:
+                result = await self._pipe.take()
         except anyio.EndOfStream:
-            self._receive.close()
+            self._pipe.abandon()
             batch.consumer_done()
             await batch._finished.wait()
             batch.outcome()
@@ -68,7 +67,6 @@ class BatchIterator:
             batch.cancel()
             batch.consumer_done()
             raise
-        batch._credit.release()
         if batch.resume is not None:
             self._held = result.key
         return result
@@ -84,7 +82,7 @@ class BatchIterator:
             self._batch.delivered(key)
         self._batch.consumer_done()
         await self._batch._finished.wait()
-        self._receive.close()
+        self._pipe.abandon()
 
     async def __aenter__(self) -> BatchIterator:
         return self
@@ -99,4 +97,4 @@ class BatchIterator:
         with contextlib.suppress(Exception):  # interpreter shutdown
             self._batch.cancel()
             self._batch.consumer_done()
-            self._receive.close()
+            self._pipe.abandon()

@@ -31,10 +31,16 @@ class TaskSlots:
         self._clean_finishes = 0
         self._waiters: deque[anyio.Event] = deque()
 
-    async def acquire(self) -> None:
-        """Take a slot, waiting for one to free (first come, first served)."""
+    def try_acquire(self) -> bool:
+        """Take a slot if one is free (and nobody waits for one); no waiting."""
         if self.in_use < self.limit and not self._waiters:
             self.in_use += 1
+            return True
+        return False
+
+    async def acquire(self) -> None:
+        """Take a slot, waiting for one to free (first come, first served)."""
+        if self.try_acquire():
             return
         event = anyio.Event()
         self._waiters.append(event)

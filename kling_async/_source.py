@@ -7,7 +7,7 @@ only when a runner holds a slot for it, so a million-job generator is never read
 from __future__ import annotations
 
 from collections.abc import AsyncIterable, AsyncIterator, Iterable, Iterator
-from typing import Any
+from typing import Any, Literal
 
 import anyio
 
@@ -63,6 +63,12 @@ class JobSource:
                     return item
             self._done = True
             return None
+
+    def next_nowait(self) -> tuple[str, Any] | JobResult | Literal[False] | None:
+        """:meth:`next` without a coroutine, for a plain iterable; False for an async one."""
+        if self._sync is None:
+            return False
+        return self._next_sync(self._sync)
 
     def _next_sync(self, jobs: Iterator[Any]) -> tuple[str, Any] | JobResult | None:
         while not self._done:

@@ -32,7 +32,7 @@ from ._http import HttpRequest, HttpResponse
 from ._listing import ListPages
 from ._requester import Requester
 from ._results import TaskSnapshot, TaskState
-from ._watch import Learner, Watch
+from ._watch import Learner, Waiter, Watch, loop_time
 from .dialects import Dialect
 
 __all__ = ["Tracker", "Watch"]
@@ -116,7 +116,7 @@ class Tracker:
 
             existing.on_done = both
             return existing, False
-        now = anyio.current_time()
+        now = loop_time()
         watch = Watch(task_id, stage, now, on_done)
         self._watches[task_id] = watch
         if self._poll.adaptive:
@@ -147,8 +147,8 @@ class Tracker:
         """
         if snapshot.state.is_terminal:
             return snapshot, 0
-        ended = anyio.Event()
-        watch, ask = self._add(snapshot.task_id, stage, lambda _: ended.set(), inline=True)
+        waiter = Waiter()
+        watch, ask = self._add(snapshot.task_id, stage, waiter, inline=True)
         try:
             if ask:
                 # This task queries on an idle worker's turn (max_concurrent_queries holds):
@@ -160,7 +160,7 @@ class Tracker:
                     self._idle.appendleft(turn)
                     self._kick()
             if watch.result is None:
-                await ended.wait()
+                await waiter.wait()
         finally:
             if watch.result is None:
                 self.unwatch(watch)
@@ -269,7 +269,7 @@ class Tracker:
             self._query_failed(watch, exc)
             return
         if watch.result is None:
-            self._apply(watch, snapshot, anyio.current_time())
+            self._apply(watch, snapshot, loop_time())
 
     def _apply(self, watch: Watch, snapshot: TaskSnapshot, now: float) -> None:
         watch.busy = False

@@ -41,6 +41,15 @@ MAX_BODY_BYTES = 16 * 1024 * 1024
 class Timeouts:
     """Time-outs of one request, in seconds: to connect, between reads, and in all.
 
+    API calls are bounded by ``connect`` and ``total``: a server that stalls (never answers, or
+    stops mid-answer) fails with :class:`~kling_async.TransportTimeout` after at most ``total``
+    seconds.  ``read`` (the longest silence between two reads) applies to video downloads,
+    which have no total limit.  Why not ``read`` on API calls too: an API answer is a small
+    JSON body (bounded by :data:`MAX_BODY_BYTES`, normally a few KB that arrive at once), so
+    ``total`` already bounds it, while aiohttp re-arms a read timer at every request and every
+    chunk received (two more timers a request; at thousands of requests a second, a tenth of
+    the client's CPU, benchmarks/README.md "Overhead").
+
     The total is generous because a submit may upload up to 5 MB of base64 audio.
     """
 
@@ -49,9 +58,25 @@ class Timeouts:
     total: float = 180.0
 
     def to_aiohttp(self) -> aiohttp.ClientTimeout:
-        """The same limits as aiohttp's record."""
+        """All three limits as aiohttp's record (``read`` as ``sock_read``)."""
         return aiohttp.ClientTimeout(
             total=self.total, sock_connect=self.connect, connect=self.connect, sock_read=self.read
+        )
+
+    def for_api(self) -> aiohttp.ClientTimeout:
+        """An API call's limits for aiohttp: ``connect`` and ``total``, no per-read timer."""
+        return aiohttp.ClientTimeout(
+            total=self.total, sock_connect=self.connect, connect=self.connect
+        )
+
+    def for_download(self) -> aiohttp.ClientTimeout:
+        """The limits of a download as aiohttp takes them: ``connect`` and ``read``, no total.
+
+        A video may take long to arrive on a slow link: no total limit, but the same limits on
+        connecting and between reads, so a stalled download still fails.
+        """
+        return aiohttp.ClientTimeout(
+            total=None, connect=self.connect, sock_connect=self.connect, sock_read=self.read
         )
 
 
@@ -79,15 +104,8 @@ class Transport:
         self._session = session
         self._owns_session = session is None
         self._pool_size = pool_size
-        self._timeout = timeouts.to_aiohttp()
-        # A video may take long to arrive on a slow link: no total limit, but the same limits on
-        # connecting and between reads, so a stalled download still fails.
-        self._stream_timeout = aiohttp.ClientTimeout(
-            total=None,
-            connect=timeouts.connect,
-            sock_connect=timeouts.connect,
-            sock_read=timeouts.read,
-        )
+        self._timeout = timeouts.for_api()
+        self._stream_timeout = timeouts.for_download()
         self._user_agent = user_agent
         self._clock = clock
         # Built once and reused while the Authorization value stays the same (always, for a
@@ -118,11 +136,55 @@ class Transport:
         A 401 that a fresh token may cure (1003, 1004, "signature invalid") is retried once after
         :meth:`Credentials.refresh`: nothing was created, so this cannot pay twice.
         """
-        response = await self._send_once(request)
-        if response.status == 401 and self._token_refused(response) and self._credentials.refresh():
+        # Both attempts in this one coroutine, and the body read inline when its length is
+        # declared: a coroutine less per request (each one costs about a microsecond, and a
+        # batch makes thousands of requests a second; benchmarks/README.md, "Overhead").
+        url = request.url(self.base_url)
+        retried = False
+        while True:
+            headers = self._request_headers()
+            started = time.monotonic()
+            try:
+                async with self.session.request(
+                    request.method, url, json=request.json, headers=headers, timeout=self._timeout
+                ) as answer:
+                    declared = answer.content_length
+                    if declared is not None and declared <= MAX_BODY_BYTES:
+                        body = await answer.read()
+                    else:
+                        body = await _read_bounded(answer)
+                    # aiohttp's headers are a case-insensitive multidict already: looked up by a
+                    # lower-case name they answer as HttpResponse promises, without a copy.
+                    response = HttpResponse(status=answer.status, body=body, headers=answer.headers)
+            except KlingError:
+                raise
+            except aiohttp.ClientConnectorError as exc:
+                raise ConnectError(f"cannot connect to {_origin(url)}: {exc.os_error}") from None
+            except (asyncio.TimeoutError, aiohttp.ServerTimeoutError):
+                raise TransportTimeout(
+                    f"{request.method} {request.path}: no answer within the time-out"
+                ) from None
+            except aiohttp.ClientError as exc:
+                raise TransportError(
+                    f"{request.method} {request.path}: {type(exc).__name__}"
+                ) from None
+            if logger.isEnabledFor(logging.DEBUG):
+                logger.debug(
+                    "%s %s -> %d in %.3f s",
+                    request.method,
+                    request.path,
+                    response.status,
+                    time.monotonic() - started,
+                )
+            if (
+                retried
+                or response.status != 401
+                or not self._token_refused(response)
+                or not self._credentials.refresh()
+            ):
+                return response
             logger.debug("token refused; retrying once with a fresh one")
-            response = await self._send_once(request)
-        return response
+            retried = True
 
     @staticmethod
     def _token_refused(response: HttpResponse) -> bool:
@@ -142,38 +204,6 @@ class Transport:
                 "User-Agent": self._user_agent,
             }
         return self._headers
-
-    async def _send_once(self, request: HttpRequest) -> HttpResponse:
-        url = request.url(self.base_url)
-        headers = self._request_headers()
-        started = time.monotonic()
-        try:
-            async with self.session.request(
-                request.method, url, json=request.json, headers=headers, timeout=self._timeout
-            ) as answer:
-                body = await _read_bounded(answer)
-                # aiohttp's headers are a case-insensitive multidict already: looked up by a
-                # lower-case name they answer as HttpResponse promises, without a copy per answer.
-                response = HttpResponse(status=answer.status, body=body, headers=answer.headers)
-        except KlingError:
-            raise
-        except aiohttp.ClientConnectorError as exc:
-            raise ConnectError(f"cannot connect to {_origin(url)}: {exc.os_error}") from None
-        except (asyncio.TimeoutError, aiohttp.ServerTimeoutError):
-            raise TransportTimeout(
-                f"{request.method} {request.path}: no answer within the time-out"
-            ) from None
-        except aiohttp.ClientError as exc:
-            raise TransportError(f"{request.method} {request.path}: {type(exc).__name__}") from None
-        if logger.isEnabledFor(logging.DEBUG):
-            logger.debug(
-                "%s %s -> %d in %.3f s",
-                request.method,
-                request.path,
-                response.status,
-                time.monotonic() - started,
-            )
-        return response
 
     @contextlib.asynccontextmanager
     async def stream(
@@ -228,6 +258,7 @@ class Stream:
 
 
 async def _read_bounded(answer: aiohttp.ClientResponse) -> bytes:
+    """The body of an answer of unknown length, or the error of one declared too large."""
     declared = answer.content_length
     if declared is not None and declared > MAX_BODY_BYTES:
         raise MalformedResponseError(

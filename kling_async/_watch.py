@@ -1,20 +1,24 @@
 """What the tracker keeps per task (:class:`Watch`) and per stage (:class:`Learner`).
 
 No I/O here: a watch is a small record (a tracker may hold a hundred thousand), a learner the
-recent tasks of one stage and the duration model fitted to them (:mod:`._backoff`).
+recent tasks of one stage and the duration model fitted to them (:mod:`._backoff`), and a
+:class:`Waiter` what wakes a task waiting for its watch.
 """
 
 from __future__ import annotations
 
+import asyncio
 import math
 from collections import deque
 from collections.abc import Callable
+
+import anyio
 
 from ._backoff import DurationModel, fit_durations
 from ._config import PollPolicy
 from ._results import TaskSnapshot
 
-__all__ = ["Learner", "Watch"]
+__all__ = ["Learner", "Waiter", "Watch", "loop_time"]
 
 #: Tasks (the most recently started of a stage) the duration model is fitted to: at least this
 #: many, and twice the live tasks up to _SAMPLE_MAX (see Learner).
@@ -24,6 +28,16 @@ _SAMPLE_MAX = 4096
 _MIN_SAMPLES = 8
 #: Most finishes between two refits of a model.
 _REFIT_EVERY = 8
+
+
+def loop_time() -> float:
+    """The event loop's clock: what ``anyio.current_time()`` returns, for the per-task paths.
+
+    ``anyio.current_time()`` looks the backend up on every call (half a microsecond, twice per
+    task tracked).  A tracker only runs on asyncio, whose loop its queries' aiohttp session
+    needs, where both read the same clock.
+    """
+    return asyncio.get_running_loop().time()
 
 
 class Watch:
@@ -74,6 +88,29 @@ class Watch:
     def __lt__(self, other: Watch) -> bool:
         # Ties in the heap (equal due times) are broken by task id: any order will do.
         return self.task_id < other.task_id
+
+
+class Waiter:
+    """A watch's ``on_done`` that wakes a waiting task; its event exists only once one waits.
+
+    A task due at once is usually answered by the waiting task's own query (see
+    :meth:`~._tracker.Tracker.wait`), so most waits never need an event.
+    """
+
+    __slots__ = ("_event",)
+
+    def __init__(self) -> None:
+        self._event: anyio.Event | None = None
+
+    def __call__(self, watch: Watch) -> None:
+        """Wake the waiting task, if there is one."""
+        if self._event is not None:
+            self._event.set()
+
+    async def wait(self) -> None:
+        """Wait for the call; only while the watch has no result (the call is still to come)."""
+        self._event = anyio.Event()
+        await self._event.wait()
 
 
 class Learner:

@@ -165,6 +165,18 @@ async def test_breaking_out_leaves_nothing_running(caplog: pytest.LogCaptureFixt
     assert "batch ended" in caplog.text
 
 
+async def test_leaving_on_a_result_finds_no_newer_submit() -> None:
+    # The runner that hands a result over lets the consumer run before it submits another job:
+    # a consumer that leaves on that result stops the batch with nothing more sent.
+    async with FakeKlingServer(task_duration=0.05) as server:
+        async with kling_client(server, max_in_flight=3) as client:
+            async for _result in client.run_batch(text_job(n) for n in range(50)):
+                break
+            created = server.tasks_created
+            await anyio.sleep(0.1)
+            assert server.tasks_created == created == 3
+
+
 async def test_cancelling_the_consumer_cancels_the_batch() -> None:
     async with FakeKlingServer(task_duration=0.5) as server:
         async with kling_client(server, max_in_flight=3) as client:

@@ -21,6 +21,7 @@ from helpers import (
 )
 
 import kling_async as ka
+from kling_async._transport import Timeouts
 from kling_async.testing import FakeKlingServer, FaultPlan
 
 pytestmark = pytest.mark.anyio
@@ -259,3 +260,17 @@ async def test_a_static_key_refusal_is_not_retried() -> None:
         with pytest.raises(ka.AuthenticationError):
             await client.submit(text_job(1))
     assert server.requests["submit"] == 1
+
+
+async def test_api_calls_are_bounded_by_total_not_by_the_read_time_out() -> None:
+    # `read` (the longest silence between reads) is for downloads; an API answer, small JSON, is
+    # bounded by `total`: a slow answer inside it arrives, a server that stalls fails.
+    slow = Timeouts(connect=1.0, read=0.05, total=1.0)
+    async with FakeKlingServer(faults=FaultPlan(answer_delay=0.15)) as server:
+        async with kling_client(server, timeouts=slow) as client:
+            snap = await client.submit(text_job(1))
+        assert snap.task_id in server.tasks
+        server.faults = FaultPlan(answer_delay=30.0)
+        async with kling_client(server, timeouts=Timeouts(total=0.3)) as client:
+            with anyio.fail_after(3), pytest.raises(ka.TransportTimeout):
+                await client.submit(text_job(2))

@@ -21,7 +21,7 @@ from typing import Protocol
 
 import attrs
 
-from .._errors import MalformedResponseError, error_from_response
+from .._errors import SUCCESS_CODES, MalformedResponseError, error_from_response
 from .._http import HttpRequest, HttpResponse
 from .._jobs import LipSyncJob
 from .._results import Face, TaskSnapshot
@@ -109,6 +109,13 @@ def decode_envelope(response: HttpResponse) -> Mapping[str, object]:
         if 200 <= response.status < 300:
             raise
         body = None  # an HTML error page: the status alone tells what went wrong
+    # Almost every answer is a success: a JSON object with code 0 (or 200, or none) under HTTP
+    # 2xx.  Those skip the error lookup and the Retry-After parse; anything else (a code sent as
+    # a string, as some gateways do) takes the full rule below, which decides the same way.
+    if type(body) is dict and 200 <= response.status < 300:
+        code = body.get("code")
+        if code is None or (type(code) is int and code in SUCCESS_CODES):
+            return body
     error = error_from_response(response.status, body, retry_after=response.retry_after)
     if error is not None:
         raise error

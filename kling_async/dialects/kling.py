@@ -210,7 +210,10 @@ class KlingDialect:
         path = _TASK_PATHS.get(_check_stage(stage))
         if path is None:
             raise ValidationError("stage", "identify-face answers at once: nothing to query")
-        return HttpRequest(method="GET", path=self._path(f"{path}/{quote(task_id, safe='')}"))
+        # Ids are digits and letters in practice: those need no quoting (quote() costs more
+        # than the rest of the request's building).
+        segment = task_id if task_id.isalnum() and task_id.isascii() else quote(task_id, safe="")
+        return HttpRequest(method="GET", path=f"{self.prefix}{path}/{segment}")
 
     def parse_query(self, stage: str, task_id: str, response: HttpResponse) -> TaskSnapshot:
         """The snapshot of ``task_id`` in a query answer.
