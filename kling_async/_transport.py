@@ -33,6 +33,10 @@ __all__ = ["MAX_BODY_BYTES", "Stream", "Timeouts", "Transport"]
 
 logger = logging.getLogger("kling_async")
 
+#: Default headers of a caller's session that carry the caller's credentials.  Such a session
+#: never fetches videos (see Transport.stream); Proxy-Authorization is for the proxy, so it stays.
+_CREDENTIAL_HEADERS = ("Authorization", "Cookie")
+
 #: Largest answer read into memory; a list page of 500 tasks is well under 1 MiB.
 MAX_BODY_BYTES = 16 * 1024 * 1024
 
@@ -113,6 +117,7 @@ class Transport:
         # multidict, never mutating ours.
         self._authorization = ""
         self._headers: dict[str, str] = {}
+        self._plain_session: aiohttp.ClientSession | None = None
 
     @property
     def session(self) -> aiohttp.ClientSession:
@@ -125,10 +130,31 @@ class Transport:
         return self._session
 
     async def aclose(self) -> None:
-        """Close the session if this transport opened it."""
+        """Close the session if this transport opened it (and the one opened for videos)."""
+        if self._plain_session is not None:
+            plain, self._plain_session = self._plain_session, None
+            await plain.close()
         if self._owns_session and self._session is not None:
             session, self._session = self._session, None
             await session.close()
+
+    def _video_session(self) -> aiohttp.ClientSession:
+        """The session that fetches videos: ours, or a caller's that carries no credentials.
+
+        aiohttp adds a session's default headers and ``auth`` to every request, and offers no
+        way to leave them out of one: a caller's session set up with its own ``Authorization``
+        (for another API, say) would send it to every video host.  Videos then travel through a
+        plain session of this transport's own, which keeps the caller's ``trust_env``.
+        """
+        session = self.session
+        if self._owns_session or not _carries_credentials(session):
+            return session
+        if self._plain_session is None:
+            connector = aiohttp.TCPConnector(limit=self._pool_size, limit_per_host=self._pool_size)
+            self._plain_session = aiohttp.ClientSession(
+                connector=connector, raise_for_status=False, trust_env=session.trust_env
+            )
+        return self._plain_session
 
     async def send(self, request: HttpRequest) -> HttpResponse:
         """Send ``request`` and return the answer, whatever its status.
@@ -212,13 +238,16 @@ class Transport:
         """GET an absolute ``url`` on any host and hand over the answer while it arrives.
 
         No ``Authorization`` header is ever sent: result videos live on other hosts (CDNs) than
-        the API, and the key must not leak to them.  ``Accept-Encoding: identity`` asks for the
+        the API, and the key must not leak to them (nor a caller's session's own credentials:
+        see :meth:`_video_session`).  ``Accept-Encoding: identity`` asks for the
         bytes as stored, so that sizes and byte ranges refer to the file itself.
         """
         sent = {"User-Agent": self._user_agent, "Accept-Encoding": "identity", **(headers or {})}
         where = _origin(url)
         try:
-            answer = await self.session.get(url, headers=sent, timeout=self._stream_timeout)
+            answer = await self._video_session().get(
+                url, headers=sent, timeout=self._stream_timeout
+            )
         except aiohttp.ClientConnectorError as exc:
             raise ConnectError(f"cannot connect to {where}: {exc.os_error}") from None
         except (asyncio.TimeoutError, aiohttp.ServerTimeoutError):
@@ -276,6 +305,10 @@ async def _read_bounded(answer: aiohttp.ClientResponse) -> bytes:
             )
         chunks.append(chunk)
     return b"".join(chunks)
+
+
+def _carries_credentials(session: aiohttp.ClientSession) -> bool:
+    return session.auth is not None or any(name in session.headers for name in _CREDENTIAL_HEADERS)
 
 
 def _origin(url: str) -> str:

@@ -7,6 +7,7 @@ import os
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
+import aiohttp
 import anyio
 import pytest
 from aiohttp import web
@@ -190,6 +191,40 @@ async def test_no_authorization_sent_to_the_video_host(
     for headers in host.headers:
         assert "Authorization" not in headers
         assert not any("secret" in value or "Bearer" in value for value in headers.values())
+
+
+async def test_a_callers_session_credentials_stay_off_the_video_host(
+    host_factory: HostFactory, tmp_path: Path
+) -> None:
+    # A caller's session set up for some other API, with its own Authorization and cookie: the
+    # client uses it for API calls as it is, but videos must not receive those credentials.
+    host = await host_factory(whole)
+    defaults = {"Authorization": "Bearer callers-own-token", "Cookie": "sid=callers-cookie"}
+    async with FakeKlingServer(task_duration=0.01) as server:
+        async with aiohttp.ClientSession(headers=defaults) as session:
+            async with kling_client(server, session=session) as client:
+                task = await client.submit(text_job(1))
+                await client.download(result(host.url(), key="k"), tmp_path)
+            assert not session.closed  # still the caller's to close
+    assert task.task_id in server.tasks  # the API calls went through the caller's session
+    assert listing(tmp_path) == ["k.mp4"]
+    (headers,) = host.headers
+    assert "Authorization" not in headers and "Cookie" not in headers
+    assert not any("callers" in value for value in headers.values())
+
+
+async def test_a_plain_callers_session_fetches_the_videos_too(
+    host_factory: HostFactory, tmp_path: Path
+) -> None:
+    host = await host_factory(whole)
+    async with aiohttp.ClientSession(headers={"X-Trace": "plain"}) as session:
+        client = ka.KlingClient.kling(
+            api_key="sk-x", base_url="http://127.0.0.1:9", session=session
+        )
+        async with client:
+            await client.download(result(host.url(), key="k"), tmp_path)
+    (headers,) = host.headers
+    assert headers.get("X-Trace") == "plain"  # no credentials: the caller's session was used
 
 
 async def test_dropped_connection_resumes_with_range(
