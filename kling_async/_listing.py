@@ -103,6 +103,7 @@ class ListPages:
     async def refresh(self, stage: str) -> None:
         """Read the pages the pending refresh of ``stage`` calls for; apply what they show."""
         tracker = self._tracker
+        # plan() adds to these in place while a page is being read.
         due, turns = self._pending[stage]
         wanted = tracker.watched(stage)
         # Pages grow with the tasks to cover and never shrink: depths stay comparable, and the
@@ -115,7 +116,6 @@ class ListPages:
         read: set[int] = set()
         try:
             while True:
-                due, turns = self._pending[stage]  # watches may join while a page is read
                 expected = {1 + w.depth // size for w in due if w.task_id not in found}
                 unread = {p for p in expected | turns if p not in read and p <= _MAX_PAGES}
                 if not unread:
@@ -139,7 +139,7 @@ class ListPages:
         except KlingError as exc:
             self._failed(stage, exc)
             return
-        due, turns = self._pending.pop(stage)
+        del self._pending[stage]
         now = anyio.current_time()
         for task_id, (snapshot, depth) in found.items():
             watch = wanted[task_id]
@@ -164,11 +164,10 @@ class ListPages:
         if page > _MAX_PAGES:
             # Too deep to list cheaply: asked directly, by its own schedule, from now on.
             watch.depth = -1
-            self._tracker.reschedule(watch, now)
-            return
-        watch.depth = (page - 1) * size
-        self._read_at.setdefault((watch.stage, page), now)  # its wait starts now
-        self._tracker.reschedule(watch, now)  # a deep watch waits for its page's turn
+        else:
+            watch.depth = (page - 1) * size  # it waits for that page's turn
+            self._read_at.setdefault((watch.stage, page), now)  # its wait starts now
+        self._tracker.reschedule(watch, now)
 
     def _replan(self, stage: str, now: float) -> None:
         """Set each page's next read from its last one and the finishes expected on it."""
@@ -177,10 +176,9 @@ class ListPages:
         size = self._size.get(stage, self._dialect.list_page_size)
         rates: dict[int, float] = {}
         for watch in tracker.watched(stage).values():
-            if watch.result is None and watch.depth >= 0:
-                page = 1 + watch.depth // size
-                hazard = model.hazard(now - watch.started) if model is not None else 0.0
-                rates[page] = rates.get(page, 0.0) + hazard
+            page = 1 + watch.depth // size
+            hazard = model.hazard(now - watch.started) if model is not None else 0.0
+            rates[page] = rates.get(page, 0.0) + hazard
         for key in [k for k in self._due if k[0] == stage and k[1] not in rates]:
             del self._due[key]
         for page, rate in rates.items():
@@ -190,9 +188,11 @@ class ListPages:
             interval = min(max(interval, self._floor), self._poll.max_interval)
             if tracker.callbacks:
                 interval = max(interval, self._poll.callback_safety_interval)
-            tracker.wake_at(
-                self._due, (stage, page), self._read_at.get((stage, page), now) + interval
-            )
+            self._schedule(stage, page, self._read_at.get((stage, page), now) + interval)
+
+    def _schedule(self, stage: str, page: int, when: float) -> None:
+        self._due[stage, page] = when
+        self._tracker.wake(when)
 
     def _failed(self, stage: str, error: KlingError) -> None:
         tracker = self._tracker
@@ -204,4 +204,4 @@ class ListPages:
         now = anyio.current_time()
         for page in turns:
             # Transient: the page's turn comes again after the shortest interval.
-            tracker.wake_at(self._due, (stage, page), now + self._floor)
+            self._schedule(stage, page, now + self._floor)

@@ -235,8 +235,7 @@ class Tracker:
         when = min(when, watch.started + self._poll.timeout)
         watch.due = when
         heapq.heappush(self._heap, (when, watch))
-        if when < self._sleep_until:
-            self._wakeup.set()
+        self.wake(when)
 
     async def _worker(self) -> None:
         queue = self._queue
@@ -266,12 +265,13 @@ class Tracker:
             response = await self._requester.transport.send(request)
             snapshot = self._dialect.parse_query(watch.stage, watch.task_id, response)
         except KlingError as exc:
-            self._query_failed(watch, exc)
+            self.query_failed(watch, exc)
             return
         if watch.result is None:
-            self._apply(watch, snapshot, loop_time())
+            self.apply(watch, snapshot, loop_time())
 
-    def _apply(self, watch: Watch, snapshot: TaskSnapshot, now: float) -> None:
+    def apply(self, watch: Watch, snapshot: TaskSnapshot, now: float) -> None:
+        """Take an answer about ``watch``'s task, seen at ``now``: finish it or poll again."""
         watch.busy = False
         watch.polls += 1
         watch.errors = 0
@@ -309,7 +309,8 @@ class Tracker:
             delay = max(delay, self._poll.callback_safety_interval)
         return delay
 
-    def _query_failed(self, watch: Watch, error: KlingError) -> None:
+    def query_failed(self, watch: Watch, error: KlingError) -> None:
+        """A status request about ``watch`` failed: stop the batch, fail the task, or retry."""
         watch.busy = False
         watch.errors += 1
         if error.fatal:
@@ -398,27 +399,16 @@ class Tracker:
         self._queue.append(stage)
         self._kick()
 
-    def apply(self, watch: Watch, snapshot: TaskSnapshot, now: float) -> None:
-        """Take news of ``watch``'s task, seen at ``now``."""
-        self._apply(watch, snapshot, now)
-
     def reschedule(self, watch: Watch, now: float) -> None:
         """Schedule ``watch``'s next poll afresh (its place in the list changed)."""
         self._schedule(watch, now + self._delay(watch, now))
-
-    def query_failed(self, watch: Watch, error: KlingError) -> None:
-        """A status request about ``watch`` failed."""
-        self._query_failed(watch, error)
 
     def fatal(self, error: KlingError) -> None:
         """An account-level error: the batch stops."""
         self._on_fatal(error)
 
-    def wake_at(
-        self, dues: dict[tuple[str, int], float], key: tuple[str, int], when: float
-    ) -> None:
-        """Set ``dues[key]`` to ``when``, waking the loop if that is sooner than it sleeps."""
-        dues[key] = when
+    def wake(self, when: float) -> None:
+        """Something falls due at ``when``: wake the loop if it sleeps past that."""
         if when < self._sleep_until:
             self._wakeup.set()
 
