@@ -90,7 +90,6 @@ class Submitter:
         # on asyncio, which its aiohttp session needs.
         await asyncio.sleep(0)
         refusals = 0
-        retry = self._retry
         while True:
             try:
                 if resume is not None and key is not None:
@@ -98,13 +97,10 @@ class Submitter:
                 else:
                     snapshot = await self._send(step)
             except ConcurrencyLimitError:
-                self._answer()
-                if resume is not None and key is not None:
-                    await resume.journal.refused(key, step.stage)
                 refusals += 1
+                delay = await self._refused(step, refusals, key, resume)
                 self._slots.shrink()
                 slot.release()
-                delay = min(retry.concurrency_delay * 2 ** (refusals - 1), retry.max_delay)
                 logger.debug("1303: %d tasks running; waiting %.2f s", self._slots.in_use, delay)
                 await anyio.sleep(delay)
                 await slot.acquire()
@@ -112,11 +108,8 @@ class Submitter:
             except RateLimitError as exc:
                 # 1302 after the requester's own retries: still not a reason to fail a job
                 # whose task was never created.  Wait longer, keeping the slot.
-                self._answer()
-                if resume is not None and key is not None:
-                    await resume.journal.refused(key, step.stage)
                 refusals += 1
-                delay = min(retry.concurrency_delay * 2 ** (refusals - 1), retry.max_delay)
+                delay = await self._refused(step, refusals, key, resume)
                 logger.debug("1302: waiting %.2f s", max(delay, exc.retry_after or 0.0))
                 await anyio.sleep(max(delay, exc.retry_after or 0.0))
                 continue
@@ -135,6 +128,20 @@ class Submitter:
             if resume is not None and key is not None:
                 await resume.created(key, step.stage, snapshot)
             return snapshot
+
+    async def _refused(
+        self, step: Submit, refusals: int, key: str | None, resume: Resume | None
+    ) -> float:
+        """A 1303 or 1302 refusal (number ``refusals``): record it; the wait before the next try.
+
+        Nothing was created, so a journaled intent is cleared; the wait doubles from
+        ``RetryPolicy.concurrency_delay`` up to ``max_delay`` (API.md section 1, 1303).
+        """
+        self._answer()
+        if resume is not None and key is not None:
+            await resume.journal.refused(key, step.stage)
+        retry = self._retry
+        return min(retry.concurrency_delay * 2.0 ** (refusals - 1), retry.max_delay)
 
     def _answer(self) -> None:
         """A submit has been answered (not with a fatal error): the others may go."""
