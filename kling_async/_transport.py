@@ -61,12 +61,6 @@ class Timeouts:
     read: float = 60.0
     total: float = 180.0
 
-    def to_aiohttp(self) -> aiohttp.ClientTimeout:
-        """All three limits as aiohttp's record (``read`` as ``sock_read``)."""
-        return aiohttp.ClientTimeout(
-            total=self.total, sock_connect=self.connect, connect=self.connect, sock_read=self.read
-        )
-
     def for_api(self) -> aiohttp.ClientTimeout:
         """An API call's limits for aiohttp: ``connect`` and ``total``, no per-read timer."""
         return aiohttp.ClientTimeout(
@@ -123,11 +117,15 @@ class Transport:
     def session(self) -> aiohttp.ClientSession:
         """The session in use, opened on first access when the transport owns it."""
         if self._session is None:
-            connector = aiohttp.TCPConnector(limit=self._pool_size, limit_per_host=self._pool_size)
-            self._session = aiohttp.ClientSession(
-                connector=connector, timeout=self._timeout, raise_for_status=False
-            )
+            self._session = self._open_session()
         return self._session
+
+    def _open_session(self, *, trust_env: bool = False) -> aiohttp.ClientSession:
+        """A session of this transport's own, with a pool of ``pool_size`` connections."""
+        connector = aiohttp.TCPConnector(limit=self._pool_size, limit_per_host=self._pool_size)
+        return aiohttp.ClientSession(
+            connector=connector, timeout=self._timeout, raise_for_status=False, trust_env=trust_env
+        )
 
     async def aclose(self) -> None:
         """Close the session if this transport opened it (and the one opened for videos)."""
@@ -150,10 +148,7 @@ class Transport:
         if self._owns_session or not _carries_credentials(session):
             return session
         if self._plain_session is None:
-            connector = aiohttp.TCPConnector(limit=self._pool_size, limit_per_host=self._pool_size)
-            self._plain_session = aiohttp.ClientSession(
-                connector=connector, raise_for_status=False, trust_env=session.trust_env
-            )
+            self._plain_session = self._open_session(trust_env=session.trust_env)
         return self._plain_session
 
     async def send(self, request: HttpRequest) -> HttpResponse:
