@@ -37,6 +37,7 @@ from ._errors import (
 )
 from ._jobs import LipSyncJob
 from ._results import BatchProgress, Face, JobResult, TaskSnapshot, TaskState
+from ._transport import Timeouts
 
 try:
     __version__ = version("kling-async")
@@ -76,6 +77,7 @@ __all__ = [
     "TaskSnapshot",
     "TaskState",
     "TaskTimedOutError",
+    "Timeouts",
     "TransportError",
     "TransportTimeout",
     "ValidationError",

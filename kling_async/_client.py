@@ -97,6 +97,8 @@ class KlingClient:
             or max_downloads < 1
         ):
             raise ValidationError("max_downloads", "must be a whole number of at least 1")
+        if not isinstance(timeouts, Timeouts):
+            raise ValidationError("timeouts", "must be a Timeouts")
         if not isinstance(poll, PollPolicy):
             raise ValidationError("poll", "must be a PollPolicy")
         if not isinstance(retry, RetryPolicy):

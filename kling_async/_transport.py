@@ -18,6 +18,7 @@ import aiohttp
 import attrs
 
 from ._auth import Credentials
+from ._config import _positive
 from ._errors import (
     AuthenticationError,
     ConnectError,
@@ -57,9 +58,9 @@ class Timeouts:
     The total is generous because a submit may upload up to 5 MB of base64 audio.
     """
 
-    connect: float = 15.0
-    read: float = 60.0
-    total: float = 180.0
+    connect: float = attrs.field(default=15.0, validator=_positive)
+    read: float = attrs.field(default=60.0, validator=_positive)
+    total: float = attrs.field(default=180.0, validator=_positive)
 
     def for_api(self) -> aiohttp.ClientTimeout:
         """An API call's limits for aiohttp: ``connect`` and ``total``, no per-read timer."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 
 import aiohttp
 import anyio
@@ -21,7 +22,6 @@ from helpers import (
 )
 
 import kling_async as ka
-from kling_async._transport import Timeouts
 from kling_async.testing import FakeKlingServer, FaultPlan
 
 pytestmark = pytest.mark.anyio
@@ -265,12 +265,27 @@ async def test_a_static_key_refusal_is_not_retried() -> None:
 async def test_api_calls_are_bounded_by_total_not_by_the_read_time_out() -> None:
     # `read` (the longest silence between reads) is for downloads; an API answer, small JSON, is
     # bounded by `total`: a slow answer inside it arrives, a server that stalls fails.
-    slow = Timeouts(connect=1.0, read=0.05, total=1.0)
+    slow = ka.Timeouts(connect=1.0, read=0.05, total=1.0)
     async with FakeKlingServer(faults=FaultPlan(answer_delay=0.15)) as server:
         async with kling_client(server, timeouts=slow) as client:
             snap = await client.submit(text_job(1))
         assert snap.task_id in server.tasks
         server.faults = FaultPlan(answer_delay=30.0)
-        async with kling_client(server, timeouts=Timeouts(total=0.3)) as client:
+        async with kling_client(server, timeouts=ka.Timeouts(total=0.3)) as client:
             with anyio.fail_after(3), pytest.raises(ka.TransportTimeout):
                 await client.submit(text_job(2))
+
+
+@pytest.mark.parametrize("field", ["connect", "read", "total"])
+@pytest.mark.parametrize("value", [0, -1, math.inf, math.nan, "5", None, True])
+def test_timeouts_refuse_what_is_not_a_positive_number(field: str, value: object) -> None:
+    with pytest.raises(ka.ValidationError) as info:
+        ka.Timeouts(**{field: value})  # type: ignore[arg-type]
+    assert info.value.field == field
+
+
+def test_timeouts_must_be_a_timeouts_record() -> None:
+    assert ka.Timeouts(connect=2, read=3, total=4).total == 4
+    with pytest.raises(ka.ValidationError) as info:
+        ka.KlingClient.kling(api_key="k", timeouts=30)  # type: ignore[arg-type]
+    assert info.value.field == "timeouts"

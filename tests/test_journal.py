@@ -35,7 +35,6 @@ from kling_async._journal_codec import (
     snapshot_to_json,
 )
 from kling_async._resume import is_final
-from kling_async._transport import Timeouts
 from kling_async.testing import FakeKlingServer, FaultPlan
 
 pytestmark = pytest.mark.anyio
@@ -502,7 +501,7 @@ async def test_a_timed_out_submit_is_found_in_the_task_list_and_adopted(tmp_path
     jobs = [text_job(n, key=f"k{n}") for n in range(5)]
     faults = FaultPlan(answer_delay=0.3)
     async with FakeKlingServer(task_duration=0.02, faults=faults) as server:
-        async with kling_client(server, timeouts=Timeouts(total=0.1)) as client:
+        async with kling_client(server, timeouts=ka.Timeouts(total=0.1)) as client:
             results = await run(client, jobs, journal)
     assert all(r.ok for r in results), [str(r.error) for r in results]
     assert server.tasks_created == 5
@@ -519,7 +518,7 @@ async def test_two_lost_submits_on_one_video_stay_unknown(tmp_path: Path) -> Non
     ]
     faults = FaultPlan(answer_delay=0.3)
     async with FakeKlingServer(task_duration=0.02, faults=faults) as server:
-        async with kling_client(server, timeouts=Timeouts(total=0.1), max_in_flight=2) as client:
+        async with kling_client(server, timeouts=ka.Timeouts(total=0.1), max_in_flight=2) as client:
             results = await run(client, jobs, journal)
     assert server.tasks_created == 2
     for result in results:
@@ -540,7 +539,7 @@ async def test_without_a_list_query_a_lost_submit_is_unknown_until_resubmitted(
     ]
     async with FakeKlingServer(task_duration=0.02) as server:
         server.faults = FaultPlan(answer_delay=0.3)
-        async with apimodels_client(server, timeouts=Timeouts(total=0.1)) as client:
+        async with apimodels_client(server, timeouts=ka.Timeouts(total=0.1)) as client:
             lost = await run(client, jobs, journal)
         server.faults = FaultPlan()
         async with apimodels_client(server) as client:
