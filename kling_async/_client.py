@@ -33,7 +33,6 @@ from ._requester import Requester
 from ._results import JobResult, TaskSnapshot, TaskState
 from ._transport import Timeouts, Transport
 from .dialects import Dialect, Submit
-from .dialects.apimodels import ApimodelsDialect
 from .dialects.kling import KlingDialect
 
 __all__ = ["APIMODELS_BASE_URL", "DMXAPI_BASE_URL", "OFFICIAL_BASE_URL", "KlingClient"]
@@ -178,7 +177,7 @@ class KlingClient:
     ) -> KlingClient:
         """A client for apimodels.app: advanced lip-sync in two tasks, audio jobs only."""
         return cls(
-            dialect=ApimodelsDialect(),
+            dialect=_apimodels_dialect(),
             credentials=BearerKey(api_key),
             base_url=base_url,
             **options,
@@ -367,3 +366,10 @@ class KlingClient:
         key = result.key if isinstance(result, JobResult) else None
         name = file_name(url, key=key, task_id=result.task_id, filename=filename)
         return await self._downloader.download(url, Path(directory), name)
+
+
+def _apimodels_dialect() -> Dialect:
+    # Imported here: clients of the official format never build apimodels' wire converters.
+    from .dialects.apimodels import ApimodelsDialect
+
+    return ApimodelsDialect()
