@@ -181,14 +181,13 @@ class ListPages:
                     break
                 tracker.requests += 1
                 response = await tracker.send(request)
-                snapshots = self._dialect.parse_list(stage, response)
+                rows, snapshots = self._dialect.parse_list_page(stage, response, wanted)
                 read.add(page)
                 self._read_at[stage, page] = anyio.current_time()
                 first = (page - 1) * size
-                for index, snapshot in enumerate(snapshots):
-                    if snapshot.task_id in wanted:
-                        found[snapshot.task_id] = (snapshot, first + index)
-                if len(snapshots) < size:
+                for index, snapshot in snapshots:
+                    found[snapshot.task_id] = (snapshot, first + index)
+                if rows < size:
                     read.update(range(page + 1, _MAX_PAGES + 1))  # the last page: none deeper
                     break
         except KlingError as exc:
