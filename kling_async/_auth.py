@@ -58,7 +58,9 @@ class BearerKey:
 
 
 class KlingJwt:
-    """The official API's token: HS256, ``iss`` = access key, valid 30 minutes (API.md section 1).
+    """The official API's token: HS256, ``iss`` = access key, valid 30 minutes.
+
+    The scheme is in docs/protocol.md, JWT auth.
 
     A token is minted on first use, cached and minted again ``renew_margin`` seconds before it
     expires.  ``nbf`` lies 5 s in the past so that a server clock slightly behind ours accepts it.
@@ -87,7 +89,7 @@ class KlingJwt:
         """Drop the cached token; the next request carries a fresh one.
 
         The official API is reported to refuse correct tokens now and then with "signature
-        invalid"; a fresh token and one retry fixes it (API.md section 1, "JWT auth").
+        invalid"; a fresh token and one retry fixes it (docs/protocol.md, JWT auth).
         """
         self._token = None
         return True

@@ -40,11 +40,11 @@ __all__ = ["APIMODELS_BASE_URL", "DMXAPI_BASE_URL", "OFFICIAL_BASE_URL", "KlingC
 
 logger = logging.getLogger("kling_async")
 
-#: The official API outside China (API.md section 1; it replaced api.klingai.com).
+#: The official API outside China (docs/protocol.md, Deployments; it replaced api.klingai.com).
 OFFICIAL_BASE_URL = "https://api-singapore.klingai.com"
 #: The DMXAPI gateway, which serves the official format under ``/kling``.
 DMXAPI_BASE_URL = "https://www.dmxapi.cn"
-#: apimodels.app (API.md section 2).
+#: apimodels.app (docs/protocol.md, apimodels.app).
 APIMODELS_BASE_URL = "https://apimodels.app"
 
 JobSource = Iterable[LipSyncJob] | AsyncIterable[LipSyncJob]
