@@ -36,6 +36,7 @@ from ._errors import (
     error_from_response,
 )
 from ._jobs import LipSyncJob
+from ._options import ClientOptions
 from ._results import BatchProgress, Face, JobResult, TaskSnapshot, TaskState
 from ._transport import Timeouts
 
@@ -53,6 +54,7 @@ __all__ = [
     "AuthenticationError",
     "BatchIterator",
     "BatchProgress",
+    "ClientOptions",
     "ConcurrencyLimitError",
     "ConnectError",
     "ContentPolicyError",

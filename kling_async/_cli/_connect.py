@@ -103,4 +103,10 @@ def make_client(
         options["prefix"] = args.prefix
     if args.dialect == "dmxapi":
         return KlingClient.dmxapi(api_key=creds["api_key"], advanced=args.advanced, **options)
-    return KlingClient.kling(advanced=args.advanced, **creds, **options)
+    return KlingClient.kling(
+        advanced=args.advanced,
+        api_key=creds.get("api_key"),
+        access_key=creds.get("access_key"),
+        secret_key=creds.get("secret_key"),
+        **options,
+    )
