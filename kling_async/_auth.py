@@ -10,8 +10,6 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Protocol
 
-import jwt
-
 from ._errors import ValidationError
 
 __all__ = [
@@ -109,6 +107,8 @@ class KlingJwt:
         return True
 
     def _mint(self, now: float) -> str:
+        import jwt  # imported on first use: Bearer-key clients never load PyJWT (start-up time)
+
         claims = {
             "iss": self._access_key,
             "exp": int(now + self.lifetime),

@@ -36,7 +36,6 @@ from ._requester import Requester
 from ._results import JobResult, TaskSnapshot, TaskState
 from ._transport import Timeouts, Transport
 from .dialects import Dialect, Submit
-from .dialects.apimodels import ApimodelsDialect
 from .dialects.kling import KlingDialect
 
 if TYPE_CHECKING:
@@ -202,7 +201,7 @@ class KlingClient:
         Without ``api_key`` the key is ``KLING_API_KEY`` from the environment.  ``options``:
         see :class:`ClientOptions`.
         """
-        dialect = ApimodelsDialect()
+        dialect = _apimodels_dialect()
         return cls(dialect=dialect, credentials=_bearer(api_key), base_url=base_url, **options)
 
     # -- lifetime ------------------------------------------------------------------------
@@ -465,3 +464,10 @@ class KlingClient:
 def _bearer(api_key: str | None) -> Credentials:
     """A Bearer key: ``api_key``, else ``KLING_API_KEY`` from the environment."""
     return credentials_for(api_key=api_key, jwt_allowed=False, environ=os.environ)
+
+
+def _apimodels_dialect() -> Dialect:
+    # Imported here: clients of the official format never build apimodels' wire converters.
+    from .dialects.apimodels import ApimodelsDialect
+
+    return ApimodelsDialect()

@@ -9,12 +9,16 @@ from __future__ import annotations
 
 import random
 from collections.abc import Callable
-from typing import TypedDict
-
-import aiohttp
+from typing import TYPE_CHECKING, TypedDict
 
 from ._config import PollPolicy, RetryPolicy
-from ._transport import Timeouts
+
+if TYPE_CHECKING:
+    # For the type checker only: a TypedDict keeps its annotations as strings, and importing
+    # aiohttp here would load the network stack for ``import kling_async`` (start-up time).
+    import aiohttp
+
+    from ._transport import Timeouts
 
 __all__ = ["ClientOptions"]
 

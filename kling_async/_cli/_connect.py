@@ -10,9 +10,10 @@ from __future__ import annotations
 import argparse
 import os
 from collections.abc import Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from .._client import KlingClient
+if TYPE_CHECKING:  # imported where a client is made: `--help` and usage errors need no aiohttp
+    from .._client import KlingClient
 
 __all__ = ["DIALECTS", "CliError", "add_connection_options", "make_client"]
 
@@ -89,6 +90,8 @@ def make_client(
     **options: Any,
 ) -> KlingClient:
     """A client for ``args.dialect``; ``creds`` and ``base_url`` override the options."""
+    from .._client import KlingClient
+
     creds = creds if creds is not None else credentials(args, environ or os.environ)
     base_url = base_url or args.base_url
     if base_url:
