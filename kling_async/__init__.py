@@ -34,6 +34,7 @@ from ._errors import (
     error_from_response,
 )
 from ._jobs import LipSyncJob
+from ._options import ClientOptions
 from ._results import BatchProgress, Face, JobResult, TaskSnapshot, TaskState
 
 if TYPE_CHECKING:
@@ -92,6 +93,7 @@ __all__ = [
     "AuthenticationError",
     "BatchIterator",
     "BatchProgress",
+    "ClientOptions",
     "ConcurrencyLimitError",
     "ConnectError",
     "ContentPolicyError",

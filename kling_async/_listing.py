@@ -1,6 +1,6 @@
 """Refreshing many live tasks at once from the newest-first task list.
 
-Where the dialect has a list query (API.md section 1, "Query many": up to 500 tasks a page,
+Where the dialect has a list query (docs/protocol.md, Query many: up to 500 tasks a page,
 newest first, finished tasks included) one request refreshes every live task on a page.  Page
 ``p`` of size ``s`` holds the tasks at depths ``(p - 1) * s`` to ``p * s - 1``; a task sinks as
 newer ones are created, so long-running tasks end up on deeper pages, among few of ours.

@@ -183,6 +183,12 @@ def build_parser() -> argparse.ArgumentParser:
         "created a task (it may then be paid twice)",
     )
     run.add_argument(
+        "--retry-failed",
+        action="store_true",
+        help="with --journal: submit again the jobs whose last result was a failure (a task "
+        "that failed, or a request refused for good); never a success",
+    )
+    run.add_argument(
         "--download",
         metavar="DIR",
         help="save each finished video in DIR (named after the job key) before reporting it",

@@ -1,8 +1,8 @@
 """From command-line options and environment variables to a :class:`KlingClient`.
 
 Keys come from ``--api-key`` or ``KLING_API_KEY`` (a Bearer key, any dialect), else, for the
-official API, ``KLING_ACCESS_KEY`` + ``KLING_SECRET_KEY`` (a JWT is minted from them; API.md
-section 1, "JWT auth").  No message here ever contains a key.
+official API, ``KLING_ACCESS_KEY`` + ``KLING_SECRET_KEY`` (a JWT is minted from them;
+docs/protocol.md, JWT auth).  No message here ever contains a key.
 """
 
 from __future__ import annotations
@@ -106,4 +106,10 @@ def make_client(
         options["prefix"] = args.prefix
     if args.dialect == "dmxapi":
         return KlingClient.dmxapi(api_key=creds["api_key"], advanced=args.advanced, **options)
-    return KlingClient.kling(advanced=args.advanced, **creds, **options)
+    return KlingClient.kling(
+        advanced=args.advanced,
+        api_key=creds.get("api_key"),
+        access_key=creds.get("access_key"),
+        secret_key=creds.get("secret_key"),
+        **options,
+    )
