@@ -23,7 +23,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import statistics
+import tempfile
 import time
 from typing import Any
 
@@ -90,7 +92,12 @@ async def bare_loop(session: aiohttp.ClientSession, url: str, jobs: int, workers
 
 
 async def kling_async_batch(
-    session: aiohttp.ClientSession, url: str, jobs: int, workers: int, listed: bool = False
+    session: aiohttp.ClientSession,
+    url: str,
+    jobs: int,
+    workers: int,
+    listed: bool = False,
+    journal: str | None = None,
 ) -> int:
     batch = JOBS[:jobs]  # built beforehand, as the bare loop's bodies are
     poll = list_policy(workers) if listed else policy(workers)
@@ -99,11 +106,20 @@ async def kling_async_batch(
     )
     done = 0
     async with client:
-        async for result in client.run_batch(batch):
+        async for result in client.run_batch(batch, journal=journal):
             assert result.ok, result
             assert listed or result.polls == 1, result
             done += 1
     return done
+
+
+async def kling_async_journaled(
+    session: aiohttp.ClientSession, url: str, jobs: int, workers: int
+) -> int:
+    """The per-task run_batch with a SQLite journal (a new file each run)."""
+    with tempfile.TemporaryDirectory() as directory:
+        path = os.path.join(directory, "journal.sqlite")
+        return await kling_async_batch(session, url, jobs, workers, journal=path)
 
 
 async def kling_async_listed(
@@ -136,17 +152,20 @@ async def transport_loop(session: aiohttp.ClientSession, url: str, jobs: int, wo
 BARE = "bare aiohttp loop"
 PER_TASK = "kling_async run_batch, per-task queries"
 LISTED = "kling_async run_batch, list queries (defaults)"
+JOURNALED = "kling_async run_batch, per-task queries, SQLite journal"
 RUNS = {
     BARE: bare_loop,
     "same loop over kling_async's Transport + dialect": transport_loop,
     PER_TASK: kling_async_batch,
     LISTED: kling_async_listed,
+    JOURNALED: kling_async_journaled,
 }
 #: --clients names
 SHORT = {
     "transport": "same loop over kling_async's Transport + dialect",
     "per-task": PER_TASK,
     "list": LISTED,
+    "journal": JOURNALED,
 }
 
 
@@ -194,6 +213,13 @@ async def measure_at(
             "paired_max": max(ratios),
             "cpu_ratio": cpu / base_cpu,
         }
+    if PER_TASK in times and JOURNALED in times:
+        journal_ratios = [
+            plain / journaled
+            for (plain, _), (journaled, _) in zip(times[PER_TASK], times[JOURNALED], strict=True)
+        ]
+        rows[JOURNALED]["vs_unjournaled"] = statistics.median(journal_ratios)
+        rows[JOURNALED]["vs_unjournaled_range"] = (min(journal_ratios), max(journal_ratios))
     return {"concurrency": concurrency, "rows": rows}
 
 
@@ -225,6 +251,13 @@ def report(figures: dict[str, Any]) -> str:
             f"{figures['jobs']} jobs, concurrency {concurrency}, fake server in another process; "
             "jobs/s and CPU: best round\n" + table(rows, header)
         )
+        journaled = at["rows"].get(JOURNALED, {})
+        if "vs_unjournaled" in journaled:
+            low, high = journaled["vs_unjournaled_range"]
+            out.append(
+                f"journal: throughput with a SQLite journal / without (per-task run_batch), "
+                f"median of round ratios {journaled['vs_unjournaled']:.3f} ({low:.2f}-{high:.2f})"
+            )
     return "\n\n".join(out)
 
 
