@@ -15,7 +15,7 @@ import pytest
 
 import kling_async as ka
 
-HEAVY = ["aiohttp", "anyio", "tqdm", "importlib.metadata", "sqlite3", "jwt"]
+HEAVY = ["aiohttp", "anyio", "attr", "tqdm", "importlib.metadata", "sqlite3", "jwt"]
 
 
 def _loaded_after(code: str) -> dict[str, bool]:
