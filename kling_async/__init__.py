@@ -13,6 +13,8 @@ from ._errors import (
     AccountError,
     APIError,
     AuthenticationError,
+    BudgetExceededError,
+    CallbackSignatureError,
     ConcurrencyLimitError,
     ConnectError,
     ContentPolicyError,
@@ -36,7 +38,7 @@ from ._errors import (
     error_from_response,
 )
 from ._jobs import LipSyncJob
-from ._results import BatchProgress, Face, JobResult, TaskSnapshot, TaskState
+from ._results import BalanceDeduction, BatchProgress, Face, JobResult, TaskSnapshot, TaskState
 from ._transport import Timeouts
 
 try:
@@ -51,8 +53,11 @@ __all__ = [
     "APIError",
     "AccountError",
     "AuthenticationError",
+    "BalanceDeduction",
     "BatchIterator",
     "BatchProgress",
+    "BudgetExceededError",
+    "CallbackSignatureError",
     "ConcurrencyLimitError",
     "ConnectError",
     "ContentPolicyError",

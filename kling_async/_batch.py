@@ -359,6 +359,11 @@ class Batch:
             submitted_at=submitted_at,
             finished_at=self._client._clock(),
             polls=polls,
+            video_id=snapshot.video_id,
+            video_duration=snapshot.video_duration,
+            watermark_url=snapshot.watermark_url,
+            units=snapshot.units,
+            balance_deduction=snapshot.balance_deduction,
         )
 
     # -- ending --------------------------------------------------------------------------

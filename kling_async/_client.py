@@ -12,7 +12,7 @@ import os
 import random
 import time
 import weakref
-from collections.abc import AsyncIterable, Callable, Iterable
+from collections.abc import AsyncIterable, Callable, Iterable, Mapping
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -31,6 +31,7 @@ from ._http import normalize_base_url
 from ._jobs import LipSyncJob
 from ._requester import Requester
 from ._results import JobResult, TaskSnapshot, TaskState
+from ._signature import WebhookSecret, lower_headers
 from ._transport import Timeouts, Transport
 from .dialects import Dialect, Submit
 from .dialects.apimodels import ApimodelsDialect
@@ -84,6 +85,7 @@ class KlingClient:
         rng: random.Random | None = None,
         clock: Callable[[], float] = time.time,
         max_downloads: int = 4,
+        webhook_secret: str | Iterable[str] | None = None,
     ) -> None:
         if (
             not isinstance(max_in_flight, int)
@@ -104,6 +106,8 @@ class KlingClient:
         if not isinstance(retry, RetryPolicy):
             raise ValidationError("retry", "must be a RetryPolicy")
         self.dialect = dialect
+        #: The account's Webhook Secret, checked by :meth:`handle_callback` (None: unsigned).
+        self.webhook_secret = WebhookSecret(webhook_secret) if webhook_secret is not None else None
         self.base_url = normalize_base_url(base_url)
         self.max_in_flight = max_in_flight
         self.poll = poll
@@ -317,11 +321,19 @@ class KlingClient:
                 known = True
         return known or snapshot.task_id in self._recent
 
-    def handle_callback(self, body: bytes) -> bool:
+    def handle_callback(
+        self, body: bytes, *, headers: Mapping[str, str] | Iterable[tuple[str, str]] = ()
+    ) -> bool:
         """Parse a callback body with this client's dialect and :meth:`deliver_callback` it.
 
-        Raises :class:`~kling_async.MalformedResponseError` for a body that is not a callback.
+        With a ``webhook_secret`` (``KlingClient(..., webhook_secret="whsec_...")``) the
+        callback's ``webhook-id``, ``webhook-timestamp`` and ``webhook-signature`` ``headers``
+        (names in any case) are verified first: :class:`~kling_async.CallbackSignatureError`
+        when they are missing, stale or wrong (answer 401), and nothing changes.  Raises
+        :class:`~kling_async.MalformedResponseError` for a body that is not a callback.
         """
+        if self.webhook_secret is not None:
+            self.webhook_secret.verify(body, lower_headers(headers), now=self._clock())
         return self.deliver_callback(self.dialect.parse_callback(body))
 
     def _remember(self, task_id: str) -> None:

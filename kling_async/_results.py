@@ -9,7 +9,14 @@ import attrs
 
 from ._errors import KlingError
 
-__all__ = ["BatchProgress", "Face", "JobResult", "TaskSnapshot", "TaskState"]
+__all__ = [
+    "BalanceDeduction",
+    "BatchProgress",
+    "Face",
+    "JobResult",
+    "TaskSnapshot",
+    "TaskState",
+]
 
 
 class TaskState(str, enum.Enum):
@@ -51,6 +58,18 @@ class Face:
 
 
 @attrs.frozen(kw_only=True)
+class BalanceDeduction:
+    """What a task took from the account's cash balance (when it was not paid in units).
+
+    ``quota`` is the amount deducted and ``list_price`` its list price, as the server states
+    them (docs/protocol.md, "Cost"); either may be None when the server leaves it out.
+    """
+
+    quota: float | None = None
+    list_price: float | None = None
+
+
+@attrs.frozen(kw_only=True)
 class TaskSnapshot:
     """One look at a task, as a dialect parsed it from a submit, query or callback answer.
 
@@ -58,6 +77,11 @@ class TaskSnapshot:
     server's status message (the failure reason when ``state`` is ``FAILED``) and
     ``error_code`` the failure code where the dialect has one.  Identify-face steps fill
     ``session_id`` and ``faces``.
+
+    What the server says of the finished video and its cost, where it says it: ``video_id``
+    (usable as a later job's ``video_id``), ``video_duration`` (seconds), ``watermark_url``
+    (the watermarked copy a job asked for with ``watermark=True``), ``units`` (resource-pack
+    units charged) and ``balance_deduction`` (what a cash balance paid).
     """
 
     task_id: str
@@ -71,6 +95,11 @@ class TaskSnapshot:
     external_task_id: str | None = None
     session_id: str | None = None
     faces: tuple[Face, ...] = ()
+    video_id: str | None = None
+    video_duration: float | None = None
+    watermark_url: str | None = None
+    units: float | None = None
+    balance_deduction: BalanceDeduction | None = None
 
     @property
     def video_url(self) -> str | None:
@@ -89,6 +118,10 @@ class JobResult:
     ``str()`` is the server's reason.  Times are Unix seconds; ``polls`` counts status queries
     that looked at this job's tasks.  ``path`` is where the video was saved, when the batch
     downloaded it (``run_batch(..., download_to=DIR)``, see :meth:`KlingClient.download`).
+
+    ``video_id``, ``video_duration`` (seconds), ``watermark_url``, ``units`` and
+    ``balance_deduction`` are what the server returned with the deciding task (see
+    :class:`TaskSnapshot`); None where it said nothing.
     """
 
     key: str
@@ -100,6 +133,11 @@ class JobResult:
     finished_at: float | None = None
     polls: int = 0
     path: Path | None = None
+    video_id: str | None = None
+    video_duration: float | None = None
+    watermark_url: str | None = None
+    units: float | None = None
+    balance_deduction: BalanceDeduction | None = None
 
     @property
     def ok(self) -> bool:
@@ -114,12 +152,16 @@ class JobResult:
 
 @attrs.frozen(kw_only=True)
 class BatchProgress:
-    """Counts of a running batch: tasks submitted, tasks running now, results so far."""
+    """Counts of a running batch: tasks submitted, tasks running now, results so far.
+
+    ``units`` totals the units the server says the batch's finished tasks cost.
+    """
 
     submitted: int
     running: int
     succeeded: int
     failed: int
+    units: float = 0.0
 
     @property
     def done(self) -> int:

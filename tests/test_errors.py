@@ -325,6 +325,8 @@ ALL_CLASSES: list[type[KlingError]] = [
     SubmitOutcomeUnknownError,
     JournalError,
     DownloadError,
+    kling_async.BudgetExceededError,
+    kling_async.CallbackSignatureError,
 ]
 
 

@@ -18,9 +18,9 @@ import cattrs
 from cattrs.gen import make_dict_structure_fn
 
 from .._errors import MalformedResponseError
-from .._results import Face, TaskSnapshot, TaskState
+from .._results import BalanceDeduction, Face, TaskSnapshot, TaskState
 
-__all__ = ["identify_face_snapshot", "map_state", "task_snapshot"]
+__all__ = ["identify_face_snapshot", "map_state", "new_form_snapshot", "task_snapshot"]
 
 _T = TypeVar("_T")
 
@@ -40,6 +40,9 @@ _STATES: dict[str, TaskState] = {
 class _Video:
     url: str
     id: str | None = None
+    watermark_url: str | None = None
+    # Read leniently (see _lenient_number): a garbled figure must not lose a finished video.
+    duration: Any = None
 
 
 @attrs.frozen
@@ -68,6 +71,9 @@ class _Task:
     task_result: _TaskResult | None = None
     created_at: float | None = None
     updated_at: float | None = None
+    # Strings on the wire ("0.5"); read leniently, as is duration.
+    final_unit_deduction: Any = None
+    final_balance_deduction: Any = None
 
 
 @attrs.frozen
@@ -82,6 +88,35 @@ class _FaceData:
 class _IdentifyFace:
     session_id: str
     face_data: list[_FaceData] = attrs.Factory(list)
+
+
+@attrs.frozen
+class _Output:
+    url: str | None = None
+    type: str | None = None
+    id: str | None = None
+    watermark_url: str | None = None
+    duration: Any = None
+
+
+@attrs.frozen
+class _Charge:
+    charge_type: str | None = None
+    amount: Any = None
+    list_price: Any = None
+
+
+@attrs.frozen
+class _NewForm:
+    # The callback body of Kling's newer APIs (docs/protocol.md, "Two callback formats").
+    id: str
+    status: str
+    message: str | None = None
+    create_time: float | None = None
+    update_time: float | None = None
+    external_id: str | None = None
+    outputs: list[_Output] = attrs.Factory(list)
+    billing: list[_Charge] = attrs.Factory(list)
 
 
 def _structure_str(value: object, _: object) -> str:
@@ -183,6 +218,12 @@ class _Flat(NamedTuple):
     updated_at: float | None
     parent_video_url: str | None
     external_task_id: str | None
+    #: The first video's id, duration and watermarked URL; what the task cost.
+    video_id: str | None = None
+    video_duration: float | None = None
+    watermark_url: str | None = None
+    units: float | None = None
+    balance: BalanceDeduction | None = None
 
 
 # The exact types the fast path takes (tested with ``type(x) in ...``, inline: a helper call per
@@ -215,6 +256,8 @@ def _fast_task(raw: object) -> _Flat | None:
     ):
         return None
     urls: tuple[str, ...] = ()
+    video_id = watermark = None
+    duration: float | None = None
     result = get("task_result")
     if result is not None:
         videos = result.get("videos", ()) if type(result) is dict else None
@@ -225,7 +268,13 @@ def _fast_task(raw: object) -> _Flat | None:
                 return None
             if type(video.get("id")) not in _OPT_STR:
                 return None
+            if type(video.get("watermark_url")) not in _OPT_STR:
+                return None
         urls = tuple(video["url"] for video in videos if video["url"])  # type: ignore[union-attr]
+        if videos:
+            first = videos[0]
+            video_id, watermark = first.get("id"), first.get("watermark_url")
+            duration = _lenient_number(first.get("duration"))
     parent_url = external = None
     info = get("task_info")
     if info is not None:
@@ -249,7 +298,37 @@ def _fast_task(raw: object) -> _Flat | None:
         updated_at=None if updated is None else float(updated),
         parent_video_url=parent_url,
         external_task_id=external,
+        video_id=video_id,
+        video_duration=duration,
+        watermark_url=watermark,
+        units=_lenient_number(get("final_unit_deduction")),
+        balance=_balance(get("final_balance_deduction")),
     )
+
+
+def _lenient_number(value: object) -> float | None:
+    """A finite number sent as a number or a numeric string, else None (a figure, not a key)."""
+    if type(value) in _NUMBER:
+        number = float(value)  # type: ignore[arg-type]
+    elif type(value) is str:
+        try:
+            number = float(value)
+        except ValueError:
+            return None
+    else:
+        return None
+    return number if math.isfinite(number) else None
+
+
+def _balance(raw: object) -> BalanceDeduction | None:
+    """``final_balance_deduction`` (``{quota, list_price}``), present only on cash payments."""
+    if type(raw) is not dict:
+        return None
+    quota = _lenient_number(raw.get("quota"))
+    price = _lenient_number(raw.get("list_price"))
+    if quota is None and price is None:
+        return None
+    return BalanceDeduction(quota=quota, list_price=price)
 
 
 def _strict_task(raw: object, *, where: str, status: int | None) -> _Flat:
@@ -267,6 +346,11 @@ def _strict_task(raw: object, *, where: str, status: int | None) -> _Flat:
         updated_at=task.updated_at,
         parent_video_url=parent.url if parent else None,
         external_task_id=info.external_task_id,
+        video_id=videos[0].id if videos else None,
+        video_duration=_lenient_number(videos[0].duration) if videos else None,
+        watermark_url=videos[0].watermark_url if videos else None,
+        units=_lenient_number(task.final_unit_deduction),
+        balance=_balance(task.final_balance_deduction),
     )
 
 
@@ -305,6 +389,11 @@ def task_snapshot(
         updated_at=_seconds(task.updated_at),
         parent_video_url=task.parent_video_url or None,
         external_task_id=task.external_task_id or None,
+        video_id=task.video_id or None,
+        video_duration=task.video_duration,
+        watermark_url=task.watermark_url or None,
+        units=task.units,
+        balance_deduction=task.balance,
     )
 
 
@@ -329,4 +418,43 @@ def identify_face_snapshot(raw: object, *, where: str, status: int | None) -> Ta
         state=TaskState.SUCCEEDED,
         session_id=answer.session_id,
         faces=faces,
+    )
+
+
+def new_form_snapshot(raw: object, *, where: str) -> TaskSnapshot:
+    """The snapshot of a newer-design callback body ``{id, status, outputs, billing, ...}``.
+
+    The console's "send test callback" uses this form (``status: submitted``, no outputs).
+    Units are the ``amount`` of ``unit`` charges; a ``cash`` charge is a balance deduction.
+    """
+    body = _structure(raw, _NewForm, where=where, status=None)
+    state = map_state(body.status, where=where, status=None)
+    videos = [out for out in body.outputs if out.url and out.type in (None, "video")]
+    if state is TaskState.SUCCEEDED and not videos:
+        raise MalformedResponseError(f"{where}: task {body.id} succeeded without outputs[].url")
+    unit_charges = [c for c in body.billing if c.charge_type == "unit"]
+    cash = [c for c in body.billing if c.charge_type == "cash"]
+    units = [_lenient_number(c.amount) for c in unit_charges]
+    balance = None
+    if cash:
+        quota = [_lenient_number(c.amount) for c in cash]
+        price = [_lenient_number(c.list_price) for c in cash]
+        balance = BalanceDeduction(
+            quota=None if None in quota else sum(q for q in quota if q is not None),
+            list_price=None if None in price else sum(p for p in price if p is not None),
+        )
+    first = videos[0] if videos else None
+    return TaskSnapshot(
+        task_id=body.id,
+        state=state,
+        message=body.message or None,
+        video_urls=tuple(out.url for out in videos if out.url),
+        created_at=_seconds(body.create_time),
+        updated_at=_seconds(body.update_time),
+        external_task_id=body.external_id or None,
+        video_id=(first.id or None) if first else None,
+        video_duration=_lenient_number(first.duration) if first else None,
+        watermark_url=(first.watermark_url or None) if first else None,
+        units=None if not units or None in units else sum(u for u in units if u is not None),
+        balance_deduction=balance,
     )

@@ -31,7 +31,7 @@ from ._base import (
     decode_envelope,
     sound_source,
 )
-from ._kling_wire import identify_face_snapshot, task_snapshot
+from ._kling_wire import identify_face_snapshot, new_form_snapshot, task_snapshot
 
 __all__ = [
     "MAX_PAGE",
@@ -267,8 +267,9 @@ class KlingDialect:
     def parse_callback(self, body: bytes) -> TaskSnapshot:
         """The snapshot a callback body carries.
 
-        The server POSTs the task object itself (API.md section 1, "Callback"); an envelope
-        ``{"code": 0, "data": task}`` is accepted too.
+        The server POSTs the task object itself (docs/protocol.md, "Callback"); an envelope
+        ``{"code": 0, "data": task}`` is accepted too, and so is the newer design's body
+        ``{id, status, outputs, billing}`` (the console's test callback uses it).
         """
         try:
             raw = json.loads(body)
@@ -281,6 +282,8 @@ class KlingDialect:
             raw = raw["data"]
             if isinstance(raw, list) and len(raw) == 1:
                 raw = raw[0]
+        if isinstance(raw, Mapping) and "task_id" not in raw and "id" in raw and "status" in raw:
+            return new_form_snapshot(raw, where="callback")
         return task_snapshot(raw, where="callback", status=None)
 
     def _path(self, path: str) -> str:

@@ -10,6 +10,7 @@ from types import MappingProxyType, TracebackType
 
 from aiohttp import web
 
+from .._signature import WebhookSecret
 from . import _apimodels, _official
 from ._apimodels import ApimodelsRoutes
 from ._callbacks import CallbackDispatcher
@@ -60,7 +61,8 @@ class FakeKlingServer:
     See the :mod:`kling_async.testing` docstring for what it serves and how to use it.  All
     options are keyword-only; ``start()`` / ``close()`` (or ``async with``) run it.
     ``processing_after`` defaults to half of each task's duration; ``port=0`` picks a free
-    port; ``callback_timeout`` bounds each callback delivery, in seconds.
+    port; ``callback_timeout`` bounds each callback delivery, in seconds.  With
+    ``webhook_secret`` (``"whsec_..."``) every callback is signed as Kling signs them.
     """
 
     def __init__(
@@ -77,6 +79,7 @@ class FakeKlingServer:
         host: str = "127.0.0.1",
         port: int = 0,
         callback_timeout: float = 2.0,
+        webhook_secret: str | None = None,
     ) -> None:
         if task_limit is not None and task_limit < 1:
             raise ValueError(f"task_limit must be at least 1 or None, not {task_limit!r}")
@@ -86,6 +89,7 @@ class FakeKlingServer:
         self._port = port
         self._prefixes = tuple(dict.fromkeys(_prefix(p) for p in prefixes))
         self._callback_timeout = callback_timeout
+        self._secret = WebhookSecret(webhook_secret) if webhook_secret is not None else None
         self._clock = Clock()
         rng = random.Random(seed)
         self._account = Account(
@@ -208,7 +212,10 @@ class FakeKlingServer:
         loop = asyncio.get_running_loop()
         self._clock.bind(loop.time)
         dispatcher = CallbackDispatcher(
-            clock=self._clock, render=self._callback_body, timeout=self._callback_timeout
+            clock=self._clock,
+            render=self._callback_body,
+            timeout=self._callback_timeout,
+            secret=self._secret,
         )
         self._dispatcher = dispatcher
         self._account.on_change = dispatcher.watch
