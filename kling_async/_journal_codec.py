@@ -24,7 +24,7 @@ import cattrs
 from . import _errors
 from ._errors import KlingError
 from ._jobs import LipSyncJob
-from ._results import JobResult, TaskSnapshot, TaskState
+from ._results import BalanceDeduction, JobResult, TaskSnapshot, TaskState
 
 __all__ = [
     "error_from_json",
@@ -114,6 +114,14 @@ def result_to_json(result: JobResult) -> str:
             "submitted_at": result.submitted_at,
             "finished_at": result.finished_at,
             "polls": result.polls,
+            # What the server returned (absent from journals written before these existed).
+            "video_id": result.video_id,
+            "video_duration": result.video_duration,
+            "watermark_url": result.watermark_url,
+            "units": result.units,
+            "balance_deduction": (
+                attrs.asdict(result.balance_deduction) if result.balance_deduction else None
+            ),
         }
     )
 
@@ -131,7 +139,18 @@ def result_from_json(text: str) -> JobResult:
         submitted_at=data.get("submitted_at"),
         finished_at=data.get("finished_at"),
         polls=int(data.get("polls") or 0),
+        video_id=data.get("video_id"),
+        video_duration=data.get("video_duration"),
+        watermark_url=data.get("watermark_url"),
+        units=data.get("units"),
+        balance_deduction=_balance(data.get("balance_deduction")),
     )
+
+
+def _balance(data: object) -> BalanceDeduction | None:
+    if not isinstance(data, dict):
+        return None
+    return BalanceDeduction(quota=data.get("quota"), list_price=data.get("list_price"))
 
 
 # -- snapshots -----------------------------------------------------------------------------

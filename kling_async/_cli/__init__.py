@@ -198,6 +198,21 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"tasks running at once before 1303 refusals (default {TASK_LIMIT}; 0: no limit)",
     )
     serve.add_argument("--seed", type=int, help="random seed (default: a new one each start)")
+    serve.add_argument(
+        "--data-as-list",
+        action="store_true",
+        help="answer a single-task query with a one-element list in data (DMXAPI's quirk)",
+    )
+    serve.add_argument(
+        "--errors-as-200",
+        action="store_true",
+        help="send business errors with HTTP 200 and only the body code (a gateway quirk)",
+    )
+    serve.add_argument(
+        "--webhook-secret",
+        metavar="WHSEC",
+        help="sign callbacks with this Webhook Secret (whsec_...), as Kling does",
+    )
     serve.set_defaults(handler=fake_server_command)
     return parser
 

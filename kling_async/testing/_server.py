@@ -14,11 +14,11 @@ from .._signature import WebhookSecret
 from . import _apimodels, _official
 from ._apimodels import ApimodelsRoutes
 from ._callbacks import CallbackDispatcher
-from ._gate import Credentials, Gate
+from ._gate import Credentials, Gate, Handler
 from ._official import OfficialRoutes
 from ._state import Account, Clock, Duration, FakeTask, FaultPlan, Outcome
 from ._videos import VideoRoute
-from ._wire import Refusal
+from ._wire import Refusal, refusal_response
 
 __all__ = ["ROUTES", "SANDBOX_API_KEY", "SANDBOX_JWT_CREDENTIALS", "FakeKlingServer"]
 
@@ -219,7 +219,7 @@ class FakeKlingServer:
         )
         self._dispatcher = dispatcher
         self._account.on_change = dispatcher.watch
-        app = web.Application(client_max_size=MAX_BODY_BYTES)
+        app = web.Application(client_max_size=MAX_BODY_BYTES, middlewares=[self._json_errors])
         OfficialRoutes(account=self._account, gate=self._gate).add_to(app, self._prefixes)
         ApimodelsRoutes(account=self._account, gate=self._gate).add_to(app)
         VideoRoute(account=self._account, requests=self._gate.requests).add_to(app)
@@ -259,6 +259,23 @@ class FakeKlingServer:
         tb: TracebackType | None,
     ) -> None:
         await self.close()
+
+    @web.middleware
+    async def _json_errors(self, request: web.Request, handler: Handler) -> web.StreamResponse:
+        """An unknown path or method gets the official JSON error envelope, not aiohttp's text.
+
+        Clients read an error's reason from the body (code 1202, "invalid method"), as the real
+        API answers them; the video route's own 404 (a missing video) stays as it is.
+        """
+        try:
+            return await handler(request)
+        except (web.HTTPNotFound, web.HTTPMethodNotAllowed) as exc:
+            if request.match_info.http_exception is None:
+                raise
+            self._gate.requests["unknown-path"] += 1
+            refusal = Refusal(1202, f"no such method or path: {request.method}", status=exc.status)
+            request_id = self._account.request_id()
+            return refusal_response(refusal, "kling", request_id=request_id, as_http_200=False)
 
     def _callback_body(self, task: FakeTask) -> object:
         if task.dialect == "kling":
