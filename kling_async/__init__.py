@@ -7,8 +7,10 @@ and iterate :meth:`KlingClient.run_batch` for results in completion order.
 from importlib.metadata import PackageNotFoundError, version
 
 from ._batch import BatchIterator
+from ._budget import Budget
 from ._client import APIMODELS_BASE_URL, DMXAPI_BASE_URL, OFFICIAL_BASE_URL, KlingClient
 from ._config import PollPolicy, RetryPolicy
+from ._cost import DEFAULT_PRICES, Estimate, JobEstimate, Prices, estimate
 from ._errors import (
     AccountError,
     APIError,
@@ -48,6 +50,7 @@ except PackageNotFoundError:  # pragma: no cover - running from a source tree wi
 
 __all__ = [
     "APIMODELS_BASE_URL",
+    "DEFAULT_PRICES",
     "DMXAPI_BASE_URL",
     "OFFICIAL_BASE_URL",
     "APIError",
@@ -56,14 +59,17 @@ __all__ = [
     "BalanceDeduction",
     "BatchIterator",
     "BatchProgress",
+    "Budget",
     "BudgetExceededError",
     "CallbackSignatureError",
     "ConcurrencyLimitError",
     "ConnectError",
     "ContentPolicyError",
     "DownloadError",
+    "Estimate",
     "Face",
     "InvalidRequestError",
+    "JobEstimate",
     "JobResult",
     "JournalError",
     "KlingClient",
@@ -73,6 +79,7 @@ __all__ = [
     "NotFoundError",
     "PermissionDeniedError",
     "PollPolicy",
+    "Prices",
     "RateLimitError",
     "RetryPolicy",
     "ServerError",
@@ -89,4 +96,5 @@ __all__ = [
     "__version__",
     "created_nothing",
     "error_from_response",
+    "estimate",
 ]

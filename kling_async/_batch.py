@@ -24,6 +24,7 @@ import anyio.lowlevel
 import attrs
 from anyio.abc import TaskGroup
 
+from ._budget import Budget, BudgetLedger
 from ._errors import (
     KlingError,
     TaskCancelledError,
@@ -76,6 +77,10 @@ class Batch:
     reported (:meth:`KlingClient.download`); ``JobResult.path`` says where.  A download that
     fails leaves the result ``ok`` (the video exists, its URL still works) with ``path`` None
     and ``error`` set to the :class:`~kling_async.DownloadError`.
+
+    ``budget`` (a :class:`~kling_async.Budget`) caps what the batch spends, in units: each
+    job's estimate is reserved before its first submit, and once one would pass the cap the
+    remaining jobs end with :class:`~kling_async.BudgetExceededError` (:mod:`._budget`).
     """
 
     def __init__(
@@ -89,6 +94,7 @@ class Batch:
         journal: str | os.PathLike[str] | None = None,
         resubmit_unknown: bool = False,
         download_to: str | os.PathLike[str] | None = None,
+        budget: Budget | None = None,
     ) -> None:
         if journal is not None and not isinstance(journal, (str, os.PathLike)):
             raise ValidationError("journal", "must be a file path")
@@ -107,6 +113,10 @@ class Batch:
         self._journal_path = journal
         self._resubmit_unknown = resubmit_unknown
         self._download_to = Path(download_to) if download_to is not None else None
+        # Two-step dialects (identify-face first) pay for an identify-face call per job too.
+        two_step = client.dialect.default_stage == "advanced-lip-sync"
+        self.budget = BudgetLedger(budget, identify_face=two_step) if budget is not None else None
+        self.units = 0.0  # what the server says the reported results cost
         self.resume: Resume | None = None
         self._slots = TaskSlots(client.max_in_flight)
         self.pipe = ResultPipe(2 * client.max_in_flight)
@@ -140,6 +150,7 @@ class Batch:
             running=len(self._live),
             succeeded=self.counts["succeeded"],
             failed=self.counts["failed"],
+            units=self.units,
         )
 
     def cancel(self) -> None:
@@ -251,6 +262,8 @@ class Batch:
             if not isinstance(job, LipSyncJob):
                 raise ValidationError("job", f"must be a LipSyncJob, not {type(job).__name__}")
             self._dialect.check_job(job)
+            if self.budget is not None:
+                self.budget.reserve(key, job, resume)  # BudgetExceededError: not submitted
             flow = self._dialect.flow(job, callback_url=self._callback_url)
             step = next(flow)
             while True:
@@ -293,6 +306,8 @@ class Batch:
         if task_id is not None:
             self._live.pop(task_id, None)
             self._slots.finished()
+        if self.budget is not None:
+            self.budget.settle(result)  # (journaled with the result, just below)
         if resume is not None:
             try:
                 # Recorded before it is handed on: a crash after this reports it from here.
@@ -304,6 +319,7 @@ class Batch:
             await self._report(result)
         else:  # what _report does then, without a coroutine per job
             self.counts["succeeded" if result.ok else "failed"] += 1
+            self.units += result.units or 0.0
             self.pipe.put(result)
         if task_id is None:  # failed before any submit was answered: maybe without a yield
             await anyio.lowlevel.checkpoint()
@@ -319,6 +335,7 @@ class Batch:
             else:
                 result = attrs.evolve(result, path=path)
         self.counts["succeeded" if result.ok else "failed"] += 1
+        self.units += result.units or 0.0
         if self._scope.cancel_called:
             # A stopped batch hands over nothing more (after a fatal error the consumer still
             # reads what came before it).  Only the batch's own scope: when an outer one is

@@ -24,6 +24,7 @@ from anyio.abc import TaskGroup
 from ._auth import BearerKey, Credentials, KlingJwt
 from ._backoff import poll_delay
 from ._batch import Batch, BatchIterator
+from ._budget import Budget
 from ._config import PollPolicy, RetryPolicy
 from ._download import Downloader, file_name
 from ._errors import ValidationError
@@ -283,12 +284,15 @@ class KlingClient:
 
     # -- batches -------------------------------------------------------------------------
 
-    def run_batch(self, jobs: JobSource, **options: Any) -> BatchIterator:
+    def run_batch(
+        self, jobs: JobSource, *, budget: Budget | None = None, **options: Any
+    ) -> BatchIterator:
         """Run many jobs; iterate the result for one :class:`JobResult` per job, as they finish.
 
-        See :class:`kling_async._batch.Batch` for the options.
+        ``budget`` (:class:`~kling_async.Budget`) stops submitting before the estimated spend
+        passes its units.  See :class:`kling_async._batch.Batch` for the options.
         """
-        return self._start(Batch(self, jobs=jobs, **options))
+        return self._start(Batch(self, jobs=jobs, budget=budget, **options))
 
     def track(self, task_ids: Iterable[str], *, stage: str | None = None) -> BatchIterator:
         """Follow tasks submitted elsewhere; yields a :class:`JobResult` per task id as it ends."""

@@ -48,6 +48,12 @@ _SCHEMA = (
     )""",
 )
 
+# Budget reservations and charges (kling_async._budget), per job key.  Added after layout 1 was
+# released: created when missing, in old files too, so no version bump is needed.
+_CHARGES = """CREATE TABLE IF NOT EXISTS charges (
+    key TEXT PRIMARY KEY, units REAL NOT NULL, settled INTEGER NOT NULL
+)"""
+
 #: A job row and its stage rows, as read: ``(jobs row, [stages rows])``.
 Row = tuple[tuple[Any, ...], list[tuple[Any, ...]]]
 
@@ -69,6 +75,8 @@ class Store:
         #: Transactions committed by :meth:`flush`, and the statements they held.
         self.transactions = 0
         self.committed = 0
+        #: The ``charges`` rows read by :meth:`open`: key -> (units, settled).
+        self.charges: dict[str, tuple[float, bool]] = {}
 
     def open(self, meta: dict[str, str]) -> list[Row]:
         """Lock the file, create or check its layout and ``meta``, and return every job.
@@ -101,7 +109,12 @@ class Store:
                 else:
                     stored = dict(conn.execute("SELECT name, value FROM meta").fetchall())
                     _check_meta(self.path, stored, meta)
+                conn.execute(_CHARGES)
                 rows = self._read()
+                self.charges = {
+                    key: (float(units), bool(settled))
+                    for key, units, settled in conn.execute("SELECT * FROM charges")
+                }
                 conn.execute("COMMIT")
             except BaseException:
                 if conn.in_transaction:
