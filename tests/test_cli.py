@@ -32,6 +32,11 @@ RESULT_FIELDS = {
     "finished_at",
     "polls",
     "path",
+    "video_id",
+    "video_duration",
+    "watermark_url",
+    "units",
+    "balance_deduction",
 }
 SECRET = "sk-not-the-right-key-7f3a9c"
 

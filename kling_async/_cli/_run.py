@@ -16,6 +16,7 @@ import anyio
 import attrs
 
 from .._batch import BatchIterator
+from .._budget import Budget
 from .._config import PollPolicy
 from .._errors import KlingError, ValidationError
 from .._jobs import LipSyncJob
@@ -55,6 +56,14 @@ def result_line(result: JobResult, line: int | None = None) -> dict[str, Any]:
         "finished_at": result.finished_at,
         "polls": result.polls,
         "path": str(result.path) if result.path is not None else None,
+        # What the server returned with the video, and what the task cost.
+        "video_id": result.video_id,
+        "video_duration": result.video_duration,
+        "watermark_url": result.watermark_url,
+        "units": result.units,
+        "balance_deduction": (
+            attrs.asdict(result.balance_deduction) if result.balance_deduction else None
+        ),
     }
 
 
@@ -130,9 +139,10 @@ def run_command(args: argparse.Namespace) -> int:
     if not args.quiet:
         ok = progress.done - progress.failed
         where = "" if args.out == "-" else f"; results in {args.out}"
+        units = f", {progress.units:g} units charged" if progress.units else ""
         print(
             f"kling-async: {progress.done} jobs in {progress.elapsed:.1f} s: {ok} succeeded, "
-            f"{progress.failed} failed{where}",
+            f"{progress.failed} failed{units}{where}",
             file=sys.stderr,
         )
     return 1 if failed else 0
@@ -208,6 +218,8 @@ class _Run:
             batch_options["resubmit_unknown"] = args.resubmit_unknown
         if args.download:
             batch_options["download_to"] = args.download
+        if args.max_units is not None:
+            batch_options["budget"] = Budget(units=args.max_units)
         self.progress.start()
         results = client.run_batch(self._feed(), **batch_options)
         self.progress.watch(results)
