@@ -24,7 +24,7 @@ import cattrs
 from . import _errors
 from ._errors import KlingError
 from ._jobs import LipSyncJob
-from ._results import BalanceDeduction, JobResult, TaskSnapshot, TaskState
+from ._results import BalanceDeduction, JobResult, TaskSnapshot, TaskState, returned_fields
 
 __all__ = [
     "error_from_json",
@@ -115,13 +115,7 @@ def result_to_json(result: JobResult) -> str:
             "finished_at": result.finished_at,
             "polls": result.polls,
             # What the server returned (absent from journals written before these existed).
-            "video_id": result.video_id,
-            "video_duration": result.video_duration,
-            "watermark_url": result.watermark_url,
-            "units": result.units,
-            "balance_deduction": (
-                attrs.asdict(result.balance_deduction) if result.balance_deduction else None
-            ),
+            **returned_fields(result),
         }
     )
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import enum
 from pathlib import Path
+from typing import Any
 
 import attrs
 
@@ -16,6 +17,7 @@ __all__ = [
     "JobResult",
     "TaskSnapshot",
     "TaskState",
+    "returned_fields",
 ]
 
 
@@ -167,3 +169,18 @@ class BatchProgress:
     def done(self) -> int:
         """Results reported so far."""
         return self.succeeded + self.failed
+
+
+def returned_fields(result: JobResult) -> dict[str, Any]:
+    """What the server returned with ``result``'s video, as plain JSON values.
+
+    The results file of the CLI and the journal spell these fields alike.
+    """
+    deduction = result.balance_deduction
+    return {
+        "video_id": result.video_id,
+        "video_duration": result.video_duration,
+        "watermark_url": result.watermark_url,
+        "units": result.units,
+        "balance_deduction": attrs.asdict(deduction) if deduction is not None else None,
+    }

@@ -33,27 +33,15 @@ def add_estimate_options(parser: argparse.ArgumentParser, units: Callable[[str],
     group.add_argument(
         "--advanced", action="store_true", help="the jobs run as official advanced lip-sync"
     )
-    group.add_argument(
-        "--units-per-5s",
-        metavar="U",
-        type=units,
-        default=DEFAULT_PRICES.units_per_5s,
-        help=f"units per started 5 s of video (default {DEFAULT_PRICES.units_per_5s:g})",
-    )
-    group.add_argument(
-        "--identify-face-units",
-        metavar="U",
-        type=units,
-        default=DEFAULT_PRICES.identify_face_units,
-        help=f"units per identify-face call (default {DEFAULT_PRICES.identify_face_units:g})",
-    )
-    group.add_argument(
-        "--usd-per-unit",
-        metavar="USD",
-        type=units,
-        default=DEFAULT_PRICES.usd_per_unit,
-        help=f"dollars per unit, for the total (default {DEFAULT_PRICES.usd_per_unit:g})",
-    )
+    for option, name, what in (
+        ("--units-per-5s", "units_per_5s", "units per started 5 s of video"),
+        ("--identify-face-units", "identify_face_units", "units per identify-face call"),
+        ("--usd-per-unit", "usd_per_unit", "dollars per unit, for the total"),
+    ):
+        default = getattr(DEFAULT_PRICES, name)
+        group.add_argument(
+            option, metavar="N", type=units, default=default, help=f"{what} (default {default:g})"
+        )
 
 
 def estimate_command(args: argparse.Namespace) -> int:

@@ -20,7 +20,7 @@ from .._budget import Budget
 from .._config import PollPolicy
 from .._errors import KlingError, ValidationError
 from .._jobs import LipSyncJob
-from .._results import JobResult, TaskState
+from .._results import JobResult, TaskState, returned_fields
 from ._connect import CliError, credentials, make_client
 from ._jobfile import JobFile, Record, Survey, survey
 from ._progress import Progress
@@ -57,13 +57,7 @@ def result_line(result: JobResult, line: int | None = None) -> dict[str, Any]:
         "polls": result.polls,
         "path": str(result.path) if result.path is not None else None,
         # What the server returned with the video, and what the task cost.
-        "video_id": result.video_id,
-        "video_duration": result.video_duration,
-        "watermark_url": result.watermark_url,
-        "units": result.units,
-        "balance_deduction": (
-            attrs.asdict(result.balance_deduction) if result.balance_deduction else None
-        ),
+        **returned_fields(result),
     }
 
 
