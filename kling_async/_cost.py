@@ -3,7 +3,7 @@
 Kling bills resource-pack units (or cash at about $0.14 a unit), and every finished task says
 what it cost (``final_unit_deduction``, kept as :attr:`JobResult.units`).  No official
 per-second lip-sync price is published, so every figure here is a documented, overridable
-default (docs/protocol.md, "Cost"):
+default (docs/protocol.md, Costs):
 
 * ``units_per_5s = 0.5``: third-party resellers of Kling lip-sync charge per 5 s of output
   (fal: $0.014 a second in 5 s steps, i.e. $0.07 per 5 s, which is 0.5 unit at $0.14 a unit);

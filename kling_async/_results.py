@@ -64,7 +64,7 @@ class BalanceDeduction:
     """What a task took from the account's cash balance (when it was not paid in units).
 
     ``quota`` is the amount deducted and ``list_price`` its list price, as the server states
-    them (docs/protocol.md, "Cost"); either may be None when the server leaves it out.
+    them (docs/protocol.md, Costs); either may be None when the server leaves it out.
     """
 
     quota: float | None = None
@@ -163,6 +163,8 @@ class BatchProgress:
     running: int
     succeeded: int
     failed: int
+    #: Jobs that failed in an earlier run and were submitted again (``retry_failed``).
+    retried: int = 0
     units: float = 0.0
 
     @property

@@ -4,7 +4,7 @@ Once an account creates a Webhook Secret (``whsec_`` + base64 of the key) every 
 ``webhook-id``, ``webhook-timestamp`` (Unix seconds) and ``webhook-signature``: one or more
 space-separated ``v1,<base64 HMAC-SHA256 of "{id}.{timestamp}.{body}">``, several while a key is
 rotated (any match passes).  Timestamps more than five minutes from now are refused, so a
-recorded callback cannot be replayed later (docs/protocol.md, "Signed callbacks").
+recorded callback cannot be replayed later (docs/protocol.md, Signed callbacks).
 
 Written with the standard library rather than the ``standardwebhooks`` package Kling's docs
 recommend: its ``Webhook.verify`` reads the wall clock itself (no injectable clock for tests of

@@ -3,9 +3,9 @@
 A batch started with ``callback_url=`` passes that URL with every task; the server POSTs the
 task's news there (official format: the task object on each state change, possibly repeated or
 out of order; apimodels: an envelope on terminal states, retried for up to 30 minutes until it
-gets a 2xx; API.md sections 1 and 2).  :class:`CallbackReceiver` receives them and hands them to
-the client's live batches, which then poll only as a slow safety net
-(``PollPolicy.callback_safety_interval``)::
+gets a 2xx; docs/protocol.md, Callbacks and apimodels.app callbacks).  :class:`CallbackReceiver`
+receives them and hands them to the client's live batches, which then poll only as a slow safety
+net (``PollPolicy.callback_safety_interval``)::
 
     receiver = CallbackReceiver(client)
     app.add_subapp("/hooks", receiver.aiohttp_app())                # aiohttp
@@ -15,7 +15,7 @@ the client's live batches, which then poll only as a slow safety net
         ...
 
 The URL carries an unguessable token (compared in constant time).  Since 2026 the official
-API can also sign its callbacks (Standard Webhooks, docs/protocol.md, "Signed callbacks"):
+API can also sign its callbacks (Standard Webhooks, docs/protocol.md, Signed callbacks):
 given the account's ``webhook_secret`` (``whsec_...``), the receiver refuses every callback
 whose ``webhook-*`` signature headers are missing, stale (more than 5 minutes from now) or do
 not match, before reading what it says; the token stays as a second layer.  Gateways do not
