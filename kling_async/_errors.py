@@ -306,8 +306,8 @@ class BudgetExceededError(KlingError):
         self.spent = spent
         self.limit = limit
         super().__init__(
-            f"not submitted: its estimated {units:g} units on top of {spent:g} spent or reserved"
-            f" would pass the budget of {limit:g} units"
+            f"not submitted: estimated at {units:g} unit(s), it would pass the budget of"
+            f" {limit:g} units ({spent:g} already spent or reserved)"
         )
 
 
@@ -409,9 +409,10 @@ def _default_message(status: int, code: int | None) -> str:
 def created_nothing(error: BaseException) -> bool:
     """Whether a failed *submit* certainly created no task, so sending it again cannot pay twice.
 
-    True only for answers that say so (1302, 1303, 5001 / HTTP 503, and a 401 token refusal) and
-    for connections that were never made.  A time-out, a dropped connection, 5000 or 5002 may hide
-    a task the server did create: those submits are never repeated blindly.
+    True only for answers that say so (1302, 1303, 5001 / HTTP 503, and a 401 token refusal), for
+    connections that were never made, and for jobs the budget kept from being sent.  A time-out,
+    a dropped connection, 5000 or 5002 may hide a task the server did create: those submits are
+    never repeated blindly.
     """
     if isinstance(error, (ConnectError, BudgetExceededError)):
         return True

@@ -165,5 +165,5 @@ async def test_tasks_running_at_a_crash_stay_reserved(tmp_path: Path) -> None:
                 group.cancel_scope.cancel()
     assert server.tasks_created == 5  # the four resumed tasks were tracked, not submitted again
     assert isinstance(got["k6"].error, ka.BudgetExceededError)
-    assert "on top of 5 spent or reserved" in str(got["k6"].error)
+    assert "(5 already spent or reserved)" in str(got["k6"].error)
     assert all(got[f"k{n}"].ok for n in range(1, 6))
