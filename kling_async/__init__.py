@@ -39,7 +39,15 @@ from ._errors import (
 )
 from ._jobs import LipSyncJob
 from ._options import ClientOptions
-from ._results import BalanceDeduction, BatchProgress, Face, JobResult, TaskSnapshot, TaskState
+from ._results import (
+    BalanceDeduction,
+    BatchProgress,
+    Face,
+    JobResult,
+    Returned,
+    TaskSnapshot,
+    TaskState,
+)
 
 if TYPE_CHECKING:
     from ._client import APIMODELS_BASE_URL, DMXAPI_BASE_URL, OFFICIAL_BASE_URL, KlingClient
@@ -123,6 +131,7 @@ __all__ = [
     "Prices",
     "RateLimitError",
     "RetryPolicy",
+    "Returned",
     "ServerError",
     "SubmitOutcomeUnknownError",
     "TaskCancelledError",

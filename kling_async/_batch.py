@@ -35,7 +35,7 @@ from ._errors import (
 from ._iterator import BatchIterator
 from ._jobs import LipSyncJob
 from ._pipe import ResultPipe
-from ._results import BatchProgress, JobResult, TaskSnapshot, TaskState
+from ._results import BatchProgress, JobResult, TaskSnapshot, TaskState, returned_of
 from ._resume import Resume
 from ._slots import SlotHold, TaskSlots
 from ._source import JobSource
@@ -357,11 +357,7 @@ class Batch:
             submitted_at=submitted_at,
             finished_at=self._client.clock(),
             polls=polls,
-            video_id=snapshot.video_id,
-            video_duration=snapshot.video_duration,
-            watermark_url=snapshot.watermark_url,
-            units=snapshot.units,
-            balance_deduction=snapshot.balance_deduction,
+            **returned_of(snapshot),
         )
 
     # -- ending --------------------------------------------------------------------------

@@ -15,9 +15,11 @@ __all__ = [
     "BatchProgress",
     "Face",
     "JobResult",
+    "Returned",
     "TaskSnapshot",
     "TaskState",
     "returned_fields",
+    "returned_of",
 ]
 
 
@@ -72,6 +74,22 @@ class BalanceDeduction:
 
 
 @attrs.frozen(kw_only=True)
+class Returned:
+    """What the server returned with a task's video, and what the task cost (None: not said).
+
+    ``video_id`` is usable as a later job's ``video_id``; ``video_duration`` is in seconds;
+    ``watermark_url`` is the watermarked copy a job asked for with ``watermark=True``; ``units``
+    the resource-pack units charged and ``balance_deduction`` what a cash balance paid.
+    """
+
+    video_id: str | None = None
+    video_duration: float | None = None
+    watermark_url: str | None = None
+    units: float | None = None
+    balance_deduction: BalanceDeduction | None = None
+
+
+@attrs.frozen(kw_only=True)
 class TaskSnapshot:
     """One look at a task, as a dialect parsed it from a submit, query or callback answer.
 
@@ -80,10 +98,9 @@ class TaskSnapshot:
     ``error_code`` the failure code where the dialect has one.  Identify-face steps fill
     ``session_id`` and ``faces``.
 
-    What the server says of the finished video and its cost, where it says it: ``video_id``
-    (usable as a later job's ``video_id``), ``video_duration`` (seconds), ``watermark_url``
-    (the watermarked copy a job asked for with ``watermark=True``), ``units`` (resource-pack
-    units charged) and ``balance_deduction`` (what a cash balance paid).
+    ``returned`` holds what the server says of the finished video and its cost, where it says
+    it (:class:`Returned`; None for most answers, which say nothing of it); ``video_id``,
+    ``video_duration``, ``watermark_url``, ``units`` and ``balance_deduction`` read it.
     """
 
     task_id: str
@@ -97,16 +114,38 @@ class TaskSnapshot:
     external_task_id: str | None = None
     session_id: str | None = None
     faces: tuple[Face, ...] = ()
-    video_id: str | None = None
-    video_duration: float | None = None
-    watermark_url: str | None = None
-    units: float | None = None
-    balance_deduction: BalanceDeduction | None = None
+    # One field, not five: a snapshot is made per task per poll, and every field costs.
+    returned: Returned | None = None
 
     @property
     def video_url(self) -> str | None:
         """The first result video's URL, or ``None`` before success."""
         return self.video_urls[0] if self.video_urls else None
+
+    @property
+    def video_id(self) -> str | None:
+        """The output video's id (see :class:`Returned`)."""
+        return self.returned.video_id if self.returned else None
+
+    @property
+    def video_duration(self) -> float | None:
+        """The output video's length in seconds."""
+        return self.returned.video_duration if self.returned else None
+
+    @property
+    def watermark_url(self) -> str | None:
+        """The watermarked copy's URL."""
+        return self.returned.watermark_url if self.returned else None
+
+    @property
+    def units(self) -> float | None:
+        """Resource-pack units the task cost."""
+        return self.returned.units if self.returned else None
+
+    @property
+    def balance_deduction(self) -> BalanceDeduction | None:
+        """What the task took from a cash balance."""
+        return self.returned.balance_deduction if self.returned else None
 
 
 @attrs.frozen(kw_only=True)
@@ -186,3 +225,9 @@ def returned_fields(result: JobResult) -> dict[str, Any]:
         "units": result.units,
         "balance_deduction": attrs.asdict(deduction) if deduction is not None else None,
     }
+
+
+def returned_of(snapshot: TaskSnapshot) -> dict[str, Any]:
+    """The :class:`JobResult` keywords of what ``snapshot`` returned (none when it says nothing)."""
+    returned = snapshot.returned
+    return {} if returned is None else attrs.asdict(returned, recurse=False)

@@ -21,7 +21,7 @@ from cattrs.errors import IterableValidationError, IterableValidationNote
 from cattrs.gen import make_dict_structure_fn
 
 from .._errors import MalformedResponseError
-from .._results import Face, TaskSnapshot, TaskState
+from .._results import Face, Returned, TaskSnapshot, TaskState
 
 __all__ = [
     "ADVANCED_LIP_SYNC",
@@ -397,5 +397,7 @@ def to_snapshot(
         parent_video_url=parent_video_url,
         session_id=face_data.session_id if face_data else None,
         faces=faces,
-        video_duration=task.videoDuration,
+        returned=None
+        if task.videoDuration is None
+        else Returned(video_duration=task.videoDuration),
     )

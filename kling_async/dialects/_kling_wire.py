@@ -10,7 +10,7 @@ Anything missing or of the wrong type becomes a :class:`MalformedResponseError` 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any, NamedTuple, TypeVar
 
 import attrs
@@ -18,7 +18,7 @@ import cattrs
 from cattrs.gen import make_dict_structure_fn
 
 from .._errors import MalformedResponseError
-from .._results import BalanceDeduction, Face, TaskSnapshot, TaskState
+from .._results import BalanceDeduction, Face, Returned, TaskSnapshot, TaskState
 
 __all__ = ["identify_face_snapshot", "map_state", "new_form_snapshot", "task_snapshot"]
 
@@ -218,12 +218,8 @@ class _Flat(NamedTuple):
     updated_at: float | None
     parent_video_url: str | None
     external_task_id: str | None
-    #: The first video's id, duration and watermarked URL; what the task cost.
-    video_id: str | None = None
-    video_duration: float | None = None
-    watermark_url: str | None = None
-    units: float | None = None
-    balance: BalanceDeduction | None = None
+    #: The first video's id, duration and watermarked URL, and what the task cost.
+    returned: Returned | None = None
 
 
 # The exact types the fast path takes (tested with ``type(x) in ...``, inline: a helper call per
@@ -256,8 +252,7 @@ def _fast_task(raw: object) -> _Flat | None:
     ):
         return None
     urls: tuple[str, ...] = ()
-    video_id = watermark = None
-    duration: float | None = None
+    first = None
     result = get("task_result")
     if result is not None:
         videos = result.get("videos", ()) if type(result) is dict else None
@@ -273,8 +268,6 @@ def _fast_task(raw: object) -> _Flat | None:
         urls = tuple(video["url"] for video in videos if video["url"])  # type: ignore[union-attr]
         if videos:
             first = videos[0]
-            video_id, watermark = first.get("id"), first.get("watermark_url")
-            duration = _lenient_number(first.get("duration"))
     parent_url = external = None
     info = get("task_info")
     if info is not None:
@@ -289,6 +282,17 @@ def _fast_task(raw: object) -> _Flat | None:
             parent_url = parent.get("url")
             if type(parent_url) not in _OPT_STR or type(parent.get("id")) not in _OPT_STR:
                 return None
+    # Only finished tasks carry a video or a cost: most answers skip all of this.
+    returned = None
+    units, balance = get("final_unit_deduction"), get("final_balance_deduction")
+    if first is not None or units is not None or balance is not None:
+        returned = _returned(
+            first.get("id") if first else None,
+            first.get("duration") if first else None,
+            first.get("watermark_url") if first else None,
+            units,
+            balance,
+        )
     return _Flat(
         task_id=task_id,
         task_status=status,
@@ -298,12 +302,25 @@ def _fast_task(raw: object) -> _Flat | None:
         updated_at=None if updated is None else float(updated),
         parent_video_url=parent_url,
         external_task_id=external,
-        video_id=video_id,
-        video_duration=duration,
-        watermark_url=watermark,
-        units=_lenient_number(get("final_unit_deduction")),
-        balance=_balance(get("final_balance_deduction")),
+        returned=returned,
     )
+
+
+def _returned(
+    video_id: str | None, duration: object, watermark: str | None, units: object, balance: object
+) -> Returned | None:
+    """What a finished task's answer says of its video and cost; None when it says nothing."""
+    returned = Returned(
+        video_id=video_id or None,
+        video_duration=_lenient_number(duration),
+        watermark_url=watermark or None,
+        units=_lenient_number(units),
+        balance_deduction=_balance(balance),
+    )
+    return None if returned == _NOTHING else returned
+
+
+_NOTHING = Returned()
 
 
 def _lenient_number(value: object) -> float | None:
@@ -346,11 +363,13 @@ def _strict_task(raw: object, *, where: str, status: int | None) -> _Flat:
         updated_at=task.updated_at,
         parent_video_url=parent.url if parent else None,
         external_task_id=info.external_task_id,
-        video_id=videos[0].id if videos else None,
-        video_duration=_lenient_number(videos[0].duration) if videos else None,
-        watermark_url=videos[0].watermark_url if videos else None,
-        units=_lenient_number(task.final_unit_deduction),
-        balance=_balance(task.final_balance_deduction),
+        returned=_returned(
+            videos[0].id if videos else None,
+            videos[0].duration if videos else None,
+            videos[0].watermark_url if videos else None,
+            task.final_unit_deduction,
+            task.final_balance_deduction,
+        ),
     )
 
 
@@ -389,11 +408,7 @@ def task_snapshot(
         updated_at=_seconds(task.updated_at),
         parent_video_url=task.parent_video_url or None,
         external_task_id=task.external_task_id or None,
-        video_id=task.video_id or None,
-        video_duration=task.video_duration,
-        watermark_url=task.watermark_url or None,
-        units=task.units,
-        balance_deduction=task.balance,
+        returned=task.returned,
     )
 
 
@@ -432,17 +447,12 @@ def new_form_snapshot(raw: object, *, where: str) -> TaskSnapshot:
     videos = [out for out in body.outputs if out.url and out.type in (None, "video")]
     if state is TaskState.SUCCEEDED and not videos:
         raise MalformedResponseError(f"{where}: task {body.id} succeeded without outputs[].url")
-    unit_charges = [c for c in body.billing if c.charge_type == "unit"]
+    units = _total(c.amount for c in body.billing if c.charge_type == "unit")
     cash = [c for c in body.billing if c.charge_type == "cash"]
-    units = [_lenient_number(c.amount) for c in unit_charges]
     balance = None
     if cash:
-        quota = [_lenient_number(c.amount) for c in cash]
-        price = [_lenient_number(c.list_price) for c in cash]
-        balance = BalanceDeduction(
-            quota=None if None in quota else sum(q for q in quota if q is not None),
-            list_price=None if None in price else sum(p for p in price if p is not None),
-        )
+        balance = {"quota": _total(c.amount for c in cash)}
+        balance["list_price"] = _total(c.list_price for c in cash)
     first = videos[0] if videos else None
     return TaskSnapshot(
         task_id=body.id,
@@ -452,9 +462,19 @@ def new_form_snapshot(raw: object, *, where: str) -> TaskSnapshot:
         created_at=_seconds(body.create_time),
         updated_at=_seconds(body.update_time),
         external_task_id=body.external_id or None,
-        video_id=(first.id or None) if first else None,
-        video_duration=_lenient_number(first.duration) if first else None,
-        watermark_url=(first.watermark_url or None) if first else None,
-        units=None if not units or None in units else sum(u for u in units if u is not None),
-        balance_deduction=balance,
+        returned=_returned(
+            first.id if first else None,
+            first.duration if first else None,
+            first.watermark_url if first else None,
+            units,
+            balance,
+        ),
     )
+
+
+def _total(amounts: Iterable[object]) -> float | None:
+    """The sum of billing amounts; None when there are none or one is unreadable."""
+    numbers = [_lenient_number(amount) for amount in amounts]
+    if not numbers or None in numbers:
+        return None
+    return sum(number for number in numbers if number is not None)
