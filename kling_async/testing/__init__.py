@@ -48,6 +48,7 @@ Inspect ``server.requests`` (a Counter by route name), ``server.tasks`` (id -> :
 ``await server.close()``.
 """
 
+from ._official import UNITS_PER_5_SECONDS
 from ._server import (
     NO_FAULTS,
     ROUTES,
@@ -55,7 +56,6 @@ from ._server import (
     SANDBOX_JWT_CREDENTIALS,
     FakeKlingServer,
 )
-from ._official import UNITS_PER_5_SECONDS
 from ._state import (
     CONTENT_POLICY_REASON,
     NO_HUMAN_REASON,
