@@ -16,6 +16,7 @@ is never refused: it is being paid for anyway.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 from typing import Protocol, runtime_checkable
@@ -23,7 +24,12 @@ from typing import Protocol, runtime_checkable
 import attrs
 
 from ._cost import DEFAULT_PRICES, Prices, estimate_job
-from ._errors import BudgetExceededError, SubmitOutcomeUnknownError, ValidationError
+from ._errors import (
+    BudgetExceededError,
+    JournalError,
+    SubmitOutcomeUnknownError,
+    ValidationError,
+)
 from ._jobs import LipSyncJob
 from ._results import JobResult, TaskState
 
@@ -146,9 +152,8 @@ class BudgetLedger:
             self.stopped = True
             raise BudgetExceededError(units=units, spent=total, limit=self.budget.units)
         self._held[key] = units
-        if self._store is not None:
-            # Not waited for: the submit's own journal write, next, commits it too.
-            self._store.charge(key, units, False)
+        # Not waited for: the submit's own journal write, next, commits it too.
+        self._record(key, units, False)
 
     def settle(self, result: JobResult) -> None:
         """Replace ``result``'s reservation with what its task cost, once the task has ended."""
@@ -169,5 +174,12 @@ class BudgetLedger:
         del self._held[key]
         self._settled[key] = actual
         self._spent += actual
-        if self._store is not None:
-            self._store.charge(key, actual, True)
+        self._record(key, actual, True)
+
+    def _record(self, key: str, units: float, settled: bool) -> None:
+        if self._store is None:
+            return
+        # A journal that can no longer be written stops the batch at its own next write (the
+        # submit's intent, the job's result), which raises this same error.
+        with contextlib.suppress(JournalError):
+            self._store.charge(key, units, settled)

@@ -167,3 +167,46 @@ async def test_tasks_running_at_a_crash_stay_reserved(tmp_path: Path) -> None:
     assert isinstance(got["k6"].error, ka.BudgetExceededError)
     assert "(5 already spent or reserved)" in str(got["k6"].error)
     assert all(got[f"k{n}"].ok for n in range(1, 6))
+
+
+# -- the ledger's rules, one result at a time --------------------------------------------------
+
+
+def test_what_replaces_a_reservation() -> None:
+    from kling_async._budget import BudgetLedger
+
+    ledger = BudgetLedger(ka.Budget(units=100), identify_face=False)
+    for n in range(1, 7):
+        ledger.reserve(f"k{n}", job(n))
+    assert (ledger.spent, ledger.reserved) == (0.0, 6.0)
+
+    def result(key: str, state: ka.TaskState, **extra: Any) -> ka.JobResult:
+        return ka.JobResult(key=key, task_id="t-" + key, state=state, **extra)
+
+    ledger.settle(result("k1", ka.TaskState.SUCCEEDED, units=0.5))  # what the server said
+    ledger.settle(result("k2", ka.TaskState.SUCCEEDED))  # said nothing: the estimate stands
+    failed = ka.TaskFailedError("no face", task_id="t-k3")
+    ledger.settle(result("k3", ka.TaskState.FAILED, error=failed))  # a failed task costs nothing
+    unknown = ka.SubmitOutcomeUnknownError("lip-sync")
+    ledger.settle(result("k4", ka.TaskState.FAILED, error=unknown))  # may exist: stays
+    ledger.settle(result("k5", ka.TaskState.TIMED_OUT))  # still running: stays
+    ledger.settle(result("k6", ka.TaskState.CANCELLED))  # still running: stays
+    ledger.settle(result("never-reserved", ka.TaskState.SUCCEEDED, units=9.0))
+    assert (ledger.spent, ledger.reserved) == (1.5, 3.0)
+    ledger.settle(result("k1", ka.TaskState.SUCCEEDED, units=0.5))  # a second report: no change
+    assert ledger.spent == 1.5
+
+
+def test_unknown_lengths_reserve_the_longest_audio() -> None:
+    from kling_async._budget import BudgetLedger
+
+    ledger = BudgetLedger(ka.Budget(units=6.0), identify_face=False)
+    ledger.reserve("a", job(1, sound_end_time=None))  # 60 s: 12 steps of 0.5
+    assert ledger.reserved == 6.0
+    with pytest.raises(ka.BudgetExceededError):
+        ledger.reserve("b", job(2, sound_end_time=3000))
+    two_step = BudgetLedger(ka.Budget(units=6.0), identify_face=True)
+    with pytest.raises(ka.BudgetExceededError):  # 6.0 plus an identify-face call
+        two_step.reserve("a", job(1, sound_end_time=None))
+    with pytest.raises(ka.ValidationError, match="budget"):
+        BudgetLedger(5.0, identify_face=False)  # type: ignore[arg-type]
