@@ -38,6 +38,9 @@ __all__ = [
 
 # Bumped if the hashed form of a job ever changes, so old journals refuse instead of mismatching.
 _HASH_VERSION = "kling_async.job.v1"
+# Job fields added after v1: left out of the hash while unset, so that a journal written before
+# they existed still recognises its jobs (a job that sets one is a different request anyway).
+_ADDED_AFTER_V1 = ("audio_id", "watermark", "external_task_id")
 # Error attributes worth keeping: plain JSON values only (never the request or response).
 _PLAIN = (str, int, float, bool, type(None))
 
@@ -54,6 +57,9 @@ def request_hash(job: LipSyncJob) -> str:
     """
     fields = attrs.asdict(job, recurse=False)
     fields.pop("key", None)
+    for name in _ADDED_AFTER_V1:
+        if fields.get(name, 0) is None:
+            del fields[name]
     audio = fields.pop("audio_file", None)
     fields["audio_file_sha256"] = hashlib.sha256(audio).hexdigest() if audio else None
     for name, value in fields.items():

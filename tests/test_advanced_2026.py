@@ -324,3 +324,14 @@ async def test_apimodels_results_keep_the_video_duration() -> None:
             job = advanced_job(sound_end_time=None, key="a")
             (result,) = [r async for r in client.run_batch([job])]
     assert result.ok and result.video_duration == 5.0
+
+
+def test_journals_written_before_the_new_fields_still_recognise_their_jobs() -> None:
+    from kling_async._journal_codec import request_hash
+
+    job = advanced_job(key="k")
+    # The hash this job had before audio_id and watermark existed (kling_async.job.v1).
+    assert request_hash(job) == "7d9d272098770fd664204f9f0f1370372f4fc84c0c6023eb6b67fb900a1ab427"
+    assert request_hash(job) != request_hash(advanced_job(watermark=False))
+    with_id = advanced_job(audio_url=None, audio_id="tts-1")
+    assert request_hash(with_id) != request_hash(advanced_job(audio_url=None, audio_id="tts-2"))
