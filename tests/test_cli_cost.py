@@ -79,3 +79,30 @@ async def test_run_with_max_units_stops_and_lines_carry_the_cost(tmp_path: Path)
     assert sorted(key for key, line in lines.items() if line["ok"]) == ["k4", "k5"]
     assert lines["k6"]["error_type"] == "BudgetExceededError"
     assert again.returncode == 1
+
+
+@pytest.mark.anyio
+async def test_csv_jobs_with_audio_id_and_watermark_run_advanced(tmp_path: Path) -> None:
+    jobs = tmp_path / "jobs.csv"
+    jobs.write_text(
+        "key,video_id,audio_id,sound_end_time,watermark\n"
+        "a,kling-video-1,tts-1,6000,true\n"
+        "b,kling-video-2,tts-2,3000,no\n",
+        encoding="utf-8",
+    )
+    out = tmp_path / "out.jsonl"
+    async with FakeKlingServer(task_duration=0.02) as server:
+        done = await acli(
+            *("run", str(jobs), "--base-url", server.url, "--advanced", "--out", str(out)),
+            *("--first-poll", "0.02"),
+            KLING_API_KEY="sk-sandbox",
+        )
+    assert done.returncode == 0, done.stderr.decode()
+    lines = {line["key"]: line for line in results(out)}
+    assert lines["a"]["watermark_url"] and lines["b"]["watermark_url"] is None
+    assert (lines["a"]["units"], lines["b"]["units"]) == (1.0, 0.5)
+    assert "1.5 units charged" in done.stderr.decode()
+    bad = tmp_path / "bad.csv"
+    bad.write_text("key,video_id,audio_id,sound_end_time,watermark\nc,v,t,3000,maybe\n")
+    refused = cli("estimate", str(bad))
+    assert refused.returncode == 1 and "watermark: must be true or false" in refused.stderr
