@@ -69,6 +69,11 @@ class FaultPlan:
     * ``answer_delay``: seconds between creating a task and answering its submit (crash tests:
       the task exists before the client hears of it).
     * ``query_error_rate``: queries answered 5000 with HTTP 500 (JSON), before acting.
+    * ``bad_gateway_rate``: any request answered HTTP 502 with a proxy's HTML page before it
+      reaches the service: nothing is created (the client cannot tell, a 502 may also come
+      after the service acted).
+    * ``lost_answer_rate``: a submit creates its task, then its answer is cut off (truncated
+      JSON): the task exists, the client does not know its id.
     """
 
     http_500_rate: float = attrs.field(default=0.0, validator=_rate)
@@ -78,6 +83,8 @@ class FaultPlan:
     task_failure_rate: float = attrs.field(default=0.0, validator=_rate)
     answer_delay: float = attrs.field(default=0.0, validator=_non_negative)
     query_error_rate: float = attrs.field(default=0.0, validator=_rate)
+    bad_gateway_rate: float = attrs.field(default=0.0, validator=_rate)
+    lost_answer_rate: float = attrs.field(default=0.0, validator=_rate)
 
 
 class Clock:
@@ -243,7 +250,8 @@ class Account:
         self.base_url = ""
         self.tasks: dict[str, FakeTask] = {}
         self.sessions: dict[str, FaceSession] = {}
-        self.external_ids: set[str] = set()
+        #: Advanced lip-sync tasks by their ``external_task_id`` (unique per account).
+        self.external_ids: dict[str, str] = {}
         self.max_running_seen = 0
         #: List pages read, by page number (benchmarks and tests look at deep reads).
         self.list_pages: collections.Counter[int] = collections.Counter()
