@@ -31,6 +31,7 @@ from ._errors import (
     TaskTimedOutError,
     ValidationError,
 )
+from ._identity import derive_external_id, new_batch_id
 from ._iterator import BatchIterator
 from ._jobs import LipSyncJob
 from ._pipe import ResultPipe
@@ -117,6 +118,8 @@ class Batch:
         self._crash: BaseException | None = None
         self._live: dict[str, str] = {}  # task id -> job key, for tasks not yet reported
         self._submitter = Submitter(client, self._slots, self._abort)
+        self._batch_id = new_batch_id()  # (with a journal, the journal's own is used)
+        self._named = 0
         self.counts = {"submitted": 0, "succeeded": 0, "failed": 0}
         self.tracker = Tracker(
             dialect=client.dialect,
@@ -173,7 +176,10 @@ class Batch:
             with self._scope:
                 if self._journal_path is not None:
                     self.resume = await Resume.open(
-                        self._client, self._journal_path, resubmit_unknown=self._resubmit_unknown
+                        self._client,
+                        self._journal_path,
+                        resubmit_unknown=self._resubmit_unknown,
+                        reconciler=self._submitter.reconciler,
                     )
                     marks.start_soon(self.resume.journal.commit_marks)
                 async with anyio.create_task_group() as outer:
@@ -251,13 +257,19 @@ class Batch:
             if not isinstance(job, LipSyncJob):
                 raise ValidationError("job", f"must be a LipSyncJob, not {type(job).__name__}")
             self._dialect.check_job(job)
+            if job.external_task_id is None and self._dialect.external_ids:
+                job = attrs.evolve(job, external_task_id=self._external_id(key, resume))
             flow = self._dialect.flow(job, callback_url=self._callback_url)
             step = next(flow)
             while True:
                 if resume is None:
-                    snapshot = await self._submitter.create(step, slot)
+                    snapshot = await self._submitter.create(
+                        step, slot, key, video_url=job.video_url
+                    )
                 else:
-                    submit = functools.partial(self._submitter.create, step, slot, key, resume)
+                    submit = functools.partial(
+                        self._submitter.create, step, slot, key, resume, video_url=job.video_url
+                    )
                     snapshot = await resume.open_step(key, job, step, submit)
                 task_id = snapshot.task_id
                 submitted_at = submitted_at or (
@@ -336,6 +348,13 @@ class Batch:
         self._live.pop(task_id, None)
         await self._report(self._result(task_id, terminal, None, polls))
 
+    def _external_id(self, key: str, resume: Resume | None) -> str:
+        """The external task id the engine gives a job without one (see :mod:`._identity`)."""
+        if resume is not None:
+            return resume.external_id(key, self._dialect.default_stage)
+        self._named += 1  # (keys may repeat without a journal: the count keeps ids unique)
+        return derive_external_id(self._batch_id, f"{self._named}-{key}")
+
     def _result(
         self, key: str, snapshot: TaskSnapshot, submitted_at: float | None, polls: int
     ) -> JobResult:
@@ -359,6 +378,7 @@ class Batch:
             submitted_at=submitted_at,
             finished_at=self._client._clock(),
             polls=polls,
+            adopted=snapshot.task_id in self._submitter.reconciler.adopted,
         )
 
     # -- ending --------------------------------------------------------------------------

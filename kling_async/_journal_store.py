@@ -24,8 +24,8 @@ from ._errors import JournalError, ValidationError
 
 __all__ = ["SCHEMA_VERSION", "Row", "Store"]
 
-#: ``PRAGMA user_version`` of the layout this module writes.
-SCHEMA_VERSION = 1
+#: ``PRAGMA user_version`` of the layout this module writes (version 1 files are upgraded).
+SCHEMA_VERSION = 2
 
 _SCHEMA = (
     "CREATE TABLE meta (name TEXT PRIMARY KEY, value TEXT NOT NULL)",
@@ -44,9 +44,18 @@ _SCHEMA = (
         intent_at REAL NOT NULL,
         task_id TEXT,
         snapshot TEXT,
+        external_id TEXT,
+        adopted INTEGER NOT NULL DEFAULT 0,
         PRIMARY KEY (key, stage)
     )""",
 )
+# Version 1 -> 2: external task ids and adoption per stage.
+_UPGRADE_1 = (
+    "ALTER TABLE stages ADD COLUMN external_id TEXT",
+    "ALTER TABLE stages ADD COLUMN adopted INTEGER NOT NULL DEFAULT 0",
+)
+#: Meta names compared with the opening batch's; the others (batch id, clock offset) are kept.
+CHECKED_META = ("dialect", "stage", "base_url")
 
 #: A job row and its stage rows, as read: ``(jobs row, [stages rows])``.
 Row = tuple[tuple[Any, ...], list[tuple[Any, ...]]]
@@ -70,11 +79,12 @@ class Store:
         self.transactions = 0
         self.committed = 0
 
-    def open(self, meta: dict[str, str]) -> list[Row]:
-        """Lock the file, create or check its layout and ``meta``, and return every job.
+    def open(self, meta: dict[str, str]) -> tuple[dict[str, str], list[Row]]:
+        """Lock the file, create or check its layout and ``meta``; return its meta and jobs.
 
         Raises :class:`ValidationError` when ``meta`` (dialect, stage, base URL) differs from
         the file's, and :class:`JournalError` for a file that is no journal of this version.
+        A new file stores all of ``meta``; an existing one keeps its own values.
         """
         conn = self._conn
         # EXCLUSIVE: the lock the first write takes is held until close, so a second process
@@ -93,7 +103,8 @@ class Store:
                         conn.execute(sql)
                     conn.executemany("INSERT INTO meta VALUES (?, ?)", sorted(meta.items()))
                     conn.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
-                elif version != SCHEMA_VERSION:
+                    stored = dict(meta)
+                elif version not in (1, SCHEMA_VERSION):
                     raise JournalError(
                         f"journal {self.path}: layout version {version} is not the supported"
                         f" {SCHEMA_VERSION} (not a kling_async journal, or from another version)"
@@ -101,13 +112,20 @@ class Store:
                 else:
                     stored = dict(conn.execute("SELECT name, value FROM meta").fetchall())
                     _check_meta(self.path, stored, meta)
+                    if version == 1:
+                        for sql in _UPGRADE_1:
+                            conn.execute(sql)
+                        conn.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+                    for name in sorted(meta.keys() - stored.keys()):
+                        conn.execute("INSERT INTO meta VALUES (?, ?)", (name, meta[name]))
+                        stored[name] = meta[name]
                 rows = self._read()
                 conn.execute("COMMIT")
             except BaseException:
                 if conn.in_transaction:
                     conn.execute("ROLLBACK")
                 raise
-        return rows
+        return stored, rows
 
     def _read(self) -> list[Row]:
         jobs: dict[str, Row] = {}
@@ -116,7 +134,8 @@ class Store:
         ):
             jobs[row[0]] = (row, [])
         for row in self._conn.execute(
-            "SELECT key, stage, status, intent_at, task_id, snapshot FROM stages"
+            "SELECT key, stage, status, intent_at, task_id, snapshot, external_id, adopted"
+            " FROM stages"
         ):
             jobs[row[0]][1].append(row)
         return list(jobs.values())
@@ -175,7 +194,7 @@ class Store:
 
 
 def _check_meta(path: str, stored: dict[str, str], wanted: dict[str, str]) -> None:
-    for name in ("dialect", "stage", "base_url"):
+    for name in CHECKED_META:
         if stored.get(name) != wanted.get(name):
             # Its task ids mean nothing to another server or dialect: tracking them there would
             # fail every job, and reconciling could adopt strangers' tasks.

@@ -18,12 +18,18 @@ import anyio
 import anyio.lowlevel
 
 from ._errors import (
+    APIError,
     ConcurrencyLimitError,
     ConnectError,
     KlingError,
     RateLimitError,
+    ServerError,
+    SubmitOutcomeUnknownError,
+    TransportError,
     TransportTimeout,
+    created_nothing,
 )
+from ._reconcile import ABSENT, ClockOffset, MemoryLedger, Reconciler
 from ._results import TaskSnapshot
 from ._resume import Resume
 from ._slots import SlotHold, TaskSlots
@@ -59,6 +65,16 @@ class Submitter:
         self._answered = False  # (the event's state, read without two calls per submit)
         self._canary_taken = False
         self._submits: set[anyio.CancelScope] = set()  # journaled submits on their way
+        self._memory = MemoryLedger()
+        self._jobs = 0
+        #: Finds the tasks of unclear submits; its ledger is the journal once one opens.
+        self.reconciler = Reconciler(
+            dialect=client.dialect,
+            requester=client._requester,
+            ledger=self._memory,
+            offset=ClockOffset(),
+            clock=client._clock,
+        )
 
     def grace(self) -> None:
         """The batch stops: journaled submits on their way get :data:`SUBMIT_GRACE` seconds."""
@@ -68,12 +84,22 @@ class Submitter:
                 scope.deadline = min(scope.deadline, deadline)
 
     async def create(
-        self, step: Submit, slot: SlotHold, key: str | None = None, resume: Resume | None = None
+        self,
+        step: Submit,
+        slot: SlotHold,
+        key: str,
+        resume: Resume | None = None,
+        *,
+        video_url: str | None = None,
+        sent_before: bool = False,
     ) -> TaskSnapshot:
-        """Submit one step, waiting out 1303 refusals; the first submit of a batch goes alone.
+        """Submit one step of job ``key``, waiting out 1303 refusals; the first goes alone.
 
-        With ``key`` and ``resume`` (a journaled job) the journal records the intent before each
-        attempt leaves, and the task id (or the refusal) as soon as the answer says.
+        With ``resume`` (a journaled job) the journal records the intent before each attempt
+        leaves, and the task id (or the refusal) as soon as the answer says.  A submit whose
+        answer is unclear is resolved (:meth:`Reconciler.resolve`): its task is found, or with
+        an external id sent again, or it ends as :class:`SubmitOutcomeUnknownError`.
+        ``sent_before``: an earlier run sent this very request (its external id) already.
         """
         canary = not self._canary_taken
         self._canary_taken = True
@@ -89,16 +115,19 @@ class Submitter:
         # does on asyncio, without its backend lookup (a microsecond a job): a batch only runs
         # on asyncio, which its aiohttp session needs.
         await asyncio.sleep(0)
-        refusals = 0
+        refusals = resends = 0
+        owner = key if resume is not None else self._owner(key)
         while True:
+            intent = self._clock()
             try:
-                if resume is not None and key is not None:
-                    snapshot = await self._send_journaled(step, resume, key)
+                if resume is not None:
+                    snapshot = await self._send_journaled(step, resume, key, intent)
                 else:
-                    snapshot = await self._send(step)
+                    self._memory.submitting(owner, step.stage, video_url, intent)
+                    snapshot = await self._send_timed(step, intent)
             except ConcurrencyLimitError:
                 refusals += 1
-                delay = await self._refused(step, refusals, key, resume)
+                delay = await self._refused(step, refusals, owner, resume)
                 self._slots.shrink()
                 slot.release()
                 logger.debug("1303: %d tasks running; waiting %.2f s", self._slots.in_use, delay)
@@ -109,7 +138,7 @@ class Submitter:
                 # 1302 after the requester's own retries: still not a reason to fail a job
                 # whose task was never created.  Wait longer, keeping the slot.
                 refusals += 1
-                delay = await self._refused(step, refusals, key, resume)
+                delay = await self._refused(step, refusals, owner, resume)
                 logger.debug("1302: waiting %.2f s", max(delay, exc.retry_after or 0.0))
                 await anyio.sleep(max(delay, exc.retry_after or 0.0))
                 continue
@@ -120,26 +149,104 @@ class Submitter:
                 # Any answer but a fatal one proves the account usable: let the others go.
                 if not (isinstance(exc, KlingError) and exc.fatal):
                     self._answer()
-                if resume is not None and key is not None and isinstance(exc, KlingError):
-                    return await resume.submit_failed(key, step.stage, exc)
-                raise
+                if not isinstance(exc, KlingError):
+                    if resume is None:  # (a journaled intent stays: a rerun looks it up)
+                        self._memory.cleared(owner)
+                    raise
+                if not self._unclear(exc, step, sent_before or resends > 0):
+                    await self._nothing_created(owner, step.stage, resume)
+                    raise
+                found = await self._resolve(step, owner, video_url, intent, exc, resume)
+                if found is None:
+                    resends += 1
+                    logger.info(
+                        "%s: no task has external id %s; sending again", key, step.external_id
+                    )
+                    continue
+                return found
             if not self._answered:
                 self._answer()
-            if resume is not None and key is not None:
+            if resume is not None:
                 await resume.created(key, step.stage, snapshot)
+            else:
+                self._memory.created(owner, snapshot.task_id)
             return snapshot
 
-    async def _refused(
-        self, step: Submit, refusals: int, key: str | None, resume: Resume | None
-    ) -> float:
+    def _owner(self, key: str) -> str:
+        # Without a journal keys may repeat: the ledger names each job uniquely.
+        self._jobs += 1
+        return f"{key}#{self._jobs}"
+
+    @staticmethod
+    def _unclear(error: KlingError, step: Submit, sent_before: bool) -> bool:
+        """Whether ``error`` leaves open that the submit created a task (a lookup decides).
+
+        A time-out, a dropped connection, an unreadable answer, 5000/5002, a proxy's 5xx; and,
+        for a request whose external id went out before, a refusal (a duplicate external id
+        proves the earlier send created the task).
+        """
+        if isinstance(error, (TransportError, ServerError)) and not created_nothing(error):
+            return True
+        return sent_before and step.external_id is not None and isinstance(error, APIError)
+
+    async def _resolve(
+        self,
+        step: Submit,
+        owner: str,
+        video_url: str | None,
+        intent: float,
+        error: KlingError,
+        resume: Resume | None,
+    ) -> TaskSnapshot | None:
+        """The task an unclear submit created (recorded as adopted), or None: send again.
+
+        Raises :class:`SubmitOutcomeUnknownError` when it cannot be known, and ``error`` itself
+        for a refusal that a lookup shows created nothing.
+        """
+        if resume is not None:
+            record = resume.journal.job(owner)
+            known = record.stages.get(step.stage) if record is not None else None
+            video_url = video_url or (record.video_url if record is not None else None)
+            intent = known.intent_at if known is not None and known.intent_at else intent
+        try:
+            found = await self.reconciler.resolve(
+                key=owner,
+                stage=step.stage,
+                external_id=step.external_id,
+                video_url=video_url,
+                intent_at=intent,
+                answered_at=self._clock(),
+                cause=error,
+            )
+        except SubmitOutcomeUnknownError:
+            if resume is None:
+                self._memory.cleared(owner)  # (unknown: its rivals need not wait for it)
+            raise
+        if found is ABSENT:
+            if isinstance(error, APIError) and not isinstance(error, ServerError):
+                await self._nothing_created(owner, step.stage, resume)
+                raise error  # refused, and no task carries the id: the refusal stands
+            return None
+        if resume is not None:
+            await resume.journal.created(owner, step.stage, found.task_id, adopted=True)
+        else:
+            self._memory.created(owner, found.task_id)
+        return found
+
+    async def _nothing_created(self, owner: str, stage: str, resume: Resume | None) -> None:
+        if resume is not None:
+            await resume.journal.refused(owner, stage)
+        else:
+            self._memory.cleared(owner)
+
+    async def _refused(self, step: Submit, refusals: int, key: str, resume: Resume | None) -> float:
         """A 1303 or 1302 refusal (number ``refusals``): record it; the wait before the next try.
 
         Nothing was created, so a journaled intent is cleared; the wait doubles from
         ``RetryPolicy.concurrency_delay`` up to ``max_delay`` (API.md section 1, 1303).
         """
         self._answer()
-        if resume is not None and key is not None:
-            await resume.journal.refused(key, step.stage)
+        await self._nothing_created(key, step.stage, resume)
         retry = self._retry
         return min(retry.concurrency_delay * 2.0 ** (refusals - 1), retry.max_delay)
 
@@ -153,14 +260,22 @@ class Submitter:
         parse = functools.partial(self._dialect.parse_submit, step.stage)
         return self._requester.call(step.request, parse, retry_concurrency_limit=False)
 
-    async def _send_journaled(self, step: Submit, resume: Resume, key: str) -> TaskSnapshot:
+    async def _send_timed(self, step: Submit, sent: float) -> TaskSnapshot:
+        """Send ``step``; its answer's creation time calibrates the server clock's offset."""
+        snapshot = await self._send(step)
+        self.reconciler.offset.observe(sent, self._clock(), snapshot.created_at)
+        return snapshot
+
+    async def _send_journaled(
+        self, step: Submit, resume: Resume, key: str, intent: float
+    ) -> TaskSnapshot:
         """Send ``step`` with its intent on disk first; a stopping batch lets it finish.
 
         Cut off mid-request, a submit's outcome would be unknown to the next run: so once the
         intent is recorded the request runs shielded, and a batch told to stop gives it
         :data:`SUBMIT_GRACE` seconds to be answered (see :meth:`grace`).
         """
-        await resume.journal.submitting(key, step.stage, self._clock())
+        await resume.journal.submitting(key, step.stage, intent, step.external_id)
         try:
             await anyio.lowlevel.checkpoint_if_cancelled()
         except anyio.get_cancelled_exc_class():
@@ -170,7 +285,7 @@ class Submitter:
         self._submits.add(scope)
         try:
             with scope:
-                return await self._send(step)
+                return await self._send_timed(step, self._clock())
         finally:
             self._submits.discard(scope)
         # The grace ran out: the intent stays unresolved, as after a crash.

@@ -499,14 +499,28 @@ async def test_a_journal_is_refused_for_track_and_for_another_server(tmp_path: P
 async def test_a_timed_out_submit_is_found_in_the_task_list_and_adopted(tmp_path: Path) -> None:
     journal = tmp_path / "dub.journal"
     jobs = [text_job(n, key=f"k{n}") for n in range(5)]
-    faults = FaultPlan(answer_delay=0.3)
-    async with FakeKlingServer(task_duration=0.02, faults=faults) as server:
+    async with FakeKlingServer(task_duration=0.02) as server:
         async with kling_client(server, timeouts=ka.Timeouts(total=0.1)) as client:
-            results = await run(client, jobs, journal)
-    assert all(r.ok for r in results), [str(r.error) for r in results]
-    assert server.tasks_created == 5
+            # One answered submit calibrates the server's clock (kept in the journal).
+            (first,) = await run(client, [text_job(9, key="calibrate")], journal)
+            assert not first.adopted
+            server.faults = FaultPlan(answer_delay=0.3)
+            results = await run(client, [text_job(9, key="calibrate"), *jobs], journal)
+    assert all(r.ok and r.adopted for r in results), [str(r.error) for r in results]
+    assert server.tasks_created == 6
     assert server.requests["list"] >= 1
-    assert {r.task_id for r in results} == set(server.tasks)
+    assert {r.task_id for r in results} | {first.task_id} == set(server.tasks)
+
+
+async def test_without_a_calibrated_clock_a_lost_submit_stays_unknown(tmp_path: Path) -> None:
+    jobs = [text_job(n, key=f"k{n}") for n in range(2)]
+    async with FakeKlingServer(task_duration=0.02, faults=FaultPlan(answer_delay=0.3)) as server:
+        async with kling_client(server, timeouts=ka.Timeouts(total=0.1)) as client:
+            results = await run(client, jobs, tmp_path / "dub.journal")
+    for result in results:
+        assert isinstance(result.error, ka.SubmitOutcomeUnknownError)
+        assert "not calibrated" in str(result.error)
+    assert server.tasks_created == 2
 
 
 async def test_two_lost_submits_on_one_video_stay_unknown(tmp_path: Path) -> None:
@@ -516,15 +530,18 @@ async def test_two_lost_submits_on_one_video_stay_unknown(tmp_path: Path) -> Non
         ka.LipSyncJob.from_text(video_url=same, text=f"line {n}", voice_id="v", key=f"k{n}")
         for n in range(2)
     ]
-    faults = FaultPlan(answer_delay=0.3)
-    async with FakeKlingServer(task_duration=0.02, faults=faults) as server:
+    async with FakeKlingServer(task_duration=0.02) as server:
         async with kling_client(server, timeouts=ka.Timeouts(total=0.1), max_in_flight=2) as client:
+            await run(client, [text_job(9, key="calibrate")], journal)
+            server.faults = FaultPlan(answer_delay=0.3)
             results = await run(client, jobs, journal)
-    assert server.tasks_created == 2
+    assert server.tasks_created == 3
+    lost = {t.task_id for t in server.tasks.values() if t.input["input"]["video_url"] == same}
     for result in results:
         assert isinstance(result.error, ka.SubmitOutcomeUnknownError)
         assert "ambiguous" in str(result.error) and "resubmit_unknown=True" in str(result.error)
         assert isinstance(result.error.cause, ka.TransportTimeout)
+        assert set(result.error.candidates) == lost  # both tasks named, neither adopted
 
 
 async def test_without_a_list_query_a_lost_submit_is_unknown_until_resubmitted(
