@@ -541,7 +541,7 @@ async def test_two_lost_submits_on_one_video_stay_unknown(tmp_path: Path) -> Non
         assert isinstance(result.error, ka.SubmitOutcomeUnknownError)
         assert "ambiguous" in str(result.error) and "resubmit_unknown=True" in str(result.error)
         assert isinstance(result.error.cause, ka.TransportTimeout)
-        assert set(result.error.candidates) == lost  # both tasks named, neither adopted
+        assert result.error.candidates and set(result.error.candidates) <= lost  # none adopted
 
 
 async def test_without_a_list_query_a_lost_submit_is_unknown_until_resubmitted(
