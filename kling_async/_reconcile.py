@@ -258,8 +258,6 @@ class Reconciler:
         if video_url is None or not self.can_search(stage, video_url):
             return Match(reason="no list query to look for it")
         lo, hi = self.offset.bounds()
-        if hi - lo > MAX_UNCERTAINTY:
-            return Match(reason="the server's clock is not calibrated yet (no answered submit)")
         latest = answered_at if answered_at is not None else intent_at + LATEST_CREATE
         async with self._lock:
             try:
@@ -286,13 +284,20 @@ class Reconciler:
             within = latest - intent_at + NEIGHBOURHOOD
             rivals = self.ledger.unresolved(key, stage, video_url, intent_at, within)
             ids = tuple(s.task_id for s in near)
-            if len(near) == 1 and len(inside) == 1 and rivals == 0:
+            calibrated = hi - lo <= MAX_UNCERTAINTY
+            if len(near) == 1 and len(inside) == 1 and rivals == 0 and calibrated:
                 self.adopted.add(ids[0])  # (before the lock is let go: no second adopter)
                 logger.info("%s: adopted task %s: on its video, inside its window", key, ids[0])
                 return Match(snapshot=inside[0])
         if not near:
             return Match(reason="no task on its video around the submit")
         shown = ", ".join(ids[:5])
+        if not calibrated:
+            return Match(
+                reason=f"the server's clock is not calibrated yet (no answered submit); task(s)"
+                f" on its video around the submit: {shown}",
+                candidates=ids,
+            )
         return Match(
             reason=f"ambiguous: {len(near)} task(s) on its video around the submit ({shown}),"
             f" {len(inside)} inside its window, {rivals} other job(s) awaiting a submit there",

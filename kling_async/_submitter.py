@@ -44,6 +44,8 @@ logger = logging.getLogger("kling_async")
 
 #: Seconds a stopping batch with a journal waits for the answers of submits already sent.
 SUBMIT_GRACE = 5.0
+# Lookups of an external id that a resend found taken (see Submitter._refused_external).
+_RELOOKUPS = 5
 
 
 class Submitter:
@@ -208,30 +210,42 @@ class Submitter:
             known = record.stages.get(step.stage) if record is not None else None
             video_url = video_url or (record.video_url if record is not None else None)
             intent = known.intent_at if known is not None and known.intent_at else intent
-        try:
-            found = await self.reconciler.resolve(
-                key=owner,
-                stage=step.stage,
-                external_id=step.external_id,
-                video_url=video_url,
-                intent_at=intent,
-                answered_at=self._clock(),
-                cause=error,
-            )
-        except SubmitOutcomeUnknownError:
-            if resume is None:
-                self._memory.cleared(owner)  # (unknown: its rivals need not wait for it)
-            raise
+        # (Unknown, its intent stays in the ledger: a rival of other submits on its video.)
+        found = await self.reconciler.resolve(
+            key=owner,
+            stage=step.stage,
+            external_id=step.external_id,
+            video_url=video_url,
+            intent_at=intent,
+            answered_at=self._clock(),
+            cause=error,
+        )
+        if found is ABSENT and isinstance(error, APIError) and not isinstance(error, ServerError):
+            found = await self._refused_external(step, error)
         if found is ABSENT:
-            if isinstance(error, APIError) and not isinstance(error, ServerError):
-                await self._nothing_created(owner, step.stage, resume)
-                raise error  # refused, and no task carries the id: the refusal stands
             return None
         if resume is not None:
             await resume.journal.created(owner, step.stage, found.task_id, adopted=True)
         else:
             self._memory.created(owner, found.task_id)
         return found
+
+    async def _refused_external(self, step: Submit, error: APIError) -> TaskSnapshot:
+        """A resend carrying an external id was refused, and no task carried the id yet.
+
+        A duplicate external id proves an earlier send created the task: it may just not be
+        visible yet (a slow service), so the lookup is repeated a few times, backing off.  Still
+        absent, the job ends as :class:`SubmitOutcomeUnknownError` (never as a plain refusal:
+        the earlier send's task may yet appear).
+        """
+        assert step.external_id is not None
+        for attempt in range(_RELOOKUPS):
+            await anyio.sleep(min(self._retry.max_delay, self._retry.base_delay * 2.0**attempt))
+            found = await self.reconciler.find_external(step.stage, step.external_id)
+            if found is not ABSENT:
+                return found
+        detail = f"external id {step.external_id} refused ({error}) but carried by no task"
+        raise SubmitOutcomeUnknownError(step.stage, cause=error, detail=detail)
 
     async def _nothing_created(self, owner: str, stage: str, resume: Resume | None) -> None:
         if resume is not None:

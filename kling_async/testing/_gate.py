@@ -23,13 +23,16 @@ from aiohttp import web
 from ._state import FaultPlan, TaskLimitReached
 from ._wire import Refusal, WireDialect, html_500, html_502, refusal_response, truncated_json
 
-__all__ = ["Credentials", "Gate", "Handler", "Kind", "RouteHandler"]
+__all__ = ["CREATES_TASK", "Credentials", "Gate", "Handler", "Kind", "RouteHandler"]
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 #: A route's own handler: the request and the request id its answer quotes.
 RouteHandler = Callable[[web.Request, str], Awaitable[web.Response]]
 #: "submit" routes create something (faults strike before acting), "query" routes only read.
 Kind = Literal["submit", "query"]
+
+#: Routes whose requests create a task (identify-face answers at once and creates none).
+CREATES_TASK = frozenset({"submit", "advanced-submit", "apimodels-submit"})
 
 # PyJWT checks exp and nbf with this much slack, as the official server tolerates clock skew.
 JWT_LEEWAY_SECONDS = 5
@@ -140,7 +143,7 @@ class Gate:
                     request_id=request_id,
                     as_http_200=self.faults.errors_as_http_200,
                 )
-            if kind == "submit" and self._strikes(self.faults.lost_answer_rate):
+            if route in CREATES_TASK and self._strikes(self.faults.lost_answer_rate):
                 # After acting: the task exists, its answer broke in transit.
                 self.requests["faulted"] += 1
                 body = response.body
@@ -162,7 +165,7 @@ class Gate:
             raise queue.popleft()
         if self._strikes(self.faults.http_500_rate):
             return html_500()
-        if self._strikes(self.faults.bad_gateway_rate):
+        if route in CREATES_TASK and self._strikes(self.faults.bad_gateway_rate):
             return html_502()
         self.credentials.check(request.headers.get("Authorization"), allow_jwt=dialect == "kling")
         if self.account_error is not None:

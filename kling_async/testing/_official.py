@@ -167,6 +167,8 @@ class OfficialRoutes:
         external: str | None = None,
     ) -> web.Response:
         callback_url = check_callback_url(body)
+        if self._gate.faults.create_delay:
+            await asyncio.sleep(self._gate.faults.create_delay)
         task = self._account.create(
             dialect="kling",
             stage=stage,
