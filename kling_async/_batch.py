@@ -37,7 +37,7 @@ from ._jobs import LipSyncJob
 from ._pipe import ResultPipe
 from ._results import BatchProgress, JobResult, TaskSnapshot, TaskState
 from ._resume import Resume
-from ._slots import SlotHold, TaskSlots
+from ._slots import SlotHold, TaskSlots, slot_wait_error
 from ._source import JobSource
 from ._submitter import Submitter
 from ._tracker import Tracker
@@ -117,8 +117,10 @@ class Batch:
         self._fatal: KlingError | None = None
         self._crash: BaseException | None = None
         self._live: dict[str, str] = {}  # task id -> job key, for tasks not yet reported
-        self._submitter = Submitter(client, self._slots, self._abort)
+        self._submitter = Submitter(client, self._slots, self._abort, blocking=self.blocking)
         self._batch_id = new_batch_id()  # (with a journal, the journal's own is used)
+        self._stuck: set[str] = set()  # timed-out tasks still holding their slots
+        self._followers: TaskGroup | None = None
         self._named = 0
         self.counts = {"submitted": 0, "succeeded": 0, "failed": 0}
         self.tracker = Tracker(
@@ -184,8 +186,10 @@ class Batch:
                     marks.start_soon(self.resume.journal.commit_marks)
                 async with anyio.create_task_group() as outer:
                     outer.start_soon(self.tracker.run)
+                    self._followers = outer
                     async with anyio.create_task_group() as jobs:
                         await self._feed(jobs)
+                    self._followers = None
                     outer.cancel_scope.cancel()
         except BaseException as exc:  # handed to the consumer, never to the client's group
             self._crash = exc
@@ -223,39 +227,48 @@ class Batch:
             # (The non-waiting forms first: a coroutine call each saved, per job.)
             if not self.pipe.try_reserve():
                 await self.pipe.reserve()
-            if not self._slots.try_acquire():
-                await self._slots.acquire()
+            held = self._slots.try_acquire()
+            if not held:
+                # A job that waits in vain for max_slot_wait ends as a value (_run_job).
+                held = await self._slots.acquire_within(self._client.retry.max_slot_wait)
             try:
                 item = source.next_nowait()
                 if item is False:
                     item = await source.next()
             except ValidationError as exc:
-                self._slots.release()
+                self._unslot(held)
                 self._abort(exc)  # duplicate key, or a changed job: stop, resumably
                 return
             except BaseException:
-                self._slots.release()
+                self._unslot(held)
                 raise
             if item is None:
-                self._slots.release()
+                self._unslot(held)
                 self.pipe.unreserve()
                 return
             if isinstance(item, JobResult):  # finished in an earlier run, not yet taken
-                self._slots.release()
+                self._unslot(held)
                 await self._report(item)
                 await anyio.lowlevel.checkpoint()  # (no submit, and so no yield, otherwise)
                 continue
-            await self._run_job(*item)
+            await self._run_job(*item, held=held)
 
-    async def _run_job(self, key: str, job: LipSyncJob) -> None:
-        slot = SlotHold(self._slots)
+    def _unslot(self, held: bool) -> None:
+        if held:
+            self._slots.release()
+
+    async def _run_job(self, key: str, job: LipSyncJob, *, held: bool = True) -> None:
+        slot = SlotHold(self._slots, held=held)
         task_id: str | None = None
         submitted_at: float | None = None
         polls = 0
         resume = self.resume if isinstance(job, LipSyncJob) else None
+        kept = False  # the slot stays held by a timed-out task (see _follow)
         try:
             if not isinstance(job, LipSyncJob):
                 raise ValidationError("job", f"must be a LipSyncJob, not {type(job).__name__}")
+            if not held:
+                raise slot_wait_error(self._client.retry.max_slot_wait, self.blocking())
             self._dialect.check_job(job)
             if job.external_task_id is None and self._dialect.external_ids:
                 job = attrs.evolve(job, external_task_id=self._external_id(key, resume))
@@ -287,6 +300,8 @@ class Batch:
                     final: TaskSnapshot = stop.value
                     break
             result = self._result(key, final, submitted_at, polls)
+            if result.state is TaskState.TIMED_OUT and task_id is not None:
+                kept = self._follow_later(task_id, step.stage, slot)
         except KlingError as exc:
             if exc.fatal:
                 self._abort(exc)
@@ -301,10 +316,12 @@ class Batch:
                 polls=polls,
             )
         finally:
-            slot.release()
+            if not kept:
+                slot.release()
         if task_id is not None:
             self._live.pop(task_id, None)
-            self._slots.finished()
+            if not kept:
+                self._slots.finished()
         if resume is not None:
             try:
                 # Recorded before it is handed on: a crash after this reports it from here.
@@ -347,6 +364,41 @@ class Batch:
         terminal, polls = await self.tracker.wait(snapshot, self._stage)
         self._live.pop(task_id, None)
         await self._report(self._result(task_id, terminal, None, polls))
+
+    def blocking(self) -> tuple[str, ...]:
+        """The tasks of this batch that hold task slots now (timed-out ones included)."""
+        return (*self._stuck, *self._live)
+
+    def _follow_later(self, task_id: str, stage: str, slot: SlotHold) -> bool:
+        """Let ``task_id``, reported TIMED_OUT, keep its slot until it is seen to end.
+
+        It still counts against the account's task limit: releasing its slot would only earn
+        1303 refusals.  Followed slowly (every ``PollPolicy.max_interval``) while the batch
+        runs; False when the batch is not running (the slot is released as usual).
+        """
+        if self._followers is None:
+            return False
+        self._stuck.add(task_id)
+        self._followers.start_soon(self._follow, task_id, stage, slot)
+        return True
+
+    async def _follow(self, task_id: str, stage: str, slot: SlotHold) -> None:
+        try:
+            while True:
+                await anyio.sleep(self._client.poll.max_interval)
+                try:
+                    snapshot = await self._client.get_task(task_id, stage=stage)
+                except KlingError as exc:
+                    if exc.fatal:
+                        return
+                    continue
+                if snapshot.state.is_terminal:
+                    logger.info("task %s, reported timed out, has ended: its slot is free", task_id)
+                    self._slots.finished()
+                    return
+        finally:
+            self._stuck.discard(task_id)
+            slot.release()
 
     def _external_id(self, key: str, resume: Resume | None) -> str:
         """The external task id the engine gives a job without one (see :mod:`._identity`)."""

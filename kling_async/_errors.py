@@ -184,7 +184,14 @@ class RateLimitError(APIError):
 
 
 class ConcurrencyLimitError(RateLimitError):
-    """More running tasks than the account's resource pack allows (1303); wait for a slot."""
+    """More running tasks than the account's resource pack allows (1303); wait for a slot.
+
+    A batch waits for a slot instead of failing, for at most ``RetryPolicy.max_slot_wait``; a
+    job that waited longer ends with this error, ``blocking_task_ids`` naming the tasks known to
+    hold the slots (empty when other clients hold them).
+    """
+
+    blocking_task_ids: tuple[str, ...] = ()
 
 
 class InvalidRequestError(APIError):

@@ -32,7 +32,7 @@ from ._errors import (
 from ._reconcile import ABSENT, ClockOffset, MemoryLedger, Reconciler
 from ._results import TaskSnapshot
 from ._resume import Resume
-from ._slots import SlotHold, TaskSlots
+from ._slots import SlotHold, TaskSlots, slot_wait_error
 from .dialects import Submit
 
 if TYPE_CHECKING:
@@ -55,7 +55,12 @@ class Submitter:
     """
 
     def __init__(
-        self, client: KlingClient, slots: TaskSlots, on_fatal: Callable[[KlingError], None]
+        self,
+        client: KlingClient,
+        slots: TaskSlots,
+        on_fatal: Callable[[KlingError], None],
+        *,
+        blocking: Callable[[], tuple[str, ...]] = tuple,
     ) -> None:
         self._dialect = client.dialect
         self._requester = client._requester
@@ -63,6 +68,7 @@ class Submitter:
         self._clock = client._clock
         self._slots = slots
         self._on_fatal = on_fatal
+        self._blocking = blocking
         self._first_answer = anyio.Event()
         self._answered = False  # (the event's state, read without two calls per submit)
         self._canary_taken = False
@@ -118,6 +124,7 @@ class Submitter:
         # on asyncio, which its aiohttp session needs.
         await asyncio.sleep(0)
         refusals = resends = 0
+        waiting_since: float | None = None
         owner = key if resume is not None else self._owner(key)
         while True:
             intent = self._clock()
@@ -133,8 +140,13 @@ class Submitter:
                 self._slots.shrink()
                 slot.release()
                 logger.debug("1303: %d tasks running; waiting %.2f s", self._slots.in_use, delay)
-                await anyio.sleep(delay)
-                await slot.acquire()
+                now = anyio.current_time()
+                waiting_since = waiting_since if waiting_since is not None else now
+                patience = self._retry.max_slot_wait - (now - waiting_since)
+                await anyio.sleep(min(delay, max(patience, 0.0)))
+                patience -= anyio.current_time() - now
+                if patience <= 0 or not await slot.acquire_within(patience):
+                    raise slot_wait_error(self._retry.max_slot_wait, self._blocking()) from None
                 continue
             except RateLimitError as exc:
                 # 1302 after the requester's own retries: still not a reason to fail a job
