@@ -442,6 +442,9 @@ class Batch:
         self.cancel()
 
     def _log_end(self, what: str) -> None:
+        done = self.resume.all_reported() if self.resume is not None else None
+        if done is not None and self._fatal is None:
+            logger.warning("%s", done)
         logger.info(
             "%s ended: %d submitted, %d succeeded, %d failed",
             what,

@@ -15,10 +15,19 @@ one ends, without waiting for the event loop.
 
 from __future__ import annotations
 
+import contextlib
+import os
+import socket
 import sqlite3
 import threading
+import time
 from collections.abc import Sequence
 from typing import Any
+
+try:
+    import fcntl
+except ImportError:  # pragma: no cover - Windows: SQLite's own lock alone (it waits, then fails)
+    fcntl = None  # type: ignore[assignment]
 
 from ._errors import JournalError, ValidationError
 
@@ -61,15 +70,76 @@ CHECKED_META = ("dialect", "stage", "base_url")
 Row = tuple[tuple[Any, ...], list[tuple[Any, ...]]]
 
 
+def _holder(fd: int) -> str:
+    """Who holds the lock file open at ``fd`` says: ``"pid N on host H"`` (or "unknown")."""
+    try:
+        text = os.pread(fd, 200, 0).decode("utf-8", "replace").split()
+    except OSError:
+        text = []
+    return f"pid {text[0]} on host {text[1]}" if len(text) >= 2 else "an unknown process"
+
+
+class BatchLock:
+    """The lock that makes a journal one batch's: ``flock`` on ``PATH.lock``, holding "pid host".
+
+    Taken at once or refused at once (:class:`JournalError` naming the holder), so that a second
+    process never waits nor proceeds.  Only a holder in this very process is waited for, up to
+    ``timeout`` seconds: a batch that just ended may still be closing the journal.  The kernel
+    releases the lock when its holder dies, however it dies.
+    """
+
+    def __init__(self, path: str, *, timeout: float) -> None:
+        self._fd: int | None = None
+        if fcntl is None:  # pragma: no cover
+            return
+        name = f"{path}.lock"
+        try:
+            fd = os.open(name, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as exc:
+            raise JournalError(f"journal {path}: cannot open {name}: {exc.strerror}") from None
+        deadline = time.monotonic() + timeout
+        me = f"{os.getpid()} {socket.gethostname()}"
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except OSError:
+                holder = _holder(fd)
+                mine = holder == "pid {} on host {}".format(*me.split())
+                if not mine or time.monotonic() >= deadline:
+                    os.close(fd)
+                    raise JournalError(
+                        f"journal {path} is in use by another batch ({holder}); one journal"
+                        " runs one batch at a time: wait for it to end, or use another file"
+                    ) from None
+                time.sleep(0.01)
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{me}\n".encode(), 0)
+        self._fd = fd
+
+    def release(self) -> None:
+        """Let the journal go (idempotent)."""
+        fd, self._fd = self._fd, None
+        if fd is not None:
+            with contextlib.suppress(OSError):
+                os.ftruncate(fd, 0)
+            os.close(fd)  # (closing the last descriptor releases the flock)
+
+
 class Store:
     """One journal file: opened, checked and read by :meth:`open`, written by :meth:`flush`."""
 
     def __init__(self, path: str, *, timeout: float) -> None:
         self.path = path
+        self._lock = BatchLock(path, timeout=timeout)
         # timeout: how long to wait for a lock held by another connection (see open()).
-        self._conn = sqlite3.connect(
-            path, timeout=timeout, isolation_level=None, check_same_thread=False
-        )
+        try:
+            self._conn = sqlite3.connect(
+                path, timeout=timeout, isolation_level=None, check_same_thread=False
+            )
+        except BaseException:
+            self._lock.release()
+            raise
         self.write_lock = threading.Lock()
         self._pending_lock = threading.Lock()
         self._pending: list[tuple[str, Sequence[Any], bool]] = []
@@ -191,6 +261,7 @@ class Store:
         finally:
             with self.write_lock:
                 self._conn.close()
+            self._lock.release()
 
 
 def _check_meta(path: str, stored: dict[str, str], wanted: dict[str, str]) -> None:

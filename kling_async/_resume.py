@@ -70,6 +70,9 @@ class Resume:
         self._reconciler = reconciler
         self._resubmit_unknown = resubmit_unknown
         self._keys: set[str] = set()
+        #: Jobs an earlier run reported already (skipped now), and how many of those failed.
+        self.skipped = 0
+        self.skipped_failed = 0
 
     @classmethod
     async def open(
@@ -130,8 +133,21 @@ class Resume:
             self.journal.begin(key, digest, job.video_url)
             return None
         if record.final and record.result is not None:
-            return SKIP if record.reported else record.result
+            if not record.reported:
+                return record.result
+            self.skipped += 1
+            self.skipped_failed += not record.result.ok
+            return SKIP
         return None
+
+    def all_reported(self) -> str | None:
+        """What to say when every job of the batch had been reported by earlier runs."""
+        if not self.skipped or self.skipped != len(self._keys):
+            return None
+        return (
+            f"journal {self.journal.path}: all {self.skipped} jobs already reported,"
+            f" {self.skipped_failed} failed; nothing to run (a new journal runs them again)"
+        )
 
     async def finished(self, result: JobResult) -> None:
         """Record ``result`` (before it is handed to the consumer)."""
