@@ -8,11 +8,14 @@ timed out or was cut off, a proxy's 502/504, 5000/5002) may or may not have crea
   it is this job's task; not found, nothing was created and the submit may go again with the
   same id (the server refuses a second task with it, so it cannot pay twice).
 * **Provably, by video and time** (every dialect with a list query): a listed task is adopted
-  only when it is on the job's ``video_url``, was created inside the submit's own window (from
-  its intent to its failed answer, the server's clock offset taken from this batch's own answers
-  by :class:`ClockOffset`), no other task on that video from anyone was created in a surrounding
-  window of :data:`NEIGHBOURHOOD` seconds, no other job of the batch awaits a submit on that
-  video, and no job owns it already.  Anything less stays unknown, naming the candidates.
+  only when the submit's answer proved that a task was created (a success whose body was cut
+  off), and the task is the only one on the job's ``video_url`` that no job owns, created inside
+  the submit's own window (from its intent to its failed answer, the server's clock offset
+  taken from this batch's own answers by :class:`ClockOffset`) with no other task on that video
+  from anyone in a surrounding window of :data:`NEIGHBOURHOOD` seconds, and no other job of the
+  batch awaits a submit on that video.  After a time-out, a 5xx, a proxy's error page or a
+  crash nothing proves that a lone task there is not another client's (the same clip dubbed at
+  the same moment): the outcome stays unknown, naming the candidates.
 """
 
 from __future__ import annotations
@@ -26,7 +29,12 @@ from typing import Final, Protocol
 import anyio
 import attrs
 
-from ._errors import KlingError, NotFoundError, SubmitOutcomeUnknownError
+from ._errors import (
+    KlingError,
+    MalformedResponseError,
+    NotFoundError,
+    SubmitOutcomeUnknownError,
+)
 from ._requester import Requester
 from ._results import TaskSnapshot
 from .dialects import Dialect
@@ -47,8 +55,6 @@ logger = logging.getLogger("kling_async")
 
 #: Seconds the server's clock is assumed to be off at most before any answer calibrated it.
 CLOCK_SKEW = 60.0
-#: Widest calibrated uncertainty of the clock offset (seconds) that still lets a task be adopted.
-MAX_UNCERTAINTY = 2.0
 #: Seconds after the intent by which a submit's task must exist when no answer bounds it (a run
 #: that died mid-submit): a request's whole life plus retries of answers that created nothing.
 LATEST_CREATE = 900.0
@@ -186,7 +192,7 @@ class Reconciler:
             )
         except NotFoundError:
             async with self._lock:
-                pages = await self._pages(stage, -math.inf)
+                pages, _ = await self._pages(stage, -math.inf)
             listed = [s for page in pages for s in page if s.external_task_id == external_id]
             if not listed:
                 return ABSENT
@@ -222,7 +228,12 @@ class Reconciler:
             if found is not ABSENT:
                 logger.info("%s: found task %s by its external id", key, found.task_id)
             return found
-        match = await self.find(key, stage, video_url, intent_at, answered_at)
+        exists = (
+            isinstance(cause, MalformedResponseError)
+            and cause.status is not None
+            and 200 <= cause.status < 300
+        )
+        match = await self.find(key, stage, video_url, intent_at, answered_at, exists=exists)
         if match.snapshot is None:
             logger.info("%s: %s submit outcome unknown: %s", key, stage, match.reason)
             raise SubmitOutcomeUnknownError(
@@ -247,13 +258,20 @@ class Reconciler:
         video_url: str | None,
         intent_at: float,
         answered_at: float | None = None,
+        *,
+        exists: bool = False,
     ) -> Match:
         """The task to adopt for job ``key``'s ``stage`` submit of ``video_url``.
 
         The submit was about to leave at ``intent_at`` (local seconds) and failed at
-        ``answered_at`` (None: never answered, the run died).  Transient list errors are retried
-        (a list query is idempotent); one that persists leaves the match unknown.  A fatal error
-        (bad key) is raised.
+        ``answered_at`` (None: never answered, the run died).  ``exists``: its answer proved that
+        it created a task (a success whose body was cut off).  Only then is a task adopted:
+        the one unowned task on the video around the submit, when no other job awaits a submit
+        there.  Without that proof a lone task there may be another client's (the same clip
+        dubbed elsewhere at the same moment), so it is only named as a candidate.
+
+        Transient list errors are retried (a list query is idempotent); one that persists
+        leaves the match unknown.  A fatal error (bad key) is raised.
         """
         if video_url is None or not self.can_search(stage, video_url):
             return Match(reason="no list query to look for it")
@@ -261,7 +279,7 @@ class Reconciler:
         latest = answered_at if answered_at is not None else intent_at + LATEST_CREATE
         async with self._lock:
             try:
-                pages = await self._pages(stage, intent_at - NEIGHBOURHOOD + lo)
+                pages, complete = await self._pages(stage, intent_at - NEIGHBOURHOOD + lo)
             except KlingError as exc:
                 if exc.fatal:
                     raise
@@ -278,41 +296,42 @@ class Reconciler:
                 earliest, last = created - hi, created + _TICK - lo
                 if last < intent_at - NEIGHBOURHOOD or earliest > latest + NEIGHBOURHOOD:
                     continue
-                near.append(snapshot)
-                if last >= intent_at and earliest <= latest:
-                    inside.append(snapshot)
+                (inside if last >= intent_at and earliest <= latest else near).append(snapshot)
             within = latest - intent_at + NEIGHBOURHOOD
             rivals = self.ledger.unresolved(key, stage, video_url, intent_at, within)
-            ids = tuple(s.task_id for s in near)
-            calibrated = hi - lo <= MAX_UNCERTAINTY
-            if len(near) == 1 and len(inside) == 1 and rivals == 0 and calibrated:
+            ids = tuple(s.task_id for s in inside + near)  # the likeliest first
+            if exists and complete and len(inside) == 1 and not near and rivals == 0:
                 self.adopted.add(ids[0])  # (before the lock is let go: no second adopter)
-                logger.info("%s: adopted task %s: on its video, inside its window", key, ids[0])
+                logger.info("%s: adopted task %s: the only one on its video", key, ids[0])
                 return Match(snapshot=inside[0])
-        if not near:
+        if not ids:
             return Match(reason="no task on its video around the submit")
         shown = ", ".join(ids[:5])
-        if not calibrated:
+        counts = f"{len(inside)} inside its window, {len(near)} around it ({shown})"
+        if not exists:
+            why = "its answer never said whether a task was created, and another client's task"
             return Match(
-                reason=f"the server's clock is not calibrated yet (no answered submit); task(s)"
-                f" on its video around the submit: {shown}",
+                reason=f"{why} on the same video cannot be told from its own: {counts}",
                 candidates=ids,
             )
         return Match(
-            reason=f"ambiguous: {len(near)} task(s) on its video around the submit ({shown}),"
-            f" {len(inside)} inside its window, {rivals} other job(s) awaiting a submit there",
+            reason=f"ambiguous: tasks on its video {counts}, {rivals} other job(s) awaiting a"
+            " submit there" + ("" if complete else "; the newest tasks did not reach back to it"),
             candidates=ids,
         )
 
     def _owned(self, task_id: str) -> bool:
         return task_id in self.adopted or self.ledger.owner(task_id) is not None
 
-    async def _pages(self, stage: str, oldest: float) -> list[list[TaskSnapshot]]:
-        """Newest-first list pages until one reaches back past server time ``oldest``."""
+    async def _pages(self, stage: str, oldest: float) -> tuple[list[list[TaskSnapshot]], bool]:
+        """Newest-first list pages until one reaches back past server time ``oldest``.
+
+        Also whether they did (False: :data:`_MAX_PAGES` pages held newer tasks only).
+        """
         page_size = min(self._dialect.list_page_size, _PAGE_SIZE)
         pages: list[list[TaskSnapshot]] = []
         if page_size <= 0:
-            return pages
+            return pages, False
         for number in range(1, _MAX_PAGES + 1):
             request = self._dialect.list_request(stage, number, page_size)
             if request is None:
@@ -324,8 +343,8 @@ class Reconciler:
             self.offset.observe_seen(self._clock(), max(times, default=None))
             pages.append(snapshots)
             if len(snapshots) < page_size or (times and min(times) < oldest):
-                break  # newest first: the rest is older
-        return pages
+                return pages, True  # newest first: the rest is older
+        return pages, False
 
 
 class MemoryLedger:
