@@ -351,12 +351,13 @@ class MemoryLedger:
     """The :class:`Ledger` of a batch without a journal: its tasks and unanswered submits."""
 
     def __init__(self) -> None:
-        self._owners: dict[str, str] = {}
+        # Only whether a task is owned matters here: a set is half a dictionary's memory.
+        self._owned: set[str] = set()
         self._intents: dict[str, tuple[str, str | None, float]] = {}
 
     def owner(self, task_id: str) -> str | None:
-        """The job that owns ``task_id``, or None."""
-        return self._owners.get(task_id)
+        """``"?"`` when some job of the batch owns ``task_id`` (which one is not kept), or None."""
+        return "?" if task_id in self._owned else None
 
     def unresolved(self, key: str, stage: str, video_url: str, near: float, within: float) -> int:
         """How many jobs besides ``key`` await a ``stage`` submit of ``video_url`` near ``near``."""
@@ -375,7 +376,7 @@ class MemoryLedger:
 
     def created(self, key: str, task_id: str) -> None:
         """Job ``key``'s submit is resolved: it owns ``task_id``."""
-        self._owners[task_id] = key
+        self._owned.add(task_id)
         self._intents.pop(key, None)
 
     def cleared(self, key: str) -> None:
