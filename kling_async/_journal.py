@@ -4,7 +4,8 @@ One journal file belongs to one batch (one dialect at one server).  Per job key 
 of the job's request (:func:`~._journal_codec.request_hash`), per submit stage the state of
 that submit, and the job's latest result::
 
-    meta(name, value)           dialect, stage, base_url (checked); batch_id, clock_offset
+    meta(name, value)           dialect, stage, base_url (checked); batch_id, clock_offset,
+                                external_ids
     jobs(key, request_hash, video_url, result, final, reported)
     stages(key, stage, status, intent_at, task_id, snapshot, external_id, adopted)
 
@@ -26,7 +27,8 @@ holder) and reads every job into memory; ``batch_id`` and ``clock_offset``; the 
 :meth:`Journal.begin`, :meth:`Journal.submitting` (durable before it returns: the request
 leaves next), :meth:`Journal.created`, :meth:`Journal.refused`, :meth:`Journal.finished`,
 :meth:`Journal.reported` (not waited for) with :meth:`Journal.commit_marks`,
-:meth:`Journal.set_clock_offset` (not waited for) and :meth:`Journal.close`.
+:meth:`Journal.set_clock_offset` and :meth:`Journal.confirm_external_ids` (not waited for)
+and :meth:`Journal.close`.
 
 The file is SQLite in WAL mode, locked by one batch at a time (:mod:`._journal_store`, which
 also commits concurrent writes together).  A submit's intent is committed with
@@ -115,6 +117,8 @@ class Journal:
         self.batch_id = meta.get("batch_id") or new_batch_id()
         #: The server clock's offset interval ``(lo, hi)`` a run measured, if any.
         self.clock_offset = _offset(meta.get("clock_offset"))
+        #: Whether a run saw the server echo an external id (it keeps them).
+        self.external_ids_confirmed = meta.get("external_ids") == "confirmed"
         self._jobs = {job.key: job for job in map(_job_from_row, rows)}
         self._owners = {
             stage.task_id: job.key
@@ -269,8 +273,16 @@ class Journal:
     def set_clock_offset(self, lo: float, hi: float) -> None:
         """Keep the server clock's offset interval; committed with the next write."""
         self.clock_offset = (lo, hi)
+        self._set_meta("clock_offset", f"{lo!r} {hi!r}")
+
+    def confirm_external_ids(self) -> None:
+        """Keep that the server echoes external ids; committed with the next write."""
+        self.external_ids_confirmed = True
+        self._set_meta("external_ids", "confirmed")
+
+    def _set_meta(self, name: str, value: str) -> None:
         if not self._closed:
-            self._add("INSERT OR REPLACE INTO meta VALUES ('clock_offset', ?)", (f"{lo!r} {hi!r}",))
+            self._add("INSERT OR REPLACE INTO meta VALUES (?, ?)", (name, value))
 
     async def refused(self, key: str, stage: str) -> None:
         """Record that ``stage``'s request of ``key`` created nothing (it may be sent again)."""

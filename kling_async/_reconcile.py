@@ -167,17 +167,40 @@ class Reconciler:
         ledger: Ledger,
         offset: ClockOffset,
         clock: Callable[[], float],
+        confirm_wait: float = 60.0,
     ) -> None:
         self._dialect = dialect
         self._requester = requester
         self.ledger = ledger
         self.offset = offset
         self._clock = clock
+        #: Longest wait (seconds) for the server to show that it keeps external ids (see
+        #: :meth:`confirm_external`) before an absent one may be sent again.
+        self.confirm_wait = confirm_wait
         self._lock = anyio.Lock()
         #: Ids of the tasks adopted by lookups (a result of one of them says ``adopted``).
         self.adopted: set[str] = set()
+        self._confirmed = anyio.Event()
+        #: Called once the server has shown that it keeps external ids (a journal keeps that).
+        self.on_confirm: Callable[[], None] | None = None
 
     # -- exactly, by external id ---------------------------------------------------------
+
+    def confirm_external(self) -> None:
+        """A submit answer echoed its external id: this server keeps them.
+
+        Until then, an external id that no task carries proves nothing (a gateway may drop the
+        field silently), so nothing is sent again on its strength.
+        """
+        if not self._confirmed.is_set():
+            self._confirmed.set()
+            if self.on_confirm is not None:
+                self.on_confirm()
+
+    @property
+    def external_confirmed(self) -> bool:
+        """Whether :meth:`confirm_external` was called."""
+        return self._confirmed.is_set()
 
     async def find_external(self, stage: str, external_id: str) -> TaskSnapshot | _Absent:
         """The task whose external id is ``external_id``, or :data:`ABSENT` when none has it.
@@ -227,7 +250,16 @@ class Reconciler:
                 raise SubmitOutcomeUnknownError(stage, cause=cause, detail=detail) from exc
             if found is not ABSENT:
                 logger.info("%s: found task %s by its external id", key, found.task_id)
-            return found
+                return found
+            with anyio.move_on_after(self.confirm_wait):
+                await self._confirmed.wait()  # (other submits of the batch may show it)
+            if not self.external_confirmed:
+                detail = (
+                    f"no task carries external id {external_id}, but this server has not shown"
+                    " (by echoing one back) that it keeps external ids"
+                )
+                raise SubmitOutcomeUnknownError(stage, cause=cause, detail=detail)
+            return ABSENT
         exists = (
             isinstance(cause, MalformedResponseError)
             and cause.status is not None

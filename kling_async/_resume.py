@@ -96,6 +96,9 @@ class Resume:
         if journal.clock_offset is not None:
             reconciler.offset.lo, reconciler.offset.hi = journal.clock_offset
         reconciler.offset.on_change = journal.set_clock_offset
+        if journal.external_ids_confirmed:
+            reconciler.confirm_external()
+        reconciler.on_confirm = journal.confirm_external_ids
         for record in journal.jobs():
             for stage in record.stages.values():
                 if stage.adopted and stage.task_id is not None:

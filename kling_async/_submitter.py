@@ -82,6 +82,8 @@ class Submitter:
             ledger=self._memory,
             offset=ClockOffset(),
             clock=client._clock,
+            # (Long enough for the other submits of the batch to be answered.)
+            confirm_wait=2 * client.retry.max_delay,
         )
 
     def grace(self) -> None:
@@ -290,6 +292,8 @@ class Submitter:
         """Send ``step``; its answer's creation time calibrates the server clock's offset."""
         snapshot = await self._send(step)
         self.reconciler.offset.observe(sent, self._clock(), snapshot.created_at)
+        if step.external_id is not None and snapshot.external_task_id == step.external_id:
+            self.reconciler.confirm_external()
         return snapshot
 
     async def _send_journaled(

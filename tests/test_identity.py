@@ -155,13 +155,27 @@ async def test_a_slow_service_duplicate_refusal_proves_the_first_send(tmp_path: 
     async with FakeKlingServer(task_duration=0.02) as server:
         timeouts = ka.Timeouts(total=0.1)
         async with advanced_client(server, timeouts=timeouts, retry=retry) as client:
-            (warm,) = await run(client, [dub_job(0)])
+            # The first answer shows that the server keeps external ids (the journal keeps it).
+            (warm,) = await run(client, [dub_job(0)], journal=tmp_path / "j")
             server.faults = FaultPlan(create_delay=0.3)
-            (result,) = await run(client, [dub_job(1)])
+            (result,) = await run(client, [dub_job(0), dub_job(1)], journal=tmp_path / "j")
     assert warm.ok
     assert result.ok and result.adopted, str(result.error)
     assert server.tasks_created == 2
     assert server.requests["rejected"] >= 1  # the duplicate refusal
+
+
+async def test_an_absent_external_id_is_not_resent_until_the_server_echoes_one() -> None:
+    # A gateway might drop external_task_id silently: until some answer echoed one, "no task
+    # carries it" proves nothing, and the job is not sent again.
+    async with FakeKlingServer(task_duration=0.02) as server:
+        async with advanced_client(server) as client:
+            server.script("advanced-submit", status=502, code=5000)
+            (result,) = await run(client, [dub_job(1)])
+    assert isinstance(result.error, ka.SubmitOutcomeUnknownError), result.error
+    assert "has not shown" in str(result.error)
+    assert server.tasks_created == 0
+    assert server.requests["advanced-submit"] == 1
 
 
 async def test_someone_elses_task_with_my_external_id_is_not_taken() -> None:
