@@ -37,7 +37,7 @@ from ._jobs import LipSyncJob
 from ._pipe import ResultPipe
 from ._results import BatchProgress, JobResult, TaskSnapshot, TaskState
 from ._resume import Resume
-from ._slots import SlotHold, TaskSlots, slot_wait_error
+from ._slots import SlotHold, StuckTasks, TaskSlots, slot_wait_error
 from ._source import JobSource
 from ._submitter import Submitter
 from ._tracker import Tracker
@@ -119,8 +119,8 @@ class Batch:
         self._live: dict[str, str] = {}  # task id -> job key, for tasks not yet reported
         self._submitter = Submitter(client, self._slots, self._abort, blocking=self.blocking)
         self._batch_id = new_batch_id()  # (with a journal, the journal's own is used)
-        self._stuck: set[str] = set()  # timed-out tasks still holding their slots
-        self._followers: TaskGroup | None = None
+        # Timed-out tasks still holding their slots, followed until they end.
+        self._stuck = StuckTasks(self._slots, client.get_task, client.poll.max_interval)
         self._named = 0
         self.counts = {"submitted": 0, "succeeded": 0, "failed": 0}
         self.tracker = Tracker(
@@ -186,10 +186,10 @@ class Batch:
                     marks.start_soon(self.resume.journal.commit_marks)
                 async with anyio.create_task_group() as outer:
                     outer.start_soon(self.tracker.run)
-                    self._followers = outer
+                    self._stuck.group = outer
                     async with anyio.create_task_group() as jobs:
                         await self._feed(jobs)
-                    self._followers = None
+                    self._stuck.group = None
                     outer.cancel_scope.cancel()
         except BaseException as exc:  # handed to the consumer, never to the client's group
             self._crash = exc
@@ -301,7 +301,7 @@ class Batch:
                     break
             result = self._result(key, final, submitted_at, polls)
             if result.state is TaskState.TIMED_OUT and task_id is not None:
-                kept = self._follow_later(task_id, step.stage, slot)
+                kept = self._stuck.follow(task_id, step.stage, slot)
         except KlingError as exc:
             if exc.fatal:
                 self._abort(exc)
@@ -367,38 +367,7 @@ class Batch:
 
     def blocking(self) -> tuple[str, ...]:
         """The tasks of this batch that hold task slots now (timed-out ones included)."""
-        return (*self._stuck, *self._live)
-
-    def _follow_later(self, task_id: str, stage: str, slot: SlotHold) -> bool:
-        """Let ``task_id``, reported TIMED_OUT, keep its slot until it is seen to end.
-
-        It still counts against the account's task limit: releasing its slot would only earn
-        1303 refusals.  Followed slowly (every ``PollPolicy.max_interval``) while the batch
-        runs; False when the batch is not running (the slot is released as usual).
-        """
-        if self._followers is None:
-            return False
-        self._stuck.add(task_id)
-        self._followers.start_soon(self._follow, task_id, stage, slot)
-        return True
-
-    async def _follow(self, task_id: str, stage: str, slot: SlotHold) -> None:
-        try:
-            while True:
-                await anyio.sleep(self._client.poll.max_interval)
-                try:
-                    snapshot = await self._client.get_task(task_id, stage=stage)
-                except KlingError as exc:
-                    if exc.fatal:
-                        return
-                    continue
-                if snapshot.state.is_terminal:
-                    logger.info("task %s, reported timed out, has ended: its slot is free", task_id)
-                    self._slots.finished()
-                    return
-        finally:
-            self._stuck.discard(task_id)
-            slot.release()
+        return (*self._stuck.ids, *self._live)
 
     def _external_id(self, key: str, resume: Resume | None) -> str:
         """The external task id the engine gives a job without one (see :mod:`._identity`)."""

@@ -9,14 +9,19 @@ after tasks finish cleanly, so that 1303 costs waiting, never a job.
 
 from __future__ import annotations
 
+import logging
 from collections import deque
-from collections.abc import Iterable
+from collections.abc import Awaitable, Callable, Iterable
 
 import anyio
+from anyio.abc import TaskGroup
 
-from ._errors import ConcurrencyLimitError
+from ._errors import ConcurrencyLimitError, KlingError
+from ._results import TaskSnapshot
 
-__all__ = ["SlotHold", "TaskSlots", "slot_wait_error"]
+__all__ = ["SlotHold", "StuckTasks", "TaskSlots", "slot_wait_error"]
+
+logger = logging.getLogger("kling_async")
 
 
 def slot_wait_error(waited: float, blocking: Iterable[str]) -> ConcurrencyLimitError:
@@ -148,3 +153,53 @@ class SlotHold:
         """Take a slot again, waiting at most ``patience`` seconds (see TaskSlots)."""
         self._held = await self._slots.acquire_within(patience)
         return self._held
+
+
+class StuckTasks:
+    """Tasks reported ``TIMED_OUT`` that keep their slots until they are seen to end.
+
+    Such a task still counts against the account's task limit: giving its slot back would only
+    earn 1303 refusals.  Each is looked at every ``interval`` seconds (``get_task(task_id,
+    stage=...)``) in ``group`` (the batch's, while it runs); its slot is released once it has
+    ended, or when the batch stops.
+    """
+
+    def __init__(
+        self,
+        slots: TaskSlots,
+        get_task: Callable[..., Awaitable[TaskSnapshot]],
+        interval: float,
+    ) -> None:
+        self._slots = slots
+        self._get_task = get_task
+        self._interval = interval
+        #: Where followers run (None while the batch does not run: no slot is kept then).
+        self.group: TaskGroup | None = None
+        #: Ids of the tasks followed now.
+        self.ids: set[str] = set()
+
+    def follow(self, task_id: str, stage: str, slot: SlotHold) -> bool:
+        """Keep ``slot`` for ``task_id`` until it ends; False when no batch runs to follow it."""
+        if self.group is None:
+            return False
+        self.ids.add(task_id)
+        self.group.start_soon(self._follow, task_id, stage, slot)
+        return True
+
+    async def _follow(self, task_id: str, stage: str, slot: SlotHold) -> None:
+        try:
+            while True:
+                await anyio.sleep(self._interval)
+                try:
+                    snapshot = await self._get_task(task_id, stage=stage)
+                except KlingError as exc:
+                    if exc.fatal:
+                        return
+                    continue
+                if snapshot.state.is_terminal:
+                    logger.info("task %s, reported timed out, has ended: its slot is free", task_id)
+                    self._slots.finished()
+                    return
+        finally:
+            self.ids.discard(task_id)
+            slot.release()

@@ -1,9 +1,12 @@
-"""Sending the submits of a batch: the canary, 1303 and 1302 waits, journaled intents.
+"""Sending the submits of a batch: the canary, 1303 and 1302 waits, journaled intents, recovery.
 
 The first submit of a batch goes alone (a bad key or an empty account then costs one request,
 not one per job); a 1303 refusal gives the task slot back and waits, shrinking the slots
-(:mod:`._slots`); a 1302 waits longer; and with a journal each attempt's intent is on disk
-before it leaves, and the request then runs shielded so that a stopping batch learns its task.
+(:mod:`._slots`), at most ``RetryPolicy.max_slot_wait``; a 1302 waits longer; and with a
+journal each attempt's intent is on disk before it leaves, and the request then runs shielded
+so that a stopping batch learns its task.  A submit whose answer is unclear is resolved by
+:mod:`._reconcile` (with the journal as ledger, or one in memory): its task found, the same
+request (same external id) sent again, or :class:`~kling_async.SubmitOutcomeUnknownError`.
 """
 
 from __future__ import annotations
