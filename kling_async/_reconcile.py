@@ -305,7 +305,9 @@ class Reconciler:
         Transient list errors are retried (a list query is idempotent); one that persists
         leaves the match unknown.  A fatal error (bad key) is raised.
         """
-        if video_url is None or not self.can_search(stage, video_url):
+        if video_url is None:
+            return Match(reason="a video_id job has no video URL to recognise its task by")
+        if not self.can_search(stage, video_url):
             return Match(reason="no list query to look for it")
         lo, hi = self.offset.bounds()
         latest = answered_at if answered_at is not None else intent_at + LATEST_CREATE

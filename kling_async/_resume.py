@@ -200,7 +200,8 @@ class Resume:
                 found = await self._reconciler.resolve(
                     key=key,
                     stage=step.stage,
-                    external_id=step.external_id,
+                    # What that run sent (None from a journal older than external ids).
+                    external_id=known.external_id,
                     video_url=job.video_url,
                     intent_at=known.intent_at,
                     answered_at=None,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import socket
+import sqlite3
 import subprocess
 import sys
 import textwrap
@@ -126,3 +127,41 @@ async def test_a_journal_whose_jobs_were_all_reported_says_so(
     assert len(first) == 4 and sum(not r.ok for r in first) == 1
     assert again == []
     assert "all 4 jobs already reported, 1 failed" in caplog.text
+
+
+async def test_a_version_1_journal_is_upgraded_and_keeps_its_records(tmp_path: Path) -> None:
+    path = tmp_path / "old.journal"
+    conn = sqlite3.connect(path)
+    conn.executescript(
+        """
+        CREATE TABLE meta (name TEXT PRIMARY KEY, value TEXT NOT NULL);
+        CREATE TABLE jobs (key TEXT PRIMARY KEY, request_hash TEXT NOT NULL, video_url TEXT,
+            result TEXT, final INTEGER NOT NULL DEFAULT 0, reported INTEGER NOT NULL DEFAULT 0);
+        CREATE TABLE stages (key TEXT NOT NULL REFERENCES jobs(key), stage TEXT NOT NULL,
+            status TEXT NOT NULL CHECK (status IN ('submitting', 'created', 'refused')),
+            intent_at REAL NOT NULL, task_id TEXT, snapshot TEXT, PRIMARY KEY (key, stage));
+        INSERT INTO meta VALUES ('dialect', 'kling'), ('stage', 'lip-sync'),
+            ('base_url', 'http://127.0.0.1:1');
+        INSERT INTO jobs (key, request_hash, video_url) VALUES ('k1', 'h', 'https://e.com/v.mp4');
+        INSERT INTO stages VALUES ('k1', 'lip-sync', 'created', 12.5, '777', NULL);
+        PRAGMA user_version=1;
+        """
+    )
+    conn.close()
+    journal = await Journal.open(path, **META)
+    try:
+        record = journal.job("k1")
+        assert record is not None and record.stages["lip-sync"].task_id == "777"
+        assert record.stages["lip-sync"].external_id is None
+        assert not record.stages["lip-sync"].adopted
+        batch_id = journal.batch_id
+        await journal.created("k1", "lip-sync", "778", adopted=True)
+    finally:
+        await journal.close()
+    again = await Journal.open(path, **META)
+    try:
+        assert again.batch_id == batch_id  # kept from the first opening
+        stage = again.job("k1").stages["lip-sync"]  # type: ignore[union-attr]
+        assert (stage.task_id, stage.adopted) == ("778", True)
+    finally:
+        await again.close()
