@@ -17,13 +17,13 @@ import logging
 import os
 from collections.abc import AsyncIterable, Iterable
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import anyio
 import anyio.lowlevel
 import attrs
 from anyio.abc import TaskGroup
 
+from ._client_view import ClientView
 from ._errors import (
     KlingError,
     TaskCancelledError,
@@ -42,9 +42,6 @@ from ._source import JobSource
 from ._submitter import Submitter
 from ._tracker import Tracker
 
-if TYPE_CHECKING:
-    from ._client import KlingClient
-
 __all__ = ["Batch", "BatchIterator"]
 
 logger = logging.getLogger("kling_async")
@@ -53,35 +50,13 @@ logger = logging.getLogger("kling_async")
 class Batch:
     """One run of jobs (or tracked task ids) through a client.
 
-    ``callback_url`` is passed to the dialect for every job (where your webhook receives the
-    server's callbacks).  Results not yet taken by the consumer are bounded: the batch stops
-    reading jobs while twice ``max_in_flight`` results wait.
-
-    ``journal`` (a file path) makes the batch resumable: rerun the same jobs with the same
-    journal after a crash and
-
-    * a job whose result the consumer already took is not reported again; a finished job whose
-      result was not taken yet is reported from the journal, without a request;
-    * a job whose task exists is tracked, never submitted again;
-    * a job whose submit was in flight when the run stopped is looked for among the server's
-      recent tasks (dialects with a list query) and adopted when found; otherwise its result is
-      a :class:`~kling_async.SubmitOutcomeUnknownError`, unless ``resubmit_unknown`` is True;
-    * everything else is submitted.
-
-    Keys must be unique within the batch (a job without ``key`` is keyed by its position, which
-    only resumes correctly when the jobs come in the same order), and a key may not name a
-    different job than the journal recorded, once that job may have created a task: both raise
-    :class:`~kling_async.ValidationError` out of the loop.  See the README's "Resuming" section.
-
-    ``download_to`` (a directory) saves each successful video there before its result is
-    reported (:meth:`KlingClient.download`); ``JobResult.path`` says where.  A download that
-    fails leaves the result ``ok`` (the video exists, its URL still works) with ``path`` None
-    and ``error`` set to the :class:`~kling_async.DownloadError`.
+    Built by :meth:`KlingClient.run_batch <kling_async.KlingClient.run_batch>` (whose docstring
+    documents the options) and :meth:`KlingClient.track <kling_async.KlingClient.track>`.
     """
 
     def __init__(
         self,
-        client: KlingClient,
+        client: ClientView,
         *,
         jobs: Iterable[LipSyncJob] | AsyncIterable[LipSyncJob] | None = None,
         task_ids: list[str] | None = None,
@@ -89,6 +64,7 @@ class Batch:
         callback_url: str | None = None,
         journal: str | os.PathLike[str] | None = None,
         resubmit_unknown: bool = False,
+        retry_failed: bool = False,
         download_to: str | os.PathLike[str] | None = None,
     ) -> None:
         if journal is not None and not isinstance(journal, (str, os.PathLike)):
@@ -97,6 +73,10 @@ class Batch:
             raise ValidationError("journal", "only run_batch keeps a journal, not track")
         if not isinstance(resubmit_unknown, bool):
             raise ValidationError("resubmit_unknown", "must be True or False")
+        if not isinstance(retry_failed, bool):
+            raise ValidationError("retry_failed", "must be True or False")
+        if retry_failed and journal is None:
+            raise ValidationError("retry_failed", "needs a journal: the failures are read there")
         if download_to is not None and not isinstance(download_to, (str, os.PathLike)):
             raise ValidationError("download_to", "must be a directory path")
         self._client = client
@@ -107,6 +87,7 @@ class Batch:
         self._callback_url = callback_url
         self._journal_path = journal
         self._resubmit_unknown = resubmit_unknown
+        self._retry_failed = retry_failed
         self._download_to = Path(download_to) if download_to is not None else None
         self.resume: Resume | None = None
         self._slots = TaskSlots(client.max_in_flight)
@@ -120,15 +101,15 @@ class Batch:
         self._submitter = Submitter(client, self._slots, self._abort, blocking=self.blocking)
         self._batch_id = new_batch_id()  # (with a journal, the journal's own is used)
         # Timed-out tasks still holding their slots, followed until they end.
-        self._stuck = StuckTasks(self._slots, client.get_task, client.poll.max_interval)
+        self._stuck = StuckTasks(self._slots, self._get_task, client.poll.max_interval)
         self._named = 0
         self.counts = {"submitted": 0, "succeeded": 0, "failed": 0}
         self.tracker = Tracker(
             dialect=client.dialect,
-            requester=client._requester,
+            requester=client.requester,
             poll=client.poll,
             retry=client.retry,
-            rng=client._rng,
+            rng=client.rng,
             on_fatal=self._abort,
             callbacks=callback_url is not None,
         )
@@ -145,6 +126,7 @@ class Batch:
             running=len(self._live),
             succeeded=self.counts["succeeded"],
             failed=self.counts["failed"],
+            retried=self.resume.retried if self.resume is not None else 0,
         )
 
     def cancel(self) -> None:
@@ -182,6 +164,7 @@ class Batch:
                         self._journal_path,
                         resubmit_unknown=self._resubmit_unknown,
                         reconciler=self._submitter.reconciler,
+                        retry_failed=self._retry_failed,
                     )
                     marks.start_soon(self.resume.journal.commit_marks)
                 async with anyio.create_task_group() as outer:
@@ -288,7 +271,7 @@ class Batch:
                 submitted_at = submitted_at or (
                     resume.intent_at(key, step.stage) if resume else None
                 )
-                submitted_at = submitted_at or self._client._clock()
+                submitted_at = submitted_at or self._client.clock()
                 self._live[task_id] = key
                 self.counts["submitted"] += 1
                 terminal, step_polls = await self.tracker.wait(snapshot, step.stage)
@@ -312,7 +295,7 @@ class Batch:
                 state=TaskState.FAILED,
                 error=exc,
                 submitted_at=submitted_at,
-                finished_at=self._client._clock(),
+                finished_at=self._client.clock(),
                 polls=polls,
             )
         finally:
@@ -365,6 +348,11 @@ class Batch:
         self._live.pop(task_id, None)
         await self._report(self._result(task_id, terminal, None, polls))
 
+    async def _get_task(self, task_id: str, *, stage: str) -> TaskSnapshot:
+        request = self._dialect.query_request(stage, task_id)
+        parse = functools.partial(self._dialect.parse_query, stage, task_id)
+        return await self._client.requester.call(request, parse)
+
     def blocking(self) -> tuple[str, ...]:
         """The tasks of this batch that hold task slots now (timed-out ones included)."""
         return (*self._stuck.ids, *self._live)
@@ -397,7 +385,7 @@ class Batch:
             video_urls=snapshot.video_urls,
             error=error,
             submitted_at=submitted_at,
-            finished_at=self._client._clock(),
+            finished_at=self._client.clock(),
             polls=polls,
             adopted=snapshot.task_id in self._submitter.reconciler.adopted,
         )
@@ -421,6 +409,10 @@ class Batch:
             self.counts["succeeded"],
             self.counts["failed"],
         )
+        if self.resume is not None and self.resume.retried:
+            logger.info(
+                "%d jobs that failed in earlier runs were submitted again", self.resume.retried
+            )
         if self._live:
             logger.info(
                 "%d tasks still run on the server, unreported: %s",
@@ -445,3 +437,17 @@ class Batch:
     def consumer_done(self) -> None:
         """The consumer has left the stream: the journal may close."""
         self._consumer_done.set()
+
+    @property
+    def journaled(self) -> bool:
+        """Whether this batch keeps a journal (open now)."""
+        return self.resume is not None
+
+    @property
+    def finished(self) -> bool:
+        """Whether the batch has stopped (nothing more is submitted or tracked)."""
+        return self._finished.is_set()
+
+    async def wait_finished(self) -> None:
+        """Wait until the batch has stopped."""
+        await self._finished.wait()

@@ -17,19 +17,17 @@ import enum
 import logging
 import os
 from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING, Final
+from typing import Final
 
+from ._client_view import ClientView
 from ._errors import SubmitOutcomeUnknownError, ValidationError, created_nothing
-from ._identity import derive_external_id
+from ._identity import derive_external_id, new_batch_id
 from ._jobs import LipSyncJob
 from ._journal import CREATED, SUBMITTING, Journal
 from ._journal_codec import request_hash
 from ._reconcile import ABSENT, Reconciler
 from ._results import JobResult, TaskSnapshot, TaskState
 from .dialects import Submit
-
-if TYPE_CHECKING:
-    from ._client import KlingClient
 
 __all__ = ["SKIP", "Resume", "is_final"]
 
@@ -65,23 +63,34 @@ def is_final(result: JobResult) -> bool:
 class Resume:
     """A batch's use of its journal; see the module docstring."""
 
-    def __init__(self, journal: Journal, reconciler: Reconciler, resubmit_unknown: bool) -> None:
+    def __init__(
+        self,
+        journal: Journal,
+        reconciler: Reconciler,
+        resubmit_unknown: bool,
+        retry_failed: bool = False,
+    ) -> None:
         self.journal = journal
         self._reconciler = reconciler
         self._resubmit_unknown = resubmit_unknown
+        self._retry_failed = retry_failed
+        #: Jobs that failed in an earlier run and run again in this one (``retry_failed``).
+        self.retried = 0
         self._keys: set[str] = set()
         #: Jobs an earlier run reported already (skipped now), and how many of those failed.
         self.skipped = 0
         self.skipped_failed = 0
+        self._fresh_ids: set[str] = set()  # keys retried after a failure (retry_failed)
 
     @classmethod
     async def open(
         cls,
-        client: KlingClient,
+        client: ClientView,
         path: str | os.PathLike[str],
         *,
         resubmit_unknown: bool,
         reconciler: Reconciler,
+        retry_failed: bool = False,
     ) -> Resume:
         """Open the journal at ``path`` for a batch of ``client``; ``reconciler`` uses it.
 
@@ -103,7 +112,7 @@ class Resume:
             for stage in record.stages.values():
                 if stage.adopted and stage.task_id is not None:
                     reconciler.adopted.add(stage.task_id)
-        return cls(journal, reconciler, resubmit_unknown)
+        return cls(journal, reconciler, resubmit_unknown, retry_failed)
 
     # -- per job -------------------------------------------------------------------------
 
@@ -136,6 +145,16 @@ class Resume:
             self.journal.begin(key, digest, job.video_url)
             return None
         if record.final and record.result is not None:
+            if self._retry_failed and not record.result.ok:
+                # A final failure: its task ended (or none was created), so a new one cannot
+                # be paid twice.  The record starts over; the old task stays the key's in
+                # memory, so it is never adopted for the new submit.  Its external id was
+                # spent on the old task: the new submit gets a fresh one (see external_id).
+                self.retried += 1
+                self._fresh_ids.add(key)
+                logger.debug("%s: failed in an earlier run, submitting it again", key)
+                self.journal.begin(key, digest, job.video_url)
+                return None
             if not record.reported:
                 return record.result
             self.skipped += 1
@@ -173,6 +192,8 @@ class Resume:
         step = record.stages.get(stage) if record is not None else None
         if step is not None and step.external_id is not None and step.status != CREATED:
             return step.external_id
+        if key in self._fresh_ids:  # (kept with the submit's intent: a rerun sends the same)
+            return derive_external_id(self.journal.batch_id, f"{key}~{new_batch_id()[:8]}")
         return derive_external_id(self.journal.batch_id, key)
 
     # -- per submit step -----------------------------------------------------------------

@@ -15,11 +15,12 @@ import asyncio
 import functools
 import logging
 from collections.abc import Callable, Coroutine
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import anyio
 import anyio.lowlevel
 
+from ._client_view import ClientView
 from ._errors import (
     APIError,
     ConcurrencyLimitError,
@@ -37,9 +38,6 @@ from ._results import TaskSnapshot
 from ._resume import Resume
 from ._slots import SlotHold, TaskSlots, slot_wait_error
 from .dialects import Submit
-
-if TYPE_CHECKING:
-    from ._client import KlingClient
 
 __all__ = ["SUBMIT_GRACE", "Submitter"]
 
@@ -59,16 +57,16 @@ class Submitter:
 
     def __init__(
         self,
-        client: KlingClient,
+        client: ClientView,
         slots: TaskSlots,
         on_fatal: Callable[[KlingError], None],
         *,
         blocking: Callable[[], tuple[str, ...]] = tuple,
     ) -> None:
         self._dialect = client.dialect
-        self._requester = client._requester
+        self._requester = client.requester
         self._retry = client.retry
-        self._clock = client._clock
+        self._clock = client.clock
         self._slots = slots
         self._on_fatal = on_fatal
         self._blocking = blocking
@@ -81,10 +79,10 @@ class Submitter:
         #: Finds the tasks of unclear submits; its ledger is the journal once one opens.
         self.reconciler = Reconciler(
             dialect=client.dialect,
-            requester=client._requester,
+            requester=client.requester,
             ledger=self._memory,
             offset=ClockOffset(),
-            clock=client._clock,
+            clock=client.clock,
             # (Long enough for the other submits of the batch to be answered.)
             confirm_wait=2 * client.retry.max_delay,
         )
@@ -274,7 +272,7 @@ class Submitter:
         """A 1303 or 1302 refusal (number ``refusals``): record it; the wait before the next try.
 
         Nothing was created, so a journaled intent is cleared; the wait doubles from
-        ``RetryPolicy.concurrency_delay`` up to ``max_delay`` (API.md section 1, 1303).
+        ``RetryPolicy.concurrency_delay`` up to ``max_delay`` (docs/protocol.md, Business codes).
         """
         self._answer()
         await self._nothing_created(key, step.stage, resume)

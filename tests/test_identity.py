@@ -261,3 +261,19 @@ async def test_an_older_task_on_the_video_is_never_adopted() -> None:
     assert mine.task_id is None
     assert mine.error.candidates == (other.task_id,)
     assert server.tasks_created == 1
+
+
+async def test_a_retried_failure_gets_a_fresh_external_id(tmp_path: Path) -> None:
+    journal = tmp_path / "fr.journal"
+    async with FakeKlingServer(task_duration=0.02) as server:
+        async with advanced_client(server) as client:
+            server.faults = FaultPlan(task_failure_rate=1.0)
+            (failed,) = await run(client, [dub_job(1)], journal=journal)
+            server.faults = FaultPlan()
+            (again,) = await run(client, [dub_job(1)], journal=journal, retry_failed=True)
+    assert isinstance(failed.error, ka.TaskFailedError)
+    assert again.ok and not again.adopted, str(again.error)
+    assert again.task_id != failed.task_id
+    old, new = external_of(server, failed.task_id), external_of(server, again.task_id)
+    assert old and new and old != new
+    assert server.tasks_created == 2

@@ -1,4 +1,4 @@
-"""The apimodels.app dialect: advanced lip-sync in two tasks (API.md section 2).
+"""The apimodels.app dialect: advanced lip-sync in two tasks (docs/protocol.md, apimodels.app).
 
 A job runs as two billed tasks created at the same endpoint, ``POST /api/v1/audio/generations``:
 
@@ -82,7 +82,9 @@ def _lip_sync_flow(job: LipSyncJob, callback_url: str | None) -> LipSyncFlow:
 
 
 class ApimodelsDialect:
-    """apimodels.app's unified format: identify-face, then advanced lip-sync (API.md section 2).
+    """apimodels.app's unified format: identify-face, then advanced lip-sync.
+
+    The wire format: docs/protocol.md, apimodels.app.
 
     Takes audio jobs on a ``video_url``; the face is ``job.face_id`` when set, else the
     ``job.face_index``-th face found.  A missing face ends the job as a FAILED snapshot of the
@@ -93,7 +95,7 @@ class ApimodelsDialect:
     default_stage = ADVANCED_LIP_SYNC
     #: No list query: every task is tracked with its own query.
     list_page_size = 0
-    #: No external task ids (API.md section 2 documents none).
+    #: No external task ids (docs/protocol.md, apimodels.app, documents none).
     external_ids = False
 
     def check_job(self, job: LipSyncJob) -> None:
@@ -163,7 +165,9 @@ class ApimodelsDialect:
         raise NotImplementedError("apimodels has no external task ids")
 
     def parse_callback(self, body: bytes) -> TaskSnapshot:
-        """The snapshot a callback carries (terminal states only, API.md section 2).
+        """The snapshot a callback carries (terminal states only).
+
+        The body: docs/protocol.md, apimodels.app callbacks.
 
         ``param`` and ``resultJson`` are JSON strings, decoded once; a null ``resultJson`` is
         fine for a failed task.  The stage comes from the callback's ``model``.
