@@ -174,13 +174,16 @@ class Submitter:
                     await self._nothing_created(owner, step.stage, resume)
                     raise
                 found = await self._resolve(step, owner, video_url, intent, exc, resume)
-                if found is None:
-                    resends += 1
-                    logger.info(
-                        "%s: no task has external id %s; sending again", key, step.external_id
-                    )
-                    continue
-                return found
+                if found is not None:
+                    return found
+                resends += 1
+                if resends >= self._retry.max_attempts:
+                    detail = f"sent {resends} times with external id {step.external_id}, unanswered"
+                    raise SubmitOutcomeUnknownError(step.stage, cause=exc, detail=detail) from exc
+                logger.info("%s: no task has external id %s; sending again", key, step.external_id)
+                retry = self._retry
+                await anyio.sleep(min(retry.max_delay, retry.base_delay * 2.0 ** (resends - 1)))
+                continue
             if not self._answered:
                 self._answer()
             if resume is not None:

@@ -277,3 +277,23 @@ async def test_a_retried_failure_gets_a_fresh_external_id(tmp_path: Path) -> Non
     old, new = external_of(server, failed.task_id), external_of(server, again.task_id)
     assert old and new and old != new
     assert server.tasks_created == 2
+
+
+async def test_resends_are_bounded_and_end_unknown() -> None:
+    retry = ka.RetryPolicy(max_attempts=3, base_delay=0.005, max_delay=0.02)
+    async with FakeKlingServer(task_duration=0.02) as server:
+        async with advanced_client(server, retry=retry) as client:
+
+            async def jobs() -> Any:
+                yield dub_job(0)  # answered: shows that external ids are echoed
+                await anyio.sleep(0.1)
+                server.faults = FaultPlan(bad_gateway_rate=1.0)
+                yield dub_job(1)
+
+            results = {r.key: r for r in await run(client, jobs())}  # type: ignore[arg-type]
+    assert results["fr-0"].ok
+    error = results["fr-1"].error
+    assert isinstance(error, ka.SubmitOutcomeUnknownError), error
+    assert "sent 3 times" in str(error)
+    assert server.requests["advanced-submit"] == 1 + 3
+    assert server.tasks_created == 1
