@@ -246,7 +246,7 @@ class Batch:
         submitted_at: float | None = None
         polls = 0
         resume = self.resume if isinstance(job, LipSyncJob) else None
-        kept = False  # the slot stays held by a timed-out task (see _follow)
+        kept = False  # the slot stays held by a timed-out task (see StuckTasks)
         try:
             if not isinstance(job, LipSyncJob):
                 raise ValidationError("job", f"must be a LipSyncJob, not {type(job).__name__}")
