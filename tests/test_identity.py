@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -213,7 +214,10 @@ def text_job(n: int, video: str | None = None) -> ka.LipSyncJob:
     )
 
 
-async def test_without_a_journal_a_lost_answer_is_adopted_or_named() -> None:
+async def test_without_a_journal_a_lost_answer_is_adopted_or_named(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.INFO, logger="kling_async")
     async with FakeKlingServer(task_duration=0.02) as server:
         async with kling_client(server) as client:
             batch = [text_job(0)] + [text_job(n) for n in range(1, 6)]
@@ -230,6 +234,10 @@ async def test_without_a_journal_a_lost_answer_is_adopted_or_named() -> None:
     assert sum(r.adopted for r in results) == 5
     assert server.tasks_created == 6
     assert len({r.task_id for r in results}) == 6
+    for result in results:  # the log names the adopted task's id, not the whole task
+        if result.adopted:
+            assert f"adopted task {result.task_id}:" in caplog.text
+    assert "TaskSnapshot(" not in caplog.text
 
 
 async def test_without_a_journal_two_lost_answers_on_one_video_stay_unknown() -> None:
