@@ -207,7 +207,8 @@ class Submitter:
         """
         if isinstance(error, (TransportError, ServerError)) and not created_nothing(error):
             return True
-        return sent_before and step.external_id is not None and isinstance(error, APIError)
+        refused = isinstance(error, APIError) and not error.fatal
+        return sent_before and step.external_id is not None and refused
 
     async def _resolve(
         self,
