@@ -118,19 +118,22 @@ async def test_external_ids_give_every_job_its_own_task(
     assert server.tasks_created == 2 * CLIPS  # nothing paid twice
 
 
+@pytest.mark.parametrize("rate", [0.5, 1.0])
 @pytest.mark.parametrize("journaled", [True, False], ids=["journal", "no-journal"])
 async def test_without_external_ids_one_after_the_other_nothing_is_misattributed(
-    tmp_path: Path, journaled: bool
+    tmp_path: Path, journaled: bool, rate: float
 ) -> None:
     # Basic lip-sync has no external id: a 502'd "fr" submit created nothing, and the "de"
     # task on the same clip, made before it, must not be taken for it.
     async with FakeKlingServer(task_duration=0.02, seed=3) as server:
         results = {"de": await dub_all(server, "de", False, None)}
-        server.faults = FaultPlan(bad_gateway_rate=0.5)
+        server.faults = FaultPlan(bad_gateway_rate=rate)  # 1.0: the issue's "all met a 502"
         journal = tmp_path / "fr.journal" if journaled else None
         results["fr"] = await dub_all(server, "fr", False, journal)
         counts = check(server, results)
     assert counts["unknown"] >= 1 and counts["adopted"] == 0
+    if rate == 1.0:
+        assert counts["unknown"] == CLIPS and server.tasks_created == CLIPS  # no fr task at all
     for result in results["fr"]:
         if isinstance(result.error, ka.SubmitOutcomeUnknownError):
             assert result.task_id is None
