@@ -10,7 +10,7 @@ Anything missing or of the wrong type becomes a :class:`MalformedResponseError` 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple, TypeVar
 
 import attrs
@@ -20,7 +20,15 @@ from cattrs.gen import make_dict_structure_fn
 from .._errors import MalformedResponseError
 from .._results import BalanceDeduction, Face, Returned, TaskSnapshot, TaskState
 
-__all__ = ["identify_face_snapshot", "map_state", "new_form_snapshot", "task_snapshot"]
+__all__ = [
+    "identify_face_snapshot",
+    "lenient_number",
+    "make_returned",
+    "map_state",
+    "seconds",
+    "structure",
+    "task_snapshot",
+]
 
 _T = TypeVar("_T")
 
@@ -41,7 +49,7 @@ class _Video:
     url: str
     id: str | None = None
     watermark_url: str | None = None
-    # Read leniently (see _lenient_number): a garbled figure must not lose a finished video.
+    # Read leniently (see lenient_number): a garbled figure must not lose a finished video.
     duration: Any = None
 
 
@@ -88,35 +96,6 @@ class _FaceData:
 class _IdentifyFace:
     session_id: str
     face_data: list[_FaceData] = attrs.Factory(list)
-
-
-@attrs.frozen
-class _Output:
-    url: str | None = None
-    type: str | None = None
-    id: str | None = None
-    watermark_url: str | None = None
-    duration: Any = None
-
-
-@attrs.frozen
-class _Charge:
-    charge_type: str | None = None
-    amount: Any = None
-    list_price: Any = None
-
-
-@attrs.frozen
-class _NewForm:
-    # The callback body of Kling's newer APIs (docs/protocol.md, Callbacks).
-    id: str
-    status: str
-    message: str | None = None
-    create_time: float | None = None
-    update_time: float | None = None
-    external_id: str | None = None
-    outputs: list[_Output] = attrs.Factory(list)
-    billing: list[_Charge] = attrs.Factory(list)
 
 
 def _structure_str(value: object, _: object) -> str:
@@ -176,7 +155,7 @@ def _make_converter() -> cattrs.Converter:
 _CONVERTER = _make_converter()
 
 
-def _structure(raw: object, cls: type[_T], *, where: str, status: int | None) -> _T:
+def structure(raw: object, cls: type[_T], *, where: str, status: int | None) -> _T:
     if not isinstance(raw, Mapping):
         raise MalformedResponseError(f"{where} is not a JSON object", status=status)
     try:
@@ -189,7 +168,7 @@ def _structure(raw: object, cls: type[_T], *, where: str, status: int | None) ->
         raise MalformedResponseError(f"{where}: {exc}", status=status) from None
 
 
-def _seconds(ms: float | None) -> float | None:
+def seconds(ms: float | None) -> float | None:
     return None if ms is None else ms / 1000
 
 
@@ -286,7 +265,7 @@ def _fast_task(raw: object) -> _Flat | None:
     returned = None
     units, balance = get("final_unit_deduction"), get("final_balance_deduction")
     if first is not None or units is not None or balance is not None:
-        returned = _returned(
+        returned = make_returned(
             first.get("id") if first else None,
             first.get("duration") if first else None,
             first.get("watermark_url") if first else None,
@@ -306,15 +285,15 @@ def _fast_task(raw: object) -> _Flat | None:
     )
 
 
-def _returned(
+def make_returned(
     video_id: str | None, duration: object, watermark: str | None, units: object, balance: object
 ) -> Returned | None:
     """What a finished task's answer says of its video and cost; None when it says nothing."""
     returned = Returned(
         video_id=video_id or None,
-        video_duration=_lenient_number(duration),
+        video_duration=lenient_number(duration),
         watermark_url=watermark or None,
-        units=_lenient_number(units),
+        units=lenient_number(units),
         balance_deduction=_balance(balance),
     )
     return None if returned == _NOTHING else returned
@@ -323,7 +302,7 @@ def _returned(
 _NOTHING = Returned()
 
 
-def _lenient_number(value: object) -> float | None:
+def lenient_number(value: object) -> float | None:
     """A finite number sent as a number or a numeric string, else None (a figure, not a key)."""
     if type(value) in _NUMBER:
         number = float(value)  # type: ignore[arg-type]
@@ -341,8 +320,8 @@ def _balance(raw: object) -> BalanceDeduction | None:
     """``final_balance_deduction`` (``{quota, list_price}``), present only on cash payments."""
     if type(raw) is not dict:
         return None
-    quota = _lenient_number(raw.get("quota"))
-    price = _lenient_number(raw.get("list_price"))
+    quota = lenient_number(raw.get("quota"))
+    price = lenient_number(raw.get("list_price"))
     if quota is None and price is None:
         return None
     return BalanceDeduction(quota=quota, list_price=price)
@@ -350,7 +329,7 @@ def _balance(raw: object) -> BalanceDeduction | None:
 
 def _strict_task(raw: object, *, where: str, status: int | None) -> _Flat:
     """The same fields through the cattrs converter, with its detailed error messages."""
-    task = _structure(raw, _Task, where=where, status=status)
+    task = structure(raw, _Task, where=where, status=status)
     videos = task.task_result.videos if task.task_result else []
     info = task.task_info or _TaskInfo()
     parent = info.parent_video
@@ -363,7 +342,7 @@ def _strict_task(raw: object, *, where: str, status: int | None) -> _Flat:
         updated_at=task.updated_at,
         parent_video_url=parent.url if parent else None,
         external_task_id=info.external_task_id,
-        returned=_returned(
+        returned=make_returned(
             videos[0].id if videos else None,
             videos[0].duration if videos else None,
             videos[0].watermark_url if videos else None,
@@ -404,8 +383,8 @@ def task_snapshot(
         state=state,
         message=task.task_status_msg or None,
         video_urls=urls,
-        created_at=_seconds(task.created_at),
-        updated_at=_seconds(task.updated_at),
+        created_at=seconds(task.created_at),
+        updated_at=seconds(task.updated_at),
         parent_video_url=task.parent_video_url or None,
         external_task_id=task.external_task_id or None,
         returned=task.returned,
@@ -418,7 +397,7 @@ def identify_face_snapshot(raw: object, *, where: str, status: int | None) -> Ta
     The official identify-face call answers synchronously (docs/protocol.md, Advanced
     lip-sync), so there is nothing to poll: the snapshot is already ``SUCCEEDED``.
     """
-    answer = _structure(raw, _IdentifyFace, where=where, status=status)
+    answer = structure(raw, _IdentifyFace, where=where, status=status)
     faces = tuple(
         Face(
             face_id=face.face_id,
@@ -434,47 +413,3 @@ def identify_face_snapshot(raw: object, *, where: str, status: int | None) -> Ta
         session_id=answer.session_id,
         faces=faces,
     )
-
-
-def new_form_snapshot(raw: object, *, where: str) -> TaskSnapshot:
-    """The snapshot of a newer-design callback body ``{id, status, outputs, billing, ...}``.
-
-    The console's "send test callback" uses this form (``status: submitted``, no outputs).
-    Units are the ``amount`` of ``unit`` charges; a ``cash`` charge is a balance deduction.
-    """
-    body = _structure(raw, _NewForm, where=where, status=None)
-    state = map_state(body.status, where=where, status=None)
-    videos = [out for out in body.outputs if out.url and out.type in (None, "video")]
-    if state is TaskState.SUCCEEDED and not videos:
-        raise MalformedResponseError(f"{where}: task {body.id} succeeded without outputs[].url")
-    units = _total(c.amount for c in body.billing if c.charge_type == "unit")
-    cash = [c for c in body.billing if c.charge_type == "cash"]
-    balance = None
-    if cash:
-        balance = {"quota": _total(c.amount for c in cash)}
-        balance["list_price"] = _total(c.list_price for c in cash)
-    first = videos[0] if videos else None
-    return TaskSnapshot(
-        task_id=body.id,
-        state=state,
-        message=body.message or None,
-        video_urls=tuple(out.url for out in videos if out.url),
-        created_at=_seconds(body.create_time),
-        updated_at=_seconds(body.update_time),
-        external_task_id=body.external_id or None,
-        returned=_returned(
-            first.id if first else None,
-            first.duration if first else None,
-            first.watermark_url if first else None,
-            units,
-            balance,
-        ),
-    )
-
-
-def _total(amounts: Iterable[object]) -> float | None:
-    """The sum of billing amounts; None when there are none or one is unreadable."""
-    numbers = [_lenient_number(amount) for amount in amounts]
-    if not numbers or None in numbers:
-        return None
-    return sum(number for number in numbers if number is not None)

@@ -32,7 +32,8 @@ from ._base import (
     overlap_problem,
     sound_source,
 )
-from ._kling_wire import identify_face_snapshot, new_form_snapshot, task_snapshot
+from ._kling_newform import new_form_snapshot
+from ._kling_wire import identify_face_snapshot, task_snapshot
 
 __all__ = [
     "MAX_PAGE",
