@@ -44,14 +44,17 @@ def _units(instance: object, attribute: attrs.Attribute[float], value: float) ->
         raise ValidationError("units", "must be a finite number of units, at least 0")
 
 
+def _prices(instance: object, attribute: attrs.Attribute[Prices], value: Prices) -> None:
+    if not isinstance(value, Prices):
+        raise ValidationError("prices", "must be a kling_async.Prices")
+
+
 @attrs.frozen(kw_only=True)
 class Budget:
     """The most a batch may spend, in units, and the prices its reservations use."""
 
     units: float = attrs.field(validator=_units)
-    prices: Prices = attrs.field(
-        default=DEFAULT_PRICES, validator=attrs.validators.instance_of(Prices)
-    )
+    prices: Prices = attrs.field(default=DEFAULT_PRICES, validator=_prices)
 
 
 @runtime_checkable

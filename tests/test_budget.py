@@ -77,6 +77,8 @@ def test_every_price_is_overridable() -> None:
     for units in (-1, float("inf"), "10", True):
         with pytest.raises(ka.ValidationError, match="units"):
             ka.Budget(units=units)  # type: ignore[arg-type]
+    with pytest.raises(ka.ValidationError, match="prices"):
+        ka.Budget(units=5, prices={"units_per_5s": 1})  # type: ignore[arg-type]
 
 
 # -- the budget stop -----------------------------------------------------------------------------
