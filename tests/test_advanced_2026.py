@@ -335,3 +335,15 @@ def test_journals_written_before_the_new_fields_still_recognise_their_jobs() -> 
     assert request_hash(job) != request_hash(advanced_job(watermark=False))
     with_id = advanced_job(audio_url=None, audio_id="tts-1")
     assert request_hash(with_id) != request_hash(advanced_job(audio_url=None, audio_id="tts-2"))
+
+
+def test_garbled_extras_never_lose_a_finished_video() -> None:
+    dialect = KlingDialect(advanced=True)
+    video = {"id": "v1", "url": "https://cdn/v.mp4", "watermark_url": 7, "duration": "n/a"}
+    task = {"task_id": "t1", "task_status": "succeed", "task_result": {"videos": [video]}}
+    task |= {"final_unit_deduction": "lots", "final_balance_deduction": "cash"}
+    body = json.dumps({"code": 0, "message": "SUCCEED", "data": task}).encode()
+    snap = dialect.parse_query(STAGE_ADVANCED_LIP_SYNC, "t1", ka_response(body))
+    assert snap.video_url == "https://cdn/v.mp4" and snap.video_id == "v1"
+    assert (snap.watermark_url, snap.video_duration, snap.units) == (None, None, None)
+    assert snap.balance_deduction is None

@@ -48,8 +48,9 @@ _STATES: dict[str, TaskState] = {
 class _Video:
     url: str
     id: str | None = None
-    watermark_url: str | None = None
-    # Read leniently (see lenient_number): a garbled figure must not lose a finished video.
+    # Read leniently (see lenient_number, make_returned): a garbled figure or extra must not
+    # lose a finished video.
+    watermark_url: Any = None
     duration: Any = None
 
 
@@ -242,8 +243,6 @@ def _fast_task(raw: object) -> _Flat | None:
                 return None
             if type(video.get("id")) not in _OPT_STR:
                 return None
-            if type(video.get("watermark_url")) not in _OPT_STR:
-                return None
         urls = tuple(video["url"] for video in videos if video["url"])  # type: ignore[union-attr]
         if videos:
             first = videos[0]
@@ -286,13 +285,13 @@ def _fast_task(raw: object) -> _Flat | None:
 
 
 def make_returned(
-    video_id: str | None, duration: object, watermark: str | None, units: object, balance: object
+    video_id: str | None, duration: object, watermark: object, units: object, balance: object
 ) -> Returned | None:
     """What a finished task's answer says of its video and cost; None when it says nothing."""
     returned = Returned(
         video_id=video_id or None,
         video_duration=lenient_number(duration),
-        watermark_url=watermark or None,
+        watermark_url=watermark if type(watermark) is str and watermark else None,
         units=lenient_number(units),
         balance_deduction=_balance(balance),
     )
