@@ -10,6 +10,8 @@ from ._errors import (
     AccountError,
     APIError,
     AuthenticationError,
+    BudgetExceededError,
+    CallbackSignatureError,
     ConcurrencyLimitError,
     ConnectError,
     ContentPolicyError,
@@ -34,12 +36,22 @@ from ._errors import (
 )
 
 if TYPE_CHECKING:
+    from ._budget import Budget
     from ._client import APIMODELS_BASE_URL, DMXAPI_BASE_URL, OFFICIAL_BASE_URL, KlingClient
     from ._config import PollPolicy, RetryPolicy
+    from ._cost import DEFAULT_PRICES, Estimate, JobEstimate, Prices, estimate
     from ._iterator import BatchIterator
     from ._jobs import LipSyncJob
     from ._options import ClientOptions
-    from ._results import BatchProgress, Face, JobResult, TaskSnapshot, TaskState
+    from ._results import (
+        BalanceDeduction,
+        BatchProgress,
+        Face,
+        JobResult,
+        Returned,
+        TaskSnapshot,
+        TaskState,
+    )
     from ._transport import Timeouts
 
     __version__: str
@@ -64,6 +76,14 @@ _LAZY = {
     "JobResult": "._results",
     "TaskSnapshot": "._results",
     "TaskState": "._results",
+    "BalanceDeduction": "._results",
+    "Returned": "._results",
+    "Budget": "._budget",
+    "DEFAULT_PRICES": "._cost",
+    "Estimate": "._cost",
+    "JobEstimate": "._cost",
+    "Prices": "._cost",
+    "estimate": "._cost",
 }
 
 
@@ -95,20 +115,27 @@ def _version() -> str:
 
 __all__ = [
     "APIMODELS_BASE_URL",
+    "DEFAULT_PRICES",
     "DMXAPI_BASE_URL",
     "OFFICIAL_BASE_URL",
     "APIError",
     "AccountError",
     "AuthenticationError",
+    "BalanceDeduction",
     "BatchIterator",
     "BatchProgress",
+    "Budget",
+    "BudgetExceededError",
+    "CallbackSignatureError",
     "ClientOptions",
     "ConcurrencyLimitError",
     "ConnectError",
     "ContentPolicyError",
     "DownloadError",
+    "Estimate",
     "Face",
     "InvalidRequestError",
+    "JobEstimate",
     "JobResult",
     "JournalError",
     "KlingClient",
@@ -118,8 +145,10 @@ __all__ = [
     "NotFoundError",
     "PermissionDeniedError",
     "PollPolicy",
+    "Prices",
     "RateLimitError",
     "RetryPolicy",
+    "Returned",
     "ServerError",
     "SubmitOutcomeUnknownError",
     "TaskCancelledError",
@@ -134,4 +163,5 @@ __all__ = [
     "__version__",
     "created_nothing",
     "error_from_response",
+    "estimate",
 ]
