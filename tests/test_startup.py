@@ -42,8 +42,7 @@ def test_cli_help_loads_no_network_stack() -> None:
         "    assert exc.code == 0, exc.code"
     )
     loaded = _loaded_after(code)
-    # attrs comes with the estimate command's price defaults (kling_async._cost).
-    assert not any(v for k, v in loaded.items() if k != "attr"), loaded
+    assert not any(loaded.values()), loaded
 
 
 def test_cli_version_reads_the_installed_version() -> None:
@@ -85,3 +84,12 @@ def test_lazy_names_are_the_modules_own() -> None:
     assert set(ka.__all__) <= set(dir(ka))
     with pytest.raises(AttributeError, match="no_such_name"):
         _ = ka.no_such_name  # type: ignore[attr-defined]
+
+
+def test_the_light_price_defaults_are_the_records_own() -> None:
+    import attrs
+
+    from kling_async._prices import PRICE_DEFAULTS
+
+    assert attrs.asdict(ka.DEFAULT_PRICES) == PRICE_DEFAULTS
+    assert attrs.asdict(ka.Prices()) == PRICE_DEFAULTS
