@@ -1,0 +1,557 @@
+"""The PostgreSQL journal: one batch, many workers, one account (tables: :mod:`._pg_schema`).
+
+Every worker runs the same jobs against the same database.  :meth:`PgJournal.load` records the
+jobs once (idempotent by key); :meth:`PgJournal.claim` hands each job to one worker, with a
+task slot of the account taken in the same transaction (:mod:`._pg_claims`).  From then on the
+worker writes what the SQLite journal writes (a submit's intent committed before its request
+leaves, the task id, the result), each write fenced by the claim: it commits only while the job
+is still this worker's.  A worker renews its lease every ``renew`` seconds; when it has not for
+``lease`` seconds, the others take its jobs over: a known task is tracked (never submitted
+again), a submit in flight is looked for as after a crash, and a result the dead worker
+recorded but never reported is reported by the taker.  A worker whose lease expired stops at
+its next write (:class:`~kling_async.JournalError`), since its jobs may be someone else's now.
+
+Clocks: lease times are the database server's (``clock_timestamp()``), so workers on machines
+whose clocks differ agree on who is dead.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import uuid
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any, TypeVar
+
+import anyio
+import psycopg
+from psycopg_pool import AsyncConnectionPool, PoolTimeout
+
+from .._errors import JournalError, ValidationError
+from .._journal import CREATED, REFUSED, SUBMITTING, JournalJob, JournalStage
+from .._journal_codec import result_from_json, result_to_json, snapshot_from_json, snapshot_to_json
+from .._results import JobResult, TaskSnapshot
+from ._config import PostgresJournal, redact
+from ._contract import Claim
+from ._pg_claims import Claimed, Conn, claim_one, give_back, lower_limit, take_slot
+from ._pg_schema import prepare
+
+__all__ = ["PgJournal"]
+
+T = TypeVar("T")
+
+#: Jobs written per statement batch when loading.
+_LOAD_CHUNK = 1000
+
+
+class PgJournal:
+    """A worker's view of a shared PostgreSQL journal; build it with :meth:`open`.
+
+    Keeps :class:`~kling_async.journal.JournalBackend` (reads answer from the jobs this worker
+    has claimed, in memory) and :class:`~kling_async.journal.SharedBackend`.
+    """
+
+    def __init__(self, pool: AsyncConnectionPool[Any], config: PostgresJournal, worker: str):
+        self._pool = pool
+        self._config = config
+        self.path = redact(config.url)
+        self.worker = worker
+        self.transactions = 0
+        self._jobs: dict[str, JournalJob] = {}  # the jobs this worker claimed (or began)
+        self._owners: dict[str, str] = {}  # task id -> job key, every worker's (refresh())
+        self._others: list[tuple[str, str, str | None, float]] = []  # unresolved submits
+        self._known: set[str] = set()  # keys this worker can run (it loaded them)
+        self._skip: set[str] = set()  # keys it cannot (another worker's job file)
+        self._marks: list[str] = []
+        self._marked = anyio.Event()
+        self._freed = anyio.Event()  # set (and replaced) when a job of this worker ends
+        self._broken: JournalError | None = None
+        self._closed = False
+
+    @classmethod
+    async def open(
+        cls,
+        config: PostgresJournal,
+        *,
+        dialect: str,
+        stage: str,
+        base_url: str,
+        max_in_flight: int,
+    ) -> PgJournal:
+        """Connect, create or check the tables, set the account's limit, start this worker's lease.
+
+        ``max_in_flight`` becomes the account's capacity for every worker (the last worker to
+        start sets it).  Raises :class:`ValidationError` for a journal of another dialect or
+        server, :class:`JournalError` when the database cannot be used.
+        """
+        where = redact(config.url)
+        size = max(2, min(8, max_in_flight // 4 + 2))
+        pool: AsyncConnectionPool[Any] = AsyncConnectionPool(
+            config.url, min_size=1, max_size=size, open=False, kwargs={"autocommit": True}
+        )
+        worker = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+        meta = {"dialect": dialect, "stage": stage, "base_url": base_url}
+        try:
+            await pool.open(wait=True, timeout=10.0)
+            async with pool.connection() as conn, conn.transaction():
+                await prepare(conn, where, meta)
+                await conn.execute(
+                    "INSERT INTO kling_account (id, capacity, lim) VALUES (1, %s, %s)"
+                    " ON CONFLICT (id) DO UPDATE SET capacity = EXCLUDED.capacity,"
+                    " lim = LEAST(kling_account.lim, EXCLUDED.capacity)",
+                    (max_in_flight, max_in_flight),
+                )
+                await conn.execute(
+                    "INSERT INTO kling_workers (id, host, pid, expires_at) VALUES"
+                    " (%s, %s, %s, clock_timestamp() + make_interval(secs => %s))",
+                    (worker, socket.gethostname(), os.getpid(), config.lease),
+                )
+        except (psycopg.Error, PoolTimeout) as exc:
+            await pool.close()
+            raise JournalError(f"journal {where}: {_reason(exc)}") from None
+        except BaseException:
+            await pool.close()
+            raise
+        return cls(pool, config, worker)
+
+    # -- reading -------------------------------------------------------------------------
+
+    def job(self, key: str) -> JournalJob | None:
+        """This worker's record of ``key`` (a job it claimed), or None."""
+        return self._jobs.get(key)
+
+    def owner(self, task_id: str) -> str | None:
+        """The key of the job that owns ``task_id`` (as of the last :meth:`refresh`), or None."""
+        return self._owners.get(task_id)
+
+    def unresolved(self, key: str, stage: str, video_url: str, near: float, within: float) -> int:
+        """Jobs besides ``key`` (any worker's, as of :meth:`refresh`) with an unanswered submit."""
+        mine = sum(
+            1
+            for job in self._jobs.values()
+            if job.key != key
+            and job.video_url == video_url
+            and (record := job.stages.get(stage)) is not None
+            and record.status == SUBMITTING
+            and abs(record.intent_at - near) <= within
+        )
+        others = sum(
+            1
+            for other, other_stage, url, at in self._others
+            if other != key
+            and other not in self._jobs
+            and other_stage == stage
+            and url == video_url
+            and abs(at - near) <= within
+        )
+        return mine + others
+
+    # -- the contract's writes -----------------------------------------------------------
+
+    def begin(self, key: str, request_hash: str, video_url: str | None) -> JournalJob:
+        """Start a record for ``key`` outside :meth:`load` (written, and claimed, with its
+        first change)."""
+        job = JournalJob(key=key, request_hash=request_hash, video_url=video_url, stored=False)
+        self._jobs[key] = job
+        return job
+
+    async def submitting(self, key: str, stage: str, at: float) -> None:
+        """Record that ``stage``'s request of ``key`` is about to leave: committed on return."""
+        job = self._jobs[key]
+        job.stages[stage] = JournalStage(status=SUBMITTING, intent_at=at)
+
+        async def work(conn: Conn) -> None:
+            await self._own(conn, job)
+            await conn.execute(
+                "INSERT INTO kling_stages (key, stage, status, intent_at) VALUES (%s, %s, %s, %s)"
+                " ON CONFLICT (key, stage) DO UPDATE SET status = EXCLUDED.status,"
+                " intent_at = EXCLUDED.intent_at, task_id = NULL, snapshot = NULL",
+                (key, stage, SUBMITTING, at),
+            )
+
+        await self._write(work)
+
+    async def created(
+        self, key: str, stage: str, task_id: str, snapshot: TaskSnapshot | None = None
+    ) -> None:
+        """Record ``stage``'s task id (and a synchronous step's terminal ``snapshot``)."""
+        job = self._jobs[key]
+        record = job.stages.get(stage)
+        intent = record.intent_at if record is not None else 0.0
+        job.stages[stage] = JournalStage(
+            status=CREATED, intent_at=intent, task_id=task_id, snapshot=snapshot
+        )
+        self._owners[task_id] = key
+        text = snapshot_to_json(snapshot) if snapshot is not None else None
+
+        async def work(conn: Conn) -> None:
+            await self._own(conn, job)
+            await conn.execute(
+                "INSERT INTO kling_stages VALUES (%s, %s, %s, %s, %s, %s)"
+                " ON CONFLICT (key, stage) DO UPDATE SET status = EXCLUDED.status,"
+                " task_id = EXCLUDED.task_id, snapshot = EXCLUDED.snapshot",
+                (key, stage, CREATED, intent, task_id, text),
+            )
+
+        await self._write(work)
+
+    async def refused(self, key: str, stage: str) -> None:
+        """Record that ``stage``'s request of ``key`` created nothing (it may be sent again)."""
+        job = self._jobs[key]
+        record = job.stages.get(stage)
+        if record is None or record.status != SUBMITTING:
+            return
+        record.status = REFUSED
+
+        async def work(conn: Conn) -> None:
+            await self._own(conn, job)
+            await conn.execute(
+                "UPDATE kling_stages SET status = %s WHERE key = %s AND stage = %s",
+                (REFUSED, key, stage),
+            )
+
+        await self._write(work)
+
+    async def finished(self, result: JobResult, *, final: bool) -> None:
+        """Record ``result`` (the job is done) and give its task slot back to the account."""
+        job = self._jobs[result.key]
+        job.result, job.final, job.reported = result, final, False
+        text = result_to_json(result)
+
+        async def work(conn: Conn) -> None:
+            held = await self._own(conn, job)
+            await conn.execute(
+                "UPDATE kling_jobs SET result = %s, final = %s, reported = false,"
+                " state = 'done', slot = false WHERE key = %s",
+                (text, final, result.key),
+            )
+            if held:
+                await give_back(conn, ended=result.task_id is not None)
+
+        await self._write(work)
+        self._wake()
+
+    def reported(self, key: str) -> None:
+        """Mark ``key``'s result as taken by the consumer (:meth:`commit_marks` commits it)."""
+        job = self._jobs.get(key)
+        if job is None or job.reported or self._closed:
+            return
+        job.reported = True
+        self._marks.append(key)
+        self._marked.set()
+
+    async def commit_marks(self) -> None:
+        """Commit marks as they come and renew this worker's lease, until cancelled.
+
+        A failing journal ends it quietly: the batch's next write raises the error.
+        """
+        async with anyio.create_task_group() as group:
+            group.start_soon(self._renew)
+            while True:
+                await self._marked.wait()
+                self._marked = anyio.Event()
+                try:
+                    await self._flush_marks()
+                except JournalError:
+                    break
+            group.cancel_scope.cancel()
+
+    async def close(self) -> None:
+        """Commit marks, hand back the jobs this worker claimed but did not finish, end its lease.
+
+        A job whose submit never left gives its slot back; one whose task may exist keeps it
+        (the task may be running) for whichever worker claims it next.
+        """
+        if self._closed:
+            return
+        self._closed = True
+        with anyio.CancelScope(shield=True):
+            try:
+                if self._broken is None:
+                    await self._flush_marks()
+                    await self._tx(self._release_all)
+            finally:
+                await self._pool.close()
+
+    # -- the shared part -----------------------------------------------------------------
+
+    async def load(self, jobs: Sequence[tuple[str, str, str | None]]) -> None:
+        """Record every ``(key, request_hash, video_url)`` once; see :class:`SharedBackend`.
+
+        Also makes the jobs an earlier run left unfinished (a result a rerun does not keep,
+        of a worker no longer alive) claimable again, as a rerun of a SQLite journal does.
+        """
+        self._known.update(key for key, _, _ in jobs)
+        rows = [(key, seq, digest, url) for seq, (key, digest, url) in enumerate(jobs)]
+
+        async def work(conn: Conn) -> None:
+            async with conn.cursor() as cur:
+                for start in range(0, len(rows), _LOAD_CHUNK):
+                    await cur.executemany(
+                        "INSERT INTO kling_jobs (key, seq, request_hash, video_url)"
+                        " VALUES (%s, %s, %s, %s) ON CONFLICT (key) DO NOTHING",
+                        rows[start : start + _LOAD_CHUNK],
+                    )
+            await self._check_changed(conn, {key: (digest, url) for key, digest, url in jobs})
+            await conn.execute(
+                "UPDATE kling_jobs SET state = 'pending', worker = NULL WHERE state = 'done'"
+                " AND NOT final AND (worker IS NULL OR worker IN (SELECT id FROM kling_workers"
+                " WHERE expires_at < clock_timestamp()))"
+            )
+
+        await self._tx(work)
+
+    async def _check_changed(self, conn: Conn, wanted: dict[str, tuple[str, str | None]]) -> None:
+        cur = await conn.execute(
+            "SELECT j.key, j.request_hash, EXISTS (SELECT 1 FROM kling_stages s WHERE"
+            " s.key = j.key AND s.status <> 'refused') FROM kling_jobs j WHERE j.key = ANY(%s)",
+            (list(wanted),),
+        )
+        for key, digest, may_have_task in await cur.fetchall():
+            new_digest, url = wanted[key]
+            if digest == new_digest:
+                continue
+            if may_have_task:
+                raise ValidationError(
+                    "key",
+                    f"{key!r} names another job than the one this journal recorded under it"
+                    " (its request differs) and that one may have created a task; give the"
+                    " changed job a new key, or use a new journal",
+                )
+            # It never created a task: its record starts over (a slot it held is freed).
+            cur = await conn.execute(
+                "SELECT slot FROM kling_jobs WHERE key = %s FOR UPDATE", (key,)
+            )
+            held = await cur.fetchone()
+            await conn.execute(
+                "UPDATE kling_jobs SET request_hash = %s, video_url = %s, state = 'pending',"
+                " worker = NULL, result = NULL, final = false, reported = false, slot = false"
+                " WHERE key = %s",
+                (new_digest, url, key),
+            )
+            await conn.execute("DELETE FROM kling_stages WHERE key = %s", (key,))
+            if held is not None and held[0]:
+                await give_back(conn, ended=False)
+
+    async def claim(self, skip: Sequence[str] = ()) -> Claim:
+        """The next job for this worker (its key), a dead worker's unreported result, None
+        (nothing to claim now: wait and ask again) or False (every job is done)."""
+        while True:
+            skipped = self._skip.union(skip)
+            got = await self._tx(lambda conn: claim_one(conn, self.worker, skipped))
+            if got is None:
+                return False
+            if not isinstance(got, Claimed):
+                return None
+            key = str(got.row[0])
+            if key not in self._known:
+                # Not among this worker's jobs: hand it back (another worker runs it).
+                self._skip.add(key)
+                await self._tx(lambda conn: self._unclaim(conn, key, got.row))
+                continue
+            job = _job_from_rows(got.row, got.stages)
+            self._jobs[key] = job
+            for stage in job.stages.values():
+                if stage.task_id is not None:
+                    self._owners[stage.task_id] = key
+            if got.row[3] == "done" and job.result is not None:
+                return job.result  # finished by a worker that died before reporting it
+            return key
+
+    async def _unclaim(self, conn: Conn, key: str, row: tuple[Any, ...]) -> None:
+        state, slot = row[3], row[4]
+        await conn.execute(
+            "UPDATE kling_jobs SET state = %s, slot = %s, worker = NULL WHERE key = %s",
+            ("done" if state == "done" else "pending", slot, key),
+        )
+        if state != "done" and not slot:
+            await give_back(conn, ended=False)
+
+    async def concurrency_refused(self, key: str) -> None:
+        """A 1303 for ``key``: lower the shared limit and free the job's slot."""
+        job = self._jobs[key]
+
+        async def work(conn: Conn) -> None:
+            if await self._own(conn, job):
+                await conn.execute("UPDATE kling_jobs SET slot = false WHERE key = %s", (key,))
+                await lower_limit(conn)
+
+        await self._write(work)
+
+    async def regain_slot(self, key: str) -> None:
+        """Wait until the shared limit lets ``key`` hold a slot again, and take it."""
+        job = self._jobs[key]
+
+        async def work(conn: Conn) -> bool:
+            if await self._own(conn, job):
+                return True
+            if not await take_slot(conn):
+                return False
+            await conn.execute("UPDATE kling_jobs SET slot = true WHERE key = %s", (key,))
+            return True
+
+        while not await self._write(work):
+            await self.wait_for_slot(self._config.claim_poll)
+
+    async def refresh(self) -> None:
+        """Re-read every worker's task ids and unanswered submits (see :meth:`unresolved`)."""
+
+        async def work(conn: Conn) -> list[tuple[Any, ...]]:
+            cur = await conn.execute(
+                "SELECT s.key, s.stage, s.status, s.intent_at, s.task_id, j.video_url"
+                " FROM kling_stages s JOIN kling_jobs j ON j.key = s.key"
+                " WHERE s.task_id IS NOT NULL OR s.status = 'submitting'"
+            )
+            return list(await cur.fetchall())
+
+        rows = await self._tx(work)
+        self._others = []
+        for key, stage, status, intent_at, task_id, url in rows:
+            if task_id is not None:
+                self._owners[task_id] = key
+            if status == SUBMITTING:
+                self._others.append((key, stage, url, intent_at))
+
+    async def wait_for_slot(self, timeout: float) -> None:
+        """Return when a job of this worker ends (its slot may be free), or after ``timeout``."""
+        with anyio.move_on_after(timeout):
+            await self._freed.wait()
+
+    # -- internals -----------------------------------------------------------------------
+
+    def _wake(self) -> None:
+        freed, self._freed = self._freed, anyio.Event()
+        freed.set()
+
+    async def _own(self, conn: Conn, job: JournalJob) -> bool:
+        """Lock ``job``'s row if it is this worker's (else raise): whether it holds a slot.
+
+        A job begun outside :meth:`load` is written (and claimed) here, with its first change.
+        """
+        if not job.stored:
+            job.stored = True
+            await conn.execute(
+                "INSERT INTO kling_jobs (key, request_hash, video_url, state, worker)"
+                " VALUES (%s, %s, %s, 'claimed', %s) ON CONFLICT (key) DO UPDATE SET"
+                " request_hash = EXCLUDED.request_hash, video_url = EXCLUDED.video_url,"
+                " state = 'claimed', worker = EXCLUDED.worker, result = NULL, final = false"
+                " WHERE kling_jobs.worker IS NULL OR kling_jobs.worker = EXCLUDED.worker",
+                (job.key, job.request_hash, job.video_url, self.worker),
+            )
+            await conn.execute("DELETE FROM kling_stages WHERE key = %s", (job.key,))
+        cur = await conn.execute(
+            "SELECT slot FROM kling_jobs WHERE key = %s AND worker = %s FOR UPDATE",
+            (job.key, self.worker),
+        )
+        row = await cur.fetchone()
+        if row is None:
+            self._broken = JournalError(
+                f"journal {self.path}: job {job.key!r} is no longer this worker's (its lease"
+                " expired and another worker took it over); this worker stops"
+            )
+            raise self._broken
+        return bool(row[0])
+
+    async def _write(self, work: Callable[[Conn], Awaitable[T]]) -> T:
+        """Run ``work`` in one transaction, shielded (memory and database must agree)."""
+        if self._closed:
+            raise JournalError(f"journal {self.path} is closed")
+        with anyio.CancelScope(shield=True):
+            return await self._tx(work)
+
+    async def _tx(self, work: Callable[[Conn], Awaitable[T]]) -> T:
+        if self._broken is not None:
+            raise self._broken
+        try:
+            async with self._pool.connection() as conn, conn.transaction():
+                result = await work(conn)
+        except (psycopg.Error, PoolTimeout) as exc:
+            raise JournalError(f"journal {self.path}: {_reason(exc)}") from None
+        self.transactions += 1
+        return result
+
+    async def _flush_marks(self) -> None:
+        keys, self._marks = self._marks, []
+        if not keys:
+            return
+
+        async def work(conn: Conn) -> None:
+            await conn.execute(
+                "UPDATE kling_jobs SET reported = true WHERE key = ANY(%s) AND worker = %s",
+                (keys, self.worker),
+            )
+
+        with anyio.CancelScope(shield=True):
+            await self._tx(work)
+
+    async def _renew(self) -> None:
+        """Renew the lease every ``renew`` seconds; an expired lease breaks the journal."""
+        while True:
+            await anyio.sleep(self._config.renew)
+
+            async def work(conn: Conn) -> bool:
+                cur = await conn.execute(
+                    "UPDATE kling_workers SET expires_at = clock_timestamp()"
+                    " + make_interval(secs => %s) WHERE id = %s AND NOT drained"
+                    " AND expires_at > clock_timestamp() RETURNING id",
+                    (self._config.lease, self.worker),
+                )
+                return await cur.fetchone() is not None
+
+            try:
+                renewed = await self._tx(work)
+            except JournalError:
+                continue  # the database may come back before the lease runs out
+            if not renewed:
+                self._broken = JournalError(
+                    f"journal {self.path}: this worker's lease expired (not renewed for"
+                    f" {self._config.lease:g} s); its jobs may be another worker's now"
+                )
+                return
+
+    async def _release_all(self, conn: Conn) -> None:
+        cur = await conn.execute(
+            "SELECT j.key, j.slot, EXISTS (SELECT 1 FROM kling_stages s WHERE s.key = j.key"
+            " AND s.status <> 'refused') FROM kling_jobs j WHERE j.worker = %s"
+            " AND j.state = 'claimed' FOR UPDATE",
+            (self.worker,),
+        )
+        rows = await cur.fetchall()
+        for key, slot, may_have_task in rows:
+            await conn.execute(
+                "UPDATE kling_jobs SET state = 'pending', worker = NULL, slot = %s WHERE key = %s",
+                (bool(slot and may_have_task), key),
+            )
+            if slot and not may_have_task:
+                await give_back(conn, ended=False)
+        await conn.execute(
+            "UPDATE kling_workers SET expires_at = LEAST(expires_at, clock_timestamp())"
+            " WHERE id = %s",
+            (self.worker,),
+        )
+
+
+def _reason(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    return text[:300]
+
+
+def _job_from_rows(row: tuple[Any, ...], stages: list[tuple[Any, ...]]) -> JournalJob:
+    key, request_hash, video_url, _, _, result, final, reported = row
+    job = JournalJob(
+        key=key,
+        request_hash=request_hash,
+        video_url=video_url,
+        result=result_from_json(result) if result else None,
+        final=bool(final),
+        reported=bool(reported),
+    )
+    for _, stage, status, intent_at, task_id, snapshot in stages:
+        job.stages[stage] = JournalStage(
+            status=status,
+            intent_at=intent_at,
+            task_id=task_id,
+            snapshot=snapshot_from_json(snapshot) if snapshot else None,
+        )
+    return job
+
