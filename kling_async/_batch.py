@@ -17,13 +17,13 @@ import logging
 import os
 from collections.abc import AsyncIterable, Iterable
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import anyio
 import anyio.lowlevel
 import attrs
 from anyio.abc import TaskGroup
 
+from ._client_view import ClientView
 from ._errors import (
     KlingError,
     TaskCancelledError,
@@ -41,16 +41,13 @@ from ._source import JobSource
 from ._submitter import Submitter
 from ._tracker import Tracker
 
-if TYPE_CHECKING:
-    from ._client import KlingClient
-
 __all__ = ["Batch", "BatchIterator"]
 
 logger = logging.getLogger("kling_async")
 
 
 class Batch:
-    """One run of jobs (or tracked task ids) through a client.
+    """One run of jobs (or tracked task ids) through a client (seen through ``client``).
 
     ``callback_url`` is passed to the dialect for every job (where your webhook receives the
     server's callbacks).  Results not yet taken by the consumer are bounded: the batch stops
@@ -80,7 +77,7 @@ class Batch:
 
     def __init__(
         self,
-        client: KlingClient,
+        client: ClientView,
         *,
         jobs: Iterable[LipSyncJob] | AsyncIterable[LipSyncJob] | None = None,
         task_ids: list[str] | None = None,
@@ -120,10 +117,10 @@ class Batch:
         self.counts = {"submitted": 0, "succeeded": 0, "failed": 0}
         self.tracker = Tracker(
             dialect=client.dialect,
-            requester=client._requester,
+            requester=client.requester,
             poll=client.poll,
             retry=client.retry,
-            rng=client._rng,
+            rng=client.rng,
             on_fatal=self._abort,
             callbacks=callback_url is not None,
         )
@@ -263,7 +260,7 @@ class Batch:
                 submitted_at = submitted_at or (
                     resume.intent_at(key, step.stage) if resume else None
                 )
-                submitted_at = submitted_at or self._client._clock()
+                submitted_at = submitted_at or self._client.clock()
                 self._live[task_id] = key
                 self.counts["submitted"] += 1
                 terminal, step_polls = await self.tracker.wait(snapshot, step.stage)
@@ -285,7 +282,7 @@ class Batch:
                 state=TaskState.FAILED,
                 error=exc,
                 submitted_at=submitted_at,
-                finished_at=self._client._clock(),
+                finished_at=self._client.clock(),
                 polls=polls,
             )
         finally:
@@ -357,7 +354,7 @@ class Batch:
             video_urls=snapshot.video_urls,
             error=error,
             submitted_at=submitted_at,
-            finished_at=self._client._clock(),
+            finished_at=self._client.clock(),
             polls=polls,
         )
 
@@ -401,3 +398,17 @@ class Batch:
     def consumer_done(self) -> None:
         """The consumer has left the stream: the journal may close."""
         self._consumer_done.set()
+
+    @property
+    def journaled(self) -> bool:
+        """Whether this batch keeps a journal (open now)."""
+        return self.resume is not None
+
+    @property
+    def finished(self) -> bool:
+        """Whether the batch has stopped (nothing more is submitted or tracked)."""
+        return self._finished.is_set()
+
+    async def wait_finished(self) -> None:
+        """Wait until the batch has stopped."""
+        await self._finished.wait()

@@ -24,6 +24,7 @@ from anyio.abc import TaskGroup
 from ._auth import BearerKey, Credentials, KlingJwt
 from ._backoff import poll_delay
 from ._batch import Batch, BatchIterator
+from ._client_view import ClientView
 from ._config import PollPolicy, RetryPolicy
 from ._download import Downloader, file_name
 from ._errors import ValidationError
@@ -284,11 +285,25 @@ class KlingClient:
 
         See :class:`kling_async._batch.Batch` for the options.
         """
-        return self._start(Batch(self, jobs=jobs, **options))
+        return self._start(Batch(self._view(), jobs=jobs, **options))
 
     def track(self, task_ids: Iterable[str], *, stage: str | None = None) -> BatchIterator:
         """Follow tasks submitted elsewhere; yields a :class:`JobResult` per task id as it ends."""
-        return self._start(Batch(self, task_ids=list(task_ids), stage=stage))
+        return self._start(Batch(self._view(), task_ids=list(task_ids), stage=stage))
+
+    def _view(self) -> ClientView:
+        """What a new batch needs of this client (the engine never sees the client itself)."""
+        return ClientView(
+            dialect=self.dialect,
+            base_url=self.base_url,
+            max_in_flight=self.max_in_flight,
+            poll=self.poll,
+            retry=self.retry,
+            requester=self._requester,
+            rng=self._rng,
+            clock=self._clock,
+            download=self.download,
+        )
 
     def _start(self, batch: Batch) -> BatchIterator:
         if self._task_group is None:
@@ -311,7 +326,7 @@ class KlingClient:
         """
         known = False
         for batch in list(self._batches):
-            if batch._finished.is_set():
+            if batch.finished:
                 self._batches.discard(batch)
             elif batch.tracker.update(snapshot):
                 known = True

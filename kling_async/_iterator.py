@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import contextlib
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import anyio
 import anyio.lowlevel
@@ -11,10 +11,33 @@ import anyio.lowlevel
 from ._pipe import ResultPipe
 from ._results import BatchProgress, JobResult
 
-if TYPE_CHECKING:
-    from ._batch import Batch
+__all__ = ["BatchControl", "BatchIterator"]
 
-__all__ = ["BatchIterator"]
+
+class BatchControl(Protocol):
+    """What the consumer's side needs of a running batch (:class:`~._batch.Batch` has it)."""
+
+    @property
+    def journaled(self) -> bool:
+        """Whether the batch keeps a journal (taken results are then marked in it)."""
+
+    def progress(self) -> BatchProgress:
+        """The batch's counts so far."""
+
+    def cancel(self) -> None:
+        """Stop submitting and tracking."""
+
+    def delivered(self, key: str) -> None:
+        """The consumer is done with ``key``'s result."""
+
+    def consumer_done(self) -> None:
+        """The consumer has left the stream."""
+
+    async def wait_finished(self) -> None:
+        """Wait until the batch has stopped."""
+
+    def outcome(self) -> None:
+        """Raise what stopped the batch, if anything did."""
 
 
 class BatchIterator:
@@ -32,7 +55,7 @@ class BatchIterator:
     exception.  A crash while the consumer holds a result reports that one result again.
     """
 
-    def __init__(self, batch: Batch, pipe: ResultPipe) -> None:
+    def __init__(self, batch: BatchControl, pipe: ResultPipe) -> None:
         self._batch = batch
         self._pipe = pipe
         self._held: str | None = None  # key of the result the consumer holds
@@ -60,14 +83,14 @@ class BatchIterator:
         except anyio.EndOfStream:
             self._pipe.abandon()
             batch.consumer_done()
-            await batch._finished.wait()
+            await batch.wait_finished()
             batch.outcome()
             raise StopAsyncIteration from None
         except BaseException:
             batch.cancel()
             batch.consumer_done()
             raise
-        if batch.resume is not None:
+        if batch.journaled:
             self._held = result.key
         return result
 
@@ -81,7 +104,7 @@ class BatchIterator:
             key, self._held = self._held, None
             self._batch.delivered(key)
         self._batch.consumer_done()
-        await self._batch._finished.wait()
+        await self._batch.wait_finished()
         self._pipe.abandon()
 
     async def __aenter__(self) -> BatchIterator:

@@ -18,8 +18,9 @@ import enum
 import logging
 import os
 from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING, Final
+from typing import Final
 
+from ._client_view import ClientView
 from ._errors import (
     KlingError,
     ServerError,
@@ -34,9 +35,6 @@ from ._journal_codec import request_hash
 from ._reconcile import CLOCK_SKEW, LATEST_CREATE, Reconciler
 from ._results import JobResult, TaskSnapshot, TaskState
 from .dialects import Submit
-
-if TYPE_CHECKING:
-    from ._client import KlingClient
 
 __all__ = ["SKIP", "Resume", "is_final"]
 
@@ -86,7 +84,7 @@ class Resume:
 
     @classmethod
     async def open(
-        cls, client: KlingClient, path: str | os.PathLike[str], *, resubmit_unknown: bool
+        cls, client: ClientView, path: str | os.PathLike[str], *, resubmit_unknown: bool
     ) -> Resume:
         """Open the journal at ``path`` for a batch of ``client``."""
         dialect = client.dialect
@@ -95,7 +93,7 @@ class Resume:
         )
         reconciler = Reconciler(
             dialect=dialect,
-            requester=client._requester,
+            requester=client.requester,
             owned=lambda task_id: journal.owner(task_id) is not None,
             unresolved=lambda key, stage, url, at: journal.unresolved(
                 key, stage, url, at, LATEST_CREATE + CLOCK_SKEW

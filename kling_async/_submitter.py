@@ -12,11 +12,12 @@ import asyncio
 import functools
 import logging
 from collections.abc import Callable, Coroutine
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import anyio
 import anyio.lowlevel
 
+from ._client_view import ClientView
 from ._errors import (
     ConcurrencyLimitError,
     ConnectError,
@@ -28,9 +29,6 @@ from ._results import TaskSnapshot
 from ._resume import Resume
 from ._slots import SlotHold, TaskSlots
 from .dialects import Submit
-
-if TYPE_CHECKING:
-    from ._client import KlingClient
 
 __all__ = ["SUBMIT_GRACE", "Submitter"]
 
@@ -47,12 +45,12 @@ class Submitter:
     """
 
     def __init__(
-        self, client: KlingClient, slots: TaskSlots, on_fatal: Callable[[KlingError], None]
+        self, client: ClientView, slots: TaskSlots, on_fatal: Callable[[KlingError], None]
     ) -> None:
         self._dialect = client.dialect
-        self._requester = client._requester
+        self._requester = client.requester
         self._retry = client.retry
-        self._clock = client._clock
+        self._clock = client.clock
         self._slots = slots
         self._on_fatal = on_fatal
         self._first_answer = anyio.Event()

@@ -486,7 +486,7 @@ async def test_a_journal_is_refused_for_track_and_for_another_server(tmp_path: P
         async with kling_client(one) as client:
             await run(client, [text_job(1)], journal)
             with pytest.raises(ka.ValidationError, match="journal"):
-                client._start(ka._batch.Batch(client, task_ids=["1"], journal=journal))
+                client._start(ka._batch.Batch(client._view(), task_ids=["1"], journal=journal))
         async with kling_client(two) as client:
             with pytest.raises(ka.ValidationError, match="was written by a batch for kling"):
                 await run(client, [text_job(1)], journal)
