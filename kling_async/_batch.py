@@ -40,6 +40,8 @@ from ._slots import SlotHold, TaskSlots
 from ._source import JobSource
 from ._submitter import Submitter
 from ._tracker import Tracker
+from .journal import PostgresJournal, SharedBackend, check_target
+from .journal._claims import ClaimSource
 
 __all__ = ["Batch", "BatchIterator"]
 
@@ -83,12 +85,12 @@ class Batch:
         task_ids: list[str] | None = None,
         stage: str | None = None,
         callback_url: str | None = None,
-        journal: str | os.PathLike[str] | None = None,
+        journal: str | os.PathLike[str] | PostgresJournal | None = None,
         resubmit_unknown: bool = False,
         download_to: str | os.PathLike[str] | None = None,
     ) -> None:
-        if journal is not None and not isinstance(journal, (str, os.PathLike)):
-            raise ValidationError("journal", "must be a file path")
+        if journal is not None:
+            check_target(journal)  # a file path, or a PostgreSQL URL with psycopg installed
         if journal is not None and task_ids is not None:
             raise ValidationError("journal", "only run_batch keeps a journal, not track")
         if not isinstance(resubmit_unknown, bool):
@@ -199,11 +201,14 @@ class Batch:
                 await self.pipe.reserve()
                 group.start_soon(self._track_one, task_id)
             return
-        source = JobSource(self._jobs or (), self.resume)
+        source: JobSource | ClaimSource = JobSource(self._jobs or (), self.resume)
+        if self.resume is not None and isinstance(self.resume.journal, SharedBackend):
+            # Many workers, one batch: run whichever jobs this worker claims.
+            source = ClaimSource(self.resume.journal, self._jobs or ())
         for _ in range(self._slots.capacity):
             group.start_soon(self._runner, source)
 
-    async def _runner(self, source: JobSource) -> None:
+    async def _runner(self, source: JobSource | ClaimSource) -> None:
         """Run jobs one after another, each holding a task slot; one runner per slot.
 
         Not a task per job: spawning it and handing it the slot cost more trips through the

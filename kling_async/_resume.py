@@ -30,11 +30,12 @@ from ._errors import (
     created_nothing,
 )
 from ._jobs import LipSyncJob
-from ._journal import CREATED, SUBMITTING, Journal
+from ._journal import CREATED, SUBMITTING
 from ._journal_codec import request_hash
 from ._reconcile import CLOCK_SKEW, LATEST_CREATE, Reconciler
 from ._results import JobResult, TaskSnapshot, TaskState
 from .dialects import Submit
+from .journal import JournalBackend, PostgresJournal, SharedBackend, open_journal
 
 __all__ = ["SKIP", "Resume", "is_final"]
 
@@ -76,7 +77,9 @@ def _ambiguous(error: KlingError) -> bool:
 class Resume:
     """A batch's use of its journal; see the module docstring."""
 
-    def __init__(self, journal: Journal, reconciler: Reconciler, resubmit_unknown: bool) -> None:
+    def __init__(
+        self, journal: JournalBackend, reconciler: Reconciler, resubmit_unknown: bool
+    ) -> None:
         self.journal = journal
         self._reconciler = reconciler
         self._resubmit_unknown = resubmit_unknown
@@ -84,12 +87,20 @@ class Resume:
 
     @classmethod
     async def open(
-        cls, client: ClientView, path: str | os.PathLike[str], *, resubmit_unknown: bool
+        cls,
+        client: ClientView,
+        path: str | os.PathLike[str] | PostgresJournal,
+        *,
+        resubmit_unknown: bool,
     ) -> Resume:
-        """Open the journal at ``path`` for a batch of ``client``."""
+        """Open the journal ``path`` names (a file, or a shared database) for ``client``."""
         dialect = client.dialect
-        journal = await Journal.open(
-            path, dialect=dialect.name, stage=dialect.default_stage, base_url=client.base_url
+        journal = await open_journal(
+            path,
+            dialect=dialect.name,
+            stage=dialect.default_stage,
+            base_url=client.base_url,
+            max_in_flight=client.max_in_flight,
         )
         reconciler = Reconciler(
             dialect=dialect,
@@ -200,9 +211,23 @@ class Resume:
     async def _adopt(
         self, key: str, stage: str, video_url: str | None, intent_at: float
     ) -> tuple[TaskSnapshot | None, str]:
+        if isinstance(self.journal, SharedBackend):
+            await self.journal.refresh()  # other workers' tasks are not this worker's to adopt
         match = await self._reconciler.find(key, stage, video_url, intent_at)
         if match.snapshot is None:
             logger.info("%s: %s submit outcome unknown: %s", key, stage, match.reason)
             return None, match.reason
         await self.journal.created(key, stage, match.snapshot.task_id)
         return match.snapshot, ""
+
+    # -- a journal shared by several workers (no-ops on a SQLite journal) ----------------------
+
+    async def concurrency_refused(self, key: str) -> None:
+        """A 1303 for ``key``'s submit: the shared limit drops for every worker."""
+        if isinstance(self.journal, SharedBackend):
+            await self.journal.concurrency_refused(key)
+
+    async def regain_slot(self, key: str) -> None:
+        """Before ``key``'s submit goes again after a 1303: wait for a shared slot."""
+        if isinstance(self.journal, SharedBackend):
+            await self.journal.regain_slot(key)

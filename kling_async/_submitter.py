@@ -99,9 +99,13 @@ class Submitter:
                 delay = await self._refused(step, refusals, key, resume)
                 self._slots.shrink()
                 slot.release()
+                if resume is not None and key is not None:
+                    await resume.concurrency_refused(key)  # a shared journal: every worker's
                 logger.debug("1303: %d tasks running; waiting %.2f s", self._slots.in_use, delay)
                 await anyio.sleep(delay)
                 await slot.acquire()
+                if resume is not None and key is not None:
+                    await resume.regain_slot(key)
                 continue
             except RateLimitError as exc:
                 # 1302 after the requester's own retries: still not a reason to fail a job

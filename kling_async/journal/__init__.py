@@ -14,7 +14,6 @@ Both keep :class:`JournalBackend` (:mod:`._contract`).
 from __future__ import annotations
 
 import os
-from typing import TypeAlias
 
 from .._errors import ValidationError
 from .._journal import Journal
@@ -24,15 +23,11 @@ from ._contract import Claim, JournalBackend, SharedBackend
 __all__ = [
     "Claim",
     "JournalBackend",
-    "JournalTarget",
     "PostgresJournal",
     "SharedBackend",
     "check_target",
     "open_journal",
 ]
-
-#: What ``run_batch(journal=...)`` accepts.
-JournalTarget: TypeAlias = "str | os.PathLike[str] | PostgresJournal"
 
 EXTRA_HINT = "pip install 'kling-async[postgres]'"
 
@@ -74,7 +69,7 @@ async def open_journal(
     if isinstance(target, PostgresJournal) or is_postgres_url(target):
         from ._pg import PgJournal  # psycopg is imported here, never by ``import kling_async``
 
-        config = target if isinstance(target, PostgresJournal) else PostgresJournal(url=target)
+        config = target if isinstance(target, PostgresJournal) else PostgresJournal(url=str(target))
         return await PgJournal.open(
             config, dialect=dialect, stage=stage, base_url=base_url, max_in_flight=max_in_flight
         )

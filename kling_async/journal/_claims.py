@@ -27,15 +27,13 @@ __all__ = ["ClaimSource"]
 class ClaimSource:
     """Hands one worker's runners the jobs it claims (same interface as ``JobSource``).
 
-    ``poll`` is how long a runner waits before asking again when nothing can be claimed.
+    When nothing can be claimed, a runner waits (:meth:`SharedBackend.wait_for_slot`) and asks
+    again.
     """
 
-    def __init__(
-        self, journal: SharedBackend, jobs: Iterable[Any] | AsyncIterable[Any], *, poll: float
-    ) -> None:
+    def __init__(self, journal: SharedBackend, jobs: Iterable[Any] | AsyncIterable[Any]) -> None:
         self._journal = journal
         self._input = jobs
-        self._poll = poll
         self._jobs: dict[str, LipSyncJob] | None = None
         self._lock = anyio.Lock()
         self._done = False
@@ -45,11 +43,11 @@ class ClaimSource:
         return False
 
     async def next(self) -> tuple[str, Any] | JobResult | None:
-        """``(key, job)`` to run, a result a dead worker left unreported, or None once every
-        job of the batch is done.
+        """``(key, job)`` to run, a dead worker's unreported result, or None: batch done.
 
-        Raises :class:`~kling_async.ValidationError` (before anything is claimed) for a
-        duplicate key, an item that is no job, or a job that differs from the journal's record.
+        None comes once every job of the batch is done, by any worker.  Raises
+        :class:`~kling_async.ValidationError` (before anything is claimed) for a duplicate key,
+        an item that is no job, or a job that differs from the journal's record.
         """
         async with self._lock:  # one runner asks the database at a time; the others queue here
             if self._done:
@@ -65,7 +63,7 @@ class ClaimSource:
                     return got
                 if isinstance(got, str):
                     return got, self._jobs[got]
-                await self._journal.wait_for_slot(self._poll)
+                await self._journal.wait_for_slot()
 
     async def _load(self) -> dict[str, LipSyncJob]:
         jobs: dict[str, LipSyncJob] = {}

@@ -101,5 +101,5 @@ class SharedBackend(JournalBackend, Protocol):
     async def refresh(self) -> None:
         """Re-read which tasks other workers' jobs own (before a search for a lost submit)."""
 
-    async def wait_for_slot(self, timeout: float) -> None:
-        """Return when a slot may have freed (a job of this worker ended), or after ``timeout``."""
+    async def wait_for_slot(self) -> None:
+        """Return when a slot may have freed (a job of this worker ended), or after a while."""

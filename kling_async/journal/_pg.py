@@ -17,6 +17,7 @@ whose clocks differ agree on who is dead.
 
 from __future__ import annotations
 
+import functools
 import os
 import socket
 import uuid
@@ -27,21 +28,28 @@ import anyio
 import psycopg
 from psycopg_pool import AsyncConnectionPool, PoolTimeout
 
-from .._errors import JournalError, ValidationError
+from .._errors import JournalError
 from .._journal import CREATED, REFUSED, SUBMITTING, JournalJob, JournalStage
 from .._journal_codec import result_from_json, result_to_json, snapshot_from_json, snapshot_to_json
 from .._results import JobResult, TaskSnapshot
 from ._config import PostgresJournal, redact
 from ._contract import Claim
-from ._pg_claims import Claimed, Conn, claim_one, give_back, lower_limit, take_slot
+from ._pg_claims import (
+    Claimed,
+    Conn,
+    claim_one,
+    give_back,
+    load_jobs,
+    lower_limit,
+    release_claims,
+    renew_lease,
+    take_slot,
+)
 from ._pg_schema import prepare
 
 __all__ = ["PgJournal"]
 
 T = TypeVar("T")
-
-#: Jobs written per statement batch when loading.
-_LOAD_CHUNK = 1000
 
 
 class PgJournal:
@@ -117,7 +125,7 @@ class PgJournal:
     # -- reading -------------------------------------------------------------------------
 
     def job(self, key: str) -> JournalJob | None:
-        """This worker's record of ``key`` (a job it claimed), or None."""
+        """The record of ``key`` if this worker claimed it, else None."""
         return self._jobs.get(key)
 
     def owner(self, task_id: str) -> str | None:
@@ -149,8 +157,10 @@ class PgJournal:
     # -- the contract's writes -----------------------------------------------------------
 
     def begin(self, key: str, request_hash: str, video_url: str | None) -> JournalJob:
-        """Start a record for ``key`` outside :meth:`load` (written, and claimed, with its
-        first change)."""
+        """Start a record for ``key`` outside :meth:`load`.
+
+        It is written, and claimed by this worker, with its first change.
+        """
         job = JournalJob(key=key, request_hash=request_hash, video_url=video_url, stored=False)
         self._jobs[key] = job
         return job
@@ -269,7 +279,7 @@ class PgJournal:
             try:
                 if self._broken is None:
                     await self._flush_marks()
-                    await self._tx(self._release_all)
+                    await self._tx(functools.partial(release_claims, worker=self.worker))
             finally:
                 await self._pool.close()
 
@@ -282,63 +292,17 @@ class PgJournal:
         of a worker no longer alive) claimable again, as a rerun of a SQLite journal does.
         """
         self._known.update(key for key, _, _ in jobs)
-        rows = [(key, seq, digest, url) for seq, (key, digest, url) in enumerate(jobs)]
-
-        async def work(conn: Conn) -> None:
-            async with conn.cursor() as cur:
-                for start in range(0, len(rows), _LOAD_CHUNK):
-                    await cur.executemany(
-                        "INSERT INTO kling_jobs (key, seq, request_hash, video_url)"
-                        " VALUES (%s, %s, %s, %s) ON CONFLICT (key) DO NOTHING",
-                        rows[start : start + _LOAD_CHUNK],
-                    )
-            await self._check_changed(conn, {key: (digest, url) for key, digest, url in jobs})
-            await conn.execute(
-                "UPDATE kling_jobs SET state = 'pending', worker = NULL WHERE state = 'done'"
-                " AND NOT final AND (worker IS NULL OR worker IN (SELECT id FROM kling_workers"
-                " WHERE expires_at < clock_timestamp()))"
-            )
-
-        await self._tx(work)
-
-    async def _check_changed(self, conn: Conn, wanted: dict[str, tuple[str, str | None]]) -> None:
-        cur = await conn.execute(
-            "SELECT j.key, j.request_hash, EXISTS (SELECT 1 FROM kling_stages s WHERE"
-            " s.key = j.key AND s.status <> 'refused') FROM kling_jobs j WHERE j.key = ANY(%s)",
-            (list(wanted),),
-        )
-        for key, digest, may_have_task in await cur.fetchall():
-            new_digest, url = wanted[key]
-            if digest == new_digest:
-                continue
-            if may_have_task:
-                raise ValidationError(
-                    "key",
-                    f"{key!r} names another job than the one this journal recorded under it"
-                    " (its request differs) and that one may have created a task; give the"
-                    " changed job a new key, or use a new journal",
-                )
-            # It never created a task: its record starts over (a slot it held is freed).
-            cur = await conn.execute(
-                "SELECT slot FROM kling_jobs WHERE key = %s FOR UPDATE", (key,)
-            )
-            held = await cur.fetchone()
-            await conn.execute(
-                "UPDATE kling_jobs SET request_hash = %s, video_url = %s, state = 'pending',"
-                " worker = NULL, result = NULL, final = false, reported = false, slot = false"
-                " WHERE key = %s",
-                (new_digest, url, key),
-            )
-            await conn.execute("DELETE FROM kling_stages WHERE key = %s", (key,))
-            if held is not None and held[0]:
-                await give_back(conn, ended=False)
+        await self._tx(functools.partial(load_jobs, jobs=jobs))
 
     async def claim(self, skip: Sequence[str] = ()) -> Claim:
-        """The next job for this worker (its key), a dead worker's unreported result, None
-        (nothing to claim now: wait and ask again) or False (every job is done)."""
+        """The next job for this worker, as :data:`~kling_async.journal.Claim` says.
+
+        Its key, a dead worker's unreported result, None (nothing to claim now: wait and ask
+        again) or False (every job is done).
+        """
         while True:
             skipped = self._skip.union(skip)
-            got = await self._tx(lambda conn: claim_one(conn, self.worker, skipped))
+            got = await self._tx(functools.partial(claim_one, worker=self.worker, skip=skipped))
             if got is None:
                 return False
             if not isinstance(got, Claimed):
@@ -347,7 +311,7 @@ class PgJournal:
             if key not in self._known:
                 # Not among this worker's jobs: hand it back (another worker runs it).
                 self._skip.add(key)
-                await self._tx(lambda conn: self._unclaim(conn, key, got.row))
+                await self._tx(functools.partial(self._unclaim, key=key, row=got.row))
                 continue
             job = _job_from_rows(got.row, got.stages)
             self._jobs[key] = job
@@ -358,7 +322,7 @@ class PgJournal:
                 return job.result  # finished by a worker that died before reporting it
             return key
 
-    async def _unclaim(self, conn: Conn, key: str, row: tuple[Any, ...]) -> None:
+    async def _unclaim(self, conn: Conn, *, key: str, row: tuple[Any, ...]) -> None:
         state, slot = row[3], row[4]
         await conn.execute(
             "UPDATE kling_jobs SET state = %s, slot = %s, worker = NULL WHERE key = %s",
@@ -391,7 +355,7 @@ class PgJournal:
             return True
 
         while not await self._write(work):
-            await self.wait_for_slot(self._config.claim_poll)
+            await self.wait_for_slot()
 
     async def refresh(self) -> None:
         """Re-read every worker's task ids and unanswered submits (see :meth:`unresolved`)."""
@@ -412,9 +376,12 @@ class PgJournal:
             if status == SUBMITTING:
                 self._others.append((key, stage, url, intent_at))
 
-    async def wait_for_slot(self, timeout: float) -> None:
-        """Return when a job of this worker ends (its slot may be free), or after ``timeout``."""
-        with anyio.move_on_after(timeout):
+    async def wait_for_slot(self) -> None:
+        """Return when a job of this worker ends, or after ``claim_poll`` seconds.
+
+        Either way a slot may be free now (another worker's job may have ended meanwhile).
+        """
+        with anyio.move_on_after(self._config.claim_poll):
             await self._freed.wait()
 
     # -- internals -----------------------------------------------------------------------
@@ -457,7 +424,8 @@ class PgJournal:
         if self._closed:
             raise JournalError(f"journal {self.path} is closed")
         with anyio.CancelScope(shield=True):
-            return await self._tx(work)
+            result = await self._tx(work)
+        return result
 
     async def _tx(self, work: Callable[[Conn], Awaitable[T]]) -> T:
         if self._broken is not None:
@@ -489,15 +457,7 @@ class PgJournal:
         while True:
             await anyio.sleep(self._config.renew)
 
-            async def work(conn: Conn) -> bool:
-                cur = await conn.execute(
-                    "UPDATE kling_workers SET expires_at = clock_timestamp()"
-                    " + make_interval(secs => %s) WHERE id = %s AND NOT drained"
-                    " AND expires_at > clock_timestamp() RETURNING id",
-                    (self._config.lease, self.worker),
-                )
-                return await cur.fetchone() is not None
-
+            work = functools.partial(renew_lease, worker=self.worker, lease=self._config.lease)
             try:
                 renewed = await self._tx(work)
             except JournalError:
@@ -508,27 +468,6 @@ class PgJournal:
                     f" {self._config.lease:g} s); its jobs may be another worker's now"
                 )
                 return
-
-    async def _release_all(self, conn: Conn) -> None:
-        cur = await conn.execute(
-            "SELECT j.key, j.slot, EXISTS (SELECT 1 FROM kling_stages s WHERE s.key = j.key"
-            " AND s.status <> 'refused') FROM kling_jobs j WHERE j.worker = %s"
-            " AND j.state = 'claimed' FOR UPDATE",
-            (self.worker,),
-        )
-        rows = await cur.fetchall()
-        for key, slot, may_have_task in rows:
-            await conn.execute(
-                "UPDATE kling_jobs SET state = 'pending', worker = NULL, slot = %s WHERE key = %s",
-                (bool(slot and may_have_task), key),
-            )
-            if slot and not may_have_task:
-                await give_back(conn, ended=False)
-        await conn.execute(
-            "UPDATE kling_workers SET expires_at = LEAST(expires_at, clock_timestamp())"
-            " WHERE id = %s",
-            (self.worker,),
-        )
 
 
 def _reason(exc: BaseException) -> str:
@@ -554,4 +493,3 @@ def _job_from_rows(row: tuple[Any, ...], stages: list[tuple[Any, ...]]) -> Journ
             snapshot=snapshot_from_json(snapshot) if snapshot else None,
         )
     return job
-

@@ -17,15 +17,30 @@ in a circle.
 
 from __future__ import annotations
 
-from collections.abc import Collection
+from collections.abc import Collection, Sequence
 from typing import Any
 
 import attrs
 from psycopg import AsyncConnection
 
-__all__ = ["Claimed", "claim_one", "dead_workers", "give_back", "lower_limit", "take_slot"]
+from .._errors import ValidationError
+
+__all__ = [
+    "Claimed",
+    "claim_one",
+    "dead_workers",
+    "give_back",
+    "load_jobs",
+    "lower_limit",
+    "release_claims",
+    "renew_lease",
+    "take_slot",
+]
 
 Conn = AsyncConnection[tuple[Any, ...]]
+
+#: Jobs written per statement batch when loading.
+_LOAD_CHUNK = 1000
 
 _JOB_COLUMNS = "key, request_hash, video_url, state, slot, result, final, reported"
 
@@ -46,11 +61,12 @@ async def dead_workers(conn: Conn) -> list[str]:
     return [str(row[0]) for row in await cur.fetchall()]
 
 
-async def claim_one(conn: Conn, worker: str, skip: Collection[str]) -> Claimed | str | None:
-    """Claim a job for ``worker``: the claim, ``"no-slot"``, ``"none"`` (nothing left to claim
-    now) or None (every job is done or claimed by this worker).
+async def claim_one(conn: Conn, *, worker: str, skip: Collection[str]) -> Claimed | str | None:
+    """Claim a job for ``worker``, in the caller's transaction.
 
-    Keys in ``skip`` (jobs this worker cannot run) are left alone.
+    Returns the claim, ``"no-slot"``, ``"none"`` (nothing left to claim now) or None (every
+    job is done, or claimed by this worker).  Keys in ``skip`` (jobs this worker cannot run)
+    are left alone.
     """
     skipped = list(skip)
     row = None
@@ -96,8 +112,7 @@ async def claim_one(conn: Conn, worker: str, skip: Collection[str]) -> Claimed |
         (worker, key),
     )
     cur = await conn.execute(
-        "SELECT key, stage, status, intent_at, task_id, snapshot FROM kling_stages"
-        " WHERE key = %s",
+        "SELECT key, stage, status, intent_at, task_id, snapshot FROM kling_stages WHERE key = %s",
         (key,),
     )
     return Claimed(row=row, stages=list(await cur.fetchall()))
@@ -129,4 +144,94 @@ async def lower_limit(conn: Conn) -> None:
     await conn.execute(
         "UPDATE kling_account SET lim = GREATEST(1, held - 1), clean = 0, held = held - 1"
         " WHERE id = 1"
+    )
+
+
+async def load_jobs(conn: Conn, *, jobs: Sequence[tuple[str, str, str | None]]) -> None:
+    """Insert every ``(key, request_hash, video_url)`` not recorded yet, in input order.
+
+    A key recorded with another request is refused when that request may have created a task
+    (:class:`ValidationError`), and starts over otherwise.  Jobs whose latest result a rerun
+    does not keep (see ``kling_async._resume.is_final``), of workers no longer alive, become
+    claimable again.
+    """
+    rows = [(key, seq, digest, url) for seq, (key, digest, url) in enumerate(jobs)]
+    async with conn.cursor() as cur:
+        for start in range(0, len(rows), _LOAD_CHUNK):
+            await cur.executemany(
+                "INSERT INTO kling_jobs (key, seq, request_hash, video_url)"
+                " VALUES (%s, %s, %s, %s) ON CONFLICT (key) DO NOTHING",
+                rows[start : start + _LOAD_CHUNK],
+            )
+    await _check_changed(conn, {key: (digest, url) for key, digest, url in jobs})
+    await conn.execute(
+        "UPDATE kling_jobs SET state = 'pending', worker = NULL WHERE state = 'done'"
+        " AND NOT final AND (worker IS NULL OR worker IN (SELECT id FROM kling_workers"
+        " WHERE expires_at < clock_timestamp()))"
+    )
+
+
+async def _check_changed(conn: Conn, wanted: dict[str, tuple[str, str | None]]) -> None:
+    cur = await conn.execute(
+        "SELECT j.key, j.request_hash, EXISTS (SELECT 1 FROM kling_stages s WHERE"
+        " s.key = j.key AND s.status <> 'refused') FROM kling_jobs j WHERE j.key = ANY(%s)",
+        (list(wanted),),
+    )
+    for key, digest, may_have_task in await cur.fetchall():
+        new_digest, url = wanted[key]
+        if digest == new_digest:
+            continue
+        if may_have_task:
+            raise ValidationError(
+                "key",
+                f"{key!r} names another job than the one this journal recorded under it"
+                " (its request differs) and that one may have created a task; give the"
+                " changed job a new key, or use a new journal",
+            )
+        # It never created a task: its record starts over (a slot it held is freed).
+        cur = await conn.execute("SELECT slot FROM kling_jobs WHERE key = %s FOR UPDATE", (key,))
+        held = await cur.fetchone()
+        await conn.execute(
+            "UPDATE kling_jobs SET request_hash = %s, video_url = %s, state = 'pending',"
+            " worker = NULL, result = NULL, final = false, reported = false, slot = false"
+            " WHERE key = %s",
+            (new_digest, url, key),
+        )
+        await conn.execute("DELETE FROM kling_stages WHERE key = %s", (key,))
+        if held is not None and held[0]:
+            await give_back(conn, ended=False)
+
+
+async def renew_lease(conn: Conn, *, worker: str, lease: float) -> bool:
+    """Extend ``worker``'s lease by ``lease`` seconds; False once it has expired (for good)."""
+    cur = await conn.execute(
+        "UPDATE kling_workers SET expires_at = clock_timestamp() + make_interval(secs => %s)"
+        " WHERE id = %s AND NOT drained AND expires_at > clock_timestamp() RETURNING id",
+        (lease, worker),
+    )
+    return await cur.fetchone() is not None
+
+
+async def release_claims(conn: Conn, *, worker: str) -> None:
+    """A worker stops: its unfinished jobs become claimable, and its lease ends now.
+
+    A job whose submit never left gives its slot back; one whose task may exist keeps it.
+    """
+    cur = await conn.execute(
+        "SELECT j.key, j.slot, EXISTS (SELECT 1 FROM kling_stages s WHERE s.key = j.key"
+        " AND s.status <> 'refused') FROM kling_jobs j WHERE j.worker = %s"
+        " AND j.state = 'claimed' FOR UPDATE",
+        (worker,),
+    )
+    rows = await cur.fetchall()
+    for key, slot, may_have_task in rows:
+        await conn.execute(
+            "UPDATE kling_jobs SET state = 'pending', worker = NULL, slot = %s WHERE key = %s",
+            (bool(slot and may_have_task), key),
+        )
+        if slot and not may_have_task:
+            await give_back(conn, ended=False)
+    await conn.execute(
+        "UPDATE kling_workers SET expires_at = LEAST(expires_at, clock_timestamp()) WHERE id = %s",
+        (worker,),
     )

@@ -76,7 +76,9 @@ _SCHEMA = (
 )
 
 
-async def prepare(conn: AsyncConnection[tuple[object, ...]], where: str, meta: dict[str, str]) -> None:
+async def prepare(
+    conn: AsyncConnection[tuple[object, ...]], where: str, meta: dict[str, str]
+) -> None:
     """Create the tables if missing and check ``meta`` (inside the caller's transaction).
 
     Raises :class:`ValidationError` for a journal of another dialect or server, and
