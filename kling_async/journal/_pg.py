@@ -256,7 +256,12 @@ class PgJournal:
         A failing journal ends it quietly: the batch's next write raises the error.
         """
         async with anyio.create_task_group() as group:
-            group.start_soon(self._renew)
+
+            async def renew() -> None:
+                await self._renew()
+                group.cancel_scope.cancel()  # the lease is lost: nothing more to do here
+
+            group.start_soon(renew)
             while True:
                 await self._marked.wait()
                 self._marked = anyio.Event()

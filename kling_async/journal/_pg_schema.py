@@ -85,8 +85,13 @@ async def prepare(
     :class:`JournalError` for one of another layout version.
     """
     await conn.execute("SELECT pg_advisory_xact_lock(%s)", (_SETUP_LOCK,))
-    for sql in _SCHEMA:
-        await conn.execute(sql)
+    cur = await conn.execute("SELECT to_regclass('kling_meta') IS NOT NULL")
+    exists = await cur.fetchone()
+    if not (exists and exists[0]):
+        # Only when missing: even CREATE INDEX IF NOT EXISTS locks its table against writes,
+        # and workers already claiming jobs would wait for it (or deadlock with it).
+        for sql in _SCHEMA:
+            await conn.execute(sql)
     cur = await conn.execute("SELECT name, value FROM kling_meta")
     stored = {str(name): str(value) for name, value in await cur.fetchall()}
     if not stored:
