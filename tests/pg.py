@@ -67,7 +67,9 @@ def _free_port() -> int:
 class PgServer:
     """One throw-away PostgreSQL cluster: :meth:`start`, :meth:`new_database`, :meth:`stop`."""
 
-    def __init__(self) -> None:
+    def __init__(self, *, durable: bool = False) -> None:
+        #: durable: fsync and synchronous commits as a real server (benchmarks/workers.py).
+        self.durable = durable
         self.bin = find_bin()
         self.dir = Path(tempfile.mkdtemp(prefix="kling-pg-"))
         self.data = self.dir / "data"
@@ -109,10 +111,11 @@ class PgServer:
             self.port = _free_port()
             options = (
                 f"-c listen_addresses=127.0.0.1 -c port={self.port} "
-                f"-c unix_socket_directories={self.dir} -c fsync=off "
-                "-c synchronous_commit=off -c full_page_writes=off -c max_connections=200 "
+                f"-c unix_socket_directories={self.dir} -c max_connections=200 "
                 "-c shared_buffers=32MB"
             )
+            if not self.durable:
+                options += " -c fsync=off -c synchronous_commit=off -c full_page_writes=off"
             done = self._run(
                 str(self.bin / "pg_ctl"),
                 "-D",

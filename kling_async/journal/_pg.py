@@ -32,6 +32,7 @@ from .._errors import JournalError
 from .._journal import CREATED, REFUSED, SUBMITTING, JournalJob, JournalStage
 from .._journal_codec import result_from_json, result_to_json, snapshot_from_json, snapshot_to_json
 from .._results import JobResult, TaskSnapshot
+from . import _pg_sql as sql
 from ._config import PostgresJournal, redact
 from ._contract import Claim
 from ._pg_claims import (
@@ -40,10 +41,8 @@ from ._pg_claims import (
     claim_one,
     give_back,
     load_jobs,
-    lower_limit,
     release_claims,
     renew_lease,
-    take_slot,
 )
 from ._pg_schema import prepare
 
@@ -95,7 +94,12 @@ class PgJournal:
         where = redact(config.url)
         size = max(2, min(8, max_in_flight // 4 + 2))
         pool: AsyncConnectionPool[Any] = AsyncConnectionPool(
-            config.url, min_size=1, max_size=size, open=False, kwargs={"autocommit": True}
+            config.url,
+            min_size=1,
+            max_size=size,
+            open=False,
+            kwargs={"autocommit": True},
+            configure=_configure,
         )
         worker = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
         meta = {"dialect": dialect, "stage": stage, "base_url": base_url}
@@ -166,20 +170,13 @@ class PgJournal:
         return job
 
     async def submitting(self, key: str, stage: str, at: float) -> None:
-        """Record that ``stage``'s request of ``key`` is about to leave: committed on return."""
+        """Record that ``stage``'s request of ``key`` is about to leave: committed on return.
+
+        Durably: on the database server's disk before the request leaves (see :meth:`_one`).
+        """
         job = self._jobs[key]
         job.stages[stage] = JournalStage(status=SUBMITTING, intent_at=at)
-
-        async def work(conn: Conn) -> None:
-            await self._own(conn, job)
-            await conn.execute(
-                "INSERT INTO kling_stages (key, stage, status, intent_at) VALUES (%s, %s, %s, %s)"
-                " ON CONFLICT (key, stage) DO UPDATE SET status = EXCLUDED.status,"
-                " intent_at = EXCLUDED.intent_at, task_id = NULL, snapshot = NULL",
-                (key, stage, SUBMITTING, at),
-            )
-
-        await self._write(work)
+        await self._fenced(job, sql.SUBMITTING, {"stage": stage, "at": at}, durable=True)
 
     async def created(
         self, key: str, stage: str, task_id: str, snapshot: TaskSnapshot | None = None
@@ -193,17 +190,8 @@ class PgJournal:
         )
         self._owners[task_id] = key
         text = snapshot_to_json(snapshot) if snapshot is not None else None
-
-        async def work(conn: Conn) -> None:
-            await self._own(conn, job)
-            await conn.execute(
-                "INSERT INTO kling_stages VALUES (%s, %s, %s, %s, %s, %s)"
-                " ON CONFLICT (key, stage) DO UPDATE SET status = EXCLUDED.status,"
-                " task_id = EXCLUDED.task_id, snapshot = EXCLUDED.snapshot",
-                (key, stage, CREATED, intent, task_id, text),
-            )
-
-        await self._write(work)
+        params = {"stage": stage, "at": intent, "task_id": task_id, "snapshot": text}
+        await self._fenced(job, sql.CREATED, params)
 
     async def refused(self, key: str, stage: str) -> None:
         """Record that ``stage``'s request of ``key`` created nothing (it may be sent again)."""
@@ -212,33 +200,18 @@ class PgJournal:
         if record is None or record.status != SUBMITTING:
             return
         record.status = REFUSED
-
-        async def work(conn: Conn) -> None:
-            await self._own(conn, job)
-            await conn.execute(
-                "UPDATE kling_stages SET status = %s WHERE key = %s AND stage = %s",
-                (REFUSED, key, stage),
-            )
-
-        await self._write(work)
+        await self._fenced(job, sql.REFUSED, {"stage": stage})
 
     async def finished(self, result: JobResult, *, final: bool) -> None:
         """Record ``result`` (the job is done) and give its task slot back to the account."""
         job = self._jobs[result.key]
         job.result, job.final, job.reported = result, final, False
-        text = result_to_json(result)
-
-        async def work(conn: Conn) -> None:
-            held = await self._own(conn, job)
-            await conn.execute(
-                "UPDATE kling_jobs SET result = %s, final = %s, reported = false,"
-                " state = 'done', slot = false WHERE key = %s",
-                (text, final, result.key),
-            )
-            if held:
-                await give_back(conn, ended=result.task_id is not None)
-
-        await self._write(work)
+        params = {
+            "result": result_to_json(result),
+            "final": final,
+            "ended": result.task_id is not None,
+        }
+        await self._fenced(job, sql.FINISHED, params)
         self._wake()
 
     def reported(self, key: str) -> None:
@@ -307,7 +280,7 @@ class PgJournal:
         """
         while True:
             skipped = self._skip.union(skip)
-            got = await self._tx(functools.partial(claim_one, worker=self.worker, skip=skipped))
+            got = await self._auto(functools.partial(claim_one, worker=self.worker, skip=skipped))
             if got is None:
                 return False
             if not isinstance(got, Claimed):
@@ -338,28 +311,15 @@ class PgJournal:
 
     async def concurrency_refused(self, key: str) -> None:
         """A 1303 for ``key``: lower the shared limit and free the job's slot."""
-        job = self._jobs[key]
-
-        async def work(conn: Conn) -> None:
-            if await self._own(conn, job):
-                await conn.execute("UPDATE kling_jobs SET slot = false WHERE key = %s", (key,))
-                await lower_limit(conn)
-
-        await self._write(work)
+        await self._fenced(self._jobs[key], sql.LOWER_LIMIT, {})
 
     async def regain_slot(self, key: str) -> None:
         """Wait until the shared limit lets ``key`` hold a slot again, and take it."""
         job = self._jobs[key]
-
-        async def work(conn: Conn) -> bool:
-            if await self._own(conn, job):
-                return True
-            if not await take_slot(conn):
-                return False
-            await conn.execute("UPDATE kling_jobs SET slot = true WHERE key = %s", (key,))
-            return True
-
-        while not await self._write(work):
+        while True:
+            row = await self._fenced(job, sql.REGAIN_SLOT, {})
+            if row[1] or row[2]:  # held one already, or took one now
+                return
             await self.wait_for_slot()
 
     async def refresh(self) -> None:
@@ -395,44 +355,87 @@ class PgJournal:
         freed, self._freed = self._freed, anyio.Event()
         freed.set()
 
-    async def _own(self, conn: Conn, job: JournalJob) -> bool:
-        """Lock ``job``'s row if it is this worker's (else raise): whether it holds a slot.
+    async def _fenced(
+        self, job: JournalJob, statement: str, params: dict[str, Any], *, durable: bool = False
+    ) -> tuple[Any, ...]:
+        """Run a :mod:`._pg_sql` statement on ``job`` (else raise: it is another worker's).
 
-        A job begun outside :meth:`load` is written (and claimed) here, with its first change.
+        A job begun outside :meth:`load` is written (and claimed) first, with its first change.
         """
-        if not job.stored:
-            job.stored = True
-            await conn.execute(
-                "INSERT INTO kling_jobs (key, request_hash, video_url, state, worker)"
-                " VALUES (%s, %s, %s, 'claimed', %s) ON CONFLICT (key) DO UPDATE SET"
-                " request_hash = EXCLUDED.request_hash, video_url = EXCLUDED.video_url,"
-                " state = 'claimed', worker = EXCLUDED.worker, result = NULL, final = false"
-                " WHERE kling_jobs.worker IS NULL OR kling_jobs.worker = EXCLUDED.worker",
-                (job.key, job.request_hash, job.video_url, self.worker),
+        if self._closed:
+            raise JournalError(f"journal {self.path} is closed")
+        with anyio.CancelScope(shield=True):  # memory and database must agree
+            if not job.stored:
+                job.stored = True
+                await self._tx(functools.partial(self._store, job=job))
+            row = await self._one(
+                statement, {**params, "key": job.key, "worker": self.worker}, durable=durable
             )
-            await conn.execute("DELETE FROM kling_stages WHERE key = %s", (job.key,))
-        cur = await conn.execute(
-            "SELECT slot FROM kling_jobs WHERE key = %s AND worker = %s FOR UPDATE",
-            (job.key, self.worker),
-        )
-        row = await cur.fetchone()
-        if row is None:
+        if not row[0]:
             self._broken = JournalError(
                 f"journal {self.path}: job {job.key!r} is no longer this worker's (its lease"
                 " expired and another worker took it over); this worker stops"
             )
             raise self._broken
-        return bool(row[0])
+        return row
 
-    async def _write(self, work: Callable[[Conn], Awaitable[T]]) -> T:
-        """Run ``work`` in one transaction, shielded (memory and database must agree)."""
-        if self._closed:
-            raise JournalError(f"journal {self.path} is closed")
-        with anyio.CancelScope(shield=True):
-            result = await self._tx(work)
+    async def _store(self, conn: Conn, *, job: JournalJob) -> None:
+        await conn.execute(
+            "INSERT INTO kling_jobs (key, request_hash, video_url, state, worker)"
+            " VALUES (%s, %s, %s, 'claimed', %s) ON CONFLICT (key) DO UPDATE SET"
+            " request_hash = EXCLUDED.request_hash, video_url = EXCLUDED.video_url,"
+            " state = 'claimed', worker = EXCLUDED.worker, result = NULL, final = false"
+            " WHERE kling_jobs.worker IS NULL OR kling_jobs.worker = EXCLUDED.worker",
+            (job.key, job.request_hash, job.video_url, self.worker),
+        )
+        await conn.execute("DELETE FROM kling_stages WHERE key = %s", (job.key,))
+
+    async def _one(
+        self, statement: str, params: dict[str, Any], *, durable: bool = False
+    ) -> tuple[Any, ...]:
+        """Run one statement (its own transaction) and return its first row.
+
+        ``durable``: on the server's disk on return.  Only a submit's intent must survive the
+        database server's own crash (as a SQLite intent survives a power cut).  Everything
+        else commits asynchronously (the connections' ``synchronous_commit=off``): it survives
+        any worker dying, the server loses at most its last fraction of a second if *it*
+        crashes (any later durable commit flushes everything before it), and above all a
+        transaction does not hold its row locks while the disk syncs: every claim and every
+        finished job updates the one ``kling_account`` row, and waiting for the disk there
+        made slot accounting the batch's bottleneck (benchmarks/README.md, "Many workers").
+        """
+        if self._broken is not None:
+            raise self._broken
+        try:
+            async with self._pool.connection() as conn:
+                if durable:
+                    async with conn.transaction():
+                        await conn.execute("SET LOCAL synchronous_commit = on")
+                        cur = await conn.execute(statement, params)
+                        row = await cur.fetchone()
+                else:
+                    cur = await conn.execute(statement, params)
+                    row = await cur.fetchone()
+        except (psycopg.Error, PoolTimeout) as exc:
+            raise JournalError(f"journal {self.path}: {_reason(exc)}") from None
+        self.transactions += 1
+        assert row is not None  # (every statement here answers one row)
+        return tuple(row)
+
+    async def _auto(self, work: Callable[[Conn], Awaitable[T]]) -> T:
+        """Run ``work`` on a connection outside any transaction (each statement its own)."""
+        if self._broken is not None:
+            raise self._broken
+        try:
+            async with self._pool.connection() as conn:
+                result = await work(conn)
+        except (psycopg.Error, PoolTimeout) as exc:
+            raise JournalError(f"journal {self.path}: {_reason(exc)}") from None
+        self.transactions += 1
         return result
 
     async def _tx(self, work: Callable[[Conn], Awaitable[T]]) -> T:
+        """Run ``work`` in one transaction (committed asynchronously: see :meth:`_one`)."""
         if self._broken is not None:
             raise self._broken
         try:
@@ -473,6 +476,11 @@ class PgJournal:
                     f" {self._config.lease:g} s); its jobs may be another worker's now"
                 )
                 return
+
+
+async def _configure(conn: psycopg.AsyncConnection[Any]) -> None:
+    """Every connection commits asynchronously unless told otherwise (see ``PgJournal._one``)."""
+    await conn.execute("SET synchronous_commit = off")
 
 
 def _reason(exc: BaseException) -> str:

@@ -1,18 +1,17 @@
-"""The statements behind claims and task slots of the PostgreSQL journal (one transaction each).
+"""Claims, loading, leases and slot hand-backs of the PostgreSQL journal.
 
-Every function takes a connection inside the caller's transaction.  Locks are always taken in
-the same order, a job's row before the account's row, so two workers never wait on each other
-in a circle.
+Locks are always taken in the same order, a job's row before the account's row, so two
+workers never wait on each other in a circle.
 
 * :func:`claim_one` claims the next job with ``SELECT ... FOR UPDATE SKIP LOCKED`` (so two
   workers never claim the same job, and neither waits for the other), and in the same
-  transaction the task slot it needs: ``held + 1`` only where ``held < lim``.  A job that holds
-  a slot already (its task may be running: its worker died or stopped) is claimed first and
-  needs none.  Jobs of workers whose lease has expired are claimed before new ones.
-* :func:`give_back` frees a job's slot when its task has ended; a task that ended counts as a
-  clean finish, and after ``lim`` of them the shared limit grows by one (as
-  :class:`kling_async._slots.TaskSlots` does in one process).
-* :func:`lower_limit` is a 1303: the limit becomes the slots held less one, for every worker.
+  statement, one transaction, the task slot it needs: ``held + 1`` only where ``held < lim``.
+  A job that holds a slot already (its task may be running: its worker died or stopped) is
+  claimed first and needs none.  Jobs of workers whose lease has expired come before new ones.
+* :func:`load_jobs` records the jobs (idempotent by key); :func:`renew_lease` and
+  :func:`release_claims` keep and end a worker's lease; :func:`give_back` frees a slot.
+* The writes on one claimed job (the result gives its slot back, a 1303 lowers the shared
+  limit for everyone) are the statements of :mod:`._pg_sql`.
 """
 
 from __future__ import annotations
@@ -28,13 +27,10 @@ from .._errors import ValidationError
 __all__ = [
     "Claimed",
     "claim_one",
-    "dead_workers",
     "give_back",
     "load_jobs",
-    "lower_limit",
     "release_claims",
     "renew_lease",
-    "take_slot",
 ]
 
 Conn = AsyncConnection[tuple[Any, ...]]
@@ -42,7 +38,9 @@ Conn = AsyncConnection[tuple[Any, ...]]
 #: Jobs written per statement batch when loading.
 _LOAD_CHUNK = 1000
 
-_JOB_COLUMNS = "key, request_hash, video_url, state, slot, result, final, reported"
+#: Workers whose lease has expired and who may still have jobs to take over.
+_DEAD = """dead AS MATERIALIZED (
+    SELECT id FROM kling_workers WHERE expires_at < clock_timestamp() AND NOT drained)"""
 
 
 @attrs.frozen(kw_only=True)
@@ -53,77 +51,76 @@ class Claimed:
     stages: list[tuple[Any, ...]]
 
 
-async def dead_workers(conn: Conn) -> list[str]:
-    """Workers whose lease has expired and who may still have jobs to take over."""
-    cur = await conn.execute(
-        "SELECT id FROM kling_workers WHERE expires_at < clock_timestamp() AND NOT drained"
-    )
-    return [str(row[0]) for row in await cur.fetchall()]
+#: Claim one job in one statement (one round trip): a dead worker's job first, else the first
+#: pending one (one that holds a slot first: its task may be running); a slot from the account
+#: only for a job that needs one and only while ``held < lim``; the job's stages with it.
+_CLAIM = f"""
+WITH {_DEAD},
+orphan AS (
+    SELECT key, state, slot FROM kling_jobs
+    WHERE worker IN (SELECT id FROM dead)
+      AND (state = 'claimed' OR (state = 'done' AND NOT reported))
+      AND NOT (key = ANY(%(skip)s))
+    ORDER BY seq LIMIT 1 FOR UPDATE SKIP LOCKED),
+fresh AS (
+    SELECT key, state, slot FROM kling_jobs
+    WHERE state = 'pending' AND NOT (key = ANY(%(skip)s)) AND NOT EXISTS (SELECT 1 FROM orphan)
+    ORDER BY slot DESC, seq LIMIT 1 FOR UPDATE SKIP LOCKED),
+chosen AS (SELECT * FROM orphan UNION ALL SELECT * FROM fresh),
+acc AS (
+    UPDATE kling_account SET held = held + 1
+    WHERE id = 1 AND held < lim
+      AND EXISTS (SELECT 1 FROM chosen WHERE state <> 'done' AND NOT slot)
+    RETURNING 1),
+upd AS (
+    UPDATE kling_jobs j SET worker = %(worker)s, touched_at = clock_timestamp(),
+        state = CASE WHEN c.state = 'done' THEN 'done' ELSE 'claimed' END,
+        slot = CASE WHEN c.state = 'done' THEN c.slot ELSE true END
+    FROM chosen c
+    WHERE j.key = c.key AND (c.state = 'done' OR c.slot OR EXISTS (SELECT 1 FROM acc))
+    RETURNING j.key, j.request_hash, j.video_url, c.state, c.slot, j.result, j.final,
+        j.reported)
+SELECT (SELECT count(*) FROM chosen), upd.*,
+    (SELECT json_agg(json_build_array(s.key, s.stage, s.status, s.intent_at, s.task_id,
+        s.snapshot)) FROM kling_stages s WHERE s.key = upd.key)
+FROM (SELECT 1) one LEFT JOIN upd ON true
+"""
+
+#: Nothing to claim: is anything left that this worker may yet claim?  Dead workers with
+#: nothing left to take over are marked drained on the way (not looked at again).
+_LEFT = f"""
+WITH {_DEAD},
+drain AS (
+    UPDATE kling_workers w SET drained = true
+    WHERE id IN (SELECT id FROM dead) AND NOT EXISTS (
+        SELECT 1 FROM kling_jobs j WHERE j.worker = w.id
+          AND (j.state = 'claimed' OR (j.state = 'done' AND NOT j.reported))))
+SELECT EXISTS (
+    SELECT 1 FROM kling_jobs WHERE NOT (key = ANY(%(skip)s)) AND (
+        state = 'pending' OR (state = 'claimed' AND worker IS DISTINCT FROM %(worker)s)
+        OR (state = 'done' AND NOT reported AND worker IN (SELECT id FROM dead))))
+"""
 
 
 async def claim_one(conn: Conn, *, worker: str, skip: Collection[str]) -> Claimed | str | None:
-    """Claim a job for ``worker``, in the caller's transaction.
+    """Claim a job for ``worker`` (autocommit: one statement, one transaction).
 
     Returns the claim, ``"no-slot"``, ``"none"`` (nothing left to claim now) or None (every
     job is done, or claimed by this worker).  Keys in ``skip`` (jobs this worker cannot run)
     are left alone.
     """
-    skipped = list(skip)
-    row = None
-    dead = await dead_workers(conn)
-    if dead:
-        cur = await conn.execute(
-            f"SELECT {_JOB_COLUMNS} FROM kling_jobs WHERE worker = ANY(%s)"
-            " AND (state = 'claimed' OR (state = 'done' AND NOT reported))"
-            " AND NOT (key = ANY(%s)) ORDER BY seq LIMIT 1 FOR UPDATE SKIP LOCKED",
-            (dead, skipped),
-        )
-        row = await cur.fetchone()
-        if row is None:  # nothing of theirs left (or being taken right now by another)
-            await conn.execute(
-                "UPDATE kling_workers w SET drained = true WHERE id = ANY(%s) AND NOT EXISTS"
-                " (SELECT 1 FROM kling_jobs j WHERE j.worker = w.id"
-                " AND (j.state = 'claimed' OR (j.state = 'done' AND NOT j.reported)))",
-                (dead,),
-            )
-    if row is None:
-        cur = await conn.execute(
-            f"SELECT {_JOB_COLUMNS} FROM kling_jobs WHERE state = 'pending'"
-            " AND NOT (key = ANY(%s)) ORDER BY slot DESC, seq LIMIT 1 FOR UPDATE SKIP LOCKED",
-            (skipped,),
-        )
-        row = await cur.fetchone()
-    if row is None:
-        cur = await conn.execute(
-            "SELECT EXISTS (SELECT 1 FROM kling_jobs WHERE NOT (key = ANY(%s)) AND"
-            " (state = 'pending' OR (state = 'claimed' AND worker IS DISTINCT FROM %s)"
-            " OR (state = 'done' AND NOT reported AND worker = ANY(%s))))",
-            (skipped, worker, dead),
-        )
-        found = await cur.fetchone()
-        return "none" if found is not None and found[0] else None
-    key, state, slot = row[0], row[3], row[4]
-    if state != "done" and not slot and not await take_slot(conn):
+    params = {"worker": worker, "skip": list(skip)}
+    cur = await conn.execute(_CLAIM, params)
+    row = await cur.fetchone()
+    assert row is not None  # (one row always: the left join)
+    chosen, job, stages = row[0], row[1:9], row[9]
+    if job[0] is not None:
+        return Claimed(row=tuple(job), stages=[tuple(stage) for stage in stages or ()])
+    if chosen:
         return "no-slot"
-    await conn.execute(
-        "UPDATE kling_jobs SET worker = %s, touched_at = clock_timestamp(),"
-        " state = CASE WHEN state = 'done' THEN 'done' ELSE 'claimed' END,"
-        " slot = CASE WHEN state = 'done' THEN slot ELSE true END WHERE key = %s",
-        (worker, key),
-    )
-    cur = await conn.execute(
-        "SELECT key, stage, status, intent_at, task_id, snapshot FROM kling_stages WHERE key = %s",
-        (key,),
-    )
-    return Claimed(row=row, stages=list(await cur.fetchall()))
-
-
-async def take_slot(conn: Conn) -> bool:
-    """Take one of the account's slots if the shared limit allows."""
-    cur = await conn.execute(
-        "UPDATE kling_account SET held = held + 1 WHERE id = 1 AND held < lim RETURNING held"
-    )
-    return await cur.fetchone() is not None
+    cur = await conn.execute(_LEFT, params)
+    left = await cur.fetchone()
+    return "none" if left is not None and left[0] else None
 
 
 async def give_back(conn: Conn, *, ended: bool) -> None:
@@ -135,14 +132,6 @@ async def give_back(conn: Conn, *, ended: bool) -> None:
         "UPDATE kling_account SET held = held - 1,"
         " lim = CASE WHEN lim < capacity AND clean + 1 >= lim THEN lim + 1 ELSE lim END,"
         " clean = CASE WHEN lim < capacity AND clean + 1 >= lim THEN 0 ELSE clean + 1 END"
-        " WHERE id = 1"
-    )
-
-
-async def lower_limit(conn: Conn) -> None:
-    """A 1303 while the refused job still held its slot: the account sustains one fewer."""
-    await conn.execute(
-        "UPDATE kling_account SET lim = GREATEST(1, held - 1), clean = 0, held = held - 1"
         " WHERE id = 1"
     )
 

@@ -1,0 +1,82 @@
+"""The PostgreSQL journal's writes on one job: each one statement, fenced by the claim.
+
+One statement is one round trip and one transaction.  ``own`` locks the job's row only if this
+worker holds it, and every change reads ``own``, so a job taken over by another worker is never
+written.
+
+Each statement answers one row: whether the job was this worker's, and whether it held a task
+slot (before the statement), and for :data:`REGAIN_SLOT` whether it holds one now.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "CREATED",
+    "FINISHED",
+    "LOWER_LIMIT",
+    "REFUSED",
+    "REGAIN_SLOT",
+    "SUBMITTING",
+    "fenced",
+]
+
+_OWN = """own AS (
+    SELECT key, slot FROM kling_jobs WHERE key = %(key)s AND worker = %(worker)s FOR UPDATE)"""
+
+
+def fenced(changes: str, extra: str = "") -> str:
+    """The statement that makes ``changes`` (data-modifying CTEs reading ``own``)."""
+    return (
+        f"WITH {_OWN},\n{changes}\n"
+        f"SELECT EXISTS (SELECT 1 FROM own), COALESCE((SELECT slot FROM own), false){extra}"
+    )
+
+
+SUBMITTING = fenced("""w AS (
+    INSERT INTO kling_stages (key, stage, status, intent_at)
+    SELECT key, %(stage)s, 'submitting', %(at)s FROM own
+    ON CONFLICT (key, stage) DO UPDATE SET status = EXCLUDED.status,
+        intent_at = EXCLUDED.intent_at, task_id = NULL, snapshot = NULL)""")
+
+CREATED = fenced("""w AS (
+    INSERT INTO kling_stages (key, stage, status, intent_at, task_id, snapshot)
+    SELECT key, %(stage)s, 'created', %(at)s, %(task_id)s, %(snapshot)s FROM own
+    ON CONFLICT (key, stage) DO UPDATE SET status = EXCLUDED.status,
+        task_id = EXCLUDED.task_id, snapshot = EXCLUDED.snapshot)""")
+
+REFUSED = fenced("""w AS (
+    UPDATE kling_stages s SET status = 'refused' FROM own
+    WHERE s.key = own.key AND s.stage = %(stage)s)""")
+
+#: The result, and the job's slot back to the account; a task that ended is a clean finish
+#: (after ``lim`` of them the limit grows by one, up to ``capacity``).
+FINISHED = fenced("""w AS (
+    UPDATE kling_jobs j SET result = %(result)s, final = %(final)s, reported = false,
+        state = 'done', slot = false
+    FROM own WHERE j.key = own.key RETURNING own.slot AS held),
+acc AS (
+    UPDATE kling_account SET held = held - 1,
+        lim = CASE WHEN %(ended)s AND lim < capacity AND clean + 1 >= lim
+            THEN lim + 1 ELSE lim END,
+        clean = CASE WHEN NOT %(ended)s THEN clean
+            WHEN lim < capacity AND clean + 1 >= lim THEN 0 ELSE clean + 1 END
+    WHERE id = 1 AND EXISTS (SELECT 1 FROM w WHERE held))""")
+
+#: A 1303 while the job held its slot: the account sustains one fewer than are held.
+LOWER_LIMIT = fenced("""w AS (
+    UPDATE kling_jobs j SET slot = false FROM own
+    WHERE j.key = own.key AND own.slot RETURNING 1),
+acc AS (
+    UPDATE kling_account SET lim = GREATEST(1, held - 1), clean = 0, held = held - 1
+    WHERE id = 1 AND EXISTS (SELECT 1 FROM w))""")
+
+#: A slot for the job again, if the shared limit allows.
+REGAIN_SLOT = fenced(
+    """acc AS (
+    UPDATE kling_account SET held = held + 1
+    WHERE id = 1 AND held < lim AND EXISTS (SELECT 1 FROM own WHERE NOT slot) RETURNING 1),
+w AS (
+    UPDATE kling_jobs j SET slot = true FROM own
+    WHERE j.key = own.key AND EXISTS (SELECT 1 FROM acc))""",
+    ", EXISTS (SELECT 1 FROM acc)",
+)
