@@ -58,8 +58,15 @@ class PgJournal:
     has claimed, in memory) and :class:`~kling_async.journal.SharedBackend`.
     """
 
-    def __init__(self, pool: AsyncConnectionPool[Any], config: PostgresJournal, worker: str):
-        self._pool = pool
+    def __init__(
+        self,
+        pools: tuple[AsyncConnectionPool[Any], AsyncConnectionPool[Any]],
+        config: PostgresJournal,
+        worker: str,
+    ):
+        # Two pools: connections that commit asynchronously (everything but intents) and
+        # connections that wait for the disk (intents): one statement each way (see _one).
+        self._pool, self._durable = pools
         self._config = config
         self.path = redact(config.url)
         self.worker = worker
@@ -101,10 +108,14 @@ class PgJournal:
             kwargs={"autocommit": True},
             configure=_configure,
         )
+        durable: AsyncConnectionPool[Any] = AsyncConnectionPool(
+            config.url, min_size=1, max_size=size, open=False, kwargs={"autocommit": True}
+        )
         worker = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
         meta = {"dialect": dialect, "stage": stage, "base_url": base_url}
         try:
             await pool.open(wait=True, timeout=10.0)
+            await durable.open(wait=True, timeout=10.0)
             async with pool.connection() as conn, conn.transaction():
                 await prepare(conn, where, meta)
                 await conn.execute(
@@ -118,13 +129,13 @@ class PgJournal:
                     " (%s, %s, %s, clock_timestamp() + make_interval(secs => %s))",
                     (worker, socket.gethostname(), os.getpid(), config.lease),
                 )
-        except (psycopg.Error, PoolTimeout) as exc:
+        except BaseException as exc:
             await pool.close()
-            raise JournalError(f"journal {where}: {_reason(exc)}") from None
-        except BaseException:
-            await pool.close()
+            await durable.close()
+            if isinstance(exc, (psycopg.Error, PoolTimeout)):
+                raise JournalError(f"journal {where}: {_reason(exc)}") from None
             raise
-        return cls(pool, config, worker)
+        return cls((pool, durable), config, worker)
 
     # -- reading -------------------------------------------------------------------------
 
@@ -260,6 +271,7 @@ class PgJournal:
                     await self._tx(functools.partial(release_claims, worker=self.worker))
             finally:
                 await self._pool.close()
+                await self._durable.close()
 
     # -- the shared part -----------------------------------------------------------------
 
@@ -395,9 +407,10 @@ class PgJournal:
     ) -> tuple[Any, ...]:
         """Run one statement (its own transaction) and return its first row.
 
-        ``durable``: on the server's disk on return.  Only a submit's intent must survive the
+        ``durable``: on the server's disk on return (a connection of the durable pool, with the
+        server's default ``synchronous_commit``).  Only a submit's intent must survive the
         database server's own crash (as a SQLite intent survives a power cut).  Everything
-        else commits asynchronously (the connections' ``synchronous_commit=off``): it survives
+        else commits asynchronously (the other pool's ``synchronous_commit=off``): it survives
         any worker dying, the server loses at most its last fraction of a second if *it*
         crashes (any later durable commit flushes everything before it), and above all a
         transaction does not hold its row locks while the disk syncs: every claim and every
@@ -407,15 +420,9 @@ class PgJournal:
         if self._broken is not None:
             raise self._broken
         try:
-            async with self._pool.connection() as conn:
-                if durable:
-                    async with conn.transaction():
-                        await conn.execute("SET LOCAL synchronous_commit = on")
-                        cur = await conn.execute(statement, params)
-                        row = await cur.fetchone()
-                else:
-                    cur = await conn.execute(statement, params)
-                    row = await cur.fetchone()
+            async with (self._durable if durable else self._pool).connection() as conn:
+                cur = await conn.execute(statement, params)
+                row = await cur.fetchone()
         except (psycopg.Error, PoolTimeout) as exc:
             raise JournalError(f"journal {self.path}: {_reason(exc)}") from None
         self.transactions += 1
