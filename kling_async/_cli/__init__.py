@@ -9,21 +9,22 @@ balance), 130 when interrupted.
 from __future__ import annotations
 
 import argparse
+import importlib
 import logging
 import math
 import sys
 import traceback
 from collections.abc import Callable, Sequence
-from typing import NoReturn, TypeVar
+from typing import Any, NoReturn, TypeVar
 
-from .. import __version__
 from .._errors import AuthenticationError, KlingError
 from ._connect import CliError, add_connection_options
-from ._journal_cmds import add_results_command, add_status_journal_option
-from ._progress import TqdmLogHandler
-from ._run import run_command
+from ._journal_args import add_results_command, add_status_journal_option
 from ._sandbox import TASK_LIMIT
-from ._status import fake_server_command, status_command
+
+# Start-up: building the parser imports only argparse and the light modules above, so that
+# `--help`, `--version` and usage errors answer without importing aiohttp, anyio or tqdm (about
+# 0.3 s).  A command's module is imported when the command runs (`_command`).
 
 __all__ = ["main"]
 
@@ -44,6 +45,32 @@ class _Parser(argparse.ArgumentParser):
             shown = [word for word in words if word.startswith("-")] or ["(values hidden)"]
             message = "unrecognized arguments: " + " ".join(shown)
         super().error(message)
+
+
+class _VersionAction(argparse.Action):
+    """``--version``: reads the installed version (importlib.metadata) only when asked."""
+
+    def __init__(self, option_strings: Sequence[str], dest: str, **kwargs: Any) -> None:
+        kwargs.setdefault("help", "show program's version number and exit")
+        super().__init__(option_strings, dest, nargs=0, default=argparse.SUPPRESS, **kwargs)
+
+    def __call__(self, parser: argparse.ArgumentParser, *_: Any, **__: Any) -> NoReturn:
+        from .. import __version__
+
+        print(f"{parser.prog} {__version__}")  # to stdout, as argparse's own version action
+        parser.exit()
+
+
+def _command(module: str, name: str) -> Callable[[argparse.Namespace], int]:
+    """The handler ``name`` of ``module`` (relative to this package), imported when called."""
+
+    def handler(args: argparse.Namespace) -> int:
+        run: Callable[[argparse.Namespace], int] = getattr(
+            importlib.import_module(module, __name__), name
+        )
+        return run(args)
+
+    return handler
 
 
 N = TypeVar("N", int, float)
@@ -91,7 +118,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    parser.add_argument("--version", action=_VersionAction)
     commands = parser.add_subparsers(title="commands", dest="command", metavar="COMMAND")
     commands.required = True
 
@@ -159,11 +186,17 @@ def build_parser() -> argparse.ArgumentParser:
         "created a task (it may then be paid twice)",
     )
     run.add_argument(
+        "--retry-failed",
+        action="store_true",
+        help="with --journal: submit again the jobs whose last result was a failure (a task "
+        "that failed, or a request refused for good); never a success",
+    )
+    run.add_argument(
         "--download",
         metavar="DIR",
         help="save each finished video in DIR (named after the job key) before reporting it",
     )
-    run.set_defaults(handler=run_command)
+    run.set_defaults(handler=_command("._run", "run_command"))
 
     status = commands.add_parser(
         "status",
@@ -176,9 +209,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     status.add_argument("task_ids", metavar="TASK_ID", nargs="*", help="task ids")
     add_connection_options(status)
-    status.set_defaults(handler=status_command)
-    add_status_journal_option(status)
-    add_results_command(commands, [output])
+    status.set_defaults(handler=_command("._status", "status_command"))
+    add_status_journal_option(status, _command("._journal_cmds", "journal_status_command"))
+    add_results_command(commands, [output], _command("._journal_cmds", "results_command"))
 
     serve = commands.add_parser(
         "fake-server",
@@ -204,11 +237,13 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"tasks running at once before 1303 refusals (default {TASK_LIMIT}; 0: no limit)",
     )
     serve.add_argument("--seed", type=int, help="random seed (default: a new one each start)")
-    serve.set_defaults(handler=fake_server_command)
+    serve.set_defaults(handler=_command("._status", "fake_server_command"))
     return parser
 
 
 def _configure_logging(verbose: bool) -> None:
+    from ._progress import TqdmLogHandler
+
     logger = logging.getLogger("kling_async")
     for handler in list(logger.handlers):
         if isinstance(handler, TqdmLogHandler):

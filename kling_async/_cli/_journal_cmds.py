@@ -12,7 +12,6 @@ import argparse
 import csv
 import json
 import sys
-from collections.abc import Callable
 from typing import Any, TextIO
 
 import anyio
@@ -23,48 +22,7 @@ from ..journal._export import JournalStatus, job_state, read_jobs, read_status
 from ._connect import CliError
 from ._run import result_line
 
-__all__ = ["add_results_command", "add_status_journal_option"]
-
-_JOURNAL_HELP = "the journal: a SQLite file, or a postgresql:// URL shared by workers"
-
-
-def add_results_command(
-    commands: argparse._SubParsersAction,  # type: ignore[type-arg]
-    parents: list[argparse.ArgumentParser],
-) -> None:
-    """Register ``results``."""
-    results = commands.add_parser(
-        "results",
-        parents=parents,
-        help="export every job's latest result from a journal",
-        description="Print every job's latest result recorded in a journal, one line per job "
-        "(jobs without a result yet show where they stand: pending, submitting, running).",
-    )
-    results.add_argument("--journal", metavar="J", required=True, help=_JOURNAL_HELP)
-    results.add_argument(
-        "--format", choices=("jsonl", "csv"), default="jsonl", help="output format (jsonl)"
-    )
-    results.add_argument(
-        "-o", "--out", metavar="FILE", default="-", help="write here instead of stdout"
-    )
-    results.set_defaults(handler=results_command)
-
-
-def add_status_journal_option(status: argparse.ArgumentParser) -> None:
-    """Give ``status`` a ``--journal`` option (then no task ids): a journal at a glance."""
-    status.add_argument("--journal", metavar="J", help=_JOURNAL_HELP + " (instead of task ids)")
-    by_task: Callable[[argparse.Namespace], int] = status.get_default("handler")
-
-    def dispatch(args: argparse.Namespace) -> int:
-        if args.journal is not None:
-            if args.task_ids:
-                raise CliError("give task ids or --journal, not both")
-            return journal_status_command(args)
-        if not args.task_ids:
-            raise CliError("give task ids, or --journal J")
-        return by_task(args)
-
-    status.set_defaults(handler=dispatch)
+__all__ = ["journal_status_command", "results_command"]
 
 
 def _target(text: str) -> str:

@@ -127,6 +127,13 @@ def run_command(args: argparse.Namespace) -> int:
             raise
         progress.close()
     failed = progress.failed + len(found.problems)
+    retried = run.batch.progress.retried if run.batch is not None else 0
+    if retried and not args.quiet:
+        jobs_word = "job" if retried == 1 else "jobs"
+        print(
+            f"kling-async: {retried} {jobs_word} that failed in earlier runs submitted again",
+            file=sys.stderr,
+        )
     if not args.quiet:
         ok = progress.done - progress.failed
         where = "" if args.out == "-" else f"; results in {args.out}"
@@ -156,6 +163,7 @@ class _Run:
         self.skip = found.invalid_lines
         self.writer = writer
         self.progress = progress
+        self.batch: BatchIterator | None = None
 
     async def main(self) -> None:
         """Run the batch; a fatal error is raised only once everything is closed."""
@@ -202,14 +210,18 @@ class _Run:
         client = await stack.enter_async_context(make_client(args, **options))
         if args.resubmit_unknown and not args.journal:
             raise CliError("--resubmit-unknown goes with --journal")
+        if args.retry_failed and not args.journal:
+            raise CliError("--retry-failed goes with --journal (the failures are read there)")
         batch_options: dict[str, Any] = {}
         if args.journal:
             batch_options["journal"] = args.journal
             batch_options["resubmit_unknown"] = args.resubmit_unknown
+            batch_options["retry_failed"] = args.retry_failed
         if args.download:
             batch_options["download_to"] = args.download
         self.progress.start()
         results = client.run_batch(self._feed(), **batch_options)
+        self.batch = results
         self.progress.watch(results)
         return await stack.enter_async_context(results)
 
