@@ -54,13 +54,13 @@ async def worker(url: str, journal: str | None, jobs: int, in_flight: int) -> di
     )
     done = 0
     async with client:
-        start = time.time()
+        start, cpu = time.time(), time.process_time()
         options = {"journal": target} if target is not None else {}
         async for result in client.run_batch([text_job(n) for n in range(jobs)], **options):
             assert result.ok, result.error
             done += 1
-        end = time.time()
-    return {"start": start, "end": end, "done": done}
+        end, cpu = time.time(), time.process_time() - cpu
+    return {"start": start, "end": end, "done": done, "cpu": cpu}
 
 
 def run_workers(
@@ -78,7 +78,8 @@ def run_workers(
     done = sum(r["done"] for r in reports)
     assert done == jobs, f"{done} results for {jobs} jobs"
     seconds = max(r["end"] for r in reports) - min(r["start"] for r in reports)
-    return {"jobs_per_s": jobs / seconds, "seconds": seconds}
+    cpu = sum(r["cpu"] for r in reports)
+    return {"jobs_per_s": jobs / seconds, "seconds": seconds, "cpu_ms": cpu / jobs * 1000}
 
 
 # -- the time to claim a job ------------------------------------------------------------------
@@ -146,9 +147,18 @@ def measure(args: argparse.Namespace, pg_base: str) -> None:
                 figures = run_workers(server.url, journal, count, args.jobs, args.in_flight)
                 requests = server.stop()
             status = sum(v for k, v in requests.items() if k in ("query", "list"))
-            rows.append([label, figures["jobs_per_s"], figures["seconds"], status / args.jobs])
+            rows.append(
+                [
+                    label,
+                    figures["jobs_per_s"],
+                    figures["seconds"],
+                    figures["cpu_ms"],
+                    status / args.jobs,
+                ]
+            )
             print(f"  {label}: {figures['jobs_per_s']:.0f} jobs/s", file=sys.stderr)
-    print(table(rows, ["run", "jobs/s", "seconds", "status requests per job"]))
+    header = ["run", "jobs/s", "seconds", "worker CPU ms per job", "status requests per job"]
+    print(table(rows, header))
     print()
     claims = []
     for claimants in (1, 3):
