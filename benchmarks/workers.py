@@ -45,12 +45,18 @@ RETRY = ka.RetryPolicy(base_delay=0.005, max_delay=0.05, concurrency_delay=0.01)
 # -- one worker (run as a subprocess: python workers.py --worker ...) ------------------------
 
 
-async def worker(url: str, journal: str | None, jobs: int, in_flight: int) -> dict[str, Any]:
+async def worker(
+    url: str, journal: str | None, jobs: int, in_flight: int, poll: str = "fast"
+) -> dict[str, Any]:
     target: Any = journal
     if journal is not None and journal.startswith("postgresql://"):
         target = PostgresJournal(url=journal, claim_poll=0.01)
     client = ka.KlingClient.kling(
-        api_key=API_KEY, base_url=url, max_in_flight=in_flight, poll=POLL, retry=RETRY
+        api_key=API_KEY,
+        base_url=url,
+        max_in_flight=in_flight,
+        poll=POLL if poll == "fast" else ka.PollPolicy(),
+        retry=RETRY,
     )
     done = 0
     async with client:
@@ -64,10 +70,11 @@ async def worker(url: str, journal: str | None, jobs: int, in_flight: int) -> di
 
 
 def run_workers(
-    url: str, journal: str | None, count: int, jobs: int, in_flight: int
+    url: str, journal: str | None, count: int, jobs: int, in_flight: int, poll: str = "fast"
 ) -> dict[str, float]:
     """``count`` worker processes at once; jobs/s from the first start to the last end."""
     argv = [sys.executable, __file__, "--worker", url, journal or "-", str(jobs), str(in_flight)]
+    argv.append(poll)
     procs = [subprocess.Popen(argv, stdout=subprocess.PIPE, text=True) for _ in range(count)]
     reports = []
     for proc in procs:
@@ -175,28 +182,62 @@ def measure(args: argparse.Namespace, pg_base: str) -> None:
     print(table(claims, ["claim (then record the result)", "p50 ms", "p90 ms", "p99 ms"]))
 
 
+def measure_polling(args: argparse.Namespace, pg_base: str) -> None:
+    """Does sharing a batch multiply status polling?  (Each worker polls its own tasks.)"""
+    rows: list[list[object]] = []
+    jobs, in_flight = 600, 30
+    for label, journal, count in [
+        ("no journal, 1 process", None, 1),
+        ("PostgreSQL journal, 1 worker", "pg1", 1),
+        ("PostgreSQL journal, 3 workers", "pg3", 3),
+    ]:
+        if journal is not None:
+            journal = new_database(pg_base, f"bench_poll_{journal}")
+        with server_process("--duration", "lognormal:1:0.5", "--seed", "1") as server:
+            figures = run_workers(server.url, journal, count, jobs, in_flight, poll="default")
+            requests = server.stop()
+        rows.append(
+            [
+                label,
+                figures["seconds"],
+                requests.get("query", 0) / jobs,
+                requests.get("list", 0) / jobs,
+            ]
+        )
+        print(f"  {label}: {figures['seconds']:.1f} s", file=sys.stderr)
+    header = ["run (600 jobs, 30 slots)", "seconds", "task queries per job", "list pages per job"]
+    print(table(rows, header))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--jobs", type=int, default=2000)
     parser.add_argument("--in-flight", type=int, default=20)
     parser.add_argument("--claim-jobs", type=int, default=2000)
     parser.add_argument("--pg-url", help="an existing server's postgresql:// URL (a database)")
-    parser.add_argument("--worker", nargs=4, help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--polling",
+        action="store_true",
+        help="instead: status requests per job with tasks of about a second (lognormal, median "
+        "1 s) and the default PollPolicy, no journal vs 1 and 3 PostgreSQL workers",
+    )
+    parser.add_argument("--worker", nargs=5, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
-        url, journal, jobs, in_flight = args.worker
+        url, journal, jobs, in_flight, poll = args.worker
         report = asyncio.run(
-            worker(url, None if journal == "-" else journal, int(jobs), int(in_flight))
+            worker(url, None if journal == "-" else journal, int(jobs), int(in_flight), poll)
         )
         print(json.dumps(report), flush=True)
         return
+    run = measure_polling if args.polling else measure
     if args.pg_url:
-        measure(args, args.pg_url)
+        run(args, args.pg_url)
         return
     pg = PgServer(durable=True)  # fsync on, as the SQLite journal's intents are
     try:
         pg.start()
-        measure(args, pg.url())
+        run(args, pg.url())
     finally:
         pg.stop()
 
