@@ -31,12 +31,13 @@ from ._errors import (
     TaskTimedOutError,
     ValidationError,
 )
+from ._identity import derive_external_id, new_batch_id
 from ._iterator import BatchIterator
 from ._jobs import LipSyncJob
 from ._pipe import ResultPipe
 from ._results import BatchProgress, JobResult, TaskSnapshot, TaskState
 from ._resume import Resume
-from ._slots import SlotHold, TaskSlots
+from ._slots import SlotHold, StuckTasks, TaskSlots, slot_wait_error
 from ._source import JobSource
 from ._submitter import Submitter
 from ._tracker import Tracker
@@ -99,7 +100,11 @@ class Batch:
         self._fatal: KlingError | None = None
         self._crash: BaseException | None = None
         self._live: dict[str, str] = {}  # task id -> job key, for tasks not yet reported
-        self._submitter = Submitter(client, self._slots, self._abort)
+        self._submitter = Submitter(client, self._slots, self._abort, blocking=self.blocking)
+        self._batch_id = new_batch_id()  # (with a journal, the journal's own is used)
+        # Timed-out tasks still holding their slots, followed until they end.
+        self._stuck = StuckTasks(self._slots, self._get_task, client.poll.max_interval)
+        self._named = 0
         self.counts = {"submitted": 0, "succeeded": 0, "failed": 0}
         self.tracker = Tracker(
             dialect=client.dialect,
@@ -160,13 +165,16 @@ class Batch:
                         self._client,
                         self._journal_path,
                         resubmit_unknown=self._resubmit_unknown,
+                        reconciler=self._submitter.reconciler,
                         retry_failed=self._retry_failed,
                     )
                     marks.start_soon(self.resume.journal.commit_marks)
                 async with anyio.create_task_group() as outer:
                     outer.start_soon(self.tracker.run)
+                    self._stuck.group = outer
                     async with anyio.create_task_group() as jobs:
                         await self._feed(jobs)
+                    self._stuck.group = None
                     outer.cancel_scope.cancel()
         except BaseException as exc:  # handed to the consumer, never to the client's group
             self._crash = exc
@@ -207,47 +215,62 @@ class Batch:
             # (The non-waiting forms first: a coroutine call each saved, per job.)
             if not self.pipe.try_reserve():
                 await self.pipe.reserve()
-            if not self._slots.try_acquire():
-                await self._slots.acquire()
+            held = self._slots.try_acquire()
+            if not held:
+                # A job that waits in vain for max_slot_wait ends as a value (_run_job).
+                held = await self._slots.acquire_within(self._client.retry.max_slot_wait)
             try:
                 item = source.next_nowait()
                 if item is False:
                     item = await source.next()
             except ValidationError as exc:
-                self._slots.release()
+                self._unslot(held)
                 self._abort(exc)  # duplicate key, or a changed job: stop, resumably
                 return
             except BaseException:
-                self._slots.release()
+                self._unslot(held)
                 raise
             if item is None:
-                self._slots.release()
+                self._unslot(held)
                 self.pipe.unreserve()
                 return
             if isinstance(item, JobResult):  # finished in an earlier run, not yet taken
-                self._slots.release()
+                self._unslot(held)
                 await self._report(item)
                 await anyio.lowlevel.checkpoint()  # (no submit, and so no yield, otherwise)
                 continue
-            await self._run_job(*item)
+            await self._run_job(*item, held=held)
 
-    async def _run_job(self, key: str, job: LipSyncJob) -> None:
-        slot = SlotHold(self._slots)
+    def _unslot(self, held: bool) -> None:
+        if held:
+            self._slots.release()
+
+    async def _run_job(self, key: str, job: LipSyncJob, *, held: bool = True) -> None:
+        slot = SlotHold(self._slots, held=held)
         task_id: str | None = None
         submitted_at: float | None = None
         polls = 0
         resume = self.resume if isinstance(job, LipSyncJob) else None
+        kept = False  # the slot stays held by a timed-out task (see StuckTasks)
         try:
             if not isinstance(job, LipSyncJob):
                 raise ValidationError("job", f"must be a LipSyncJob, not {type(job).__name__}")
+            if not held:
+                raise slot_wait_error(self._client.retry.max_slot_wait, self.blocking())
             self._dialect.check_job(job)
+            if job.external_task_id is None and self._dialect.external_ids:
+                job = attrs.evolve(job, external_task_id=self._external_id(key, resume))
             flow = self._dialect.flow(job, callback_url=self._callback_url)
             step = next(flow)
             while True:
                 if resume is None:
-                    snapshot = await self._submitter.create(step, slot)
+                    snapshot = await self._submitter.create(
+                        step, slot, key, video_url=job.video_url
+                    )
                 else:
-                    submit = functools.partial(self._submitter.create, step, slot, key, resume)
+                    submit = functools.partial(
+                        self._submitter.create, step, slot, key, resume, video_url=job.video_url
+                    )
                     snapshot = await resume.open_step(key, job, step, submit)
                 task_id = snapshot.task_id
                 submitted_at = submitted_at or (
@@ -265,6 +288,8 @@ class Batch:
                     final: TaskSnapshot = stop.value
                     break
             result = self._result(key, final, submitted_at, polls)
+            if result.state is TaskState.TIMED_OUT and task_id is not None:
+                kept = self._stuck.follow(task_id, step.stage, slot)
         except KlingError as exc:
             if exc.fatal:
                 self._abort(exc)
@@ -279,10 +304,12 @@ class Batch:
                 polls=polls,
             )
         finally:
-            slot.release()
+            if not kept:
+                slot.release()
         if task_id is not None:
             self._live.pop(task_id, None)
-            self._slots.finished()
+            if not kept:
+                self._slots.finished()
         if resume is not None:
             try:
                 # Recorded before it is handed on: a crash after this reports it from here.
@@ -326,6 +353,22 @@ class Batch:
         self._live.pop(task_id, None)
         await self._report(self._result(task_id, terminal, None, polls))
 
+    async def _get_task(self, task_id: str, *, stage: str) -> TaskSnapshot:
+        request = self._dialect.query_request(stage, task_id)
+        parse = functools.partial(self._dialect.parse_query, stage, task_id)
+        return await self._client.requester.call(request, parse)
+
+    def blocking(self) -> tuple[str, ...]:
+        """The tasks of this batch that hold task slots now (timed-out ones included)."""
+        return (*self._stuck.ids, *self._live)
+
+    def _external_id(self, key: str, resume: Resume | None) -> str:
+        """The external task id the engine gives a job without one (see :mod:`._identity`)."""
+        if resume is not None:
+            return resume.external_id(key, self._dialect.default_stage)
+        self._named += 1  # (keys may repeat without a journal: the count keeps ids unique)
+        return derive_external_id(self._batch_id, f"{self._named}-{key}")
+
     def _result(
         self, key: str, snapshot: TaskSnapshot, submitted_at: float | None, polls: int
     ) -> JobResult:
@@ -349,6 +392,7 @@ class Batch:
             submitted_at=submitted_at,
             finished_at=self._client.clock(),
             polls=polls,
+            adopted=snapshot.task_id in self._submitter.reconciler.adopted,
         )
 
     # -- ending --------------------------------------------------------------------------
@@ -360,6 +404,9 @@ class Batch:
         self.cancel()
 
     def _log_end(self, what: str) -> None:
+        done = self.resume.all_reported() if self.resume is not None else None
+        if done is not None and self._fatal is None:
+            logger.warning("%s", done)
         logger.info(
             "%s ended: %d submitted, %d succeeded, %d failed",
             what,

@@ -333,10 +333,11 @@ class KlingClient:
         * a job whose result the consumer already took is not reported again; a finished job
           whose result was not taken yet is reported from the journal, without a request;
         * a job whose task exists is tracked, never submitted again;
-        * a job whose submit was in flight when the run stopped is looked for among the server's
-          recent tasks (dialects with a list query) and adopted when found; otherwise its result
-          is a :class:`~kling_async.SubmitOutcomeUnknownError`, unless ``resubmit_unknown`` is
-          True;
+        * a job whose submit was in flight when the run stopped is looked up (by its external
+          task id where the dialect has them, else provably by video and time: see the README's
+          "Guarantees") and tracked when found, sent again when its external id is certainly
+          absent; otherwise its result is a :class:`~kling_async.SubmitOutcomeUnknownError`
+          naming the candidates, unless ``resubmit_unknown`` is True;
         * with ``retry_failed``, a job whose last result was a failure (a task that failed, or a
           request the server refused for good) is submitted again; a success never is, nor a
           job whose task may still run.  It needs a journal;

@@ -184,7 +184,14 @@ class RateLimitError(APIError):
 
 
 class ConcurrencyLimitError(RateLimitError):
-    """More running tasks than the account's resource pack allows (1303); wait for a slot."""
+    """More running tasks than the account's resource pack allows (1303); wait for a slot.
+
+    A batch waits for a slot instead of failing, for at most ``RetryPolicy.max_slot_wait``; a
+    job that waited longer ends with this error, ``blocking_task_ids`` naming the tasks known to
+    hold the slots (empty when other clients hold them).
+    """
+
+    blocking_task_ids: tuple[str, ...] = ()
 
 
 class InvalidRequestError(APIError):
@@ -258,18 +265,32 @@ class DownloadError(KlingError):
 
 
 class SubmitOutcomeUnknownError(KlingError):
-    """A submit got no clear answer, so the server may or may not have created a task.
+    """A submit got no clear answer, and whether it created a task cannot be proven either way.
 
-    Raised (as a job's result, in a batch with a journal) when a run stopped while the submit
-    was in flight, or the submit timed out or met 5000/5002, and no matching task turned up in
-    the server's recent tasks.  ``stage`` is the submit's stage and ``cause`` the error it met
-    (``None`` after a crash).  Sending it again might pay for a second task: rerun the batch with
-    ``resubmit_unknown=True`` to do so anyway.
+    A job's result (never raised out of a batch) when a submit's answer was lost (a run stopped
+    while it was in flight, a time-out, an answer cut off, 5000/5002, a proxy's 502/504) and the
+    lookup found no task that is provably this job's (see the README's "Guarantees").  ``stage``
+    is the submit's stage, ``cause`` the error it met (``None`` after a crash) and
+    ``candidates`` the ids of tasks that might be this job's (on its video, around the submit's
+    time, owned by no other job): check them before paying again.  Sending it again might pay
+    for a second task: rerun the batch with ``resubmit_unknown=True`` to do so anyway.
     """
 
-    def __init__(self, stage: str, *, cause: KlingError | None = None, detail: str = "") -> None:
+    #: (Class defaults: a result read back from a journal keeps only its plain attributes.)
+    cause: KlingError | None = None
+    candidates: tuple[str, ...] = ()
+
+    def __init__(
+        self,
+        stage: str,
+        *,
+        cause: KlingError | None = None,
+        detail: str = "",
+        candidates: tuple[str, ...] = (),
+    ) -> None:
         self.stage = stage
         self.cause = cause
+        self.candidates = tuple(candidates)
         why = "a run stopped mid-submit" if cause is None else f"{type(cause).__name__}: {cause}"
         extra = f"; {detail}" if detail else ""
         super().__init__(

@@ -16,6 +16,7 @@ import attrs
 
 from ._errors import ValidationError
 from ._http import check_http_url
+from ._identity import check_external_id
 
 __all__ = ["AUDIO_FORMATS", "MAX_AUDIO_BYTES", "MAX_TEXT_LENGTH", "LipSyncJob"]
 
@@ -83,6 +84,9 @@ class LipSyncJob:
     audio job lip-syncs ``audio_url`` or the raw bytes of ``audio_file``.  The ``sound_*``,
     ``face_*`` and volume fields only matter to advanced lip-sync (apimodels, or the official
     advanced API), in milliseconds.  ``key`` names the job in results, journals and file names.
+    ``external_task_id`` is your own unique name for the task (official advanced lip-sync only:
+    at most 64 ASCII letters, digits, ``-``, ``_`` or ``.``, unique on the account); without
+    one, a batch derives one where the dialect supports it (see the README's "Guarantees").
     """
 
     video_url: str | None = None
@@ -104,6 +108,7 @@ class LipSyncJob:
     face_id: str | None = None
     callback_url: str | None = None
     key: str | None = None
+    external_task_id: str | None = None
 
     def __attrs_post_init__(self) -> None:
         self._check_video()
@@ -113,6 +118,8 @@ class LipSyncJob:
             self._check_audio()
         self._check_advanced()
         _check_url("callback_url", self.callback_url)
+        if self.external_task_id is not None:
+            check_external_id(self.external_task_id)
         if self.key is not None and (not isinstance(self.key, str) or not self.key.strip()):
             raise ValidationError("key", "must be a non-blank string")
 
@@ -166,7 +173,8 @@ class LipSyncJob:
         The audio must be .mp3, .wav, .m4a or .aac and at most 5 MB; a path is read here, once.
         Advanced lip-sync options (``sound_start_time``, ``sound_end_time``,
         ``sound_insert_time``, ``sound_volume``, ``original_audio_volume``, ``face_index`` or
-        ``face_id``) and ``key``, ``callback_url``, ``source_task_id`` pass through.
+        ``face_id``) and ``key``, ``callback_url``, ``source_task_id``, ``external_task_id``
+        pass through.
         """
         data: bytes | None
         fmt: str | None = options.pop("audio_format", None)

@@ -89,6 +89,9 @@ class JobResult:
     ``str()`` is the server's reason.  Times are Unix seconds; ``polls`` counts status queries
     that looked at this job's tasks.  ``path`` is where the video was saved, when the batch
     downloaded it (``run_batch(..., download_to=DIR)``, see :meth:`KlingClient.download`).
+    ``adopted`` is True when the task was found by a lookup after its submit's answer was lost
+    (by its external id, or provably by video and time: see the README's "Guarantees"), never
+    for a task whose id the submit's own answer gave.
     """
 
     key: str
@@ -100,6 +103,7 @@ class JobResult:
     finished_at: float | None = None
     polls: int = 0
     path: Path | None = None
+    adopted: bool = False
 
     @property
     def ok(self) -> bool:

@@ -175,3 +175,24 @@ async def test_writing_after_close_is_an_error(backend: Backend) -> None:
     await journal.close()
     with pytest.raises(ka.JournalError, match="closed"):
         await journal.submitting("a", "lip-sync", 1.0)
+
+
+async def test_external_ids_adoption_and_the_batch_identity_are_kept(backend: Backend) -> None:
+    journal = await backend.open()
+    batch_id = journal.batch_id
+    assert len(batch_id) >= 16
+    journal.begin("a", "h", "https://e.com/a.mp4")
+    await journal.submitting("a", "lip-sync", 7.0, external_id="ka-x-a")
+    await journal.created("a", "lip-sync", "task-a", adopted=True)
+    journal.set_clock_offset(-1.5, 2.0)
+    journal.confirm_external_ids()
+    assert [job.key for job in journal.jobs()] == ["a"]
+    await journal.close()
+
+    again = await backend.open()
+    assert again.batch_id == batch_id  # every run (and every worker) derives the same ids
+    assert again.clock_offset == (-1.5, 2.0)
+    assert again.external_ids_confirmed
+    await again.close()
+    stage = (await backend.read())["a"].stages["lip-sync"]
+    assert stage.external_id == "ka-x-a" and stage.adopted and stage.task_id == "task-a"

@@ -55,6 +55,7 @@ def result_line(result: JobResult, line: int | None = None) -> dict[str, Any]:
         "finished_at": result.finished_at,
         "polls": result.polls,
         "path": str(result.path) if result.path is not None else None,
+        "adopted": result.adopted,
     }
 
 

@@ -43,11 +43,13 @@ class Submit:
 
     ``final`` is False for preparatory steps (identify-face): the task that makes the video comes
     from a later step, so :meth:`KlingClient.submit` waits for this one and goes on.
+    ``external_id`` is the external task id the request carries (None when it carries none).
     """
 
     request: HttpRequest
     stage: str
     final: bool = True
+    external_id: str | None = None
 
 
 #: Yields :class:`Submit` steps, receives each step's terminal snapshot, returns the deciding one.
@@ -63,6 +65,10 @@ class Dialect(Protocol):
     default_stage: str
     #: Largest page of the list query, or 0 when the dialect has none.
     list_page_size: int
+    #: Whether the task stage takes an external task id, unique on the account and queryable:
+    #: :meth:`query_request` then takes one in place of a task id, answered by
+    #: :meth:`parse_external`.
+    external_ids: bool
 
     def check_job(self, job: LipSyncJob) -> None:
         """Raise :class:`~kling_async.ValidationError` for a job this dialect cannot run."""
@@ -89,6 +95,13 @@ class Dialect(Protocol):
 
     def parse_list(self, stage: str, response: HttpResponse) -> list[TaskSnapshot]:
         """The snapshots on one page of a list answer."""
+        ...
+
+    def parse_external(self, stage: str, external_id: str, response: HttpResponse) -> TaskSnapshot:
+        """The snapshot of the task whose external id is ``external_id``, from a query answer.
+
+        Raises :class:`~kling_async.NotFoundError` when no task has it.
+        """
         ...
 
     def parse_callback(self, body: bytes) -> TaskSnapshot:

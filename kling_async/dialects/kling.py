@@ -78,6 +78,9 @@ class KlingDialect:
         self.prefix = normalize_prefix(prefix)
         self.advanced = advanced
         self.default_stage = STAGE_ADVANCED_LIP_SYNC if advanced else STAGE_LIP_SYNC
+        #: Official advanced lip-sync takes ``external_task_id`` (docs/protocol.md, Advanced
+        #: lip-sync): unique per account, echoed in ``task_info``, queryable in place of the id.
+        self.external_ids = advanced
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(prefix={self.prefix!r}, advanced={self.advanced})"
@@ -90,6 +93,10 @@ class KlingDialect:
         Basic lip-sync runs every valid job (advanced-only options are not sent).
         """
         if not self.advanced:
+            if job.external_task_id is not None:
+                raise ValidationError(
+                    "external_task_id", "only official advanced lip-sync takes an external id"
+                )
             return
         if job.text is not None:
             raise ValidationError(
@@ -133,6 +140,7 @@ class KlingDialect:
         done = yield Submit(
             request=self._advanced_request(job, found.session_id or found.task_id, face, callback),
             stage=STAGE_ADVANCED_LIP_SYNC,
+            external_id=job.external_task_id,
         )
         return done
 
@@ -176,6 +184,8 @@ class KlingDialect:
             "original_audio_volume": job.original_audio_volume,
         }
         body: dict[str, object] = {"session_id": session_id, "face_choose": [choice]}
+        if job.external_task_id is not None:
+            body["external_task_id"] = job.external_task_id
         if callback:
             body["callback_url"] = callback
         return HttpRequest(
@@ -235,6 +245,25 @@ class KlingDialect:
         if snapshot.task_id != task_id:
             raise MalformedResponseError(
                 f"query for task {task_id} answered about task {snapshot.task_id}", status=status
+            )
+        return snapshot
+
+    def parse_external(self, stage: str, external_id: str, response: HttpResponse) -> TaskSnapshot:
+        """The snapshot of the task a query by ``external_id`` found.
+
+        The single-task path takes either id; an answer about a task with another external id
+        is malformed.
+        """
+        _check_stage(stage)
+        status = response.status
+        data = _data(decode_envelope(response), status)
+        if isinstance(data, list) and len(data) == 1:
+            data = data[0]
+        snapshot = task_snapshot(data, where="data", status=status)
+        if snapshot.external_task_id != external_id:
+            raise MalformedResponseError(
+                f"query for external id {external_id} answered about task {snapshot.task_id}",
+                status=status,
             )
         return snapshot
 

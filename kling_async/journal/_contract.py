@@ -37,6 +37,17 @@ class JournalBackend(Protocol):
     def transactions(self) -> int:
         """Transactions committed since the journal opened."""
 
+    #: The batch's random id, the stem of its derived external task ids (the same for every
+    #: worker of a shared journal).
+    batch_id: str
+    #: The server clock's offset interval ``(lo, hi)`` a run measured, if any.
+    clock_offset: tuple[float, float] | None
+    #: Whether a run saw the server echo an external id.
+    external_ids_confirmed: bool
+
+    def jobs(self) -> list[JournalJob]:
+        """Every job this batch knows (a shared journal: the ones this worker claimed)."""
+
     def job(self, key: str) -> JournalJob | None:
         """The journal's record of ``key`` (as this batch knows it), or None."""
 
@@ -49,13 +60,33 @@ class JournalBackend(Protocol):
     def begin(self, key: str, request_hash: str, video_url: str | None) -> JournalJob:
         """Start a record for ``key`` (written with its first change)."""
 
-    async def submitting(self, key: str, stage: str, at: float) -> None:
-        """Record that ``stage``'s request of ``key`` is about to leave: committed on return."""
+    async def submitting(
+        self, key: str, stage: str, at: float, external_id: str | None = None
+    ) -> None:
+        """Record that ``stage``'s request of ``key`` is about to leave: durable on return.
+
+        ``external_id`` is the external task id the request carries, if any.
+        """
 
     async def created(
-        self, key: str, stage: str, task_id: str, snapshot: TaskSnapshot | None = None
+        self,
+        key: str,
+        stage: str,
+        task_id: str,
+        snapshot: TaskSnapshot | None = None,
+        *,
+        adopted: bool = False,
     ) -> None:
-        """Record ``stage``'s task id (and a synchronous step's terminal ``snapshot``)."""
+        """Record ``stage``'s task id (and a synchronous step's terminal ``snapshot``).
+
+        ``adopted``: the task was found by a lookup, not named by the submit's answer.
+        """
+
+    def set_clock_offset(self, lo: float, hi: float) -> None:
+        """Keep the server clock's offset interval (committed with a later write)."""
+
+    def confirm_external_ids(self) -> None:
+        """Keep that the server echoes external ids (committed with a later write)."""
 
     async def refused(self, key: str, stage: str) -> None:
         """Record that ``stage``'s request of ``key`` created nothing."""

@@ -123,8 +123,10 @@ def _sqlite_rows(path: Path) -> list[Row]:
             "SELECT key, request_hash, video_url, result, final, reported FROM jobs ORDER BY rowid"
         ):
             jobs[row[0]] = (row, [])
+        columns = {row[1] for row in conn.execute("PRAGMA table_info(stages)")}
+        extra = ", external_id, adopted" if "external_id" in columns else ", NULL, 0"
         for row in conn.execute(
-            "SELECT key, stage, status, intent_at, task_id, snapshot FROM stages"
+            f"SELECT key, stage, status, intent_at, task_id, snapshot{extra} FROM stages"
         ):
             if row[0] in jobs:
                 jobs[row[0]][1].append(row)
@@ -146,7 +148,8 @@ async def _pg_rows(url: str) -> list[Row]:
             )
             jobs: dict[str, Row] = {row[0]: (row, []) for row in await cur.fetchall()}
             cur = await conn.execute(
-                "SELECT key, stage, status, intent_at, task_id, snapshot FROM kling_stages"
+                "SELECT key, stage, status, intent_at, task_id, snapshot, external_id, adopted"
+                " FROM kling_stages"
             )
             for row in await cur.fetchall():
                 if row[0] in jobs:

@@ -21,16 +21,15 @@ import functools
 import os
 import socket
 import uuid
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Sequence
 from typing import Any, TypeVar
 
 import anyio
-import psycopg
-from psycopg_pool import AsyncConnectionPool, PoolTimeout
 
 from .._errors import JournalError
+from .._identity import new_batch_id
 from .._journal import CREATED, REFUSED, SUBMITTING, JournalJob, JournalStage
-from .._journal_codec import result_from_json, result_to_json, snapshot_from_json, snapshot_to_json
+from .._journal_codec import result_to_json, snapshot_to_json
 from .._results import JobResult, TaskSnapshot
 from . import _pg_sql as sql
 from ._config import PostgresJournal, redact
@@ -40,10 +39,13 @@ from ._pg_claims import (
     Conn,
     claim_one,
     give_back,
+    job_from_rows,
     load_jobs,
+    parse_offset,
     release_claims,
     renew_lease,
 )
+from ._pg_conn import Db
 from ._pg_schema import prepare
 
 __all__ = ["PgJournal"]
@@ -58,19 +60,30 @@ class PgJournal:
     has claimed, in memory) and :class:`~kling_async.journal.SharedBackend`.
     """
 
+    @property
+    def transactions(self) -> int:
+        """Statements and transactions committed since the journal opened."""
+        return self._db.transactions
+
     def __init__(
         self,
-        pools: tuple[AsyncConnectionPool[Any], AsyncConnectionPool[Any]],
+        db: Db,
         config: PostgresJournal,
         worker: str,
+        meta: dict[str, str] | None = None,
     ):
-        # Two pools: connections that commit asynchronously (everything but intents) and
-        # connections that wait for the disk (intents): one statement each way (see _one).
-        self._pool, self._durable = pools
+        meta = meta or {}
+        #: The batch's id (written by the first worker: all derive the same external ids).
+        self.batch_id = meta.get("batch_id") or new_batch_id()
+        #: The server clock's offset interval a worker measured, if any.
+        self.clock_offset = parse_offset(meta.get("clock_offset"))
+        #: Whether a worker saw the server echo an external id.
+        self.external_ids_confirmed = meta.get("external_ids") == "confirmed"
+        self._meta: dict[str, str] = {}  # meta to write with the next marks
+        self._db = db
         self._config = config
         self.path = redact(config.url)
         self.worker = worker
-        self.transactions = 0
         self._jobs: dict[str, JournalJob] = {}  # the jobs this worker claimed (or began)
         self._owners: dict[str, str] = {}  # task id -> job key, every worker's (refresh())
         self._others: list[tuple[str, str, str | None, float]] = []  # unresolved submits
@@ -79,7 +92,6 @@ class PgJournal:
         self._marks: list[str] = []
         self._marked = anyio.Event()
         self._freed = anyio.Event()  # set (and replaced) when a job of this worker ends
-        self._broken: JournalError | None = None
         self._closed = False
 
     @classmethod
@@ -99,49 +111,47 @@ class PgJournal:
         server, :class:`JournalError` when the database cannot be used.
         """
         where = redact(config.url)
-        size = max(2, min(8, max_in_flight // 4 + 2))
-        pool: AsyncConnectionPool[Any] = AsyncConnectionPool(
-            config.url,
-            min_size=1,
-            max_size=size,
-            open=False,
-            kwargs={"autocommit": True},
-            configure=_configure,
-        )
-        durable: AsyncConnectionPool[Any] = AsyncConnectionPool(
-            config.url, min_size=1, max_size=size, open=False, kwargs={"autocommit": True}
-        )
+        db = Db(config, max_in_flight)
+        await db.open()
         worker = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
-        meta = {"dialect": dialect, "stage": stage, "base_url": base_url}
+        meta = {
+            "dialect": dialect,
+            "stage": stage,
+            "base_url": base_url,
+            "batch_id": new_batch_id(),
+        }
+
+        async def setup(conn: Conn) -> dict[str, str]:
+            stored = await prepare(conn, where, meta)
+            await conn.execute(
+                "INSERT INTO kling_account (id, capacity, lim) VALUES (1, %s, %s)"
+                " ON CONFLICT (id) DO UPDATE SET capacity = EXCLUDED.capacity,"
+                " lim = LEAST(kling_account.lim, EXCLUDED.capacity)",
+                (max_in_flight, max_in_flight),
+            )
+            await conn.execute(
+                "INSERT INTO kling_workers (id, host, pid, expires_at) VALUES"
+                " (%s, %s, %s, clock_timestamp() + make_interval(secs => %s))",
+                (worker, socket.gethostname(), os.getpid(), config.lease),
+            )
+            return stored
+
         try:
-            await pool.open(wait=True, timeout=10.0)
-            await durable.open(wait=True, timeout=10.0)
-            async with pool.connection() as conn, conn.transaction():
-                await prepare(conn, where, meta)
-                await conn.execute(
-                    "INSERT INTO kling_account (id, capacity, lim) VALUES (1, %s, %s)"
-                    " ON CONFLICT (id) DO UPDATE SET capacity = EXCLUDED.capacity,"
-                    " lim = LEAST(kling_account.lim, EXCLUDED.capacity)",
-                    (max_in_flight, max_in_flight),
-                )
-                await conn.execute(
-                    "INSERT INTO kling_workers (id, host, pid, expires_at) VALUES"
-                    " (%s, %s, %s, clock_timestamp() + make_interval(secs => %s))",
-                    (worker, socket.gethostname(), os.getpid(), config.lease),
-                )
-        except BaseException as exc:
-            await pool.close()
-            await durable.close()
-            if isinstance(exc, (psycopg.Error, PoolTimeout)):
-                raise JournalError(f"journal {where}: {_reason(exc)}") from None
+            stored = await db.tx(setup)
+        except BaseException:
+            await db.close()
             raise
-        return cls((pool, durable), config, worker)
+        return cls(db, config, worker, stored)
 
     # -- reading -------------------------------------------------------------------------
 
     def job(self, key: str) -> JournalJob | None:
         """The record of ``key`` if this worker claimed it, else None."""
         return self._jobs.get(key)
+
+    def jobs(self) -> list[JournalJob]:
+        """The jobs this worker has claimed (or begun)."""
+        return list(self._jobs.values())
 
     def owner(self, task_id: str) -> str | None:
         """The key of the job that owns ``task_id`` (as of the last :meth:`refresh`), or None."""
@@ -180,28 +190,54 @@ class PgJournal:
         self._jobs[key] = job
         return job
 
-    async def submitting(self, key: str, stage: str, at: float) -> None:
+    async def submitting(
+        self, key: str, stage: str, at: float, external_id: str | None = None
+    ) -> None:
         """Record that ``stage``'s request of ``key`` is about to leave: committed on return.
 
         Durably: on the database server's disk before the request leaves (see :meth:`_one`).
+        ``external_id`` is the external task id the request carries, if any.
         """
         job = self._jobs[key]
-        job.stages[stage] = JournalStage(status=SUBMITTING, intent_at=at)
-        await self._fenced(job, sql.SUBMITTING, {"stage": stage, "at": at}, durable=True)
+        job.stages[stage] = JournalStage(status=SUBMITTING, intent_at=at, external_id=external_id)
+        params = {"stage": stage, "at": at, "external_id": external_id}
+        await self._fenced(job, sql.SUBMITTING, params, durable=True)
 
     async def created(
-        self, key: str, stage: str, task_id: str, snapshot: TaskSnapshot | None = None
+        self,
+        key: str,
+        stage: str,
+        task_id: str,
+        snapshot: TaskSnapshot | None = None,
+        *,
+        adopted: bool = False,
     ) -> None:
-        """Record ``stage``'s task id (and a synchronous step's terminal ``snapshot``)."""
+        """Record ``stage``'s task id (and a synchronous step's terminal ``snapshot``).
+
+        ``adopted``: the task was found by a lookup.
+        """
         job = self._jobs[key]
         record = job.stages.get(stage)
         intent = record.intent_at if record is not None else 0.0
+        external_id = record.external_id if record is not None else None
         job.stages[stage] = JournalStage(
-            status=CREATED, intent_at=intent, task_id=task_id, snapshot=snapshot
+            status=CREATED,
+            intent_at=intent,
+            task_id=task_id,
+            snapshot=snapshot,
+            external_id=external_id,
+            adopted=adopted,
         )
         self._owners[task_id] = key
         text = snapshot_to_json(snapshot) if snapshot is not None else None
-        params = {"stage": stage, "at": intent, "task_id": task_id, "snapshot": text}
+        params = {
+            "stage": stage,
+            "at": intent,
+            "task_id": task_id,
+            "snapshot": text,
+            "external_id": external_id,
+            "adopted": adopted,
+        }
         await self._fenced(job, sql.CREATED, params)
 
     async def refused(self, key: str, stage: str) -> None:
@@ -224,6 +260,21 @@ class PgJournal:
         }
         await self._fenced(job, sql.FINISHED, params)
         self._wake()
+
+    def set_clock_offset(self, lo: float, hi: float) -> None:
+        """Keep the server clock's offset interval (written with the next marks)."""
+        self.clock_offset = (lo, hi)
+        self._set_meta("clock_offset", f"{lo!r} {hi!r}")
+
+    def confirm_external_ids(self) -> None:
+        """Keep that the server echoes external ids (written with the next marks)."""
+        self.external_ids_confirmed = True
+        self._set_meta("external_ids", "confirmed")
+
+    def _set_meta(self, name: str, value: str) -> None:
+        if not self._closed:
+            self._meta[name] = value
+            self._marked.set()
 
     def reported(self, key: str) -> None:
         """Mark ``key``'s result as taken by the consumer (:meth:`commit_marks` commits it)."""
@@ -266,12 +317,11 @@ class PgJournal:
         self._closed = True
         with anyio.CancelScope(shield=True):
             try:
-                if self._broken is None:
+                if self._db.broken is None:
                     await self._flush_marks()
-                    await self._tx(functools.partial(release_claims, worker=self.worker))
+                    await self._db.tx(functools.partial(release_claims, worker=self.worker))
             finally:
-                await self._pool.close()
-                await self._durable.close()
+                await self._db.close()
 
     # -- the shared part -----------------------------------------------------------------
 
@@ -282,7 +332,7 @@ class PgJournal:
         of a worker no longer alive) claimable again, as a rerun of a SQLite journal does.
         """
         self._known.update(key for key, _, _ in jobs)
-        await self._tx(functools.partial(load_jobs, jobs=jobs))
+        await self._db.tx(functools.partial(load_jobs, jobs=jobs))
 
     async def claim(self, skip: Sequence[str] = ()) -> Claim:
         """The next job for this worker, as :data:`~kling_async.journal.Claim` says.
@@ -292,7 +342,9 @@ class PgJournal:
         """
         while True:
             skipped = self._skip.union(skip)
-            got = await self._auto(functools.partial(claim_one, worker=self.worker, skip=skipped))
+            got = await self._db.auto(
+                functools.partial(claim_one, worker=self.worker, skip=skipped)
+            )
             if got is None:
                 return False
             if not isinstance(got, Claimed):
@@ -301,9 +353,9 @@ class PgJournal:
             if key not in self._known:
                 # Not among this worker's jobs: hand it back (another worker runs it).
                 self._skip.add(key)
-                await self._tx(functools.partial(self._unclaim, key=key, row=got.row))
+                await self._db.tx(functools.partial(self._unclaim, key=key, row=got.row))
                 continue
-            job = _job_from_rows(got.row, got.stages)
+            job = job_from_rows(got.row, got.stages)
             self._jobs[key] = job
             for stage in job.stages.values():
                 if stage.task_id is not None:
@@ -345,7 +397,7 @@ class PgJournal:
             )
             return list(await cur.fetchall())
 
-        rows = await self._tx(work)
+        rows = await self._db.tx(work)
         self._others = []
         for key, stage, status, intent_at, task_id, url in rows:
             if task_id is not None:
@@ -379,16 +431,16 @@ class PgJournal:
         with anyio.CancelScope(shield=True):  # memory and database must agree
             if not job.stored:
                 job.stored = True
-                await self._tx(functools.partial(self._store, job=job))
-            row = await self._one(
+                await self._db.tx(functools.partial(self._store, job=job))
+            row = await self._db.one(
                 statement, {**params, "key": job.key, "worker": self.worker}, durable=durable
             )
         if not row[0]:
-            self._broken = JournalError(
+            self._db.broken = JournalError(
                 f"journal {self.path}: job {job.key!r} is no longer this worker's (its lease"
                 " expired and another worker took it over); this worker stops"
             )
-            raise self._broken
+            raise self._db.broken
         return row
 
     async def _store(self, conn: Conn, *, job: JournalJob) -> None:
@@ -402,70 +454,27 @@ class PgJournal:
         )
         await conn.execute("DELETE FROM kling_stages WHERE key = %s", (job.key,))
 
-    async def _one(
-        self, statement: str, params: dict[str, Any], *, durable: bool = False
-    ) -> tuple[Any, ...]:
-        """Run one statement (its own transaction) and return its first row.
-
-        ``durable``: on the server's disk on return (a connection of the durable pool, with the
-        server's default ``synchronous_commit``).  Only a submit's intent must survive the
-        database server's own crash (as a SQLite intent survives a power cut).  Everything
-        else commits asynchronously (the other pool's ``synchronous_commit=off``): it survives
-        any worker dying, the server loses at most its last fraction of a second if *it*
-        crashes (any later durable commit flushes everything before it), and above all a
-        transaction does not hold its row locks while the disk syncs: every claim and every
-        finished job updates the one ``kling_account`` row, and waiting for the disk there
-        made slot accounting the batch's bottleneck (benchmarks/README.md, "Many workers").
-        """
-        if self._broken is not None:
-            raise self._broken
-        try:
-            async with (self._durable if durable else self._pool).connection() as conn:
-                cur = await conn.execute(statement, params)
-                row = await cur.fetchone()
-        except (psycopg.Error, PoolTimeout) as exc:
-            raise JournalError(f"journal {self.path}: {_reason(exc)}") from None
-        self.transactions += 1
-        assert row is not None  # (every statement here answers one row)
-        return tuple(row)
-
-    async def _auto(self, work: Callable[[Conn], Awaitable[T]]) -> T:
-        """Run ``work`` on a connection outside any transaction (each statement its own)."""
-        if self._broken is not None:
-            raise self._broken
-        try:
-            async with self._pool.connection() as conn:
-                result = await work(conn)
-        except (psycopg.Error, PoolTimeout) as exc:
-            raise JournalError(f"journal {self.path}: {_reason(exc)}") from None
-        self.transactions += 1
-        return result
-
-    async def _tx(self, work: Callable[[Conn], Awaitable[T]]) -> T:
-        """Run ``work`` in one transaction (committed asynchronously: see :meth:`_one`)."""
-        if self._broken is not None:
-            raise self._broken
-        try:
-            async with self._pool.connection() as conn, conn.transaction():
-                result = await work(conn)
-        except (psycopg.Error, PoolTimeout) as exc:
-            raise JournalError(f"journal {self.path}: {_reason(exc)}") from None
-        self.transactions += 1
-        return result
-
     async def _flush_marks(self) -> None:
         keys, self._marks = self._marks, []
-        if not keys:
+        meta, self._meta = self._meta, {}
+        if not keys and not meta:
             return
 
         async def work(conn: Conn) -> None:
-            await conn.execute(
-                "UPDATE kling_jobs SET reported = true WHERE key = ANY(%s) AND worker = %s",
-                (keys, self.worker),
-            )
+            if keys:
+                await conn.execute(
+                    "UPDATE kling_jobs SET reported = true WHERE key = ANY(%s) AND worker = %s",
+                    (keys, self.worker),
+                )
+            for name, value in meta.items():
+                await conn.execute(
+                    "INSERT INTO kling_meta VALUES (%s, %s)"
+                    " ON CONFLICT (name) DO UPDATE SET value = EXCLUDED.value",
+                    (name, value),
+                )
 
         with anyio.CancelScope(shield=True):
-            await self._tx(work)
+            await self._db.tx(work)
 
     async def _renew(self) -> None:
         """Renew the lease every ``renew`` seconds; an expired lease breaks the journal."""
@@ -474,42 +483,12 @@ class PgJournal:
 
             work = functools.partial(renew_lease, worker=self.worker, lease=self._config.lease)
             try:
-                renewed = await self._tx(work)
+                renewed = await self._db.tx(work)
             except JournalError:
                 continue  # the database may come back before the lease runs out
             if not renewed:
-                self._broken = JournalError(
+                self._db.broken = JournalError(
                     f"journal {self.path}: this worker's lease expired (not renewed for"
                     f" {self._config.lease:g} s); its jobs may be another worker's now"
                 )
                 return
-
-
-async def _configure(conn: psycopg.AsyncConnection[Any]) -> None:
-    """Every connection commits asynchronously unless told otherwise (see ``PgJournal._one``)."""
-    await conn.execute("SET synchronous_commit = off")
-
-
-def _reason(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-    return text[:300]
-
-
-def _job_from_rows(row: tuple[Any, ...], stages: list[tuple[Any, ...]]) -> JournalJob:
-    key, request_hash, video_url, _, _, result, final, reported = row
-    job = JournalJob(
-        key=key,
-        request_hash=request_hash,
-        video_url=video_url,
-        result=result_from_json(result) if result else None,
-        final=bool(final),
-        reported=bool(reported),
-    )
-    for _, stage, status, intent_at, task_id, snapshot in stages:
-        job.stages[stage] = JournalStage(
-            status=status,
-            intent_at=intent_at,
-            task_id=task_id,
-            snapshot=snapshot_from_json(snapshot) if snapshot else None,
-        )
-    return job

@@ -23,12 +23,16 @@ import attrs
 from psycopg import AsyncConnection
 
 from .._errors import ValidationError
+from .._journal import JournalJob, JournalStage
+from .._journal_codec import result_from_json, snapshot_from_json
 
 __all__ = [
     "Claimed",
     "claim_one",
     "give_back",
+    "job_from_rows",
     "load_jobs",
+    "parse_offset",
     "release_claims",
     "renew_lease",
 ]
@@ -82,7 +86,7 @@ upd AS (
         j.reported)
 SELECT (SELECT count(*) FROM chosen), upd.*,
     (SELECT json_agg(json_build_array(s.key, s.stage, s.status, s.intent_at, s.task_id,
-        s.snapshot)) FROM kling_stages s WHERE s.key = upd.key)
+        s.snapshot, s.external_id, s.adopted)) FROM kling_stages s WHERE s.key = upd.key)
 FROM (SELECT 1) one LEFT JOIN upd ON true
 """
 
@@ -224,3 +228,32 @@ async def release_claims(conn: Conn, *, worker: str) -> None:
         "UPDATE kling_workers SET expires_at = LEAST(expires_at, clock_timestamp()) WHERE id = %s",
         (worker,),
     )
+
+
+def job_from_rows(row: tuple[Any, ...], stages: list[tuple[Any, ...]]) -> JournalJob:
+    key, request_hash, video_url, _, _, result, final, reported = row
+    job = JournalJob(
+        key=key,
+        request_hash=request_hash,
+        video_url=video_url,
+        result=result_from_json(result) if result else None,
+        final=bool(final),
+        reported=bool(reported),
+    )
+    for _, stage, status, intent_at, task_id, snapshot, external_id, adopted in stages:
+        job.stages[stage] = JournalStage(
+            status=status,
+            intent_at=intent_at,
+            task_id=task_id,
+            snapshot=snapshot_from_json(snapshot) if snapshot else None,
+            external_id=external_id,
+            adopted=bool(adopted),
+        )
+    return job
+
+
+def parse_offset(text: str | None) -> tuple[float, float] | None:
+    if not text:
+        return None
+    lo, _, hi = text.partition(" ")
+    return float(lo), float(hi)

@@ -3,10 +3,11 @@
 Tables carry a ``kling_`` prefix, so a journal can share a database with other things; one
 database (or one schema: ``?options=-csearch_path%3Dmybatch`` in the URL) holds one batch::
 
-    kling_meta(name, value)                  dialect, stage, base_url, schema version
+    kling_meta(name, value)                  dialect, stage, base_url, schema version,
+                                             batch_id, clock_offset, external_ids
     kling_jobs(key, seq, request_hash, video_url, state, worker, slot,
                result, final, reported, touched_at)
-    kling_stages(key, stage, status, intent_at, task_id, snapshot)
+    kling_stages(key, stage, status, intent_at, task_id, snapshot, external_id, adopted)
     kling_account(id = 1, capacity, lim, held, clean)
     kling_workers(id, host, pid, started_at, expires_at, drained)
 
@@ -56,6 +57,8 @@ _SCHEMA = (
         intent_at double precision NOT NULL,
         task_id text,
         snapshot text,
+        external_id text,
+        adopted boolean NOT NULL DEFAULT false,
         PRIMARY KEY (key, stage)
     )""",
     """CREATE TABLE IF NOT EXISTS kling_account (
@@ -78,8 +81,11 @@ _SCHEMA = (
 
 async def prepare(
     conn: AsyncConnection[tuple[object, ...]], where: str, meta: dict[str, str]
-) -> None:
-    """Create the tables if missing and check ``meta`` (inside the caller's transaction).
+) -> dict[str, str]:
+    """Create the tables if missing, check ``meta`` and return the stored one.
+
+    Inside the caller's transaction.  The first worker writes ``meta`` (its ``batch_id``
+    included: every worker derives external task ids from that one).
 
     Raises :class:`ValidationError` for a journal of another dialect or server, and
     :class:`JournalError` for one of another layout version.
@@ -98,7 +104,7 @@ async def prepare(
         rows = sorted({**meta, "schema_version": SCHEMA_VERSION}.items())
         async with conn.cursor() as insert:
             await insert.executemany("INSERT INTO kling_meta VALUES (%s, %s)", rows)
-        return
+        return dict(rows)
     if stored.get("schema_version") != SCHEMA_VERSION:
         raise JournalError(
             f"journal {where}: layout version {stored.get('schema_version')} is not the "
@@ -113,3 +119,4 @@ async def prepare(
                 f"({stored.get('stage')}) at {stored.get('base_url')}, not {meta.get('dialect')}"
                 f" ({meta.get('stage')}) at {meta.get('base_url')}; use another database",
             )
+    return stored

@@ -33,16 +33,20 @@ def fenced(changes: str, extra: str = "") -> str:
 
 
 SUBMITTING = fenced("""w AS (
-    INSERT INTO kling_stages (key, stage, status, intent_at)
-    SELECT key, %(stage)s, 'submitting', %(at)s FROM own
+    INSERT INTO kling_stages (key, stage, status, intent_at, external_id)
+    SELECT key, %(stage)s, 'submitting', %(at)s, %(external_id)s FROM own
     ON CONFLICT (key, stage) DO UPDATE SET status = EXCLUDED.status,
-        intent_at = EXCLUDED.intent_at, task_id = NULL, snapshot = NULL)""")
+        intent_at = EXCLUDED.intent_at, task_id = NULL, snapshot = NULL,
+        external_id = EXCLUDED.external_id, adopted = false)""")
 
 CREATED = fenced("""w AS (
-    INSERT INTO kling_stages (key, stage, status, intent_at, task_id, snapshot)
-    SELECT key, %(stage)s, 'created', %(at)s, %(task_id)s, %(snapshot)s FROM own
+    INSERT INTO kling_stages
+        (key, stage, status, intent_at, task_id, snapshot, external_id, adopted)
+    SELECT key, %(stage)s, 'created', %(at)s, %(task_id)s, %(snapshot)s, %(external_id)s,
+        %(adopted)s FROM own
     ON CONFLICT (key, stage) DO UPDATE SET status = EXCLUDED.status,
-        task_id = EXCLUDED.task_id, snapshot = EXCLUDED.snapshot)""")
+        task_id = EXCLUDED.task_id, snapshot = EXCLUDED.snapshot,
+        adopted = EXCLUDED.adopted)""")
 
 REFUSED = fenced("""w AS (
     UPDATE kling_stages s SET status = 'refused' FROM own

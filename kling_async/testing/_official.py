@@ -150,10 +150,13 @@ class OfficialRoutes:
             if external in self._account.external_ids:
                 # Unique per account (docs/protocol.md, Advanced lip-sync).
                 raise Refusal(1201, "external_task_id: already used by another task")
-        answer = await self._create(body, ADV, request_id, session=session)
-        if external is not None:
-            self._account.external_ids.add(external)
-        return answer
+            self._account.external_ids[external] = ""  # taken now: a twin sent meanwhile fails
+        try:
+            return await self._create(body, ADV, request_id, session=session, external=external)
+        except BaseException:
+            if external is not None and not self._account.external_ids.get(external):
+                del self._account.external_ids[external]  # nothing was created after all
+            raise
 
     async def _create(
         self,
@@ -163,8 +166,11 @@ class OfficialRoutes:
         *,
         fail_reason: str | None = None,
         session: FaceSession | None = None,
+        external: str | None = None,
     ) -> web.Response:
         callback_url = check_callback_url(body)
+        if self._gate.faults.create_delay:
+            await asyncio.sleep(self._gate.faults.create_delay)
         task = self._account.create(
             dialect="kling",
             stage=stage,
@@ -173,19 +179,27 @@ class OfficialRoutes:
             session=session,
             fail_reason=fail_reason,
         )
+        if external is not None:
+            self._account.external_ids[external] = task.task_id
         if self._gate.faults.answer_delay:
             await asyncio.sleep(self._gate.faults.answer_delay)
-        data = {
+        data: dict[str, Any] = {
             "task_id": task.task_id,
             "task_status": "submitted",
             "created_at": self._account.clock.ms(task.born),
             "updated_at": self._account.clock.ms(task.born),
         }
+        if stage == ADV:
+            data["task_info"] = {"external_task_id": external}
         return official_ok(data, request_id)
 
     def _query(self, stage: Stage) -> RouteHandler:
         async def query(request: web.Request, request_id: str) -> web.Response:
-            task = self._account.tasks.get(request.match_info["task_id"])
+            wanted = request.match_info["task_id"]
+            task = self._account.tasks.get(wanted)
+            if task is None and stage == ADV:
+                # The single-task path takes the task id or the caller's external_task_id.
+                task = self._account.tasks.get(self._account.external_ids.get(wanted, ""))
             if task is None or task.dialect != "kling" or task.stage != stage:
                 raise Refusal(1203, "task not found")
             data = render_task(task, self._account)
