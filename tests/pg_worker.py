@@ -2,9 +2,10 @@
 
 Usage: python pg_worker.py SERVER_URL JOURNAL_URL RESULTS COUNT MAX_IN_FLIGHT LEASE
 
-Runs COUNT text jobs (keys ``job-N``, video ``https://example.com/w-N.mp4``) on the journal,
-as every worker of the batch does, and appends one JSON line per result it reports to RESULTS,
-flushed at once (what the worker had reported when it died).
+Runs COUNT audio jobs on official advanced lip-sync (keys ``job-N``, video
+``https://example.com/w-N.mp4``; external task ids make an unanswered submit exactly
+resolvable) on the journal, as every worker of the batch does, and appends one JSON line per
+result it reports to RESULTS, flushed at once (what the worker had reported when it died).
 """
 
 from __future__ import annotations
@@ -23,11 +24,10 @@ RETRY = ka.RetryPolicy(max_attempts=6, base_delay=0.005, max_delay=0.05, concurr
 
 
 def worker_job(n: int) -> ka.LipSyncJob:
-    return ka.LipSyncJob.from_text(
+    return ka.LipSyncJob.from_audio(
         video_url=f"https://example.com/w-{n}.mp4",
-        text=f"line {n}",
-        voice_id="girlfriend_1_speech02",
-        voice_language="en",
+        audio_url=f"https://example.com/line-{n}.mp3",
+        sound_end_time=3000,
         key=f"job-{n}",
     )
 
@@ -39,11 +39,17 @@ async def main(argv: list[str], out: TextIO) -> None:
     )
     jobs = [worker_job(n) for n in range(int(count))]
     client = ka.KlingClient.kling(
-        api_key="sk-sandbox", base_url=url, max_in_flight=int(in_flight), poll=POLL, retry=RETRY
+        api_key="sk-sandbox",
+        base_url=url,
+        advanced=True,
+        max_in_flight=int(in_flight),
+        poll=POLL,
+        retry=RETRY,
     )
     async with client:
-        # resubmit_unknown: a submit the dead worker recorded but never sent is not in the
-        # server's task list, and is sent by the taker (one found there is adopted instead).
+        # resubmit_unknown: an identify-face call (no task, nothing paid) the dead worker had
+        # in flight is sent again; a lip-sync submit carries its external id, so the taker
+        # finds its task by that id, or resends the same id (a duplicate would be refused).
         async with client.run_batch(jobs, journal=journal, resubmit_unknown=True) as batch:
             async for result in batch:
                 line = {

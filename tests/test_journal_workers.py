@@ -1,8 +1,9 @@
 """Three worker processes, one PostgreSQL journal, one account; one worker is SIGKILLed.
 
 The fake server (in this process) holds the account: K tasks at once, then 1303.  Every
-worker runs the same 1,000 jobs with max_in_flight K against the same journal.  One worker is
-killed mid-run with tasks in flight; the others take its jobs over once its lease expires.
+worker runs the same 1,000 jobs (official advanced lip-sync, with external task ids) with
+max_in_flight K against the same journal.  One worker is killed mid-run with tasks in flight;
+the others take its jobs over once its lease expires.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import anyio
 import anyio.abc
 import psycopg
 import pytest
+from test_journal import task_video
 
 from kling_async.journal._export import read_jobs
 from kling_async.testing import FakeKlingServer
@@ -70,7 +72,7 @@ async def test_three_workers_one_killed_every_job_once_never_over_the_limit(
         assert server.max_running_seen <= limit
         assert server.requests["limited"] == 0
         # Every job has exactly one task.
-        videos = Counter(task.input["input"]["video_url"] for task in server.tasks.values())
+        videos = Counter(task_video(task) for task in server.tasks.values())
         assert server.tasks_created == count == len(videos)
         assert set(videos.values()) == {1}
 
@@ -84,7 +86,7 @@ async def test_three_workers_one_killed_every_job_once_never_over_the_limit(
     assert len(set(task_ids)) == count and set(task_ids) == set(server.tasks)
     for job in exported:
         task = server.tasks[job.result.task_id]  # type: ignore[union-attr,index]
-        assert task.input["input"]["video_url"] == f"https://example.com/w-{job.key[4:]}.mp4"
+        assert task_video(task) == f"https://example.com/w-{job.key[4:]}.mp4"
 
     # What the workers reported: the survivors each job at most once, all jobs between them.
     lines = [read_lines(out) for out in outs]
