@@ -313,3 +313,25 @@ def test_settings_are_checked_and_the_password_never_shown() -> None:
         PostgresJournal(url="postgresql://db/x", lease=-1.0)
     with pytest.raises(ka.ValidationError, match="url"):
         PostgresJournal(url="mysql://db/x")
+
+
+async def test_a_worker_that_stops_early_hands_its_jobs_to_the_next(pg_url: str) -> None:
+    jobs = [text_job(n, key=f"k{n}") for n in range(30)]
+    journal = PostgresJournal(url=pg_url, lease=5.0, renew=1.0, claim_poll=0.02)
+    async with FakeKlingServer(task_duration=0.2) as server:
+        async with kling_client(server, max_in_flight=6) as client:
+            first: list[ka.JobResult] = []
+            async with client.run_batch(jobs, journal=journal) as results:
+                async for result in results:
+                    first.append(result)
+                    if len(first) == 3:
+                        break  # leaves with six tasks running and jobs claimed
+            created = server.tasks_created
+            status = await read_status(pg_url)
+            assert status.slots_held and status.slots_held >= 1  # their tasks may still run
+            rest = [r async for r in client.run_batch(jobs, journal=journal)]
+    assert created > 3
+    assert sorted(r.key for r in first + rest) == sorted(j.key for j in jobs if j.key)
+    assert server.tasks_created == 30  # the tasks left running were tracked, not resubmitted
+    assert all(r.ok for r in first + rest)
+    assert account(pg_url)[2] == 0
