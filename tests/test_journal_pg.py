@@ -335,3 +335,32 @@ async def test_a_worker_that_stops_early_hands_its_jobs_to_the_next(pg_url: str)
     assert server.tasks_created == 30  # the tasks left running were tracked, not resubmitted
     assert all(r.ok for r in first + rest)
     assert account(pg_url)[2] == 0
+
+
+async def test_1303_in_a_batch_lowers_the_shared_limit_and_every_job_still_runs(
+    pg_url: str,
+) -> None:
+    # The account runs 3 tasks at once; both workers were told 6: the refusals teach them.
+    jobs = [text_job(n, key=f"k{n}") for n in range(40)]
+    journal = PostgresJournal(url=pg_url, lease=5.0, renew=1.0, claim_poll=0.02)
+    limits: list[int] = []
+    async with FakeKlingServer(task_duration=0.05, task_limit=3) as server:
+        results: list[ka.JobResult] = []
+
+        async def run() -> None:
+            async with kling_client(server, max_in_flight=6) as client:
+                async for item in client.run_batch(jobs, journal=journal):
+                    results.append(item)
+                    limits.append(account(pg_url)[1])
+
+        with anyio.fail_after(60):
+            async with anyio.create_task_group() as group:
+                group.start_soon(run)
+                group.start_soon(run)
+    assert sorted(r.key for r in results) == sorted(j.key for j in jobs if j.key)
+    assert all(r.ok for r in results)
+    assert server.tasks_created == 40
+    assert server.requests["limited"] >= 1
+    assert min(limits) <= 3  # lowered for both workers at once
+    capacity, _, held = account(pg_url)
+    assert capacity == 6 and held == 0
