@@ -6,11 +6,15 @@ and iterate :meth:`KlingClient.run_batch` for results in completion order.
 
 from typing import TYPE_CHECKING, Any
 
+from ._budget import Budget
 from ._config import PollPolicy, RetryPolicy
+from ._cost import DEFAULT_PRICES, Estimate, JobEstimate, Prices, estimate
 from ._errors import (
     AccountError,
     APIError,
     AuthenticationError,
+    BudgetExceededError,
+    CallbackSignatureError,
     ConcurrencyLimitError,
     ConnectError,
     ContentPolicyError,
@@ -35,7 +39,15 @@ from ._errors import (
 )
 from ._jobs import LipSyncJob
 from ._options import ClientOptions
-from ._results import BatchProgress, Face, JobResult, TaskSnapshot, TaskState
+from ._results import (
+    BalanceDeduction,
+    BatchProgress,
+    Face,
+    JobResult,
+    Returned,
+    TaskSnapshot,
+    TaskState,
+)
 
 if TYPE_CHECKING:
     from ._client import APIMODELS_BASE_URL, DMXAPI_BASE_URL, OFFICIAL_BASE_URL, KlingClient
@@ -86,20 +98,27 @@ def _version() -> str:
 
 __all__ = [
     "APIMODELS_BASE_URL",
+    "DEFAULT_PRICES",
     "DMXAPI_BASE_URL",
     "OFFICIAL_BASE_URL",
     "APIError",
     "AccountError",
     "AuthenticationError",
+    "BalanceDeduction",
     "BatchIterator",
     "BatchProgress",
+    "Budget",
+    "BudgetExceededError",
+    "CallbackSignatureError",
     "ClientOptions",
     "ConcurrencyLimitError",
     "ConnectError",
     "ContentPolicyError",
     "DownloadError",
+    "Estimate",
     "Face",
     "InvalidRequestError",
+    "JobEstimate",
     "JobResult",
     "JournalError",
     "KlingClient",
@@ -109,8 +128,10 @@ __all__ = [
     "NotFoundError",
     "PermissionDeniedError",
     "PollPolicy",
+    "Prices",
     "RateLimitError",
     "RetryPolicy",
+    "Returned",
     "ServerError",
     "SubmitOutcomeUnknownError",
     "TaskCancelledError",
@@ -125,4 +146,5 @@ __all__ = [
     "__version__",
     "created_nothing",
     "error_from_response",
+    "estimate",
 ]

@@ -23,6 +23,7 @@ import anyio.lowlevel
 import attrs
 from anyio.abc import TaskGroup
 
+from ._budget import Budget, BudgetLedger
 from ._client_view import ClientView
 from ._errors import (
     KlingError,
@@ -35,7 +36,7 @@ from ._identity import derive_external_id, new_batch_id
 from ._iterator import BatchIterator
 from ._jobs import LipSyncJob
 from ._pipe import ResultPipe
-from ._results import BatchProgress, JobResult, TaskSnapshot, TaskState
+from ._results import BatchProgress, JobResult, TaskSnapshot, TaskState, returned_of
 from ._resume import Resume
 from ._slots import SlotHold, StuckTasks, TaskSlots, slot_wait_error
 from ._source import JobSource
@@ -68,6 +69,7 @@ class Batch:
         resubmit_unknown: bool = False,
         retry_failed: bool = False,
         download_to: str | os.PathLike[str] | None = None,
+        budget: Budget | None = None,
     ) -> None:
         if journal is not None:
             check_target(journal)  # a file path, or a PostgreSQL URL with psycopg installed
@@ -91,6 +93,10 @@ class Batch:
         self._resubmit_unknown = resubmit_unknown
         self._retry_failed = retry_failed
         self._download_to = Path(download_to) if download_to is not None else None
+        # Two-step dialects (identify-face first) pay for an identify-face call per job too.
+        two_step = client.dialect.default_stage == "advanced-lip-sync"
+        self.budget = BudgetLedger(budget, identify_face=two_step) if budget is not None else None
+        self.units = 0.0  # what the server says the reported results cost
         self.resume: Resume | None = None
         self._slots = TaskSlots(client.max_in_flight)
         self.pipe = ResultPipe(2 * client.max_in_flight)
@@ -129,6 +135,7 @@ class Batch:
             succeeded=self.counts["succeeded"],
             failed=self.counts["failed"],
             retried=self.resume.retried if self.resume is not None else 0,
+            units=self.units,
         )
 
     def cancel(self) -> None:
@@ -258,6 +265,8 @@ class Batch:
             if not held:
                 raise slot_wait_error(self._client.retry.max_slot_wait, self.blocking())
             self._dialect.check_job(job)
+            if self.budget is not None:
+                self.budget.reserve(key, job, resume)  # BudgetExceededError: not submitted
             if job.external_task_id is None and self._dialect.external_ids:
                 job = attrs.evolve(job, external_task_id=self._external_id(key, resume))
             flow = self._dialect.flow(job, callback_url=self._callback_url)
@@ -310,6 +319,8 @@ class Batch:
             self._live.pop(task_id, None)
             if not kept:
                 self._slots.finished()
+        if self.budget is not None:
+            self.budget.settle(result)  # (journaled with the result, just below)
         if resume is not None:
             try:
                 # Recorded before it is handed on: a crash after this reports it from here.
@@ -321,6 +332,7 @@ class Batch:
             await self._report(result)
         else:  # what _report does then, without a coroutine per job
             self.counts["succeeded" if result.ok else "failed"] += 1
+            self.units += result.units or 0.0
             self.pipe.put(result)
         if task_id is None:  # failed before any submit was answered: maybe without a yield
             await anyio.lowlevel.checkpoint()
@@ -336,6 +348,7 @@ class Batch:
             else:
                 result = attrs.evolve(result, path=path)
         self.counts["succeeded" if result.ok else "failed"] += 1
+        self.units += result.units or 0.0
         if self._scope.cancel_called:
             # A stopped batch hands over nothing more (after a fatal error the consumer still
             # reads what came before it).  Only the batch's own scope: when an outer one is
@@ -393,6 +406,7 @@ class Batch:
             finished_at=self._client.clock(),
             polls=polls,
             adopted=snapshot.task_id in self._submitter.reconciler.adopted,
+            **returned_of(snapshot),
         )
 
     # -- ending --------------------------------------------------------------------------

@@ -13,7 +13,7 @@ import os
 import random
 import time
 import weakref
-from collections.abc import AsyncIterable, Callable, Iterable
+from collections.abc import AsyncIterable, Callable, Iterable, Mapping
 from pathlib import Path
 from types import TracebackType
 from typing import TYPE_CHECKING
@@ -25,6 +25,7 @@ from anyio.abc import TaskGroup
 from ._auth import Credentials, credentials_for
 from ._backoff import poll_delay
 from ._batch import Batch, BatchIterator
+from ._budget import Budget
 from ._client_view import ClientView
 from ._config import PollPolicy, RetryPolicy
 from ._download import Downloader, file_name
@@ -34,6 +35,7 @@ from ._jobs import LipSyncJob
 from ._options import ClientOptions
 from ._requester import Requester
 from ._results import JobResult, TaskSnapshot, TaskState
+from ._signature import WebhookSecret, lower_headers
 from ._transport import Timeouts, Transport
 from .dialects import Dialect, Submit
 from .dialects.kling import KlingDialect
@@ -93,6 +95,7 @@ class KlingClient:
         rng: random.Random | None = None,
         clock: Callable[[], float] = time.time,
         max_downloads: int = 4,
+        webhook_secret: str | Iterable[str] | None = None,
     ) -> None:
         if (
             not isinstance(max_in_flight, int)
@@ -113,6 +116,8 @@ class KlingClient:
         if not isinstance(retry, RetryPolicy):
             raise ValidationError("retry", "must be a RetryPolicy")
         self.dialect = dialect
+        #: The account's Webhook Secret, checked by :meth:`handle_callback` (None: unsigned).
+        self.webhook_secret = WebhookSecret(webhook_secret) if webhook_secret is not None else None
         self.base_url = normalize_base_url(base_url)
         self.max_in_flight = max_in_flight
         self.poll = poll
@@ -317,6 +322,7 @@ class KlingClient:
         resubmit_unknown: bool = False,
         retry_failed: bool = False,
         download_to: str | os.PathLike[str] | None = None,
+        budget: Budget | None = None,
     ) -> BatchIterator:
         """Run many jobs; iterate the result for one :class:`JobResult` per job, as they finish.
 
@@ -353,6 +359,12 @@ class KlingClient:
         reported (:meth:`download`); ``JobResult.path`` says where.  A download that fails
         leaves the result ``ok`` (the video exists, its URL still works) with ``path`` None and
         ``error`` set to the :class:`~kling_async.DownloadError`.
+
+        ``budget`` (a :class:`~kling_async.Budget`) caps what the batch spends, in units: each
+        job's estimate (:func:`~kling_async.estimate`) is reserved before its first submit, and
+        once the next reservation would pass the cap, submitting stops and the remaining jobs
+        end with :class:`~kling_async.BudgetExceededError`.  What a task actually cost replaces
+        its reservation when it ends; with a journal the spend carries over to reruns.
         """
         batch = Batch(
             self._view(),
@@ -362,6 +374,7 @@ class KlingClient:
             resubmit_unknown=resubmit_unknown,
             retry_failed=retry_failed,
             download_to=download_to,
+            budget=budget,
         )
         return self._start(batch)
 
@@ -410,11 +423,19 @@ class KlingClient:
                 known = True
         return known or snapshot.task_id in self._recent
 
-    def handle_callback(self, body: bytes) -> bool:
+    def handle_callback(
+        self, body: bytes, *, headers: Mapping[str, str] | Iterable[tuple[str, str]] = ()
+    ) -> bool:
         """Parse a callback body with this client's dialect and :meth:`deliver_callback` it.
 
-        Raises :class:`~kling_async.MalformedResponseError` for a body that is not a callback.
+        With a ``webhook_secret`` (``KlingClient(..., webhook_secret="whsec_...")``) the
+        callback's ``webhook-id``, ``webhook-timestamp`` and ``webhook-signature`` ``headers``
+        (names in any case) are verified first: :class:`~kling_async.CallbackSignatureError`
+        when they are missing, stale or wrong (answer 401), and nothing changes.  Raises
+        :class:`~kling_async.MalformedResponseError` for a body that is not a callback.
         """
+        if self.webhook_secret is not None:
+            self.webhook_secret.verify(body, lower_headers(headers), now=self._clock())
         return self.deliver_callback(self.dialect.parse_callback(body))
 
     def _remember(self, task_id: str) -> None:

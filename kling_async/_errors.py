@@ -23,7 +23,9 @@ Every exception the library raises on purpose is a :class:`KlingError`::
     ├── TaskCancelledError         the batch was left before the task ended
     ├── SubmitOutcomeUnknownError  a submit may have created a task that could not be found
     ├── JournalError               the batch journal cannot be read or written (stops the batch)
-    └── DownloadError              a result video could not be saved (gone, cut short, wrong size)
+    ├── DownloadError              a result video could not be saved (gone, cut short, wrong size)
+    ├── BudgetExceededError        a job not submitted: its estimate would pass the batch's budget
+    └── CallbackSignatureError     a callback whose Standard Webhooks signature does not verify
 
 :func:`error_from_response` turns an (HTTP status, body) pair into one of the :class:`APIError`
 classes.  It reads both, because some gateways answer business errors with HTTP 200 and only a
@@ -39,6 +41,8 @@ __all__ = [
     "APIError",
     "AccountError",
     "AuthenticationError",
+    "BudgetExceededError",
+    "CallbackSignatureError",
     "ConcurrencyLimitError",
     "ConnectError",
     "ContentPolicyError",
@@ -309,6 +313,32 @@ class JournalError(KlingError):
     fatal = True
 
 
+class BudgetExceededError(KlingError):
+    """A job was not submitted because its estimated cost would pass the batch's budget.
+
+    A job's result, never raised out of a batch: once one job would pass
+    ``Budget.units``, submitting stops and every job not yet submitted ends with this error.
+    Nothing was created, so a rerun with a larger budget submits it.  ``units`` is the job's
+    estimate, ``spent`` what the batch had spent or reserved, ``limit`` the budget.
+    """
+
+    def __init__(self, *, units: float, spent: float, limit: float) -> None:
+        self.units = units
+        self.spent = spent
+        self.limit = limit
+        super().__init__(
+            f"not submitted: estimated at {units:g} unit(s), it would pass the budget of"
+            f" {limit:g} units ({spent:g} already spent or reserved)"
+        )
+
+
+class CallbackSignatureError(KlingError):
+    """A callback's ``webhook-*`` signature headers are missing, stale or do not match.
+
+    ``str()`` says which check failed; it never quotes a signature or a secret.
+    """
+
+
 # Business codes of the official format, docs/protocol.md, Business codes.
 _CODE_TABLE: dict[int, type[APIError]] = {
     **dict.fromkeys((1000, 1001, 1002, 1003, 1004), AuthenticationError),
@@ -400,11 +430,12 @@ def _default_message(status: int, code: int | None) -> str:
 def created_nothing(error: BaseException) -> bool:
     """Whether a failed *submit* certainly created no task, so sending it again cannot pay twice.
 
-    True only for answers that say so (1302, 1303, 5001 / HTTP 503, and a 401 token refusal) and
-    for connections that were never made.  A time-out, a dropped connection, 5000 or 5002 may hide
-    a task the server did create: those submits are never repeated blindly.
+    True only for answers that say so (1302, 1303, 5001 / HTTP 503, and a 401 token refusal), for
+    connections that were never made, and for jobs the budget kept from being sent.  A time-out,
+    a dropped connection, 5000 or 5002 may hide a task the server did create: those submits are
+    never repeated blindly.
     """
-    if isinstance(error, ConnectError):
+    if isinstance(error, (ConnectError, BudgetExceededError)):
         return True
     if isinstance(error, RateLimitError):
         return True

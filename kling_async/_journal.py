@@ -303,6 +303,16 @@ class Journal:
         )
         await self._commit()
 
+    def charges(self) -> dict[str, tuple[float, bool]]:
+        """Budget reservations and charges as read at open: key -> ``(units, settled)``."""
+        return dict(self._store.charges)
+
+    def charge(self, key: str, units: float, settled: bool) -> None:
+        """Record a budget reservation or charge; committed with the next write (or close)."""
+        self._add(
+            "INSERT OR REPLACE INTO charges VALUES (?, ?, ?)", (key, float(units), int(settled))
+        )
+
     def reported(self, key: str) -> None:
         """Mark ``key``'s latest result as taken by the consumer.
 

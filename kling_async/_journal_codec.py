@@ -24,7 +24,7 @@ import cattrs
 from . import _errors
 from ._errors import KlingError
 from ._jobs import LipSyncJob
-from ._results import JobResult, TaskSnapshot, TaskState
+from ._results import BalanceDeduction, JobResult, TaskSnapshot, TaskState, returned_fields
 
 __all__ = [
     "error_from_json",
@@ -38,6 +38,9 @@ __all__ = [
 
 # Bumped if the hashed form of a job ever changes, so old journals refuse instead of mismatching.
 _HASH_VERSION = "kling_async.job.v1"
+# Job fields added after v1: left out of the hash while unset, so that a journal written before
+# they existed still recognises its jobs (a job that sets one is a different request anyway).
+_ADDED_AFTER_V1 = ("audio_id", "watermark", "external_task_id")
 # Error attributes worth keeping: plain JSON values only (never the request or response).
 _PLAIN = (str, int, float, bool, type(None))
 
@@ -55,8 +58,9 @@ def request_hash(job: LipSyncJob) -> str:
     """
     fields = attrs.asdict(job, recurse=False)
     fields.pop("key", None)
-    if fields.get("external_task_id") is None:
-        fields.pop("external_task_id", None)  # (absent before it existed: old hashes hold)
+    for name in _ADDED_AFTER_V1:
+        if fields.get(name, 0) is None:
+            del fields[name]  # (absent before it existed: old hashes hold)
     audio = fields.pop("audio_file", None)
     fields["audio_file_sha256"] = hashlib.sha256(audio).hexdigest() if audio else None
     for name, value in fields.items():
@@ -125,6 +129,8 @@ def result_to_json(result: JobResult) -> str:
             "finished_at": result.finished_at,
             "polls": result.polls,
             "adopted": result.adopted,
+            # What the server returned (absent from journals written before these existed).
+            **returned_fields(result),
         }
     )
 
@@ -143,7 +149,18 @@ def result_from_json(text: str) -> JobResult:
         finished_at=data.get("finished_at"),
         polls=int(data.get("polls") or 0),
         adopted=bool(data.get("adopted", False)),
+        video_id=data.get("video_id"),
+        video_duration=data.get("video_duration"),
+        watermark_url=data.get("watermark_url"),
+        units=data.get("units"),
+        balance_deduction=_balance(data.get("balance_deduction")),
     )
+
+
+def _balance(data: object) -> BalanceDeduction | None:
+    if not isinstance(data, dict):
+        return None
+    return BalanceDeduction(quota=data.get("quota"), list_price=data.get("list_price"))
 
 
 # -- snapshots -----------------------------------------------------------------------------

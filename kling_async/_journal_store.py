@@ -66,6 +66,12 @@ _UPGRADE_1 = (
 #: Meta names compared with the opening batch's; the others (batch id, clock offset) are kept.
 CHECKED_META = ("dialect", "stage", "base_url")
 
+# Budget reservations and charges (kling_async._budget), per job key: created when missing, in
+# files of either layout version too, so that adding it needed no version of its own.
+_CHARGES = """CREATE TABLE IF NOT EXISTS charges (
+    key TEXT PRIMARY KEY, units REAL NOT NULL, settled INTEGER NOT NULL
+)"""
+
 #: A job row and its stage rows, as read: ``(jobs row, [stages rows])``.
 Row = tuple[tuple[Any, ...], list[tuple[Any, ...]]]
 
@@ -148,6 +154,8 @@ class Store:
         #: Transactions committed by :meth:`flush`, and the statements they held.
         self.transactions = 0
         self.committed = 0
+        #: The ``charges`` rows read by :meth:`open`: key -> (units, settled).
+        self.charges: dict[str, tuple[float, bool]] = {}
 
     def open(self, meta: dict[str, str]) -> tuple[dict[str, str], list[Row]]:
         """Lock the file, create or check its layout and ``meta``; return its meta and jobs.
@@ -189,7 +197,12 @@ class Store:
                     for name in sorted(meta.keys() - stored.keys()):
                         conn.execute("INSERT INTO meta VALUES (?, ?)", (name, meta[name]))
                         stored[name] = meta[name]
+                conn.execute(_CHARGES)
                 rows = self._read()
+                self.charges = {
+                    key: (float(units), bool(settled))
+                    for key, units, settled in conn.execute("SELECT * FROM charges")
+                }
                 conn.execute("COMMIT")
             except BaseException:
                 if conn.in_transaction:

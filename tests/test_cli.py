@@ -33,6 +33,11 @@ RESULT_FIELDS = {
     "polls",
     "path",
     "adopted",
+    "video_id",
+    "video_duration",
+    "watermark_url",
+    "units",
+    "balance_deduction",
 }
 SECRET = "sk-not-the-right-key-7f3a9c"
 

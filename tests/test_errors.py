@@ -329,6 +329,8 @@ ALL_CLASSES: list[type[KlingError]] = [
     SubmitOutcomeUnknownError,
     JournalError,
     DownloadError,
+    kling_async.BudgetExceededError,
+    kling_async.CallbackSignatureError,
 ]
 
 

@@ -361,6 +361,6 @@ async def test_1303_in_a_batch_lowers_the_shared_limit_and_every_job_still_runs(
     assert all(r.ok for r in results)
     assert server.tasks_created == 40
     assert server.requests["limited"] >= 1
-    assert min(limits) <= 3  # lowered for both workers at once
+    assert min(limits) < 6  # lowered (to the slots held less one) for both workers at once
     capacity, _, held = account(pg_url)
     assert capacity == 6 and held == 0

@@ -105,6 +105,11 @@ class Progress:
         return self._batch.progress.submitted if self._batch is not None else self.submitted
 
     @property
+    def units(self) -> float:
+        """Units the server says the batch's finished tasks cost (0 before :meth:`watch`)."""
+        return self._batch.progress.units if self._batch is not None else 0.0
+
+    @property
     def elapsed(self) -> float:
         """Seconds since the display was made."""
         return time.monotonic() - self._started

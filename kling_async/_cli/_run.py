@@ -16,10 +16,11 @@ import anyio
 import attrs
 
 from .._batch import BatchIterator
+from .._budget import Budget
 from .._config import PollPolicy
 from .._errors import KlingError, ValidationError
 from .._jobs import LipSyncJob
-from .._results import JobResult, TaskState
+from .._results import JobResult, TaskState, returned_fields
 from ._connect import CliError, credentials, make_client
 from ._jobfile import JobFile, Record, Survey, survey
 from ._progress import Progress
@@ -56,6 +57,8 @@ def result_line(result: JobResult, line: int | None = None) -> dict[str, Any]:
         "polls": result.polls,
         "path": str(result.path) if result.path is not None else None,
         "adopted": result.adopted,
+        # What the server returned with the video, and what the task cost.
+        **returned_fields(result),
     }
 
 
@@ -138,9 +141,10 @@ def run_command(args: argparse.Namespace) -> int:
     if not args.quiet:
         ok = progress.done - progress.failed
         where = "" if args.out == "-" else f"; results in {args.out}"
+        units = f", {progress.units:g} units charged" if progress.units else ""
         print(
             f"kling-async: {progress.done} jobs in {progress.elapsed:.1f} s: {ok} succeeded, "
-            f"{progress.failed} failed{where}",
+            f"{progress.failed} failed{units}{where}",
             file=sys.stderr,
         )
     return 1 if failed else 0
@@ -220,6 +224,8 @@ class _Run:
             batch_options["retry_failed"] = args.retry_failed
         if args.download:
             batch_options["download_to"] = args.download
+        if args.max_units is not None:
+            batch_options["budget"] = Budget(units=args.max_units)
         self.progress.start()
         results = client.run_batch(self._feed(), **batch_options)
         self.batch = results

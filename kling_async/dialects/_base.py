@@ -23,7 +23,7 @@ import attrs
 
 from .._errors import SUCCESS_CODES, MalformedResponseError, error_from_response
 from .._http import HttpRequest, HttpResponse
-from .._jobs import LipSyncJob
+from .._jobs import MIN_SOUND_MS, LipSyncJob
 from .._results import Face, TaskSnapshot
 
 __all__ = [
@@ -33,6 +33,7 @@ __all__ = [
     "audio_base64",
     "choose_face",
     "decode_envelope",
+    "overlap_problem",
     "sound_source",
 ]
 
@@ -170,3 +171,24 @@ def choose_face(job: LipSyncJob, faces: Sequence[Face]) -> Face | str:
     if job.face_index < len(faces):
         return faces[job.face_index]
     return f"no face with index {job.face_index}: the video has {count}"
+
+
+def overlap_problem(job: LipSyncJob, face: Face) -> str | None:
+    """Why ``job``'s audio would miss ``face``, or None (docs/protocol.md, Advanced lip-sync).
+
+    The inserted audio must overlap the face's lip-sync interval by at least 2 s.  Checked
+    between identify-face and the (billed) lip-sync task, where the interval is known; a face
+    without one (apimodels gives none) or a job without ``sound_end_time`` passes.
+    """
+    if face.start_ms is None or face.end_ms is None or job.sound_end_time is None:
+        return None
+    start = job.sound_insert_time
+    end = start + job.sound_end_time - job.sound_start_time
+    overlap = min(end, face.end_ms) - max(start, face.start_ms)
+    if overlap >= MIN_SOUND_MS:
+        return None
+    return (
+        f"the audio inserted at {start}-{end} ms overlaps face {face.face_id[:60]!r}"
+        f" (visible {face.start_ms}-{face.end_ms} ms) by {max(overlap, 0)} ms;"
+        f" at least {MIN_SOUND_MS} ms are needed"
+    )

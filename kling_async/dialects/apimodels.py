@@ -99,7 +99,10 @@ class ApimodelsDialect:
     external_ids = False
 
     def check_job(self, job: LipSyncJob) -> None:
-        """Refuse text jobs and ``video_id`` jobs, which this service cannot run."""
+        """Refuse text, ``video_id``, ``audio_id`` and ``watermark`` jobs: not on this service."""
+        for field in ("audio_id", "watermark"):
+            if getattr(job, field) is not None:
+                raise ValidationError(field, "apimodels does not take it")
         if job.text is not None:
             raise ValidationError(
                 "text", "apimodels runs advanced lip-sync, which takes audio, not text"
