@@ -8,6 +8,7 @@ tests/test_journal_workers.py kills worker processes.
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import sys
 from typing import Any
@@ -364,3 +365,17 @@ async def test_1303_in_a_batch_lowers_the_shared_limit_and_every_job_still_runs(
     assert min(limits) < 6  # lowered (to the slots held less one) for both workers at once
     capacity, _, held = account(pg_url)
     assert capacity == 6 and held == 0
+
+
+async def test_an_unreachable_database_stops_the_batch_before_any_request() -> None:
+    with socket.socket() as probe:  # a port nobody listens on
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    url = f"postgresql://kling:s3cret@127.0.0.1:{port}/nowhere"
+    journal = PostgresJournal(url=url, connect_timeout=0.3)
+    async with FakeKlingServer() as server, kling_client(server) as client:
+        with anyio.fail_after(10), pytest.raises(ka.JournalError) as info:
+            async for _ in client.run_batch([text_job(1, key="a")], journal=journal):
+                pass
+    assert f"127.0.0.1:{port}/nowhere" in str(info.value) and "s3cret" not in str(info.value)
+    assert server.tasks_created == 0 and sum(server.requests.values()) == 0

@@ -54,14 +54,16 @@ class PostgresJournal:
     ``url`` is a libpq URL (``postgresql://user:password@host:5432/db``).  Every worker renews
     its lease every ``renew`` seconds; a worker not heard of for ``lease`` seconds counts as
     dead and the others take its jobs over.  A worker with nothing to claim looks again after
-    ``claim_poll`` seconds (sooner when one of its own jobs ends).  A plain URL passed as
-    ``journal=`` means the defaults.
+    ``claim_poll`` seconds (sooner when one of its own jobs ends).  A database that cannot be
+    reached for ``connect_timeout`` seconds is a :class:`~kling_async.JournalError`.  A plain
+    URL passed as ``journal=`` means the defaults.
     """
 
     url: str = attrs.field(validator=_url, repr=redact)
     lease: float = attrs.field(default=30.0, validator=_positive)
     renew: float = attrs.field(default=10.0, validator=_positive)
     claim_poll: float = attrs.field(default=0.2, validator=_positive)
+    connect_timeout: float = attrs.field(default=10.0, validator=_positive)
 
     def __attrs_post_init__(self) -> None:
         if self.renew >= self.lease:

@@ -29,6 +29,7 @@ class Db:
 
     def __init__(self, config: PostgresJournal, max_in_flight: int) -> None:
         self.path = redact(config.url)
+        self._connect_timeout = config.connect_timeout
         size = max(2, min(8, max_in_flight // 4 + 2))
         self._pool: AsyncConnectionPool[Any] = AsyncConnectionPool(
             config.url,
@@ -49,8 +50,8 @@ class Db:
     async def open(self) -> None:
         """Connect both pools (JournalError when the server cannot be reached)."""
         try:
-            await self._pool.open(wait=True, timeout=10.0)
-            await self._durable.open(wait=True, timeout=10.0)
+            await self._pool.open(wait=True, timeout=self._connect_timeout)
+            await self._durable.open(wait=True, timeout=self._connect_timeout)
         except (psycopg.Error, PoolTimeout) as exc:
             await self.close()
             raise JournalError(f"journal {self.path}: {reason(exc)}") from None
