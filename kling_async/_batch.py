@@ -42,7 +42,7 @@ from ._slots import SlotHold, StuckTasks, TaskSlots, slot_wait_error
 from ._source import JobSource
 from ._submitter import Submitter
 from ._tracker import Tracker
-from .journal import PostgresJournal, SharedBackend, check_target
+from .journal import PostgresJournal, SharedBackend, check_target, is_shared
 from .journal._claims import ClaimSource
 
 __all__ = ["Batch", "BatchIterator"]
@@ -81,6 +81,8 @@ class Batch:
             raise ValidationError("retry_failed", "must be True or False")
         if retry_failed and journal is None:
             raise ValidationError("retry_failed", "needs a journal: the failures are read there")
+        if retry_failed and is_shared(journal):
+            raise ValidationError("retry_failed", "is not supported with a PostgreSQL journal yet")
         if download_to is not None and not isinstance(download_to, (str, os.PathLike)):
             raise ValidationError("download_to", "must be a directory path")
         self._client = client

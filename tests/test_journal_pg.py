@@ -379,3 +379,10 @@ async def test_an_unreachable_database_stops_the_batch_before_any_request() -> N
                 pass
     assert f"127.0.0.1:{port}/nowhere" in str(info.value) and "s3cret" not in str(info.value)
     assert server.tasks_created == 0 and sum(server.requests.values()) == 0
+
+
+async def test_retry_failed_is_refused_on_a_shared_journal(pg_url: str) -> None:
+    async with FakeKlingServer() as server, kling_client(server) as client:
+        with pytest.raises(ka.ValidationError, match="retry_failed: is not supported"):
+            client.run_batch([text_job(1)], journal=pg_url, retry_failed=True)
+    assert sum(server.requests.values()) == 0

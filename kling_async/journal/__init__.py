@@ -26,10 +26,16 @@ __all__ = [
     "PostgresJournal",
     "SharedBackend",
     "check_target",
+    "is_shared",
     "open_journal",
 ]
 
 EXTRA_HINT = "pip install 'kling-async[postgres]'"
+
+
+def is_shared(target: object) -> bool:
+    """Whether ``target`` names a journal several workers share (PostgreSQL)."""
+    return isinstance(target, PostgresJournal) or is_postgres_url(target)
 
 
 def check_target(target: object) -> None:
