@@ -71,11 +71,14 @@ class PgServer:
         #: durable: fsync and synchronous commits as a real server (benchmarks/workers.py).
         self.durable = durable
         self.bin = find_bin()
-        self.dir = Path(tempfile.mkdtemp(prefix="kling-pg-"))
+        self._as_root = os.geteuid() == 0
+        # As root the server runs as nobody, who must reach the directory: /tmp, not a
+        # $TMPDIR that may sit under root's home.
+        where = "/tmp" if self._as_root and Path("/tmp").is_dir() else None
+        self.dir = Path(tempfile.mkdtemp(prefix="kling-pg-", dir=where))
         self.data = self.dir / "data"
         self.port = 0
         self._databases = 0
-        self._as_root = os.geteuid() == 0
 
     def _run(self, *argv: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
         prefix = []
