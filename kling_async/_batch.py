@@ -43,7 +43,7 @@ from ._source import JobSource
 from ._submitter import Submitter
 from ._tracker import Tracker
 from .journal import PostgresJournal, SharedBackend, check_target, is_shared
-from .journal._claims import ClaimSource
+from .journal._claims import ClaimSource, SharedSlotHold
 
 __all__ = ["Batch", "BatchIterator"]
 
@@ -256,6 +256,8 @@ class Batch:
 
     async def _run_job(self, key: str, job: LipSyncJob, *, held: bool = True) -> None:
         slot = SlotHold(self._slots, held=held)
+        if self.resume is not None and isinstance(self.resume.journal, SharedBackend):
+            slot = SharedSlotHold(self._slots, self.resume.journal, key, held=held)
         task_id: str | None = None
         submitted_at: float | None = None
         polls = 0

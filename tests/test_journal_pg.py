@@ -386,3 +386,23 @@ async def test_retry_failed_is_refused_on_a_shared_journal(pg_url: str) -> None:
         with pytest.raises(ka.ValidationError, match="retry_failed: is not supported"):
             client.run_batch([text_job(1)], journal=pg_url, retry_failed=True)
     assert sum(server.requests.values()) == 0
+
+
+async def test_a_timed_out_task_keeps_its_shared_slot_until_it_ends(pg_url: str) -> None:
+    # One slot for the account; the first task outlives PollPolicy.timeout, the second waits.
+    durations = iter([0.8, 0.01])
+    poll = ka.PollPolicy(first_delay=0.01, max_interval=0.05, multiplier=1.0, timeout=0.2)
+    journal = PostgresJournal(url=pg_url, lease=5.0, renew=1.0, claim_poll=0.02)
+    jobs = [text_job(0, key="slow"), text_job(1, key="next")]
+    async with FakeKlingServer(task_duration=lambda rng: next(durations)) as server:  # type: ignore[arg-type]
+        async with kling_client(server, max_in_flight=1, poll=poll) as client:
+            seen: list[tuple[str, int]] = []
+            with anyio.fail_after(20):
+                async for result in client.run_batch(jobs, journal=journal):
+                    seen.append((result.key, account(pg_url)[2]))
+            slow = server.tasks[next(iter(server.tasks))]
+            second = [task for task in server.tasks.values() if task is not slow]
+    assert [key for key, _ in seen] == ["slow", "next"]
+    assert seen[0][1] == 1  # reported timed out, its task still running: its slot is kept
+    assert len(second) == 1 and second[0].born >= slow.born + 0.8 - 0.01  # sent after it ended
+    assert account(pg_url)[2] == 0

@@ -19,9 +19,10 @@ from .._errors import ValidationError
 from .._jobs import LipSyncJob
 from .._journal_codec import request_hash
 from .._results import JobResult
+from .._slots import SlotHold, TaskSlots
 from ._contract import SharedBackend
 
-__all__ = ["ClaimSource"]
+__all__ = ["ClaimSource", "SharedSlotHold"]
 
 
 class ClaimSource:
@@ -99,3 +100,26 @@ class ClaimSource:
             self._done = True
             raise
         return jobs
+
+
+class SharedSlotHold(SlotHold):
+    """A job's local slot that, when let go, also lets go of the job's slot in the journal.
+
+    Only a slot the journal kept for a timed-out task is affected (the journal gives every
+    other one back with the result): the batch lets go of that one when the task is seen to
+    end, or when the batch stops following it.
+    """
+
+    __slots__ = ("_journal", "_key")
+
+    def __init__(
+        self, slots: TaskSlots, journal: SharedBackend, key: str, *, held: bool = True
+    ) -> None:
+        super().__init__(slots, held=held)
+        self._journal = journal
+        self._key = key
+
+    def release(self) -> None:
+        """Give the slot back (here and, if it kept one, in the journal)."""
+        super().release()
+        self._journal.slot_ended(self._key)

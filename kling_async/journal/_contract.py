@@ -132,5 +132,8 @@ class SharedBackend(JournalBackend, Protocol):
     async def refresh(self) -> None:
         """Re-read which tasks other workers' jobs own (before a search for a lost submit)."""
 
+    def slot_ended(self, key: str) -> None:
+        """``key``'s timed-out task has ended (or is no longer followed): free its kept slot."""
+
     async def wait_for_slot(self) -> None:
         """Return when a slot may have freed (a job of this worker ended), or after a while."""

@@ -30,7 +30,7 @@ from .._errors import JournalError
 from .._identity import new_batch_id
 from .._journal import CREATED, REFUSED, SUBMITTING, JournalJob, JournalStage
 from .._journal_codec import result_to_json, snapshot_to_json
-from .._results import JobResult, TaskSnapshot
+from .._results import JobResult, TaskSnapshot, TaskState
 from . import _pg_sql as sql
 from ._config import PostgresJournal, redact
 from ._contract import Claim
@@ -90,6 +90,8 @@ class PgJournal:
         self._known: set[str] = set()  # keys this worker can run (it loaded them)
         self._skip: set[str] = set()  # keys it cannot (another worker's job file)
         self._marks: list[str] = []
+        self._kept: set[str] = set()  # timed-out jobs whose slot is kept (see finished)
+        self._ended: list[str] = []  # ...and whose slot is to go back now
         self._marked = anyio.Event()
         self._freed = anyio.Event()  # set (and replaced) when a job of this worker ends
         self._closed = False
@@ -253,13 +255,30 @@ class PgJournal:
         """Record ``result`` (the job is done) and give its task slot back to the account."""
         job = self._jobs[result.key]
         job.result, job.final, job.reported = result, final, False
+        # A timed-out task may still run: its slot stays the job's until the batch's follower
+        # sees it end (slot_ended), as the batch's own slot does (kling_async._slots).
+        keep = result.state is TaskState.TIMED_OUT and result.task_id is not None
         params = {
             "result": result_to_json(result),
             "final": final,
             "ended": result.task_id is not None,
+            "keep": keep,
         }
         await self._fenced(job, sql.FINISHED, params)
-        self._wake()
+        if keep:
+            self._kept.add(result.key)
+        else:
+            self._wake()
+
+    def slot_ended(self, key: str) -> None:
+        """The batch let go of ``key``'s slot: a kept one (timed out) goes back to the account.
+
+        Not waited for: committed with the next marks (and at close at the latest).
+        """
+        if key in self._kept and not self._closed:
+            self._kept.discard(key)
+            self._ended.append(key)
+            self._marked.set()
 
     def set_clock_offset(self, lo: float, hi: float) -> None:
         """Keep the server clock's offset interval (written with the next marks)."""
@@ -457,6 +476,11 @@ class PgJournal:
     async def _flush_marks(self) -> None:
         keys, self._marks = self._marks, []
         meta, self._meta = self._meta, {}
+        ended, self._ended = self._ended, []
+        for key in ended:
+            await self._fenced(self._jobs[key], sql.SLOT_ENDED, {"ended": True})
+        if ended:
+            self._wake()
         if not keys and not meta:
             return
 

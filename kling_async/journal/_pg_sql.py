@@ -16,6 +16,7 @@ __all__ = [
     "LOWER_LIMIT",
     "REFUSED",
     "REGAIN_SLOT",
+    "SLOT_ENDED",
     "SUBMITTING",
     "fenced",
 ]
@@ -52,19 +53,35 @@ REFUSED = fenced("""w AS (
     UPDATE kling_stages s SET status = 'refused' FROM own
     WHERE s.key = own.key AND s.stage = %(stage)s)""")
 
-#: The result, and the job's slot back to the account; a task that ended is a clean finish
-#: (after ``lim`` of them the limit grows by one, up to ``capacity``).
-FINISHED = fenced("""w AS (
-    UPDATE kling_jobs j SET result = %(result)s, final = %(final)s, reported = false,
-        state = 'done', slot = false
-    FROM own WHERE j.key = own.key RETURNING own.slot AS held),
-acc AS (
+#: Gives the slot of the job ``w`` names back to the account; a task that ended is a clean
+#: finish (after ``lim`` of them the limit grows by one, up to ``capacity``).
+_GIVE_BACK = """acc AS (
     UPDATE kling_account SET held = held - 1,
         lim = CASE WHEN %(ended)s AND lim < capacity AND clean + 1 >= lim
             THEN lim + 1 ELSE lim END,
         clean = CASE WHEN NOT %(ended)s THEN clean
             WHEN lim < capacity AND clean + 1 >= lim THEN 0 ELSE clean + 1 END
-    WHERE id = 1 AND EXISTS (SELECT 1 FROM w WHERE held))""")
+    WHERE id = 1 AND EXISTS (SELECT 1 FROM w WHERE held))"""
+
+#: The result, and the job's slot back to the account, unless ``keep``: a timed-out task may
+#: still run, and keeps its slot until it is seen to end (:data:`SLOT_ENDED`).
+FINISHED = fenced(
+    """w AS (
+    UPDATE kling_jobs j SET result = %(result)s, final = %(final)s, reported = false,
+        state = 'done', slot = own.slot AND %(keep)s
+    FROM own WHERE j.key = own.key RETURNING own.slot AND NOT %(keep)s AS held),
+"""
+    + _GIVE_BACK
+)
+
+#: A timed-out task whose slot was kept has ended (or the worker stops following it).
+SLOT_ENDED = fenced(
+    """w AS (
+    UPDATE kling_jobs j SET slot = false FROM own
+    WHERE j.key = own.key AND own.slot RETURNING true AS held),
+"""
+    + _GIVE_BACK
+)
 
 #: A 1303 while the job held its slot: the account sustains one fewer than are held.
 LOWER_LIMIT = fenced("""w AS (
