@@ -38,12 +38,15 @@ from ._pg_claims import (
     Claimed,
     Conn,
     claim_one,
-    give_back,
     job_from_rows,
     load_jobs,
     parse_offset,
+    read_stages,
     release_claims,
     renew_lease,
+    store_begun,
+    unclaim,
+    write_marks,
 )
 from ._pg_conn import Db
 from ._pg_schema import prepare
@@ -372,7 +375,7 @@ class PgJournal:
             if key not in self._known:
                 # Not among this worker's jobs: hand it back (another worker runs it).
                 self._skip.add(key)
-                await self._db.tx(functools.partial(self._unclaim, key=key, row=got.row))
+                await self._db.tx(functools.partial(unclaim, key=key, row=got.row))
                 continue
             job = job_from_rows(got.row, got.stages)
             self._jobs[key] = job
@@ -382,15 +385,6 @@ class PgJournal:
             if got.row[3] == "done" and job.result is not None:
                 return job.result  # finished by a worker that died before reporting it
             return key
-
-    async def _unclaim(self, conn: Conn, *, key: str, row: tuple[Any, ...]) -> None:
-        state, slot = row[3], row[4]
-        await conn.execute(
-            "UPDATE kling_jobs SET state = %s, slot = %s, worker = NULL WHERE key = %s",
-            ("done" if state == "done" else "pending", slot, key),
-        )
-        if state != "done" and not slot:
-            await give_back(conn, ended=False)
 
     async def concurrency_refused(self, key: str) -> None:
         """A 1303 for ``key``: lower the shared limit and free the job's slot."""
@@ -407,16 +401,7 @@ class PgJournal:
 
     async def refresh(self) -> None:
         """Re-read every worker's task ids and unanswered submits (see :meth:`unresolved`)."""
-
-        async def work(conn: Conn) -> list[tuple[Any, ...]]:
-            cur = await conn.execute(
-                "SELECT s.key, s.stage, s.status, s.intent_at, s.task_id, j.video_url"
-                " FROM kling_stages s JOIN kling_jobs j ON j.key = s.key"
-                " WHERE s.task_id IS NOT NULL OR s.status = 'submitting'"
-            )
-            return list(await cur.fetchall())
-
-        rows = await self._db.tx(work)
+        rows = await self._db.tx(read_stages)
         self._others = []
         for key, stage, status, intent_at, task_id, url in rows:
             if task_id is not None:
@@ -450,7 +435,7 @@ class PgJournal:
         with anyio.CancelScope(shield=True):  # memory and database must agree
             if not job.stored:
                 job.stored = True
-                await self._db.tx(functools.partial(self._store, job=job))
+                await self._db.tx(functools.partial(store_begun, job=job, worker=self.worker))
             row = await self._db.one(
                 statement, {**params, "key": job.key, "worker": self.worker}, durable=durable
             )
@@ -461,17 +446,6 @@ class PgJournal:
             )
             raise self._db.broken
         return row
-
-    async def _store(self, conn: Conn, *, job: JournalJob) -> None:
-        await conn.execute(
-            "INSERT INTO kling_jobs (key, request_hash, video_url, state, worker)"
-            " VALUES (%s, %s, %s, 'claimed', %s) ON CONFLICT (key) DO UPDATE SET"
-            " request_hash = EXCLUDED.request_hash, video_url = EXCLUDED.video_url,"
-            " state = 'claimed', worker = EXCLUDED.worker, result = NULL, final = false"
-            " WHERE kling_jobs.worker IS NULL OR kling_jobs.worker = EXCLUDED.worker",
-            (job.key, job.request_hash, job.video_url, self.worker),
-        )
-        await conn.execute("DELETE FROM kling_stages WHERE key = %s", (job.key,))
 
     async def _flush_marks(self) -> None:
         keys, self._marks = self._marks, []
@@ -484,19 +458,7 @@ class PgJournal:
         if not keys and not meta:
             return
 
-        async def work(conn: Conn) -> None:
-            if keys:
-                await conn.execute(
-                    "UPDATE kling_jobs SET reported = true WHERE key = ANY(%s) AND worker = %s",
-                    (keys, self.worker),
-                )
-            for name, value in meta.items():
-                await conn.execute(
-                    "INSERT INTO kling_meta VALUES (%s, %s)"
-                    " ON CONFLICT (name) DO UPDATE SET value = EXCLUDED.value",
-                    (name, value),
-                )
-
+        work = functools.partial(write_marks, keys=keys, meta=meta, worker=self.worker)
         with anyio.CancelScope(shield=True):
             await self._db.tx(work)
 

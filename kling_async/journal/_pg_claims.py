@@ -33,8 +33,12 @@ __all__ = [
     "job_from_rows",
     "load_jobs",
     "parse_offset",
+    "read_stages",
     "release_claims",
     "renew_lease",
+    "store_begun",
+    "unclaim",
+    "write_marks",
 ]
 
 Conn = AsyncConnection[tuple[Any, ...]]
@@ -257,3 +261,55 @@ def parse_offset(text: str | None) -> tuple[float, float] | None:
         return None
     lo, _, hi = text.partition(" ")
     return float(lo), float(hi)
+
+
+async def unclaim(conn: Conn, *, key: str, row: tuple[Any, ...]) -> None:
+    """Hand back a job just claimed (``row`` as :func:`claim_one` read it), and its new slot."""
+    state, slot = row[3], row[4]
+    await conn.execute(
+        "UPDATE kling_jobs SET state = %s, slot = %s, worker = NULL WHERE key = %s",
+        ("done" if state == "done" else "pending", slot, key),
+    )
+    if state != "done" and not slot:
+        await give_back(conn, ended=False)
+
+
+async def read_stages(conn: Conn) -> list[tuple[Any, ...]]:
+    """Every worker's task ids and unanswered submits.
+
+    Rows are ``(key, stage, status, intent_at, task_id, video_url)``.
+    """
+    cur = await conn.execute(
+        "SELECT s.key, s.stage, s.status, s.intent_at, s.task_id, j.video_url"
+        " FROM kling_stages s JOIN kling_jobs j ON j.key = s.key"
+        " WHERE s.task_id IS NOT NULL OR s.status = 'submitting'"
+    )
+    return list(await cur.fetchall())
+
+
+async def store_begun(conn: Conn, *, job: JournalJob, worker: str) -> None:
+    """Write (and claim for ``worker``) a job begun outside loading, replacing its stages."""
+    await conn.execute(
+        "INSERT INTO kling_jobs (key, request_hash, video_url, state, worker)"
+        " VALUES (%s, %s, %s, 'claimed', %s) ON CONFLICT (key) DO UPDATE SET"
+        " request_hash = EXCLUDED.request_hash, video_url = EXCLUDED.video_url,"
+        " state = 'claimed', worker = EXCLUDED.worker, result = NULL, final = false"
+        " WHERE kling_jobs.worker IS NULL OR kling_jobs.worker = EXCLUDED.worker",
+        (job.key, job.request_hash, job.video_url, worker),
+    )
+    await conn.execute("DELETE FROM kling_stages WHERE key = %s", (job.key,))
+
+
+async def write_marks(conn: Conn, *, keys: list[str], meta: dict[str, str], worker: str) -> None:
+    """Mark ``keys`` (``worker``'s) as reported and keep ``meta`` (clock offset and so on)."""
+    if keys:
+        await conn.execute(
+            "UPDATE kling_jobs SET reported = true WHERE key = ANY(%s) AND worker = %s",
+            (keys, worker),
+        )
+    for name, value in meta.items():
+        await conn.execute(
+            "INSERT INTO kling_meta VALUES (%s, %s)"
+            " ON CONFLICT (name) DO UPDATE SET value = EXCLUDED.value",
+            (name, value),
+        )
