@@ -38,6 +38,7 @@ from ._jobs import LipSyncJob
 from ._pipe import ResultPipe
 from ._results import BatchProgress, JobResult, TaskSnapshot, TaskState, returned_of
 from ._resume import Resume
+from ._shared_poll import SharedTracking
 from ._slots import SlotHold, StuckTasks, TaskSlots, slot_wait_error
 from ._source import JobSource
 from ._submitter import Submitter
@@ -114,6 +115,7 @@ class Batch:
         # Timed-out tasks still holding their slots, followed until they end.
         self._stuck = StuckTasks(self._slots, self._get_task, client.poll.max_interval)
         self._named = 0
+        self._shared: SharedTracking | None = None  # one poller for all workers of a journal
         self.counts = {"submitted": 0, "succeeded": 0, "failed": 0}
         self.tracker = Tracker(
             dialect=client.dialect,
@@ -181,6 +183,12 @@ class Batch:
                     marks.start_soon(self.resume.journal.commit_marks)
                 async with anyio.create_task_group() as outer:
                     outer.start_soon(self.tracker.run)
+                    if self.resume is not None and isinstance(self.resume.journal, SharedBackend):
+                        seat = self.resume.journal.poll_seat()
+                        self._shared = SharedTracking(
+                            self.tracker, seat, timeout=self._client.poll.timeout
+                        )
+                        outer.start_soon(self._shared.run)
                     self._stuck.group = outer
                     async with anyio.create_task_group() as jobs:
                         await self._feed(jobs)
@@ -291,7 +299,9 @@ class Batch:
                 submitted_at = submitted_at or self._client.clock()
                 self._live[task_id] = key
                 self.counts["submitted"] += 1
-                terminal, step_polls = await self.tracker.wait(snapshot, step.stage)
+                terminal, step_polls = await (self._shared or self.tracker).wait(
+                    snapshot, step.stage
+                )
                 polls += step_polls
                 self._live.pop(task_id, None)
                 try:

@@ -81,6 +81,9 @@ class Tracker:
         #: Called with each task id the tracker stops watching; the client remembers them so
         #: that a late or repeated callback about the task is answered 2xx, without effect.
         self.on_unwatch: Callable[[str], None] | None = None
+        #: Called with a callback's snapshot of a task the tracker does not follow (a task
+        #: another worker polls for, ``_shared_poll``); True when it concerned one.
+        self.on_news: Callable[[TaskSnapshot], bool] | None = None
 
     @property
     def live(self) -> int:
@@ -171,7 +174,7 @@ class Tracker:
         """Apply news from outside (a callback); True when it concerned a tracked task."""
         watch = self._watches.get(snapshot.task_id)
         if watch is None:
-            return False
+            return self.on_news is not None and self.on_news(snapshot)
         if snapshot.state.is_terminal:
             now = anyio.current_time()
             self._learn(watch, snapshot, now, now)  # callbacks come as the task ends

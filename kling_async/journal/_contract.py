@@ -18,6 +18,7 @@ from typing import Protocol, runtime_checkable
 
 from .._journal import JournalJob
 from .._results import JobResult, TaskSnapshot
+from .._shared_poll import PollSeat
 
 __all__ = ["Claim", "JournalBackend", "SharedBackend"]
 
@@ -137,3 +138,6 @@ class SharedBackend(JournalBackend, Protocol):
 
     async def wait_for_slot(self) -> None:
         """Return when a slot may have freed (a job of this worker ended), or after a while."""
+
+    def poll_seat(self) -> PollSeat:
+        """The claim of this worker on the seat of the one worker that polls for all."""

@@ -49,6 +49,7 @@ from ._pg_claims import (
     write_marks,
 )
 from ._pg_conn import Db
+from ._pg_poll import PgPollSeat
 from ._pg_schema import prepare
 
 __all__ = ["PgJournal"]
@@ -408,6 +409,10 @@ class PgJournal:
                 self._owners[task_id] = key
             if status == SUBMITTING:
                 self._others.append((key, stage, url, intent_at))
+
+    def poll_seat(self) -> PgPollSeat:
+        """The claim of this worker on the seat of the one worker that polls for all."""
+        return PgPollSeat(self._db, self._config, self.batch_id)
 
     async def wait_for_slot(self) -> None:
         """Return when a job of this worker ends, or after ``claim_poll`` seconds.

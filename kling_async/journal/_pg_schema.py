@@ -10,12 +10,15 @@ database (or one schema: ``?options=-csearch_path%3Dmybatch`` in the URL) holds 
     kling_stages(key, stage, status, intent_at, task_id, snapshot, external_id, adopted)
     kling_account(id = 1, capacity, lim, held, clean)
     kling_workers(id, host, pid, started_at, expires_at, drained)
+    kling_task_states(task_id, snapshot)     terminal states the elected poller saw
 
 A job's ``state`` is ``pending`` (anyone may claim it), ``claimed`` (``worker`` runs it) or
 ``done`` (its latest result is recorded).  ``slot`` says the job holds one of the account's task
 slots: taken with the claim, kept while its task may run (even across its worker's death), given
 back when the result is recorded.  ``kling_account.held`` counts those slots; ``lim`` is the
 shared limit (``capacity`` lowered by 1303 refusals, creeping back up after clean finishes).
+``kling_task_states`` holds what the one worker that polls for all (:mod:`._pg_poll`) saw of
+tasks that ended: the others read it instead of asking the server.
 """
 
 from __future__ import annotations
@@ -30,6 +33,11 @@ SCHEMA_VERSION = "1"
 
 #: Any constant: the advisory lock that lets one worker at a time create the tables.
 _SETUP_LOCK = 0x6B6C696E67  # "kling"
+
+_TASK_STATES = """CREATE TABLE IF NOT EXISTS kling_task_states (
+    task_id text PRIMARY KEY,
+    snapshot text NOT NULL
+)"""
 
 _SCHEMA = (
     "CREATE TABLE IF NOT EXISTS kling_meta (name text PRIMARY KEY, value text NOT NULL)",
@@ -76,6 +84,7 @@ _SCHEMA = (
         expires_at timestamptz NOT NULL,
         drained boolean NOT NULL DEFAULT false
     )""",
+    _TASK_STATES,
 )
 
 
@@ -98,6 +107,11 @@ async def prepare(
         # and workers already claiming jobs would wait for it (or deadlock with it).
         for sql in _SCHEMA:
             await conn.execute(sql)
+    else:
+        cur = await conn.execute("SELECT to_regclass('kling_task_states') IS NOT NULL")
+        states = await cur.fetchone()
+        if not (states and states[0]):  # a journal begun by a version without the poller
+            await conn.execute(_TASK_STATES)
     cur = await conn.execute("SELECT name, value FROM kling_meta")
     stored = {str(name): str(value) for name, value in await cur.fetchall()}
     if not stored:

@@ -1,0 +1,124 @@
+"""The PostgreSQL journal's poll seat: which worker polls the server for all (``_shared_poll``).
+
+The seat is a session-level advisory lock (its key derived from the batch id) held on a
+connection of its own, outside the pools.  PostgreSQL releases it when that connection ends:
+a worker that exits, is SIGKILLed or loses its machine gives the seat up with its connection
+(a dead machine once TCP keepalives notice, see ``_KEEPALIVE``), and the next worker to look
+takes it.  The holder reads the live tasks on that same connection, so a broken connection is
+a lost seat at the next look, never two pollers for long.  Terminal states go to
+``kling_task_states`` (:mod:`._pg_schema`), which the other workers read.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Sequence
+from typing import Any
+
+import psycopg
+
+from .._journal_codec import snapshot_from_json, snapshot_to_json
+from .._results import TaskSnapshot
+from ._config import PostgresJournal
+from ._pg_conn import Db
+
+__all__ = ["PgPollSeat"]
+
+#: A machine that vanishes without closing its connection frees the seat within about a minute.
+_KEEPALIVE: dict[str, Any] = {"keepalives": 1, "keepalives_idle": 20, "keepalives_interval": 5}
+
+_LIVE = (
+    "SELECT s.task_id, s.stage FROM kling_stages s JOIN kling_jobs j ON j.key = s.key"
+    " WHERE s.status = 'created' AND s.task_id IS NOT NULL AND s.snapshot IS NULL"
+    " AND j.state <> 'done'"
+    " AND NOT EXISTS (SELECT 1 FROM kling_task_states t WHERE t.task_id = s.task_id)"
+)
+
+
+def seat_key(batch_id: str) -> int:
+    """The advisory lock's key: a signed 64-bit number of the batch id."""
+    digest = hashlib.sha256(f"kling-poll:{batch_id}".encode()).digest()
+    return int.from_bytes(digest[:8], "big", signed=True)
+
+
+class PgPollSeat:
+    """One worker's claim on the poll seat; keeps ``_shared_poll.PollSeat``."""
+
+    def __init__(self, db: Db, config: PostgresJournal, batch_id: str) -> None:
+        self._db = db
+        self._config = config
+        self._key = seat_key(batch_id)
+        self._conn: psycopg.AsyncConnection[Any] | None = None
+        #: Seconds between two looks at the journal.
+        self.interval = config.claim_poll
+
+    async def lead(self) -> bool:
+        """Take the seat if no worker holds it; True while this one does."""
+        if self._conn is not None:
+            return True
+        try:
+            conn = await psycopg.AsyncConnection.connect(
+                self._config.url,
+                autocommit=True,
+                connect_timeout=max(1, round(self._config.connect_timeout)),
+                **_KEEPALIVE,
+            )
+        except psycopg.Error:
+            return False
+        try:
+            cur = await conn.execute("SELECT pg_try_advisory_lock(%s)", (self._key,))
+            row = await cur.fetchone()
+        except psycopg.Error:
+            await conn.close()
+            return False
+        if not (row and row[0]):
+            await conn.close()
+            return False
+        self._conn = conn
+        return True
+
+    async def live(self) -> list[tuple[str, str]] | None:
+        """Every live task of the batch, read on the seat's connection (None: it broke)."""
+        if self._conn is None:
+            return None
+        try:
+            cur = await self._conn.execute(_LIVE)
+            rows = await cur.fetchall()
+        except psycopg.Error:
+            await self.close()
+            return None
+        return [(str(task_id), str(stage)) for task_id, stage in rows]
+
+    async def record(self, states: Sequence[tuple[str, TaskSnapshot]]) -> None:
+        """Record terminal snapshots (a state recorded already stays)."""
+        rows = [(task_id, snapshot_to_json(snapshot)) for task_id, snapshot in states]
+
+        async def write(conn: psycopg.AsyncConnection[tuple[Any, ...]]) -> None:
+            async with conn.cursor() as cur:
+                await cur.executemany(
+                    "INSERT INTO kling_task_states (task_id, snapshot) VALUES (%s, %s)"
+                    " ON CONFLICT (task_id) DO NOTHING",
+                    rows,
+                )
+
+        await self._db.tx(write)
+
+    async def seen(self, task_ids: Sequence[str]) -> dict[str, TaskSnapshot]:
+        """The recorded states of those of ``task_ids`` that have ended: one query."""
+        ids = list(task_ids)
+
+        async def read(conn: psycopg.AsyncConnection[tuple[Any, ...]]) -> list[tuple[Any, ...]]:
+            cur = await conn.execute(
+                "SELECT task_id, snapshot FROM kling_task_states WHERE task_id = ANY(%s)",
+                (ids,),
+            )
+            return list(await cur.fetchall())
+
+        rows = await self._db.auto(read)
+        return {str(task_id): snapshot_from_json(str(text)) for task_id, text in rows}
+
+    async def close(self) -> None:
+        """Give the seat up (closing its connection releases the lock)."""
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            await conn.close()
