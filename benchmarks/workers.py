@@ -183,12 +183,13 @@ def measure(args: argparse.Namespace, pg_base: str) -> None:
 
 
 def measure_polling(args: argparse.Namespace, pg_base: str) -> None:
-    """Does sharing a batch multiply status polling?  (Each worker polls its own tasks.)"""
+    """Does sharing a batch multiply status polling?  (One elected worker polls for all.)"""
     rows: list[list[object]] = []
     jobs, in_flight = 600, 30
     for label, journal, count in [
         ("no journal, 1 process", None, 1),
         ("PostgreSQL journal, 1 worker", "pg1", 1),
+        ("PostgreSQL journal, 2 workers", "pg2", 2),
         ("PostgreSQL journal, 3 workers", "pg3", 3),
     ]:
         if journal is not None:
@@ -219,7 +220,7 @@ def main() -> None:
         "--polling",
         action="store_true",
         help="instead: status requests per job with tasks of about a second (lognormal, median "
-        "1 s) and the default PollPolicy, no journal vs 1 and 3 PostgreSQL workers",
+        "1 s) and the default PollPolicy, no journal vs 1, 2 and 3 PostgreSQL workers",
     )
     parser.add_argument("--worker", nargs=5, help=argparse.SUPPRESS)
     args = parser.parse_args()

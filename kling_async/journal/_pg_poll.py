@@ -12,6 +12,7 @@ a lost seat at the next look, never two pollers for long.  Terminal states go to
 from __future__ import annotations
 
 import hashlib
+import os
 from collections.abc import Sequence
 from typing import Any
 
@@ -60,6 +61,8 @@ class PgPollSeat:
             conn = await psycopg.AsyncConnection.connect(
                 self._config.url,
                 autocommit=True,
+                # Who polls, in pg_stat_activity (an operator's question; the kill test's too).
+                application_name=f"kling_async poller {os.getpid()}",
                 connect_timeout=max(1, round(self._config.connect_timeout)),
                 **_KEEPALIVE,
             )

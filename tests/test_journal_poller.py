@@ -1,0 +1,100 @@
+"""One poller for every worker of a PostgreSQL journal (kling_async._shared_poll).
+
+Workers are whole batches in this process (each its own journal connections and seat), on one
+FakeKlingServer: status requests are counted by the server and by each worker's tracker.
+tests/test_journal_workers.py SIGKILLs the poller's process mid-run.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import anyio
+import psycopg
+import pytest
+from helpers import kling_client, text_job
+from pg import PgServer
+
+import kling_async as ka
+from kling_async.journal import PostgresJournal, open_journal
+from kling_async.journal._pg_poll import seat_key
+from kling_async.testing import FakeKlingServer
+
+pytestmark = pytest.mark.anyio
+
+POLL = ka.PollPolicy(first_delay=0.02, max_interval=0.04, multiplier=1.5, timeout=30.0)
+JOBS = [text_job(n, key=f"line-{n}") for n in range(48)]
+LIMIT = 6
+
+
+def status_requests(server: FakeKlingServer) -> int:
+    return server.requests["query"] + server.requests["list"]
+
+
+async def run_workers(url: str, count: int) -> tuple[int, list[int], list[list[ka.JobResult]]]:
+    """``count`` workers run JOBS on the journal ``url``; status requests (all, per worker)."""
+    journal = PostgresJournal(url=url, lease=5.0, renew=1.0, claim_poll=0.02)
+    results: list[list[ka.JobResult]] = [[] for _ in range(count)]
+    sent = [0] * count
+    async with FakeKlingServer(task_duration=0.15, task_limit=LIMIT) as server:
+
+        async def run(index: int) -> None:
+            async with kling_client(server, max_in_flight=LIMIT, poll=POLL) as client:
+                with anyio.fail_after(30):
+                    async with client.run_batch(JOBS, journal=journal) as batch:
+                        async for item in batch:
+                            results[index].append(item)
+                        sent[index] = tracker_requests(batch)
+
+        async with anyio.create_task_group() as group:
+            for index in range(count):
+                group.start_soon(run, index)
+        assert server.max_running_seen <= LIMIT
+        total = status_requests(server)
+    keys = sorted(r.key for worker in results for r in worker)
+    assert keys == sorted(j.key for j in JOBS if j.key)  # each job once, by one worker
+    assert all(r.ok for worker in results for r in worker)
+    return total, sent, results
+
+
+def tracker_requests(batch: Any) -> int:
+    """Status requests the worker's own tracker sent (the batch behind the iterator)."""
+    return int(batch._batch.tracker.requests)
+
+
+async def test_three_workers_poll_about_as_much_as_one(pg_server: PgServer) -> None:
+    one, _, _ = await run_workers(pg_server.new_database(), 1)
+    three, sent, results = await run_workers(pg_server.new_database(), 3)
+    assert sum(1 for worker in results if worker) >= 2  # the jobs were shared
+    # Per-worker polling would be about 3x; one poller for all is about 1x.
+    print("POLLFIG", one, three, sent)
+    assert three <= 1.4 * one + 5, (one, three, sent)
+    assert sum(sent) == three  # every status request came from a worker's tracker...
+    assert max(sent) >= 0.75 * three, sent  # ...almost all from the one that held the seat
+
+
+async def test_a_callback_still_finishes_a_task_on_a_worker_that_does_not_poll(
+    pg_url: str,
+) -> None:
+    """Seat taken by someone else: the worker polls nothing, and a callback ends its task."""
+    journal = PostgresJournal(url=pg_url, lease=5.0, renew=1.0, claim_poll=0.02)
+    async with FakeKlingServer(task_duration=60.0) as server:
+        meta = {"dialect": "kling", "stage": "lip-sync", "base_url": server.url}
+        opened = await open_journal(journal, **meta, max_in_flight=4)
+        key = seat_key(opened.batch_id)
+        await opened.close()
+        with psycopg.connect(pg_url, autocommit=True) as other:
+            other.execute("SELECT pg_advisory_lock(%s)", (key,))  # another worker's seat
+            async with kling_client(server, poll=POLL) as client:
+                async with client.run_batch([text_job(0, key="k0")], journal=journal) as batch:
+                    with anyio.fail_after(5):
+                        while server.tasks_created == 0:  # noqa: ASYNC110
+                            await anyio.sleep(0.01)
+                        await anyio.sleep(0.2)  # ten looks at the journal, no poll
+                        assert status_requests(server) == 0
+                        task_id = next(iter(server.tasks))
+                        done = ka.TaskSnapshot(task_id=task_id, state=ka.TaskState.SUCCEEDED)
+                        assert client.deliver_callback(done)
+                        got = [r async for r in batch]
+        assert status_requests(server) == 0
+    assert [r.key for r in got] == ["k0"] and got[0].ok
