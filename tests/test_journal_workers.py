@@ -2,8 +2,9 @@
 
 The fake server (in this process) holds the account: K tasks at once, then 1303.  Every
 worker runs the same 1,000 jobs (official advanced lip-sync, with external task ids) with
-max_in_flight K against the same journal.  One worker is killed mid-run with tasks in flight;
-the others take its jobs over once its lease expires.
+max_in_flight K against the same journal.  The worker that polls the server for all of them
+(it holds the journal's poll seat) is killed mid-run with tasks in flight; another takes the
+seat over at once, and the others take its jobs over once its lease expires.
 """
 
 from __future__ import annotations
@@ -51,21 +52,30 @@ async def test_three_workers_one_killed_every_job_once_never_over_the_limit(
     outs = [tmp_path / f"worker-{n}.jsonl" for n in range(3)]
     async with FakeKlingServer(task_duration=0.02, task_limit=limit) as server:
         workers = [await start(server, pg_url, out, count, limit, lease) for out in outs]
-        victim = workers[1]
         with anyio.fail_after(60):
-            # Killed mid-run, with tasks of its own running on the server.
-            while len(read_lines(outs[1])) < 60:
+            # Killed mid-run, with tasks of its own running on the server: the poller.
+            while not (pids := poller_pids(pg_url)):  # noqa: ASYNC110
+                await anyio.sleep(0.01)
+            index = [p.pid for p in workers].index(pids[0])
+            victim = workers[index]
+            while len(read_lines(outs[index])) < 30:
                 assert victim.returncode is None, "the worker ended before the kill"
                 await anyio.sleep(0.005)
         victim.send_signal(signal.SIGKILL)
         await victim.wait()
-        killed_at = server.tasks_created
         orphans = claimed_by(pg_url, victim.pid)
+        with anyio.fail_after(10):
+            # Another worker polls for all now (the dead one's seat went with its connection).
+            while not (pids := poller_pids(pg_url)) or pids == [victim.pid]:  # noqa: ASYNC110
+                await anyio.sleep(0.01)
+        assert pids[0] != victim.pid
+        killed_at = server.tasks_created
+        survivors = [p for p in workers if p is not victim]
         assert orphans, "the victim held no jobs when it died"
         with anyio.fail_after(120):
-            for process in (workers[0], workers[2]):
+            for process in survivors:
                 await process.wait()
-        assert [p.returncode for p in (workers[0], workers[2])] == [0, 0]
+        assert [p.returncode for p in survivors] == [0, 0]
         assert killed_at < count  # it died mid-run
 
         # The account's limit was shared and never overrun, dead worker included.
@@ -90,12 +100,13 @@ async def test_three_workers_one_killed_every_job_once_never_over_the_limit(
 
     # What the workers reported: the survivors each job at most once, all jobs between them.
     lines = [read_lines(out) for out in outs]
-    for survivor in (lines[0], lines[2]):
+    alive = [lines[n] for n in range(3) if n != index]
+    for survivor in alive:
         keys = [line["key"] for line in survivor]
         assert len(keys) == len(set(keys))
     reported = {line["key"] for worker in lines for line in worker}
     assert reported == {f"job-{n}" for n in range(count)}
-    assert lines[0] and lines[2]
+    assert all(alive)
     assert not claimed_by(pg_url, victim.pid)  # every job it held was taken over
 
 
@@ -107,3 +118,14 @@ def claimed_by(url: str, pid: int) -> list[str]:
             (f"%:{pid}:%",),
         ).fetchall()
     return [str(row[0]) for row in rows]
+
+
+def poller_pids(url: str) -> list[int]:
+    """Process ids of the workers holding the journal's poll seat (one at most, or none)."""
+    with psycopg.connect(url) as conn:
+        rows = conn.execute(
+            "SELECT a.application_name FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid"
+            " WHERE l.locktype = 'advisory' AND l.granted"
+            " AND a.application_name LIKE 'kling_async poller %'"
+        ).fetchall()
+    return [int(str(row[0]).rsplit(" ", 1)[1]) for row in rows]
