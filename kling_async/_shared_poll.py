@@ -35,17 +35,14 @@ class PollSeat(Protocol):
     #: Seconds between two looks at the journal (new tasks to follow, recorded states).
     interval: float
 
-    async def lead(self) -> bool:
-        """Take the seat if free; True while this worker holds it."""
+    async def lead(self, waiting: Sequence[str]) -> tuple[bool, dict[str, TaskSnapshot]]:
+        """Take the seat if free (True: held now), and read the recorded ends of ``waiting``."""
 
     async def live(self) -> list[tuple[str, str]] | None:
         """``(task_id, stage)`` of every live task of the batch; None: the seat was lost."""
 
     async def record(self, states: Sequence[tuple[str, TaskSnapshot]]) -> None:
         """Record terminal snapshots the holder saw, by task id."""
-
-    async def seen(self, task_ids: Sequence[str]) -> dict[str, TaskSnapshot]:
-        """The recorded terminal snapshots of those of ``task_ids`` that have ended."""
 
     async def close(self) -> None:
         """Give the seat up (idempotent)."""
@@ -108,27 +105,25 @@ class SharedTracking:
 
     async def _turn(self) -> None:
         if not self.leading:
-            self.leading = await self._seat.lead()
-            if self.leading:
-                logger.info("this worker now polls the server for every worker of the batch")
-        if self.leading:
-            found, self._found = self._found, []
-            try:
-                if found:
-                    await self._seat.record(found)
-            except BaseException:
-                self._found[:0] = found
-                raise
-            live = await self._seat.live()
-            if live is None:
-                self._resign()
-                return
-            for task_id, stage in live:
-                self._follow(task_id, stage)
-        elif self._waiting:
-            states = await self._seat.seen(list(self._waiting))
-            for task_id, snapshot in states.items():
+            self.leading, ended = await self._seat.lead(list(self._waiting))
+            for task_id, snapshot in ended.items():
                 self._deliver(task_id, snapshot, 0)
+            if not self.leading:
+                return
+            logger.info("this worker now polls the server for every worker of the batch")
+        found, self._found = self._found, []
+        try:
+            if found:
+                await self._seat.record(found)
+        except BaseException:
+            self._found[:0] = found
+            raise
+        live = await self._seat.live()
+        if live is None:
+            self._resign()
+            return
+        for task_id, stage in live:
+            self._follow(task_id, stage)
 
     def _resign(self) -> None:
         """The seat was lost (its connection broke): stop polling for others."""

@@ -54,9 +54,11 @@ class PostgresJournal:
     ``url`` is a libpq URL (``postgresql://user:password@host:5432/db``).  Every worker renews
     its lease every ``renew`` seconds; a worker not heard of for ``lease`` seconds counts as
     dead and the others take its jobs over.  A worker with nothing to claim looks again after
-    ``claim_poll`` seconds (sooner when one of its own jobs ends).  A database that cannot be
-    reached for ``connect_timeout`` seconds is a :class:`~kling_async.JournalError`.  A plain
-    URL passed as ``journal=`` means the defaults.
+    ``claim_poll`` seconds (sooner when one of its own jobs ends); every ``claim_poll`` seconds
+    too, the worker that polls the server for all (``kling_async._shared_poll``) looks for new
+    tasks to follow, and the others read the recorded ends of their tasks.  A database that
+    cannot be reached for ``connect_timeout`` seconds is a :class:`~kling_async.JournalError`.
+    A plain URL passed as ``journal=`` means the defaults.
     """
 
     url: str = attrs.field(validator=_url, repr=redact)

@@ -1,12 +1,13 @@
 """The PostgreSQL journal's poll seat: which worker polls the server for all (``_shared_poll``).
 
 The seat is a session-level advisory lock (its key derived from the batch id) held on a
-connection of its own, outside the pools.  PostgreSQL releases it when that connection ends:
-a worker that exits, is SIGKILLed or loses its machine gives the seat up with its connection
-(a dead machine once TCP keepalives notice, see ``_KEEPALIVE``), and the next worker to look
-takes it.  The holder reads the live tasks on that same connection, so a broken connection is
-a lost seat at the next look, never two pollers for long.  Terminal states go to
-``kling_task_states`` (:mod:`._pg_schema`), which the other workers read.
+connection of its own, outside the pools; the workers waiting for it look on theirs (and read
+the recorded ends of their tasks in the same statement).  PostgreSQL releases the lock when
+its connection ends: a worker that exits, is SIGKILLed or loses its machine gives the seat up
+with its connection (a dead machine once TCP keepalives notice, see ``_KEEPALIVE``), and the
+next worker to look takes it.  The holder reads the live tasks on that same connection, so a
+broken connection is a lost seat at the next look, never two pollers for long.  Terminal
+states go to ``kling_task_states`` (:mod:`._pg_schema`), which the other workers read.
 """
 
 from __future__ import annotations
@@ -53,32 +54,38 @@ class PgPollSeat:
         #: Seconds between two looks at the journal.
         self.interval = config.claim_poll
 
-    async def lead(self) -> bool:
-        """Take the seat if no worker holds it; True while this one does."""
-        if self._conn is not None:
-            return True
+    async def lead(self, waiting: Sequence[str]) -> tuple[bool, dict[str, TaskSnapshot]]:
+        """Take the seat if free, and read the recorded ends of ``waiting``: one statement.
+
+        A worker keeps its seat connection open while it waits for the seat, so each look is
+        one round trip (no connection set-up), and the seat is taken at the first look after
+        its holder's connection ends.
+        """
+        if self._conn is None:
+            try:
+                self._conn = await psycopg.AsyncConnection.connect(
+                    self._config.url,
+                    autocommit=True,
+                    # Who polls, in pg_stat_activity (an operator's question; the kill test's).
+                    application_name=f"kling_async poller {os.getpid()}",
+                    connect_timeout=max(1, round(self._config.connect_timeout)),
+                    **_KEEPALIVE,
+                )
+            except psycopg.Error:
+                return False, {}
         try:
-            conn = await psycopg.AsyncConnection.connect(
-                self._config.url,
-                autocommit=True,
-                # Who polls, in pg_stat_activity (an operator's question; the kill test's too).
-                application_name=f"kling_async poller {os.getpid()}",
-                connect_timeout=max(1, round(self._config.connect_timeout)),
-                **_KEEPALIVE,
+            cur = await self._conn.execute(
+                "SELECT pg_try_advisory_lock(%s), (SELECT array_agg(ARRAY[task_id, snapshot])"
+                " FROM kling_task_states WHERE task_id = ANY(%s))",
+                (self._key, list(waiting)),
             )
-        except psycopg.Error:
-            return False
-        try:
-            cur = await conn.execute("SELECT pg_try_advisory_lock(%s)", (self._key,))
             row = await cur.fetchone()
         except psycopg.Error:
-            await conn.close()
-            return False
-        if not (row and row[0]):
-            await conn.close()
-            return False
-        self._conn = conn
-        return True
+            await self.close()
+            return False, {}
+        assert row is not None
+        ended = {str(task_id): snapshot_from_json(str(text)) for task_id, text in row[1] or ()}
+        return bool(row[0]), ended
 
     async def live(self) -> list[tuple[str, str]] | None:
         """Every live task of the batch, read on the seat's connection (None: it broke)."""
@@ -105,20 +112,6 @@ class PgPollSeat:
                 )
 
         await self._db.tx(write)
-
-    async def seen(self, task_ids: Sequence[str]) -> dict[str, TaskSnapshot]:
-        """The recorded states of those of ``task_ids`` that have ended: one query."""
-        ids = list(task_ids)
-
-        async def read(conn: psycopg.AsyncConnection[tuple[Any, ...]]) -> list[tuple[Any, ...]]:
-            cur = await conn.execute(
-                "SELECT task_id, snapshot FROM kling_task_states WHERE task_id = ANY(%s)",
-                (ids,),
-            )
-            return list(await cur.fetchall())
-
-        rows = await self._db.auto(read)
-        return {str(task_id): snapshot_from_json(str(text)) for task_id, text in rows}
 
     async def close(self) -> None:
         """Give the seat up (closing its connection releases the lock)."""
