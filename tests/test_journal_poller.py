@@ -98,3 +98,37 @@ async def test_a_callback_still_finishes_a_task_on_a_worker_that_does_not_poll(
                         got = [r async for r in batch]
         assert status_requests(server) == 0
     assert [r.key for r in got] == ["k0"] and got[0].ok
+
+
+async def test_a_poller_whose_connection_breaks_gives_the_seat_up_and_jobs_still_end(
+    pg_url: str,
+) -> None:
+    """The database ends the poller's connection: its lock goes, a worker takes the seat again."""
+    journal = PostgresJournal(url=pg_url, lease=5.0, renew=1.0, claim_poll=0.02)
+    jobs = [text_job(n, key=f"k{n}") for n in range(24)]
+    results: list[ka.JobResult] = []
+    terminated: list[int] = []
+    async with FakeKlingServer(task_duration=0.2, task_limit=LIMIT) as server:
+
+        async def run() -> None:
+            async with kling_client(server, max_in_flight=LIMIT, poll=POLL) as client:
+                async for item in client.run_batch(jobs, journal=journal):
+                    results.append(item)
+
+        with anyio.fail_after(30):
+            async with anyio.create_task_group() as group:
+                group.start_soon(run)
+                group.start_soon(run)
+                while server.tasks_created < 8:  # noqa: ASYNC110
+                    await anyio.sleep(0.01)
+                with psycopg.connect(pg_url, autocommit=True) as admin:
+                    rows = admin.execute(
+                        "SELECT pg_terminate_backend(pid), pid FROM pg_stat_activity"
+                        " WHERE application_name LIKE 'kling_async poller %'"
+                        " AND pid IN (SELECT pid FROM pg_locks WHERE locktype = 'advisory')"
+                    ).fetchall()
+                terminated = [int(row[1]) for row in rows if row[0]]
+    assert len(terminated) == 1  # there was one poller, and its connection was ended
+    assert sorted(r.key for r in results) == sorted(j.key for j in jobs if j.key)
+    assert all(r.ok for r in results)
+    assert server.tasks_created == len(jobs)
