@@ -28,6 +28,9 @@ __all__ = ["PollSeat", "SharedTracking"]
 
 logger = logging.getLogger("kling_async")
 
+#: Longest a look at the journal may hold up the batch's end (a database that hangs).
+_TURN_MAX = 5.0
+
 
 class PollSeat(Protocol):
     """The journal's side of the election (``kling_async.journal._pg_poll.PgPollSeat``)."""
@@ -94,10 +97,13 @@ class SharedTracking:
         """Hold or wait for the seat, and follow or read states, until cancelled."""
         try:
             while True:
-                try:
-                    await self._turn()
-                except KlingError as exc:  # the journal's next write reports a lasting failure
-                    logger.debug("shared polling: %s", exc)
+                # Shielded (for a while): a query cancelled mid-way costs its connection, and
+                # psycopg warns about it on every worker's exit.
+                with anyio.CancelScope(shield=True), anyio.move_on_after(_TURN_MAX):
+                    try:
+                        await self._turn()
+                    except KlingError as exc:  # the journal's next write reports a lasting one
+                        logger.debug("shared polling: %s", exc)
                 await anyio.sleep(self._seat.interval)
         finally:
             with anyio.CancelScope(shield=True):
