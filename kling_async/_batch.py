@@ -8,6 +8,7 @@ loop cancels the batch.
 
 With ``journal=PATH`` the batch keeps each job's progress in a journal (:mod:`._journal`) and
 a rerun resumes it; :mod:`._resume` decides, per job and per submit, what the journal allows.
+With a shared (PostgreSQL) journal one worker polls the server for all (:mod:`._shared_poll`).
 """
 
 from __future__ import annotations
