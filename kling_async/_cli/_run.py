@@ -20,6 +20,7 @@ from .._config import PollPolicy
 from .._errors import KlingError, ValidationError
 from .._jobs import LipSyncJob
 from .._results import JobResult, TaskState
+from . import _interrupt
 from ._connect import CliError, credentials, make_client
 from ._jobfile import JobFile, Record, Survey, survey
 from ._progress import Progress
@@ -121,7 +122,7 @@ def run_command(args: argparse.Namespace) -> int:
         progress = Progress.choose(found.valid, quiet=args.quiet)
         run = _Run(args, jobs, found, writer, progress, creds)
         try:
-            anyio.run(run.main)
+            _interrupt.run(run.main)
         except BaseException:
             progress.close(summary=False)  # the error says what happened, not the counts
             raise

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import signal
 import sys
@@ -12,6 +13,7 @@ import anyio
 
 from .._errors import KlingError
 from .._results import TaskSnapshot
+from . import _interrupt
 from ._connect import make_client
 from ._sandbox import sandbox_server
 
@@ -37,7 +39,7 @@ def snapshot_line(snapshot: TaskSnapshot) -> dict[str, Any]:
 
 def status_command(args: argparse.Namespace) -> int:
     """Print one JSON line per task id, in the order given; 1 when a lookup failed."""
-    lines = anyio.run(_lookup, args)
+    lines = _interrupt.run(functools.partial(_lookup, args))
     for line in lines:
         print(json.dumps(line, ensure_ascii=False), flush=True)
     return 1 if any("error" in line for line in lines) else 0
