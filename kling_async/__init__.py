@@ -6,6 +6,7 @@ and iterate :meth:`KlingClient.run_batch` for results in completion order.
 
 from importlib.metadata import PackageNotFoundError, version
 
+from . import events  # the on_event records: ka.events.Finished, ...
 from ._batch import BatchIterator
 from ._client import APIMODELS_BASE_URL, DMXAPI_BASE_URL, OFFICIAL_BASE_URL, KlingClient
 from ._config import PollPolicy, RetryPolicy
@@ -84,4 +85,5 @@ __all__ = [
     "__version__",
     "created_nothing",
     "error_from_response",
+    "events",
 ]

@@ -15,8 +15,9 @@ from __future__ import annotations
 import functools
 import logging
 import os
-from collections.abc import AsyncIterable, Iterable
+from collections.abc import AsyncIterable, Callable, Iterable
 from pathlib import Path
+from typing import Any
 
 import anyio
 import anyio.lowlevel
@@ -24,6 +25,7 @@ import attrs
 from anyio.abc import TaskGroup
 
 from ._client_view import ClientView
+from ._emit import CURRENT, DRAIN_SECONDS, EventSink, check_callback
 from ._errors import (
     KlingError,
     TaskCancelledError,
@@ -40,6 +42,7 @@ from ._slots import SlotHold, TaskSlots
 from ._source import JobSource
 from ._submitter import Submitter
 from ._tracker import Tracker
+from .events import Downloaded, Event, Finished, Resumed
 
 __all__ = ["Batch", "BatchIterator"]
 
@@ -86,6 +89,7 @@ class Batch:
         journal: str | os.PathLike[str] | None = None,
         resubmit_unknown: bool = False,
         download_to: str | os.PathLike[str] | None = None,
+        on_event: Callable[[Event], Any] | None = None,
     ) -> None:
         if journal is not None and not isinstance(journal, (str, os.PathLike)):
             raise ValidationError("journal", "must be a file path")
@@ -114,6 +118,10 @@ class Batch:
         self._crash: BaseException | None = None
         self._live: dict[str, str] = {}  # task id -> job key, for tasks not yet reported
         self._submitter = Submitter(client, self._slots, self._abort)
+        check_callback(on_event)
+        # Events: one sink, handed to each part that reports; None costs one test per site.
+        self._emit = EventSink(on_event) if on_event is not None else None
+        self._submitter.on_event = self._emit
         self.counts = {"submitted": 0, "succeeded": 0, "failed": 0}
         self.tracker = Tracker(
             dialect=client.dialect,
@@ -124,11 +132,16 @@ class Batch:
             on_fatal=self._abort,
             callbacks=callback_url is not None,
         )
+        self.tracker.on_event = self._emit
 
     def start(self, group: TaskGroup) -> BatchIterator:
         """Start the batch in ``group`` and return the iterator its consumer reads."""
         group.start_soon(self._run)
         return BatchIterator(self, self.pipe)
+
+    def running_task_ids(self) -> tuple[str, ...]:
+        """Tasks submitted and not yet reported (after a stop: still running, paid for)."""
+        return tuple(self._live)
 
     def progress(self) -> BatchProgress:
         """Counts of the batch so far (what a progress display shows)."""
@@ -155,10 +168,17 @@ class Batch:
         logger.info("%s started: max_in_flight=%d", what, self._slots.capacity)
         try:
             async with anyio.create_task_group() as marks:
+                if self._emit is not None:
+                    marks.start_soon(self._emit.run)
+                    CURRENT.set(self._emit)  # (the requester's retries; this task's context)
                 await self._run_jobs(marks)
                 if self.resume is not None:
                     # The consumer marks the results it takes until it leaves the stream.
                     await self._consumer_done.wait()
+                if self._emit is not None:
+                    self._emit.close()
+                    with anyio.move_on_after(DRAIN_SECONDS, shield=True):
+                        await self._emit.drained()
                 marks.cancel_scope.cancel()
         finally:
             await self._close_journal()
@@ -173,6 +193,9 @@ class Batch:
                         self._client, self._journal_path, resubmit_unknown=self._resubmit_unknown
                     )
                     marks.start_soon(self.resume.journal.commit_marks)
+                    if self._emit is not None:
+                        self.resume.on_event = self._emit
+                        self._emit(Resumed(results=self.resume.journal.taken()))
                 async with anyio.create_task_group() as outer:
                     outer.start_soon(self.tracker.run)
                     async with anyio.create_task_group() as jobs:
@@ -252,7 +275,7 @@ class Batch:
             step = next(flow)
             while True:
                 if resume is None:
-                    snapshot = await self._submitter.create(step, slot)
+                    snapshot = await self._submitter.create(step, slot, key)
                 else:
                     submit = functools.partial(self._submitter.create, step, slot, key, resume)
                     snapshot = await resume.open_step(key, job, step, submit)
@@ -301,6 +324,8 @@ class Batch:
             await self._report(result)
         else:  # what _report does then, without a coroutine per job
             self.counts["succeeded" if result.ok else "failed"] += 1
+            if self._emit is not None:
+                self._emit(Finished(result=result))
             self.pipe.put(result)
         if task_id is None:  # failed before any submit was answered: maybe without a yield
             await anyio.lowlevel.checkpoint()
@@ -315,6 +340,8 @@ class Batch:
                 result = attrs.evolve(result, error=exc)
             else:
                 result = attrs.evolve(result, path=path)
+                if self._emit is not None:
+                    self._emit(Downloaded(key=result.key, path=path))
         self.counts["succeeded" if result.ok else "failed"] += 1
         if self._scope.cancel_called:
             # A stopped batch hands over nothing more (after a fatal error the consumer still
@@ -324,6 +351,8 @@ class Batch:
         # No waiting: the result's place was reserved before its job started.  No yield here
         # either: the consumer woken by it runs before any runner sends another submit, because
         # Submitter.create yields before it sends.
+        if self._emit is not None:
+            self._emit(Finished(result=result))
         self.pipe.put(result)
 
     async def _track_one(self, task_id: str) -> None:

@@ -36,6 +36,7 @@ from ._transport import Timeouts, Transport
 from .dialects import Dialect, Submit
 from .dialects.apimodels import ApimodelsDialect
 from .dialects.kling import KlingDialect
+from .events import Event
 
 __all__ = ["APIMODELS_BASE_URL", "DMXAPI_BASE_URL", "OFFICIAL_BASE_URL", "KlingClient"]
 
@@ -280,12 +281,19 @@ class KlingClient:
 
     # -- batches -------------------------------------------------------------------------
 
-    def run_batch(self, jobs: JobSource, **options: Any) -> BatchIterator:
+    def run_batch(
+        self,
+        jobs: JobSource,
+        *,
+        on_event: Callable[[Event], Any] | None = None,
+        **options: Any,
+    ) -> BatchIterator:
         """Run many jobs; iterate the result for one :class:`JobResult` per job, as they finish.
 
-        See :class:`kling_async._batch.Batch` for the options.
+        ``on_event`` receives what happens as it happens (:mod:`kling_async.events`).  See
+        :class:`kling_async._batch.Batch` for the options.
         """
-        return self._start(Batch(self._view(), jobs=jobs, **options))
+        return self._start(Batch(self._view(), jobs=jobs, on_event=on_event, **options))
 
     def track(self, task_ids: Iterable[str], *, stage: str | None = None) -> BatchIterator:
         """Follow tasks submitted elsewhere; yields a :class:`JobResult` per task id as it ends."""

@@ -154,6 +154,14 @@ class Journal:
         """The journal's record of ``key``, or None."""
         return self._jobs.get(key)
 
+    def taken(self) -> tuple[JobResult, ...]:
+        """The results a rerun does not report again: final, and taken by the consumer."""
+        return tuple(
+            job.result
+            for job in self._jobs.values()
+            if job.final and job.reported and job.result is not None
+        )
+
     def owner(self, task_id: str) -> str | None:
         """The key of the job that owns ``task_id``, or None."""
         return self._owners.get(task_id)

@@ -27,6 +27,7 @@ from ._errors import KlingError
 from ._results import TaskSnapshot
 from ._watch import Watch
 from .dialects import Dialect
+from .events import Polled
 
 if TYPE_CHECKING:
     from ._tracker import Tracker
@@ -114,6 +115,7 @@ class ListPages:
         )
         found: dict[str, tuple[TaskSnapshot, int]] = {}
         read: set[int] = set()
+        sent = 0
         try:
             while True:
                 expected = {1 + w.depth // size for w in due if w.task_id not in found}
@@ -125,6 +127,7 @@ class ListPages:
                 if request is None:
                     break
                 tracker.requests += 1
+                sent += 1
                 response = await tracker.send(request)
                 snapshots = self._dialect.parse_list(stage, response)
                 read.add(page)
@@ -138,7 +141,11 @@ class ListPages:
                     break
         except KlingError as exc:
             self._failed(stage, exc)
+            if tracker.on_event is not None:
+                tracker.on_event(Polled(stage=stage, tasks=0, requests=sent))
             return
+        if tracker.on_event is not None:
+            tracker.on_event(Polled(stage=stage, tasks=len(found), requests=sent))
         del self._pending[stage]
         now = anyio.current_time()
         for task_id, (snapshot, depth) in found.items():

@@ -35,6 +35,7 @@ from ._journal_codec import request_hash
 from ._reconcile import CLOCK_SKEW, LATEST_CREATE, Reconciler
 from ._results import JobResult, TaskSnapshot, TaskState
 from .dialects import Submit
+from .events import Adopted, Event
 
 __all__ = ["SKIP", "Resume", "is_final"]
 
@@ -81,6 +82,8 @@ class Resume:
         self._reconciler = reconciler
         self._resubmit_unknown = resubmit_unknown
         self._keys: set[str] = set()
+        #: The batch's event sink (:mod:`kling_async.events`), if it has a callback.
+        self.on_event: Callable[[Event], None] | None = None
 
     @classmethod
     async def open(
@@ -205,4 +208,6 @@ class Resume:
             logger.info("%s: %s submit outcome unknown: %s", key, stage, match.reason)
             return None, match.reason
         await self.journal.created(key, stage, match.snapshot.task_id)
+        if self.on_event is not None:
+            self.on_event(Adopted(key=key, stage=stage, task_id=match.snapshot.task_id))
         return match.snapshot, ""

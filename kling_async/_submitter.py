@@ -29,6 +29,7 @@ from ._results import TaskSnapshot
 from ._resume import Resume
 from ._slots import SlotHold, TaskSlots
 from .dialects import Submit
+from .events import Event, Refused, Submitted
 
 __all__ = ["SUBMIT_GRACE", "Submitter"]
 
@@ -57,6 +58,8 @@ class Submitter:
         self._answered = False  # (the event's state, read without two calls per submit)
         self._canary_taken = False
         self._submits: set[anyio.CancelScope] = set()  # journaled submits on their way
+        #: The batch's event sink (:mod:`kling_async.events`), if it has a callback.
+        self.on_event: Callable[[Event], None] | None = None
 
     def grace(self) -> None:
         """The batch stops: journaled submits on their way get :data:`SUBMIT_GRACE` seconds."""
@@ -99,6 +102,7 @@ class Submitter:
                 delay = await self._refused(step, refusals, key, resume)
                 self._slots.shrink()
                 slot.release()
+                self._report_refusal(1303, step, key, delay)
                 logger.debug("1303: %d tasks running; waiting %.2f s", self._slots.in_use, delay)
                 await anyio.sleep(delay)
                 await slot.acquire()
@@ -108,6 +112,7 @@ class Submitter:
                 # whose task was never created.  Wait longer, keeping the slot.
                 refusals += 1
                 delay = await self._refused(step, refusals, key, resume)
+                self._report_refusal(1302, step, key, max(delay, exc.retry_after or 0.0))
                 logger.debug("1302: waiting %.2f s", max(delay, exc.retry_after or 0.0))
                 await anyio.sleep(max(delay, exc.retry_after or 0.0))
                 continue
@@ -125,7 +130,16 @@ class Submitter:
                 self._answer()
             if resume is not None and key is not None:
                 await resume.created(key, step.stage, snapshot)
+            if self.on_event is not None:
+                self.on_event(Submitted(key=key or "", stage=step.stage, task_id=snapshot.task_id))
             return snapshot
+
+    def _report_refusal(self, code: int, step: Submit, key: str | None, delay: float) -> None:
+        if self.on_event is not None:
+            limit = self._slots.limit  # (after a 1303, already the shrunk one)
+            self.on_event(
+                Refused(key=key or "", stage=step.stage, code=code, limit=limit, delay=delay)
+            )
 
     async def _refused(
         self, step: Submit, refusals: int, key: str | None, resume: Resume | None

@@ -34,6 +34,7 @@ from ._requester import Requester
 from ._results import TaskSnapshot, TaskState
 from ._watch import Learner, Waiter, Watch, loop_time
 from .dialects import Dialect
+from .events import Event, Polled, Retried
 
 __all__ = ["Tracker", "Watch"]
 
@@ -81,6 +82,8 @@ class Tracker:
         #: Called with each task id the tracker stops watching; the client remembers them so
         #: that a late or repeated callback about the task is answered 2xx, without effect.
         self.on_unwatch: Callable[[str], None] | None = None
+        #: The batch's event sink (:mod:`kling_async.events`), if it has a callback.
+        self.on_event: Callable[[Event], None] | None = None
 
     @property
     def live(self) -> int:
@@ -266,9 +269,13 @@ class Tracker:
             snapshot = self._dialect.parse_query(watch.stage, watch.task_id, response)
         except KlingError as exc:
             self.query_failed(watch, exc)
+            if self.on_event is not None:
+                self.on_event(Polled(stage=watch.stage, tasks=0, requests=1))
             return
         if watch.result is None:
             self.apply(watch, snapshot, loop_time())
+        if self.on_event is not None:
+            self.on_event(Polled(stage=watch.stage, tasks=1, requests=1))
 
     def apply(self, watch: Watch, snapshot: TaskSnapshot, now: float) -> None:
         """Take an answer about ``watch``'s task, seen at ``now``: finish it or poll again."""
@@ -327,6 +334,17 @@ class Tracker:
             self._retry, watch.errors, self._rng, retry_after=getattr(error, "retry_after", None)
         )
         logger.debug("query of %s failed (%s); next in %.2f s", watch.task_id, error, delay)
+        if self.on_event is not None:
+            request = self._dialect.query_request(watch.stage, watch.task_id)
+            self.on_event(
+                Retried(
+                    method=request.method,
+                    path=request.path,
+                    attempt=watch.errors,
+                    delay=delay,
+                    error=type(error).__name__,
+                )
+            )
         self._schedule(watch, anyio.current_time() + max(delay, 0.0))
 
     def _finish(self, watch: Watch, snapshot: TaskSnapshot) -> None:

@@ -1,0 +1,110 @@
+"""Delivering a batch's events to its ``on_event`` callback (see :mod:`kling_async.events`).
+
+The batch calls :class:`EventSink` synchronously wherever something happens.  A plain callback
+runs right there; a coroutine function's coroutines wait in an unbounded queue that
+:meth:`EventSink.run` awaits one by one, so that emitting never blocks the batch.  Failures of
+the callback are logged once and swallowed.  :data:`CURRENT` carries the sink to code that
+serves many batches (the client's requester) through the batch's tasks' context.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import inspect
+import logging
+import math
+from collections.abc import Callable
+from typing import Any
+
+import anyio
+
+from .events import Event
+
+__all__ = ["CURRENT", "DRAIN_SECONDS", "EventSink", "check_callback"]
+
+logger = logging.getLogger("kling_async")
+
+#: Seconds a finished batch waits for an async callback to work through its queued events.
+DRAIN_SECONDS = 5.0
+
+#: The sink of the batch whose task is running (None outside batches, or without a callback).
+CURRENT: contextvars.ContextVar[EventSink | None] = contextvars.ContextVar(
+    "kling_async_event_sink", default=None
+)
+
+
+def check_callback(callback: object) -> None:
+    """Raise :class:`~kling_async.ValidationError` unless ``callback`` is None or callable."""
+    if callback is not None and not callable(callback):
+        from ._errors import ValidationError
+
+        raise ValidationError("on_event", "must be a function taking an event, or None")
+
+
+class EventSink:
+    """Calls ``callback`` with each event; see the module docstring."""
+
+    def __init__(self, callback: Callable[[Event], Any]) -> None:
+        self._callback = callback
+        self._send, self._receive = anyio.create_memory_object_stream[Any](math.inf)
+        self.failures = 0
+        self._done = anyio.Event()
+
+    def __call__(self, event: Event) -> None:
+        """Deliver ``event`` (a coroutine callback's call is queued, to be awaited in order)."""
+        try:
+            outcome = self._callback(event)
+        except Exception:
+            self._failed()
+            return
+        if inspect.isawaitable(outcome):
+            try:
+                self._send.send_nowait(outcome)
+            except (anyio.ClosedResourceError, anyio.BrokenResourceError):
+                _close(outcome)  # the batch has ended: never awaited
+
+    async def run(self) -> None:
+        """Await the queued coroutines one after another until :meth:`close` (a batch's task)."""
+        try:
+            async for outcome in self._receive:
+                try:
+                    await outcome
+                except Exception:
+                    self._failed()
+        finally:
+            # Cancelled: what is left is never awaited (closed, so that Python does not warn).
+            for outcome in _leftover(self._receive):
+                _close(outcome)
+            self._receive.close()
+            self._done.set()
+
+    def close(self) -> None:
+        """No more events: :meth:`run` ends once the queue is empty."""
+        self._send.close()
+
+    async def drained(self) -> None:
+        """Wait until :meth:`run` has ended (after :meth:`close`: the queue is worked through)."""
+        await self._done.wait()
+
+    def _failed(self) -> None:
+        self.failures += 1
+        if self.failures == 1:
+            logger.warning(
+                "the on_event callback raised (ignored; later failures are not logged)",
+                exc_info=True,
+            )
+
+
+def _leftover(receive: Any) -> list[Any]:
+    left = []
+    while True:
+        try:
+            left.append(receive.receive_nowait())
+        except Exception:  # empty, closed or ended
+            return left
+
+
+def _close(outcome: Any) -> None:
+    close = getattr(outcome, "close", None)
+    if close is not None:
+        close()
