@@ -9,7 +9,6 @@ balance), 130 when interrupted.
 from __future__ import annotations
 
 import argparse
-import logging
 import math
 import sys
 import traceback
@@ -19,7 +18,7 @@ from typing import NoReturn, TypeVar
 from .. import __version__
 from .._errors import AuthenticationError, KlingError
 from ._connect import CliError, add_connection_options
-from ._progress import TqdmLogHandler
+from ._logs import LOG_FORMATS, configure_logging
 from ._run import run_command
 from ._sandbox import TASK_LIMIT
 from ._status import fake_server_command, status_command
@@ -31,7 +30,8 @@ PROG = "kling-async"
 EPILOG = """\
 Keys come from --api-key or the environment: KLING_API_KEY (a Bearer key, every dialect), or
 KLING_ACCESS_KEY + KLING_SECRET_KEY (the official API's JWT). Exit status: 0 when every job
-succeeded, 1 when some failed, 2 on usage or fatal account errors.
+succeeded (with --journal: every job of the journal, earlier runs' included), 1 when some
+failed, 2 on usage, local file or fatal account errors, 130 when interrupted (Ctrl-C).
 First run: kling-async run examples/jobs.jsonl --out results.jsonl --sandbox"""
 
 
@@ -82,6 +82,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--verbose",
         action="store_true",
         help="debug logging of kling_async to stderr, and tracebacks with errors",
+    )
+    output.add_argument(
+        "--log-format",
+        choices=LOG_FORMATS,
+        default="text",
+        help="log records on stderr as text lines (default) or as JSON objects, one a line",
     )
 
     parser = _Parser(
@@ -160,6 +166,12 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="DIR",
         help="save each finished video in DIR (named after the job key) before reporting it",
     )
+    run.add_argument(
+        "--summary-json",
+        metavar="FILE",
+        help="write the run's counts here at the end (jobs by state, failures, tasks submitted, "
+        "requests, wall time, exit status), also after Ctrl-C or an error",
+    )
     run.set_defaults(handler=run_command)
 
     status = commands.add_parser(
@@ -202,24 +214,6 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _configure_logging(verbose: bool) -> None:
-    logger = logging.getLogger("kling_async")
-    for handler in list(logger.handlers):
-        if isinstance(handler, TqdmLogHandler):
-            logger.removeHandler(handler)
-    handler = TqdmLogHandler()
-    if verbose:
-        handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s %(message)s"))
-        logger.setLevel(logging.DEBUG)
-    else:
-        # Errors reach the user as this command's own one-line message; warnings pass as is.
-        handler.setFormatter(logging.Formatter(f"{PROG}: warning: %(message)s"))
-        handler.addFilter(lambda record: record.levelno < logging.ERROR)
-        logger.setLevel(logging.WARNING)
-    logger.addHandler(handler)
-    logger.propagate = False
-
-
 def _fail(message: str) -> int:
     print(f"{PROG}: error: {message}", file=sys.stderr)
     return 2
@@ -228,7 +222,7 @@ def _fail(message: str) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; returns the exit status."""
     args = build_parser().parse_args(argv)
-    _configure_logging(args.verbose)
+    configure_logging(PROG, verbose=args.verbose, log_format=args.log_format)
     try:
         status: int = args.handler(args)
     except CliError as exc:
