@@ -25,9 +25,11 @@ import attrs
 from anyio.abc import TaskGroup
 
 from ._client_view import ClientView
+from ._download import writable_folder
 from ._emit import CURRENT, DRAIN_SECONDS, EventSink, check_callback
 from ._errors import (
     KlingError,
+    LocalWriteError,
     TaskCancelledError,
     TaskFailedError,
     TaskTimedOutError,
@@ -108,6 +110,7 @@ class Batch:
         self._journal_path = journal
         self._resubmit_unknown = resubmit_unknown
         self._download_to = Path(download_to) if download_to is not None else None
+        self._local_failure = False  # a video could not be written here (said once)
         self.resume: Resume | None = None
         self._slots = TaskSlots(client.max_in_flight)
         self.pipe = ResultPipe(2 * client.max_in_flight)
@@ -188,6 +191,9 @@ class Batch:
     async def _run_jobs(self, marks: TaskGroup) -> None:
         try:
             with self._scope:
+                if self._download_to is not None:
+                    # Before anything is sent: a folder that cannot be written is a bad option.
+                    await anyio.to_thread.run_sync(writable_folder, self._download_to)
                 if self._journal_path is not None:
                     self.resume = await Resume.open(
                         self._client, self._journal_path, resubmit_unknown=self._resubmit_unknown
@@ -336,7 +342,11 @@ class Batch:
             try:
                 path = await self._client.download(result, self._download_to)
             except KlingError as exc:
-                logger.warning("download of %s failed: %s", result.key, exc)
+                if not isinstance(exc, LocalWriteError):
+                    logger.warning("download of %s failed: %s", result.key, exc)
+                elif not self._local_failure:  # the same for every video after it: say it once
+                    self._local_failure = True
+                    logger.warning("%s (the results keep their video URLs)", exc)
                 result = attrs.evolve(result, error=exc)
             else:
                 result = attrs.evolve(result, path=path)

@@ -24,6 +24,7 @@ import posixpath
 import random
 import re
 import secrets
+import tempfile
 import unicodedata
 from pathlib import Path
 from typing import IO
@@ -34,10 +35,10 @@ from anyio import AsyncFile
 
 from ._backoff import retry_delay
 from ._config import RetryPolicy
-from ._errors import DownloadError, TransportError, ValidationError
+from ._errors import DownloadError, LocalWriteError, TransportError, ValidationError
 from ._transport import Stream, Transport
 
-__all__ = ["Downloader", "file_name", "safe_filename"]
+__all__ = ["Downloader", "file_name", "safe_filename", "writable_folder"]
 
 logger = logging.getLogger("kling_async")
 
@@ -193,6 +194,17 @@ class Downloader:
             raise ValidationError("filename", "must be a plain file name (see safe_filename)")
         if urlsplit(url).scheme.lower() not in ("http", "https"):
             raise DownloadError("a video URL must be http or https", url=_shown(url))
+        try:
+            return await self._save(url, directory, name)
+        except OSError as exc:
+            # A local failure (a full disk, a folder gone or not writable): the video is fine.
+            raise LocalWriteError(
+                f"cannot save {name} in {directory}: {exc.strerror or exc}",
+                url=_shown(url),
+                path=directory,
+            ) from None
+
+    async def _save(self, url: str, directory: Path, name: str) -> Path:
         await anyio.to_thread.run_sync(lambda: directory.mkdir(parents=True, exist_ok=True))
         async with self.limiter:
             part = directory / f".{name}.{secrets.token_hex(4)}.part"
@@ -339,6 +351,18 @@ async def _read_at_least(answer: Stream, size: int) -> bytes:
         chunks.append(chunk)
         have += len(chunk)
     return b"".join(chunks)
+
+
+def writable_folder(directory: Path) -> None:
+    """Create ``directory`` if missing; raise :class:`ValidationError` unless files fit in it."""
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=directory):
+            pass
+    except OSError as exc:
+        raise ValidationError(
+            "download_to", f"cannot save videos in {directory}: {exc.strerror or exc}"
+        ) from None
 
 
 def _discard(file: IO[bytes], part: Path) -> None:

@@ -40,6 +40,8 @@ __all__ = ["Tracker", "Watch"]
 
 logger = logging.getLogger("kling_async")
 
+#: Seconds: the shortest interval a learnt schedule asks for (when first_delay is longer).
+LEARNT_FLOOR = 1.0
 #: Longest interval before a model exists, in first_delays.
 _COLD_INTERVALS = 3
 
@@ -77,6 +79,9 @@ class Tracker:
         self._learners: dict[str, Learner] = {}
         first = poll.first_delay or poll.max_interval / 100
         self._floor = min(first, poll.max_interval)
+        # first_delay is a guess made before anything is known: a learnt schedule may go below
+        # it (2-second tasks with the default 10 s were each polled once, at 10 s).
+        self._learnt_floor = min(self._floor, LEARNT_FLOOR)
         self._lists = ListPages(self, dialect, poll)
         self.requests = 0
         #: Called with each task id the tracker stops watching; the client remembers them so
@@ -306,7 +311,7 @@ class Tracker:
             age = now - watch.started
             after = model.next_poll(age)
             base = self._poll.max_interval if after is None else after - age
-            delay = min(max(base, self._floor), self._poll.max_interval)
+            delay = min(max(base, self._learnt_floor), self._poll.max_interval)
             if not listed:
                 # With list queries the earliest task sets the pace for all: no jitter there,
                 # it would only pull every refresh earlier.

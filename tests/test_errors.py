@@ -21,6 +21,7 @@ from kling_async._errors import (
     InvalidRequestError,
     JournalError,
     KlingError,
+    LocalWriteError,
     MalformedResponseError,
     NotFoundError,
     PermissionDeniedError,
@@ -325,6 +326,7 @@ ALL_CLASSES: list[type[KlingError]] = [
     SubmitOutcomeUnknownError,
     JournalError,
     DownloadError,
+    LocalWriteError,
 ]
 
 

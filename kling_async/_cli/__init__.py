@@ -140,8 +140,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--first-poll",
         metavar="S",
         type=_positive_float,
-        help="seconds from a submit to a task's first status query until the batch has "
-        "learnt how long its tasks take (default 10)",
+        help="seconds from a submit to a task's first status query, a first guess: once the "
+        "batch has learnt how long its tasks take, it polls by that, sooner if they are quick "
+        "(default 10)",
     )
     run.add_argument(
         "--max-poll-interval",
@@ -186,9 +187,20 @@ def build_parser() -> argparse.ArgumentParser:
     add_connection_options(status)
     status.set_defaults(handler=status_command)
 
+    serve_output = _Parser(add_help=False)
+    serve_output.add_argument(
+        "-q",
+        "--quiet",
+        action="store_true",
+        help="print only the first line (the server's URL), no keys or usage hints",
+    )
+    serve_output.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    serve_output.add_argument(
+        "--log-format", choices=LOG_FORMATS, default="text", help="text or json"
+    )
     serve = commands.add_parser(
         "fake-server",
-        parents=[output],
+        parents=[serve_output],
         help="run the sandbox server standalone",
         description="Serve the sandbox (every dialect, the public test keys) until Ctrl-C.",
     )

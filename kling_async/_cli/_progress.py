@@ -22,6 +22,9 @@ from ._tally import Tally, resume_note
 
 __all__ = ["Progress", "TqdmLogHandler"]
 
+#: Results of this run before the plain progress line shows an ETA.
+ETA_AFTER = 10
+
 
 def _clock(seconds: float) -> str:
     minutes, secs = divmod(int(seconds + 0.5), 60)
@@ -120,7 +123,8 @@ class Progress:
             f"{len(tally.running)} running, {rate:.2g} jobs/s"
         )
         left = self.total - tally.done
-        if left > 0 and rate > 0:
+        # No ETA from the first few results: one result after a 10 s first poll is no rate.
+        if left > 0 and rate > 0 and now >= ETA_AFTER:
             text += f", ETA {_clock(left / rate)}"
         return text
 

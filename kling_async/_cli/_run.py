@@ -17,7 +17,7 @@ import anyio
 import attrs
 
 from .._config import PollPolicy
-from .._errors import KlingError, ValidationError
+from .._errors import KlingError, ValidationError, shorten
 from .._iterator import BatchIterator
 from .._jobs import LipSyncJob
 from .._results import JobResult, TaskState
@@ -45,7 +45,7 @@ MAX_PROBLEMS_SHOWN = 20
 
 def _report_problems(jobs: JobFile, found: Survey, skip: bool) -> None:
     for line, problem in found.problems[:MAX_PROBLEMS_SHOWN]:
-        print(f"{jobs.shown}:{line}: {problem}", file=sys.stderr)
+        print(f"{jobs.shown}:{line}: {shorten(problem, 400)}", file=sys.stderr)
     hidden = len(found.problems) - MAX_PROBLEMS_SHOWN
     if hidden > 0:
         print(f"{jobs.shown}: ... and {hidden} more bad lines", file=sys.stderr)
@@ -118,8 +118,9 @@ def _stopped(run: _Run, error: BaseException) -> None:
         return
     tasks = plural(len(ids), "task")
     if run.args.journal:
+        verb = "is" if len(ids) == 1 else "are"
         print(
-            f"kling-async: {tasks} still running on the server are in the journal: run the "
+            f"kling-async: {tasks} still running on the server {verb} in the journal: run the "
             "same command again to pick them up",
             file=sys.stderr,
         )
@@ -181,8 +182,10 @@ class _Run:
                     # error would come out wrapped in an ExceptionGroup.
                     stopped = exc
                 group.cancel_scope.cancel()
-        if stopped is not None:
-            raise stopped
+            if stopped is not None:
+                # Raised inside the stack: the batch sees it, and a result this run could not
+                # write (a full disk) stays unreported in the journal for the next run.
+                raise stopped
 
     async def _open(self, stack: contextlib.AsyncExitStack) -> BatchIterator:
         args = self.args
@@ -208,6 +211,12 @@ class _Run:
                     "no account, no network)",
                     file=sys.stderr,
                 )
+                if args.journal:
+                    print(
+                        "kling-async: (the sandbox server starts empty each run: tasks an earlier "
+                        "run left running end as 'task not found' here, never on a real server)",
+                        file=sys.stderr,
+                    )
         if args.first_poll is not None or args.max_poll_interval is not None:
             poll = options.get("poll", PollPolicy())
             first = args.first_poll if args.first_poll is not None else poll.first_delay

@@ -79,7 +79,7 @@ def fake_server_command(args: argparse.Namespace) -> int:
 async def _serve(args: argparse.Namespace) -> None:
     server = sandbox_server(
         duration=args.task_duration,
-        task_limit=args.task_limit or None,
+        task_limit=args.task_limit,
         host=args.host,
         port=args.port,
         seed=args.seed,
