@@ -40,8 +40,8 @@ __all__ = ["Tracker", "Watch"]
 
 logger = logging.getLogger("kling_async")
 
-#: Seconds: the shortest interval a learnt schedule asks for (when first_delay is longer).
-LEARNT_FLOOR = 1.0
+#: The shortest interval a learnt schedule asks for, in first_delays (1 s for the default 10 s).
+LEARNT_FLOOR = 0.1
 #: Longest interval before a model exists, in first_delays.
 _COLD_INTERVALS = 3
 
@@ -81,7 +81,7 @@ class Tracker:
         self._floor = min(first, poll.max_interval)
         # first_delay is a guess made before anything is known: a learnt schedule may go below
         # it (2-second tasks with the default 10 s were each polled once, at 10 s).
-        self._learnt_floor = min(self._floor, LEARNT_FLOOR)
+        self._learnt_floor = self._floor * LEARNT_FLOOR
         self._lists = ListPages(self, dialect, poll)
         self.requests = 0
         #: Called with each task id the tracker stops watching; the client remembers them so

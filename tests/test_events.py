@@ -160,3 +160,17 @@ async def test_running_task_ids_after_leaving_the_loop_early() -> None:
                     await three.wait()
             running = batch.running_task_ids
     assert len(set(running)) == 3 == server.tasks_created
+
+
+@pytest.mark.anyio
+async def test_first_delay_is_a_first_guess_that_quick_tasks_go_below() -> None:
+    # Tasks take 20 ms and the first query waits 0.4 s: once the batch has learnt that, its
+    # later tasks are polled sooner than that first guess (not once each, at 0.4 s).
+    poll = ka.PollPolicy(first_delay=0.4, max_interval=1.0, list_queries=False, timeout=10.0)
+    async with FakeKlingServer(task_duration=0.02) as server:
+        async with kling_client(server, poll=poll, max_in_flight=10) as client:
+            results = [r async for r in client.run_batch(map(text_job, range(60)))]
+    assert all(r.ok for r in results)
+    waits = [r.finished_at - r.submitted_at for r in results if r.finished_at and r.submitted_at]
+    late = sorted(waits[-20:])
+    assert late[len(late) // 2] < 0.3, late
