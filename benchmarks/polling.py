@@ -1,7 +1,7 @@
 """Polling efficiency: status requests per task and detection lag, per polling policy.
 
 Task durations are lognormal (median 180 s, sigma 0.5: p5 79 s, p95 410 s, p99.9 about 840 s),
-as Kling lip-sync is "about 3 minutes with long tails" (API.md section 1, "Timing").  Every
+as Kling lip-sync is "about 3 minutes with long tails" (docs/protocol.md, Timing).  Every
 policy runs through the same engine (run_batch against FakeKlingServer, ``max_in_flight`` =
 the server's task limit) on the same seeded durations:
 

@@ -4,9 +4,10 @@
 
 With a ``callback_url`` the server POSTs news of a task to you: the official format sends the
 task object on each state change, apimodels.app an envelope on terminal states only, retrying
-until you answer 2xx (API.md sections 1 and 2).  Neither signs its callbacks, so the URL itself
-carries a secret.  A callback is a hint (it may come twice, late, or out of order): the status
-query stays the source of truth, which is why the batch below keeps polling.
+until you answer 2xx (docs/protocol.md, Callbacks and apimodels.app callbacks).  Neither signs
+its callbacks, so the URL itself carries a secret.  A callback is a hint (it may come twice,
+late, or out of order): the status query stays the source of truth, which is why the batch below
+keeps polling.
 
 This is only a sketch: it receives, checks and parses callbacks, and prints them.  A later
 release of kling_async will ship ``kling_async.webhook``, which feeds callbacks into a running

@@ -4,11 +4,9 @@ Describe jobs with :class:`LipSyncJob`, open a :class:`KlingClient` for your ser
 and iterate :meth:`KlingClient.run_batch` for results in completion order.
 """
 
-from importlib.metadata import PackageNotFoundError, version
+from typing import TYPE_CHECKING, Any
 
-from . import events  # the on_event records: ka.events.Finished, ...
-from ._batch import BatchIterator
-from ._client import APIMODELS_BASE_URL, DMXAPI_BASE_URL, OFFICIAL_BASE_URL, KlingClient
+from . import events  # the on_event records (light: attrs only): ka.events.Finished, ...
 from ._config import PollPolicy, RetryPolicy
 from ._errors import (
     AccountError,
@@ -38,13 +36,55 @@ from ._errors import (
     error_from_response,
 )
 from ._jobs import LipSyncJob
+from ._options import ClientOptions
 from ._results import BatchProgress, Face, JobResult, TaskSnapshot, TaskState
-from ._transport import Timeouts
 
-try:
-    __version__ = version("kling-async")
-except PackageNotFoundError:  # pragma: no cover - running from a source tree without install
-    __version__ = "0.0.0"
+if TYPE_CHECKING:
+    from ._client import APIMODELS_BASE_URL, DMXAPI_BASE_URL, OFFICIAL_BASE_URL, KlingClient
+    from ._iterator import BatchIterator
+    from ._transport import Timeouts
+
+    __version__: str
+
+# Imported on first use (module __getattr__, PEP 562): these pull in aiohttp and anyio, and
+# ``__version__`` importlib.metadata (about 36 ms), which a CLI ``--help`` or a program that
+# only builds jobs or catches errors should not pay.  ``from kling_async import KlingClient``
+# works as before; it imports aiohttp then.
+_LAZY = {
+    "APIMODELS_BASE_URL": "._client",
+    "DMXAPI_BASE_URL": "._client",
+    "OFFICIAL_BASE_URL": "._client",
+    "KlingClient": "._client",
+    "BatchIterator": "._iterator",
+    "Timeouts": "._transport",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name == "__version__":
+        value: Any = _version()
+    elif name in _LAZY:
+        import importlib
+
+        value = getattr(importlib.import_module(_LAZY[name], __name__), name)
+    else:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    globals()[name] = value  # looked up once: the next access is a plain global
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("kling-async")
+    except PackageNotFoundError:  # pragma: no cover - running from a source tree without install
+        return "0.0.0"
+
 
 __all__ = [
     "APIMODELS_BASE_URL",
@@ -55,6 +95,7 @@ __all__ = [
     "AuthenticationError",
     "BatchIterator",
     "BatchProgress",
+    "ClientOptions",
     "ConcurrencyLimitError",
     "ConnectError",
     "ContentPolicyError",

@@ -7,13 +7,25 @@ lets its secret reach a ``repr`` or an exception message.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Protocol
-
-import jwt
 
 from ._errors import ValidationError
 
-__all__ = ["BearerKey", "Credentials", "KlingJwt"]
+__all__ = [
+    "ENV_ACCESS_KEY",
+    "ENV_API_KEY",
+    "ENV_SECRET_KEY",
+    "BearerKey",
+    "Credentials",
+    "KlingJwt",
+    "credentials_for",
+]
+
+#: Environment variables a client constructor given no key reads (the CLI reads the same ones).
+ENV_API_KEY = "KLING_API_KEY"
+ENV_ACCESS_KEY = "KLING_ACCESS_KEY"
+ENV_SECRET_KEY = "KLING_SECRET_KEY"
 
 
 class Credentials(Protocol):
@@ -58,7 +70,9 @@ class BearerKey:
 
 
 class KlingJwt:
-    """The official API's token: HS256, ``iss`` = access key, valid 30 minutes (API.md section 1).
+    """The official API's token: HS256, ``iss`` = access key, valid 30 minutes.
+
+    The scheme is in docs/protocol.md, JWT auth.
 
     A token is minted on first use, cached and minted again ``renew_margin`` seconds before it
     expires.  ``nbf`` lies 5 s in the past so that a server clock slightly behind ours accepts it.
@@ -87,12 +101,14 @@ class KlingJwt:
         """Drop the cached token; the next request carries a fresh one.
 
         The official API is reported to refuse correct tokens now and then with "signature
-        invalid"; a fresh token and one retry fixes it (API.md section 1, "JWT auth").
+        invalid"; a fresh token and one retry fixes it (docs/protocol.md, JWT auth).
         """
         self._token = None
         return True
 
     def _mint(self, now: float) -> str:
+        import jwt  # imported on first use: Bearer-key clients never load PyJWT (start-up time)
+
         claims = {
             "iss": self._access_key,
             "exp": int(now + self.lifetime),
@@ -102,3 +118,51 @@ class KlingJwt:
 
     def __repr__(self) -> str:
         return "KlingJwt(access_key=<hidden>, secret_key=<hidden>)"
+
+
+def credentials_for(
+    *,
+    api_key: str | None,
+    access_key: str | None = None,
+    secret_key: str | None = None,
+    jwt_allowed: bool,
+    environ: Mapping[str, str],
+) -> Credentials:
+    """The credentials the keys given make, else those the environment holds.
+
+    Keys given as arguments win, and are never mixed with the environment's.  With none given,
+    ``KLING_API_KEY`` is a Bearer key; else, where a JWT is allowed (the official format),
+    ``KLING_ACCESS_KEY`` and ``KLING_SECRET_KEY`` together.  Values from the environment lose
+    surrounding white space (a trailing newline from a file is common).  Raises
+    :class:`ValidationError` naming what is missing; no message contains a key.
+    """
+    if api_key is not None:
+        if access_key is not None or secret_key is not None:
+            raise ValidationError("api_key", "give either api_key or access_key + secret_key")
+        return BearerKey(api_key)
+    if access_key is not None and secret_key is not None:
+        return KlingJwt(access_key, secret_key)
+    if access_key is not None or secret_key is not None:
+        missing = "secret_key" if access_key is not None else "access_key"
+        raise ValidationError(missing, "give access_key and secret_key together, or api_key")
+    env_key = environ.get(ENV_API_KEY, "").strip()
+    if env_key:
+        return BearerKey(_check_secret(ENV_API_KEY, env_key))
+    if not jwt_allowed:
+        raise ValidationError("api_key", f"not given, and {ENV_API_KEY} is not set")
+    access = environ.get(ENV_ACCESS_KEY, "").strip()
+    secret = environ.get(ENV_SECRET_KEY, "").strip()
+    if access and secret:
+        return KlingJwt(
+            _check_secret(ENV_ACCESS_KEY, access), _check_secret(ENV_SECRET_KEY, secret)
+        )
+    if access or secret:
+        missing = ENV_SECRET_KEY if access else ENV_ACCESS_KEY
+        raise ValidationError(
+            missing, f"is not set, and {ENV_ACCESS_KEY} and {ENV_SECRET_KEY} go together"
+        )
+    raise ValidationError(
+        "api_key",
+        f"not given (nor access_key + secret_key), and neither {ENV_API_KEY} nor"
+        f" {ENV_ACCESS_KEY} + {ENV_SECRET_KEY} is set",
+    )

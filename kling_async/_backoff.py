@@ -75,7 +75,7 @@ class DurationModel:
     """How long tasks take: a lognormal fitted to finished (and still running) tasks.
 
     Durations are positive and right-skewed, and a lognormal fits Kling's "about 3 minutes with
-    long tails" (API.md section 1, "Timing") with two numbers that a few dozen tasks pin down.
+    long tails" (docs/protocol.md, Timing) with two numbers that a few dozen tasks pin down.
     From it comes the schedule: poll a task at a rate proportional to the square root of its
     *hazard* (the chance per second that a task of its age finishes now).  Minimising expected
     polls plus ``lambda`` times expected lag, point by point, gives exactly that interval,

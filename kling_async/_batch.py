@@ -52,32 +52,10 @@ logger = logging.getLogger("kling_async")
 
 
 class Batch:
-    """One run of jobs (or tracked task ids) through a client (seen through ``client``).
+    """One run of jobs (or tracked task ids) through a client.
 
-    ``callback_url`` is passed to the dialect for every job (where your webhook receives the
-    server's callbacks).  Results not yet taken by the consumer are bounded: the batch stops
-    reading jobs while twice ``max_in_flight`` results wait.
-
-    ``journal`` (a file path) makes the batch resumable: rerun the same jobs with the same
-    journal after a crash and
-
-    * a job whose result the consumer already took is not reported again; a finished job whose
-      result was not taken yet is reported from the journal, without a request;
-    * a job whose task exists is tracked, never submitted again;
-    * a job whose submit was in flight when the run stopped is looked for among the server's
-      recent tasks (dialects with a list query) and adopted when found; otherwise its result is
-      a :class:`~kling_async.SubmitOutcomeUnknownError`, unless ``resubmit_unknown`` is True;
-    * everything else is submitted.
-
-    Keys must be unique within the batch (a job without ``key`` is keyed by its position, which
-    only resumes correctly when the jobs come in the same order), and a key may not name a
-    different job than the journal recorded, once that job may have created a task: both raise
-    :class:`~kling_async.ValidationError` out of the loop.  See the README's "Resuming" section.
-
-    ``download_to`` (a directory) saves each successful video there before its result is
-    reported (:meth:`KlingClient.download`); ``JobResult.path`` says where.  A download that
-    fails leaves the result ``ok`` (the video exists, its URL still works) with ``path`` None
-    and ``error`` set to the :class:`~kling_async.DownloadError`.
+    Built by :meth:`KlingClient.run_batch <kling_async.KlingClient.run_batch>` (whose docstring
+    documents the options) and :meth:`KlingClient.track <kling_async.KlingClient.track>`.
     """
 
     def __init__(
@@ -90,6 +68,7 @@ class Batch:
         callback_url: str | None = None,
         journal: str | os.PathLike[str] | None = None,
         resubmit_unknown: bool = False,
+        retry_failed: bool = False,
         download_to: str | os.PathLike[str] | None = None,
         on_event: Callable[[Event], Any] | None = None,
     ) -> None:
@@ -99,6 +78,10 @@ class Batch:
             raise ValidationError("journal", "only run_batch keeps a journal, not track")
         if not isinstance(resubmit_unknown, bool):
             raise ValidationError("resubmit_unknown", "must be True or False")
+        if not isinstance(retry_failed, bool):
+            raise ValidationError("retry_failed", "must be True or False")
+        if retry_failed and journal is None:
+            raise ValidationError("retry_failed", "needs a journal: the failures are read there")
         if download_to is not None and not isinstance(download_to, (str, os.PathLike)):
             raise ValidationError("download_to", "must be a directory path")
         self._client = client
@@ -109,6 +92,7 @@ class Batch:
         self._callback_url = callback_url
         self._journal_path = journal
         self._resubmit_unknown = resubmit_unknown
+        self._retry_failed = retry_failed
         self._download_to = Path(download_to) if download_to is not None else None
         self._local_failure = False  # a video could not be written here (said once)
         self.resume: Resume | None = None
@@ -153,6 +137,7 @@ class Batch:
             running=len(self._live),
             succeeded=self.counts["succeeded"],
             failed=self.counts["failed"],
+            retried=self.resume.retried if self.resume is not None else 0,
         )
 
     def cancel(self) -> None:
@@ -196,12 +181,18 @@ class Batch:
                     await anyio.to_thread.run_sync(writable_folder, self._download_to)
                 if self._journal_path is not None:
                     self.resume = await Resume.open(
-                        self._client, self._journal_path, resubmit_unknown=self._resubmit_unknown
+                        self._client,
+                        self._journal_path,
+                        resubmit_unknown=self._resubmit_unknown,
+                        retry_failed=self._retry_failed,
                     )
                     marks.start_soon(self.resume.journal.commit_marks)
                     if self._emit is not None:
                         self.resume.on_event = self._emit
-                        self._emit(Resumed(results=self.resume.journal.taken()))
+                        taken = self.resume.journal.taken()
+                        if self._retry_failed:  # the failures among them run again
+                            taken = tuple(result for result in taken if result.ok)
+                        self._emit(Resumed(results=taken))
                 async with anyio.create_task_group() as outer:
                     outer.start_soon(self.tracker.run)
                     async with anyio.create_task_group() as jobs:
@@ -413,6 +404,10 @@ class Batch:
             self.counts["succeeded"],
             self.counts["failed"],
         )
+        if self.resume is not None and self.resume.retried:
+            logger.info(
+                "%d jobs that failed in earlier runs were submitted again", self.resume.retried
+            )
         if self._live:
             logger.info(
                 "%d tasks still run on the server, unreported: %s",

@@ -6,6 +6,7 @@ Also the client's side of callbacks (:meth:`KlingClient.deliver_callback`, fed b
 
 from __future__ import annotations
 
+import asyncio
 import collections
 import logging
 import os
@@ -15,13 +16,13 @@ import weakref
 from collections.abc import AsyncIterable, Callable, Iterable
 from pathlib import Path
 from types import TracebackType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import aiohttp
 import anyio
 from anyio.abc import TaskGroup
 
-from ._auth import BearerKey, Credentials, KlingJwt
+from ._auth import Credentials, credentials_for
 from ._backoff import poll_delay
 from ._batch import Batch, BatchIterator
 from ._client_view import ClientView
@@ -30,23 +31,31 @@ from ._download import Downloader, file_name
 from ._errors import ValidationError
 from ._http import normalize_base_url
 from ._jobs import LipSyncJob
+from ._options import ClientOptions
 from ._requester import Requester
 from ._results import JobResult, TaskSnapshot, TaskState
 from ._transport import Timeouts, Transport
 from .dialects import Dialect, Submit
-from .dialects.apimodels import ApimodelsDialect
 from .dialects.kling import KlingDialect
 from .events import Event
 
-__all__ = ["APIMODELS_BASE_URL", "DMXAPI_BASE_URL", "OFFICIAL_BASE_URL", "KlingClient"]
+if TYPE_CHECKING:
+    from typing_extensions import Unpack  # typing.Unpack of **kwargs: Python 3.12
+
+__all__ = [
+    "APIMODELS_BASE_URL",
+    "DMXAPI_BASE_URL",
+    "OFFICIAL_BASE_URL",
+    "KlingClient",
+]
 
 logger = logging.getLogger("kling_async")
 
-#: The official API outside China (API.md section 1; it replaced api.klingai.com).
+#: The official API outside China (docs/protocol.md, Deployments; it replaced api.klingai.com).
 OFFICIAL_BASE_URL = "https://api-singapore.klingai.com"
 #: The DMXAPI gateway, which serves the official format under ``/kling``.
 DMXAPI_BASE_URL = "https://www.dmxapi.cn"
-#: apimodels.app (API.md section 2).
+#: apimodels.app (docs/protocol.md, apimodels.app).
 APIMODELS_BASE_URL = "https://apimodels.app"
 
 JobSource = Iterable[LipSyncJob] | AsyncIterable[LipSyncJob]
@@ -66,10 +75,9 @@ class KlingClient:
             async for result in client.run_batch(jobs):
                 print(result.key, result.video_url or result.error)
 
-    ``max_in_flight`` is how many tasks the client keeps running on the server at once (the
-    vendor limits running tasks per account, not requests); ``poll`` and ``retry`` tune status
-    queries and retries.  A caller-provided aiohttp ``session`` is used as it is and left open.
-    ``max_downloads`` bounds the videos :meth:`download` fetches at once.
+    The options the constructors share are those of :class:`ClientOptions`.  Under another
+    async library than asyncio (trio), ``async with`` raises :class:`RuntimeError` at once:
+    aiohttp runs on asyncio only.
     """
 
     def __init__(
@@ -141,24 +149,25 @@ class KlingClient:
         base_url: str = OFFICIAL_BASE_URL,
         prefix: str = "",
         advanced: bool = False,
-        **options: Any,
+        **options: Unpack[ClientOptions],
     ) -> KlingClient:
         """A client for the official Kling format, at the official API or any gateway.
 
         Authenticate with ``access_key`` and ``secret_key`` (a JWT is minted and renewed) or with
-        a plain ``api_key`` sent as a Bearer token.  ``prefix`` is the gateway's path prefix
-        (``"/kling"`` at most gateways).  With ``advanced`` jobs use the official advanced
-        lip-sync (identify-face, then advanced-lip-sync).
+        a plain ``api_key`` sent as a Bearer token.  Given neither, the keys come from the
+        environment: ``KLING_API_KEY``, else ``KLING_ACCESS_KEY`` and ``KLING_SECRET_KEY``
+        (:class:`ValidationError` naming them when none is set).  ``prefix`` is the gateway's
+        path prefix (``"/kling"`` at most gateways).  With ``advanced`` jobs use the official
+        advanced lip-sync (identify-face, then advanced-lip-sync).  ``options``: see
+        :class:`ClientOptions`.
         """
-        credentials: Credentials
-        if api_key is not None:
-            if access_key is not None or secret_key is not None:
-                raise ValidationError("api_key", "give either api_key or access_key + secret_key")
-            credentials = BearerKey(api_key)
-        elif access_key is not None and secret_key is not None:
-            credentials = KlingJwt(access_key, secret_key)
-        else:
-            raise ValidationError("access_key", "give access_key and secret_key, or api_key")
+        credentials = credentials_for(
+            api_key=api_key,
+            access_key=access_key,
+            secret_key=secret_key,
+            jwt_allowed=True,
+            environ=os.environ,
+        )
         dialect = KlingDialect(prefix=prefix, advanced=advanced)
         return cls(dialect=dialect, credentials=credentials, base_url=base_url, **options)
 
@@ -166,29 +175,48 @@ class KlingClient:
     def dmxapi(
         cls,
         *,
-        api_key: str,
+        api_key: str | None = None,
         base_url: str = DMXAPI_BASE_URL,
         prefix: str = "/kling",
-        **options: Any,
+        advanced: bool = False,
+        **options: Unpack[ClientOptions],
     ) -> KlingClient:
-        """A client for the DMXAPI gateway: official format under ``/kling``, Bearer key."""
-        return cls.kling(api_key=api_key, base_url=base_url, prefix=prefix, **options)
+        """A client for the DMXAPI gateway: official format under ``/kling``, Bearer key.
+
+        Without ``api_key`` the key is ``KLING_API_KEY`` from the environment.  ``advanced``
+        is :meth:`kling`'s; ``options``: see :class:`ClientOptions`.
+        """
+        dialect = KlingDialect(prefix=prefix, advanced=advanced)
+        return cls(dialect=dialect, credentials=_bearer(api_key), base_url=base_url, **options)
 
     @classmethod
     def apimodels(
-        cls, *, api_key: str, base_url: str = APIMODELS_BASE_URL, **options: Any
+        cls,
+        *,
+        api_key: str | None = None,
+        base_url: str = APIMODELS_BASE_URL,
+        **options: Unpack[ClientOptions],
     ) -> KlingClient:
-        """A client for apimodels.app: advanced lip-sync in two tasks, audio jobs only."""
-        return cls(
-            dialect=ApimodelsDialect(),
-            credentials=BearerKey(api_key),
-            base_url=base_url,
-            **options,
-        )
+        """A client for apimodels.app: advanced lip-sync in two tasks, audio jobs only.
+
+        Without ``api_key`` the key is ``KLING_API_KEY`` from the environment.  ``options``:
+        see :class:`ClientOptions`.
+        """
+        dialect = _apimodels_dialect()
+        return cls(dialect=dialect, credentials=_bearer(api_key), base_url=base_url, **options)
 
     # -- lifetime ------------------------------------------------------------------------
 
     async def __aenter__(self) -> KlingClient:
+        try:
+            asyncio.get_running_loop()
+        except RuntimeError:
+            # aiohttp needs asyncio's loop; under trio it would fail later, deep inside a
+            # request, with a message that says nothing about the cause.
+            raise RuntimeError(
+                "KlingClient runs on asyncio only (aiohttp needs it), and no asyncio event loop"
+                " is running: under trio, use asyncio.run() or anyio.run(..., backend='asyncio')"
+            ) from None
         if self._task_group is not None:
             raise RuntimeError("this KlingClient is already open")
         group = anyio.create_task_group()
@@ -285,15 +313,63 @@ class KlingClient:
         self,
         jobs: JobSource,
         *,
+        callback_url: str | None = None,
+        journal: str | os.PathLike[str] | None = None,
+        resubmit_unknown: bool = False,
+        retry_failed: bool = False,
+        download_to: str | os.PathLike[str] | None = None,
         on_event: Callable[[Event], Any] | None = None,
-        **options: Any,
     ) -> BatchIterator:
         """Run many jobs; iterate the result for one :class:`JobResult` per job, as they finish.
 
-        ``on_event`` receives what happens as it happens (:mod:`kling_async.events`).  See
-        :class:`kling_async._batch.Batch` for the options.
+        ``jobs`` is any iterable or async iterable of :class:`LipSyncJob`, read lazily.  Results
+        not yet taken by the consumer are bounded: the batch stops reading jobs while twice
+        ``max_in_flight`` results wait.
+
+        ``callback_url`` is passed to the dialect for every job (where your webhook receives the
+        server's callbacks).
+
+        ``journal`` (a file path) makes the batch resumable: rerun the same jobs with the same
+        journal after a crash and
+
+        * a job whose result the consumer already took is not reported again; a finished job
+          whose result was not taken yet is reported from the journal, without a request;
+        * a job whose task exists is tracked, never submitted again;
+        * a job whose submit was in flight when the run stopped is looked for among the server's
+          recent tasks (dialects with a list query) and adopted when found; otherwise its result
+          is a :class:`~kling_async.SubmitOutcomeUnknownError`, unless ``resubmit_unknown`` is
+          True;
+        * with ``retry_failed``, a job whose last result was a failure (a task that failed, or a
+          request the server refused for good) is submitted again; a success never is, nor a
+          job whose task may still run.  It needs a journal;
+        * everything else is submitted.
+
+        Keys must be unique within the batch (a job without ``key`` is keyed by its position,
+        which only resumes correctly when the jobs come in the same order), and a key may not
+        name a different job than the journal recorded, once that job may have created a task:
+        both raise :class:`~kling_async.ValidationError` out of the loop.  See the README's
+        "Resuming" section.
+
+        ``download_to`` (a directory) saves each successful video there before its result is
+        reported (:meth:`download`); ``JobResult.path`` says where.  A download that fails
+        leaves the result ``ok`` (the video exists, its URL still works) with ``path`` None and
+        ``error`` set to the :class:`~kling_async.DownloadError` (a folder that cannot be
+        written at all is a :class:`~kling_async.ValidationError` before any request).
+
+        ``on_event`` is called with what happens as it happens: typed records from
+        :mod:`kling_async.events` (a plain or an ``async`` function; see that module).
         """
-        return self._start(Batch(self._view(), jobs=jobs, on_event=on_event, **options))
+        batch = Batch(
+            self._view(),
+            jobs=jobs,
+            callback_url=callback_url,
+            journal=journal,
+            resubmit_unknown=resubmit_unknown,
+            retry_failed=retry_failed,
+            download_to=download_to,
+            on_event=on_event,
+        )
+        return self._start(batch)
 
     def track(self, task_ids: Iterable[str], *, stage: str | None = None) -> BatchIterator:
         """Follow tasks submitted elsewhere; yields a :class:`JobResult` per task id as it ends."""
@@ -390,3 +466,15 @@ class KlingClient:
         key = result.key if isinstance(result, JobResult) else None
         name = file_name(url, key=key, task_id=result.task_id, filename=filename)
         return await self._downloader.download(url, Path(directory), name)
+
+
+def _bearer(api_key: str | None) -> Credentials:
+    """A Bearer key: ``api_key``, else ``KLING_API_KEY`` from the environment."""
+    return credentials_for(api_key=api_key, jwt_allowed=False, environ=os.environ)
+
+
+def _apimodels_dialect() -> Dialect:
+    # Imported here: clients of the official format never build apimodels' wire converters.
+    from .dialects.apimodels import ApimodelsDialect
+
+    return ApimodelsDialect()

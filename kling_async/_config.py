@@ -55,7 +55,7 @@ class PollPolicy:
     submit; each later interval is ``multiplier`` times the one before, jittered by up to
     ``jitter`` of itself, and never longer than ``max_interval``.  A task still unfinished
     ``timeout`` after its submit ends as ``TIMED_OUT`` with its task id kept: Kling lip-sync takes
-    about 3 minutes with long tails (API.md section 1, "Timing"), so the default waits two hours.
+    about 3 minutes with long tails (docs/protocol.md, Timing), so the default waits two hours.
 
     With ``adaptive`` the tracker learns from the batch's tasks how long they take (a lognormal
     fitted to finished and still-running tasks) and, once about a dozen have finished, polls
@@ -67,7 +67,7 @@ class PollPolicy:
     ``first_delay`` (a first guess: quick tasks are then polled sooner) and ``max_interval``.
 
     With ``list_queries`` one paged list request refreshes every live task on a page where the
-    dialect has one (API.md section 1, "Query many": newest first, 500 tasks a page).  A page
+    dialect has one (docs/protocol.md, Query many: newest first, 500 tasks a page).  A page
     is read once about ``list_yield`` of its tasks are expected to have finished since its last
     read, but never twice within ``list_min_interval`` and at least every ``max_interval``; the
     first page also when one of its tasks is due by its own schedule.  With many live tasks that
@@ -75,8 +75,8 @@ class PollPolicy:
     sink to deeper pages, which are read less often.  ``max_concurrent_queries`` bounds status
     requests in flight at once.  When the server sends callbacks (a batch with a
     ``callback_url``), polling goes on only as a safety net, at most every
-    ``callback_safety_interval`` seconds: callbacks are unsigned hints and may be lost (API.md
-    section 1, "Callback").
+    ``callback_safety_interval`` seconds: callbacks are unsigned hints and may be lost
+    (docs/protocol.md, Callbacks).
     """
 
     first_delay: float = attrs.field(default=10.0, validator=_non_negative)
@@ -105,7 +105,7 @@ class RetryPolicy:
 
     A submit refused for concurrency (1303) is not a failure: the job waits for one of its own
     tasks to end, and at least ``concurrency_delay`` (doubling on each refusal, up to
-    ``max_delay``), since other clients may share the account (API.md section 1, 1303).
+    ``max_delay``), since other clients may share the account (docs/protocol.md, Business codes).
     """
 
     max_attempts: int = attrs.field(default=5, validator=_count)

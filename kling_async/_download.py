@@ -1,7 +1,7 @@
 """Saving result videos to disk, behind :meth:`KlingClient.download`.
 
-Result URLs expire (30 days at the official API, 7 days at apimodels; API.md sections 1 and 2),
-so a batch saves each video while its URL still works.  A download:
+Result URLs expire (30 days at the official API, 7 days at apimodels; docs/protocol.md, Query one
+and apimodels.app), so a batch saves each video while its URL still works.  A download:
 
 * streams into a hidden temporary file in the target directory, then links it to its final
   name in one step, so a crash never leaves a half-written file under a real name;

@@ -28,7 +28,7 @@ Every exception the library raises on purpose is a :class:`KlingError`::
 
 :func:`error_from_response` turns an (HTTP status, body) pair into one of the :class:`APIError`
 classes.  It reads both, because some gateways answer business errors with HTTP 200 and only a
-non-zero body ``code`` (API.md section 1, "Business codes").
+non-zero body ``code`` (docs/protocol.md, Business codes).
 """
 
 from __future__ import annotations
@@ -311,7 +311,7 @@ class JournalError(KlingError):
     fatal = True
 
 
-# Business codes of the official format, API.md section 1 "Business codes".
+# Business codes of the official format, docs/protocol.md, Business codes.
 _CODE_TABLE: dict[int, type[APIError]] = {
     **dict.fromkeys((1000, 1001, 1002, 1003, 1004), AuthenticationError),
     **dict.fromkeys((1100, 1101, 1102), AccountError),
@@ -326,7 +326,7 @@ _CODE_TABLE: dict[int, type[APIError]] = {
 }
 
 # HTTP statuses, used where the body carries no known business code (apimodels' body codes are
-# HTTP numbers too, API.md section 2).
+# HTTP numbers too: docs/protocol.md, apimodels.app errors).
 _STATUS_TABLE: dict[int, type[APIError]] = {
     400: InvalidRequestError,
     401: AuthenticationError,

@@ -150,6 +150,6 @@ def join_url(base_url: str, path: str) -> str:
 
     ``urljoin`` and ``aiohttp.ClientSession(base_url=...)`` follow RFC 3986, where a path starting
     with ``/`` replaces the base's own path and so silently drops a gateway prefix such as
-    ``https://host/kling`` (API.md section 1, "Prefix trap").  Concatenation keeps it.
+    ``https://host/kling`` (docs/protocol.md, Prefix trap).  Concatenation keeps it.
     """
     return base_url.rstrip("/") + "/" + path.lstrip("/")

@@ -1,8 +1,8 @@
 """Lip-sync jobs: what a user asks for, checked against every documented rule before any request.
 
-The rules come from API.md section 1 ("Submit" table) and the advanced lip-sync fields of
-sections 1 and 2.  Each is enforced here so that a bad job fails at once with a
-:class:`ValidationError` naming the field, instead of costing a request (or a task) later.
+The rules come from docs/protocol.md (the Submit table, Advanced lip-sync and apimodels.app).
+Each is enforced here so that a bad job fails at once with a :class:`ValidationError` naming the
+field, instead of costing a request (or a task) later.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from ._http import check_http_url
 
 __all__ = ["AUDIO_FORMATS", "MAX_AUDIO_BYTES", "MAX_TEXT_LENGTH", "LipSyncJob"]
 
-#: Audio formats the service accepts (API.md section 1, ``input.audio_file``).
+#: Audio formats the service accepts (docs/protocol.md, Submit: ``input.audio_file``).
 AUDIO_FORMATS = ("mp3", "wav", "m4a", "aac")
 #: Largest audio file the service accepts, in bytes.
 MAX_AUDIO_BYTES = 5 * 1024 * 1024

@@ -1,6 +1,6 @@
 """Refreshing many live tasks at once from the newest-first task list.
 
-Where the dialect has a list query (API.md section 1, "Query many": up to 500 tasks a page,
+Where the dialect has a list query (docs/protocol.md, Query many: up to 500 tasks a page,
 newest first, finished tasks included) one request refreshes every live task on a page.  Page
 ``p`` of size ``s`` holds the tasks at depths ``(p - 1) * s`` to ``p * s - 1``; a task sinks as
 newer ones are created, so long-running tasks end up on deeper pages, among few of ours.
@@ -18,21 +18,79 @@ read), and past ``_MAX_PAGES`` it is queried on its own.
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING
+from collections.abc import Callable
+from typing import Protocol
 
 import anyio
 
+from ._backoff import DurationModel
 from ._config import PollPolicy
 from ._errors import KlingError
+from ._http import HttpRequest, HttpResponse
 from ._results import TaskSnapshot
 from ._watch import Watch
 from .dialects import Dialect
-from .events import Polled
+from .events import Event, Polled
 
-if TYPE_CHECKING:
-    from ._tracker import Tracker
+__all__ = ["ListPages", "PageHost"]
 
-__all__ = ["ListPages"]
+
+class PageHost(Protocol):
+    """What :class:`ListPages` needs from the tracker it reads pages for (``_tracker.Tracker``).
+
+    A narrow interface in the lower module, so that the tracker imports the page reader and not
+    the other way round.
+    """
+
+    callbacks: bool
+    requests: int
+    #: The batch's event sink (:mod:`kling_async.events`), if it has a callback.
+    on_event: Callable[[Event], None] | None
+
+    def watched(self, stage: str) -> dict[str, Watch]:
+        """The live watches of ``stage`` that the task list can show, by task id."""
+        ...
+
+    def live_in(self, stage: str) -> int:
+        """How many tasks of ``stage`` are tracked, counting no further than two."""
+        ...
+
+    def model(self, stage: str) -> DurationModel | None:
+        """What has been learnt of ``stage``'s durations."""
+        ...
+
+    async def send(self, request: HttpRequest) -> HttpResponse:
+        """Send a status request."""
+        ...
+
+    def apply(self, watch: Watch, snapshot: TaskSnapshot, now: float) -> None:
+        """Take an answer about ``watch``'s task, seen at ``now``."""
+        ...
+
+    def query_failed(self, watch: Watch, error: KlingError) -> None:
+        """A status request about ``watch`` failed."""
+        ...
+
+    def query_each(self, watches: list[Watch]) -> None:
+        """Have ``watches`` queried one by one."""
+        ...
+
+    def queue_list(self, stage: str) -> None:
+        """Have a worker run the pending list refresh of ``stage``."""
+        ...
+
+    def reschedule(self, watch: Watch, now: float) -> None:
+        """Schedule ``watch``'s next poll afresh."""
+        ...
+
+    def fatal(self, error: KlingError) -> None:
+        """An account-level error: the batch stops."""
+        ...
+
+    def wake(self, when: float) -> None:
+        """Something falls due at ``when``."""
+        ...
+
 
 #: Deepest list page read; tasks sunk below it are queried one by one.
 _MAX_PAGES = 5
@@ -43,7 +101,7 @@ _MIN_PAGE_SIZE = 30
 class ListPages:
     """The list-query side of a :class:`~._tracker.Tracker`: which pages to read, and when."""
 
-    def __init__(self, tracker: Tracker, dialect: Dialect, poll: PollPolicy) -> None:
+    def __init__(self, tracker: PageHost, dialect: Dialect, poll: PollPolicy) -> None:
         self._tracker = tracker
         self._dialect = dialect
         self._poll = poll

@@ -2,7 +2,7 @@
 
 A submit that got no clear answer (the process died with the request in flight, the answer
 timed out, 5000/5002) may or may not have created a task.  Where the dialect has a list query
-(API.md section 1, "Query many": newest first), the task can be recognised: its parent video is
+(docs/protocol.md, Query many: newest first), the task can be recognised: its parent video is
 the job's ``video_url`` and it was created no earlier than the recorded intent (less a margin for
 clock skew between this machine and the server) and no later than a submit can take.  Only a
 single, unowned match is adopted: two candidates, or another unresolved job on the same video,

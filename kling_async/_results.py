@@ -120,6 +120,8 @@ class BatchProgress:
     running: int
     succeeded: int
     failed: int
+    #: Jobs that failed in an earlier run and were submitted again (``retry_failed``).
+    retried: int = 0
 
     @property
     def done(self) -> int:

@@ -77,17 +77,31 @@ def _ambiguous(error: KlingError) -> bool:
 class Resume:
     """A batch's use of its journal; see the module docstring."""
 
-    def __init__(self, journal: Journal, reconciler: Reconciler, resubmit_unknown: bool) -> None:
+    def __init__(
+        self,
+        journal: Journal,
+        reconciler: Reconciler,
+        resubmit_unknown: bool,
+        retry_failed: bool = False,
+    ) -> None:
         self.journal = journal
         self._reconciler = reconciler
         self._resubmit_unknown = resubmit_unknown
+        self._retry_failed = retry_failed
+        #: Jobs that failed in an earlier run and run again in this one (``retry_failed``).
+        self.retried = 0
         self._keys: set[str] = set()
         #: The batch's event sink (:mod:`kling_async.events`), if it has a callback.
         self.on_event: Callable[[Event], None] | None = None
 
     @classmethod
     async def open(
-        cls, client: ClientView, path: str | os.PathLike[str], *, resubmit_unknown: bool
+        cls,
+        client: ClientView,
+        path: str | os.PathLike[str],
+        *,
+        resubmit_unknown: bool,
+        retry_failed: bool = False,
     ) -> Resume:
         """Open the journal at ``path`` for a batch of ``client``."""
         dialect = client.dialect
@@ -102,7 +116,7 @@ class Resume:
                 key, stage, url, at, LATEST_CREATE + CLOCK_SKEW
             ),
         )
-        return cls(journal, reconciler, resubmit_unknown)
+        return cls(journal, reconciler, resubmit_unknown, retry_failed)
 
     # -- per job -------------------------------------------------------------------------
 
@@ -135,6 +149,14 @@ class Resume:
             self.journal.begin(key, digest, job.video_url)
             return None
         if record.final and record.result is not None:
+            if self._retry_failed and not record.result.ok:
+                # A final failure: its task ended (or none was created), so a new one cannot
+                # be paid twice.  The record starts over; the old task stays the key's in
+                # memory, so it is never adopted for the new submit.
+                self.retried += 1
+                logger.debug("%s: failed in an earlier run, submitting it again", key)
+                self.journal.begin(key, digest, job.video_url)
+                return None
             return SKIP if record.reported else record.result
         return None
 

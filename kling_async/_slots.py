@@ -1,6 +1,6 @@
 """Task slots: how many tasks the client keeps running on the server at once.
 
-The vendor limits *running tasks* per account, not requests (API.md section 1, "Concurrency"):
+The vendor limits *running tasks* per account, not requests (docs/protocol.md, Concurrency):
 a slot is taken before a submit and given back only when the task has ended.  When the server
 answers 1303 anyway (other clients share the account, or ``max_in_flight`` is above the
 resource pack's limit), the limit shrinks to what the account sustains, and creeps back up

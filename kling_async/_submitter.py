@@ -147,7 +147,7 @@ class Submitter:
         """A 1303 or 1302 refusal (number ``refusals``): record it; the wait before the next try.
 
         Nothing was created, so a journaled intent is cleared; the wait doubles from
-        ``RetryPolicy.concurrency_delay`` up to ``max_delay`` (API.md section 1, 1303).
+        ``RetryPolicy.concurrency_delay`` up to ``max_delay`` (docs/protocol.md, Business codes).
         """
         self._answer()
         if resume is not None and key is not None:

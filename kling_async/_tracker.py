@@ -7,7 +7,7 @@ tracked task is a small :class:`Watch` record; whoever waits for it gets a callb
 When to poll comes from :mod:`._backoff`: a fixed back-off until the tracker has learnt, per
 stage, how long tasks take (:func:`~._backoff.fit_durations`), then a schedule dense where
 finishes are likely and sparse elsewhere.  Where the dialect has a list query (a page holds up
-to 500 tasks, API.md section 1 "Query many") one request refreshes every live task on a page:
+to 500 tasks, docs/protocol.md, Query many) one request refreshes every live task on a page:
 :mod:`._listing` decides which pages to read and when.  Callbacks feed :meth:`Tracker.update`
 and finish a task at once.  Transient query errors (5xx, transport, 1302) only postpone the next
 poll; they never fail a task.

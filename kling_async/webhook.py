@@ -3,9 +3,9 @@
 A batch started with ``callback_url=`` passes that URL with every task; the server POSTs the
 task's news there (official format: the task object on each state change, possibly repeated or
 out of order; apimodels: an envelope on terminal states, retried for up to 30 minutes until it
-gets a 2xx; API.md sections 1 and 2).  :class:`CallbackReceiver` receives them and hands them to
-the client's live batches, which then poll only as a slow safety net
-(``PollPolicy.callback_safety_interval``)::
+gets a 2xx; docs/protocol.md, Callbacks and apimodels.app callbacks).  :class:`CallbackReceiver`
+receives them and hands them to the client's live batches, which then poll only as a slow safety
+net (``PollPolicy.callback_safety_interval``)::
 
     receiver = CallbackReceiver(client)
     app.add_subapp("/hooks", receiver.aiohttp_app())                # aiohttp

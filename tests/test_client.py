@@ -234,7 +234,7 @@ async def test_errors_raised_inside_the_client_block_come_out_unwrapped() -> Non
 
 async def test_a_refused_token_is_reminted_and_retried_once() -> None:
     # The official API now and then refuses a correct token ("signature invalid", 1004):
-    # a fresh JWT and one retry fix it (API.md section 1, "JWT auth").
+    # a fresh JWT and one retry fix it (docs/protocol.md, JWT auth).
     async with FakeKlingServer(task_duration=0.01) as server:
         client = ka.KlingClient.kling(
             access_key="ak-sandbox",

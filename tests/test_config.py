@@ -115,7 +115,7 @@ def test_max_attempts_at_least_one(attempts: int) -> None:
 
 def test_poll_defaults_are_real_world() -> None:
     poll = PollPolicy()
-    # Lip-sync takes ~3 minutes with long tails (API.md section 1, "Timing").
+    # Lip-sync takes ~3 minutes with long tails (docs/protocol.md, Timing).
     assert poll.timeout >= 3600
     assert 0 < poll.first_delay <= 60
     assert poll.first_delay <= poll.max_interval <= 120
@@ -132,7 +132,7 @@ def test_retry_defaults_are_real_world() -> None:
     assert 0 < retry.base_delay <= retry.max_delay
     assert retry.multiplier > 1
     assert 0 <= retry.jitter <= 1
-    # 1303 asks for a back-off of at least 1 s (API.md section 1, "Business codes").
+    # 1303 asks for a back-off of at least 1 s (docs/protocol.md, Business codes).
     assert retry.concurrency_delay >= 1
 
 

@@ -1,4 +1,7 @@
-"""The apimodels.app dialect, driven by hand over vendor-shaped samples (API.md section 2)."""
+"""The apimodels.app dialect, driven by hand over vendor-shaped samples.
+
+The samples follow docs/protocol.md, apimodels.app.
+"""
 
 from __future__ import annotations
 
@@ -462,7 +465,8 @@ def test_error_bodies(
 
 
 def test_error_code_with_http_200() -> None:
-    # Some gateways answer business errors with HTTP 200 and only the body code (API.md section 1).
+    # Some gateways answer business errors with HTTP 200 and only the body code
+    # (docs/protocol.md, Business codes).
     with pytest.raises(AccountError):
         dialect.parse_submit("identify-face", answer("error_402", 200))
 

@@ -345,7 +345,7 @@ def test_parse_list_empty_and_wrong_shapes() -> None:
 
 # -- errors ---------------------------------------------------------------------------------------
 
-# API.md section 1, "Business codes": code -> (class, documented HTTP status).
+# docs/protocol.md, Business codes: code -> (class, documented HTTP status).
 BUSINESS_CODES: list[tuple[int, type[ka.APIError], int]] = [
     (1000, ka.AuthenticationError, 401),
     (1001, ka.AuthenticationError, 401),

@@ -1,4 +1,7 @@
-"""The error tree, and error_from_response over API.md's business codes and apimodels' bodies."""
+"""The error tree, and error_from_response over the business codes and apimodels' bodies.
+
+Both are described in docs/protocol.md, Business codes and apimodels.app errors.
+"""
 
 from __future__ import annotations
 
@@ -40,7 +43,7 @@ from kling_async._errors import (
 
 SETTINGS = settings(max_examples=80, deadline=None)
 
-# API.md section 1 "Business codes": code, documented HTTP status, class.
+# docs/protocol.md, Business codes: code, documented HTTP status, class.
 BUSINESS_CODES: list[tuple[int, int, type[APIError]]] = [
     (1000, 401, AuthenticationError),
     (1001, 401, AuthenticationError),
@@ -82,7 +85,8 @@ def kling_body(code: int, message: str = "something happened", request_id: str =
 def test_business_code_maps_to_class(
     code: int, status: int, cls: type[APIError], gateway_200: bool
 ) -> None:
-    # Some gateways answer business errors with HTTP 200 and only the body code (API.md 1).
+    # Some gateways answer business errors with HTTP 200 and only the body code
+    # (docs/protocol.md, Business codes).
     http = 200 if gateway_200 else status
     err = error_from_response(http, kling_body(code, f"code {code} says no"), retry_after=2.5)
     assert type(err) is cls
@@ -129,7 +133,7 @@ def test_token_expired() -> None:
     assert auth(1000, "JWT signature invalid").token_expired
 
 
-# --- apimodels.app bodies (API.md section 2) --------------------------------------------------
+# --- apimodels.app bodies (docs/protocol.md, apimodels.app errors) -----------------------------
 
 APIMODELS: list[tuple[int, type[APIError]]] = [
     (400, InvalidRequestError),

@@ -43,7 +43,7 @@ def test_join_url_keeps_the_prefix(base: str, path: str, expected: str) -> None:
 
 
 def test_join_url_avoids_the_rfc3986_prefix_trap() -> None:
-    # API.md section 1 "Prefix trap": RFC 3986 joining drops the base's path.
+    # docs/protocol.md, Prefix trap: RFC 3986 joining drops the base's path.
     base = "https://gateway.example.com/kling"
     assert urljoin(base, "/v1/videos/lip-sync") == "https://gateway.example.com/v1/videos/lip-sync"
     assert (

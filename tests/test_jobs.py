@@ -1,4 +1,4 @@
-"""Every input rule of LipSyncJob (API.md section 1 "Submit" table and the advanced fields)."""
+"""Every input rule of LipSyncJob (docs/protocol.md: the Submit table, Advanced lip-sync)."""
 
 from __future__ import annotations
 

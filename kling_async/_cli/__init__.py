@@ -9,19 +9,21 @@ balance), 130 when interrupted.
 from __future__ import annotations
 
 import argparse
+import importlib
 import math
 import sys
 import traceback
 from collections.abc import Callable, Sequence
-from typing import NoReturn, TypeVar
+from typing import Any, NoReturn, TypeVar
 
-from .. import __version__
 from .._errors import AuthenticationError, KlingError
 from ._connect import CliError, add_connection_options
 from ._logs import LOG_FORMATS, configure_logging
-from ._run import run_command
 from ._sandbox import TASK_LIMIT
-from ._status import fake_server_command, status_command
+
+# Start-up: building the parser imports only argparse and the light modules above, so that
+# `--help`, `--version` and usage errors answer without importing aiohttp, anyio or tqdm (about
+# 0.3 s).  A command's module is imported when the command runs (`_command`).
 
 __all__ = ["main"]
 
@@ -43,6 +45,32 @@ class _Parser(argparse.ArgumentParser):
             shown = [word for word in words if word.startswith("-")] or ["(values hidden)"]
             message = "unrecognized arguments: " + " ".join(shown)
         super().error(message)
+
+
+class _VersionAction(argparse.Action):
+    """``--version``: reads the installed version (importlib.metadata) only when asked."""
+
+    def __init__(self, option_strings: Sequence[str], dest: str, **kwargs: Any) -> None:
+        kwargs.setdefault("help", "show program's version number and exit")
+        super().__init__(option_strings, dest, nargs=0, default=argparse.SUPPRESS, **kwargs)
+
+    def __call__(self, parser: argparse.ArgumentParser, *_: Any, **__: Any) -> NoReturn:
+        from .. import __version__
+
+        print(f"{parser.prog} {__version__}")  # to stdout, as argparse's own version action
+        parser.exit()
+
+
+def _command(module: str, name: str) -> Callable[[argparse.Namespace], int]:
+    """The handler ``name`` of ``module`` (relative to this package), imported when called."""
+
+    def handler(args: argparse.Namespace) -> int:
+        run: Callable[[argparse.Namespace], int] = getattr(
+            importlib.import_module(module, __name__), name
+        )
+        return run(args)
+
+    return handler
 
 
 N = TypeVar("N", int, float)
@@ -96,7 +124,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    parser.add_argument("--version", action=_VersionAction)
     commands = parser.add_subparsers(title="commands", dest="command", metavar="COMMAND")
     commands.required = True
 
@@ -163,6 +191,12 @@ def build_parser() -> argparse.ArgumentParser:
         "created a task (it may then be paid twice)",
     )
     run.add_argument(
+        "--retry-failed",
+        action="store_true",
+        help="with --journal: submit again the jobs whose last result was a failure (a task "
+        "that failed, or a request refused for good); never a success",
+    )
+    run.add_argument(
         "--download",
         metavar="DIR",
         help="save each finished video in DIR (named after the job key) before reporting it",
@@ -173,7 +207,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="write the run's counts here at the end (jobs by state, failures, tasks submitted, "
         "requests, wall time, exit status), also after Ctrl-C or an error",
     )
-    run.set_defaults(handler=run_command)
+    run.set_defaults(handler=_command("._run", "run_command"))
 
     status = commands.add_parser(
         "status",
@@ -185,7 +219,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     status.add_argument("task_ids", metavar="TASK_ID", nargs="+", help="task ids")
     add_connection_options(status)
-    status.set_defaults(handler=status_command)
+    status.set_defaults(handler=_command("._status", "status_command"))
 
     serve_output = _Parser(add_help=False)
     serve_output.add_argument(
@@ -222,7 +256,7 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"tasks running at once before 1303 refusals (default {TASK_LIMIT}; 0: no limit)",
     )
     serve.add_argument("--seed", type=int, help="random seed (default: a new one each start)")
-    serve.set_defaults(handler=fake_server_command)
+    serve.set_defaults(handler=_command("._status", "fake_server_command"))
     return parser
 
 

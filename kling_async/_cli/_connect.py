@@ -1,8 +1,8 @@
 """From command-line options and environment variables to a :class:`KlingClient`.
 
 Keys come from ``--api-key`` or ``KLING_API_KEY`` (a Bearer key, any dialect), else, for the
-official API, ``KLING_ACCESS_KEY`` + ``KLING_SECRET_KEY`` (a JWT is minted from them; API.md
-section 1, "JWT auth").  No message here ever contains a key.
+official API, ``KLING_ACCESS_KEY`` + ``KLING_SECRET_KEY`` (a JWT is minted from them;
+docs/protocol.md, JWT auth).  No message here ever contains a key.
 """
 
 from __future__ import annotations
@@ -10,9 +10,10 @@ from __future__ import annotations
 import argparse
 import os
 from collections.abc import Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from .._client import KlingClient
+if TYPE_CHECKING:  # imported where a client is made: `--help` and usage errors need no aiohttp
+    from .._client import KlingClient
 
 __all__ = ["DIALECTS", "CliError", "add_connection_options", "make_client"]
 
@@ -89,6 +90,8 @@ def make_client(
     **options: Any,
 ) -> KlingClient:
     """A client for ``args.dialect``; ``creds`` and ``base_url`` override the options."""
+    from .._client import KlingClient
+
     creds = creds if creds is not None else credentials(args, environ or os.environ)
     base_url = base_url or args.base_url
     if base_url:
@@ -103,4 +106,10 @@ def make_client(
         options["prefix"] = args.prefix
     if args.dialect == "dmxapi":
         return KlingClient.dmxapi(api_key=creds["api_key"], advanced=args.advanced, **options)
-    return KlingClient.kling(advanced=args.advanced, **creds, **options)
+    return KlingClient.kling(
+        advanced=args.advanced,
+        api_key=creds.get("api_key"),
+        access_key=creds.get("access_key"),
+        secret_key=creds.get("secret_key"),
+        **options,
+    )

@@ -11,8 +11,6 @@ import json
 import logging
 from datetime import datetime, timezone
 
-from ._progress import TqdmLogHandler
-
 __all__ = ["LOG_FORMATS", "JsonFormatter", "configure_logging"]
 
 LOG_FORMATS = ("text", "json")
@@ -36,6 +34,8 @@ class JsonFormatter(logging.Formatter):
 
 def configure_logging(prog: str, *, verbose: bool, log_format: str = "text") -> None:
     """Send ``kling_async`` records to stderr: all of them when ``verbose``, else warnings."""
+    from ._progress import TqdmLogHandler  # (tqdm: imported when a command runs, not for --help)
+
     logger = logging.getLogger("kling_async")
     for handler in list(logger.handlers):
         if isinstance(handler, TqdmLogHandler):

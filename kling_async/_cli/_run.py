@@ -68,6 +68,8 @@ def run_command(args: argparse.Namespace) -> int:
         raise CliError("--sandbox runs its own server: drop --base-url and --api-key")
     if args.resubmit_unknown and not args.journal:
         raise CliError("--resubmit-unknown goes with --journal")
+    if args.retry_failed and not args.journal:
+        raise CliError("--retry-failed goes with --journal (the failures are read there)")
     # Keys first: a missing key should not wait for a long file to be checked; then every path
     # the run writes, before anything is sent or started.
     creds = sandbox_credentials() if args.sandbox else credentials(args, os.environ)
@@ -93,6 +95,12 @@ def run_command(args: argparse.Namespace) -> int:
             raise
         progress.close()
     failed = tally.failed + len(found.problems)
+    retried = run.results.progress.retried if run.results is not None else 0
+    if retried and not args.quiet:
+        print(
+            f"kling-async: {plural(retried, 'job')} that failed in earlier runs submitted again",
+            file=sys.stderr,
+        )
     if not args.quiet:
         ok = tally.done - tally.failed
         where = "" if args.out == "-" else f"; results in {args.out}"
@@ -227,6 +235,7 @@ class _Run:
         if args.journal:
             batch_options["journal"] = args.journal
             batch_options["resubmit_unknown"] = args.resubmit_unknown
+            batch_options["retry_failed"] = args.retry_failed
         if args.download:
             batch_options["download_to"] = args.download
         self.progress.start()

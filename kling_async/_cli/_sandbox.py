@@ -1,7 +1,7 @@
 """The sandbox: a :class:`FakeKlingServer` tuned to look like a small real account.
 
 Tasks take about two seconds, with a long-ish tail (a lognormal, like real lip-sync times;
-API.md section 1, "Timing"), and at most :data:`TASK_LIMIT` run at once, so that a run shows a
+docs/protocol.md, Timing), and at most :data:`TASK_LIMIT` run at once, so that a run shows a
 moving progress display and meets the 1303 concurrency refusal a real account gives.  Setting
 ``KLING_ASYNC_SANDBOX_DURATION`` (seconds) makes every task take that long instead, for tests.
 

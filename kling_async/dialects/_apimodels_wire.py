@@ -1,8 +1,8 @@
 """Wire structures of apimodels.app's unified format and their mapping onto :class:`TaskSnapshot`.
 
-The private attrs classes below carry the wire's own (camelCase) field names (API.md section 2);
-one cattrs converter structures decoded JSON into them and turns request structs into JSON, and
-:func:`to_snapshot` maps them onto the public model, so no wire name reaches
+The private attrs classes below carry the wire's own (camelCase) field names (docs/protocol.md,
+apimodels.app); one cattrs converter structures decoded JSON into them and turns request structs
+into JSON, and :func:`to_snapshot` maps them onto the public model, so no wire name reaches
 :mod:`kling_async._results`.  A missing or ill-typed field becomes a
 :class:`MalformedResponseError` naming the field, never echoing the body (a broken gateway may
 echo request headers into it).
@@ -44,7 +44,7 @@ ADVANCED_LIP_SYNC: Final = "advanced-lip-sync"
 #: The ``model`` a create request names for each stage.
 MODELS: Final = {IDENTIFY_FACE: "kling-identify-face", ADVANCED_LIP_SYNC: "kling-advanced-lip-sync"}
 
-# API.md section 2, "States".  Anything else is a protocol break, not a guess.
+# docs/protocol.md, apimodels.app states.  Anything else is a protocol break, not a guess.
 _STATES: Final = {
     "pending": TaskState.SUBMITTED,
     "processing": TaskState.PROCESSING,
@@ -245,8 +245,8 @@ def _make_converter() -> cattrs.Converter:
     conv.register_structure_hook(_Code, _code)
     conv.register_structure_hook_factory(_is_list, _list_hook(conv))
     # Inner classes first: an object hook looks its fields' hooks up when it is made.  param and
-    # resultJson are JSON *strings* (API.md section 2, "Callback"): their hooks decode them once,
-    # then structure the object (an already-decoded object is accepted as well).
+    # resultJson are JSON *strings* (docs/protocol.md, apimodels.app callbacks): their hooks
+    # decode them once, then structure the object (an already-decoded object is accepted as well).
     wire_classes: tuple[tuple[type[Any], bool], ...] = (
         (_Face, False),
         (_FaceData, False),

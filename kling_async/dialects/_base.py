@@ -100,8 +100,8 @@ def decode_envelope(response: HttpResponse) -> Mapping[str, object]:
     """Decode a JSON answer and return its envelope, raising the error it stands for.
 
     Both dialects wrap answers in ``{"code", "message"|"msg", "data", ...}``; success is HTTP 2xx
-    with code 0 (official) or 200 (apimodels), and an error may arrive with HTTP 200 (API.md
-    section 1, "Business codes").
+    with code 0 (official) or 200 (apimodels), and an error may arrive with HTTP 200
+    (docs/protocol.md, Business codes).
     """
     try:
         body = response.json()
@@ -127,7 +127,10 @@ def decode_envelope(response: HttpResponse) -> Mapping[str, object]:
 
 
 def audio_base64(job: LipSyncJob) -> str:
-    """The job's audio bytes as base64, as every dialect sends a file (API.md sections 1, 2)."""
+    """The job's audio bytes as base64, as every dialect sends a file.
+
+    See docs/protocol.md, Submit and apimodels.app.
+    """
     if job.audio_file is None:  # pragma: no cover - LipSyncJob guarantees one audio source
         raise ValueError("the job has no audio_file")
     return base64.b64encode(job.audio_file).decode("ascii")

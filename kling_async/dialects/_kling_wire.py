@@ -1,7 +1,7 @@
 """Wire structures of the official Kling format and their mapping onto :class:`TaskSnapshot`.
 
-The private attrs classes below carry the wire's own field names (API.md section 1, "Query one"
-and "Advanced lip-sync"); one cattrs converter structures decoded JSON into them, and the mapping
+The private attrs classes below carry the wire's own field names (docs/protocol.md, Query one
+and Advanced lip-sync); one cattrs converter structures decoded JSON into them, and the mapping
 functions turn them into the public models, so no wire name reaches :mod:`kling_async._results`.
 Anything missing or of the wrong type becomes a :class:`MalformedResponseError` naming the field
 (never echoing values: bodies can be large).
@@ -24,7 +24,7 @@ __all__ = ["identify_face_snapshot", "map_state", "task_snapshot"]
 
 _T = TypeVar("_T")
 
-# API.md section 1, "Task states".  "succeeded" and "success" are not in the vendor pages but are
+# docs/protocol.md, Task states.  "succeeded" and "success" are not in the vendor pages but are
 # accepted because gateways re-spell states; a state outside this table is a protocol break.
 _STATES: dict[str, TaskState] = {
     "submitted": TaskState.SUBMITTED,
@@ -311,8 +311,8 @@ def task_snapshot(
 def identify_face_snapshot(raw: object, *, where: str, status: int | None) -> TaskSnapshot:
     """The snapshot of an identify-face answer: finished at once, ``task_id`` = session id.
 
-    The official identify-face call answers synchronously (API.md section 1, "Advanced
-    lip-sync"), so there is nothing to poll: the snapshot is already ``SUCCEEDED``.
+    The official identify-face call answers synchronously (docs/protocol.md, Advanced
+    lip-sync), so there is nothing to poll: the snapshot is already ``SUCCEEDED``.
     """
     answer = _structure(raw, _IdentifyFace, where=where, status=status)
     faces = tuple(

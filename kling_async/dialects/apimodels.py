@@ -1,4 +1,4 @@
-"""The apimodels.app dialect: advanced lip-sync in two tasks (API.md section 2).
+"""The apimodels.app dialect: advanced lip-sync in two tasks (docs/protocol.md, apimodels.app).
 
 A job runs as two billed tasks created at the same endpoint, ``POST /api/v1/audio/generations``:
 
@@ -82,7 +82,9 @@ def _lip_sync_flow(job: LipSyncJob, callback_url: str | None) -> LipSyncFlow:
 
 
 class ApimodelsDialect:
-    """apimodels.app's unified format: identify-face, then advanced lip-sync (API.md section 2).
+    """apimodels.app's unified format: identify-face, then advanced lip-sync.
+
+    The wire format: docs/protocol.md, apimodels.app.
 
     Takes audio jobs on a ``video_url``; the face is ``job.face_id`` when set, else the
     ``job.face_index``-th face found.  A missing face ends the job as a FAILED snapshot of the
@@ -155,7 +157,9 @@ class ApimodelsDialect:
         raise NotImplementedError("apimodels has no list query")
 
     def parse_callback(self, body: bytes) -> TaskSnapshot:
-        """The snapshot a callback carries (terminal states only, API.md section 2).
+        """The snapshot a callback carries (terminal states only).
+
+        The body: docs/protocol.md, apimodels.app callbacks.
 
         ``param`` and ``resultJson`` are JSON strings, decoded once; a null ``resultJson`` is
         fine for a failed task.  The stage comes from the callback's ``model``.

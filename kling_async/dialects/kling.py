@@ -1,4 +1,4 @@
-"""The official Kling format, at any URL prefix (API.md section 1).
+"""The official Kling format, at any URL prefix (docs/protocol.md, Official format).
 
 Spoken by the official API (no prefix) and unchanged by many gateways under a prefix such as
 ``/kling``.  :class:`KlingDialect` builds the requests and parses the answers of
@@ -49,7 +49,7 @@ STAGE_IDENTIFY_FACE = "identify-face"
 #: Stage of an official advanced lip-sync task.
 STAGE_ADVANCED_LIP_SYNC = "advanced-lip-sync"
 
-#: Highest ``pageNum`` of the list query (API.md section 1, "Query many").
+#: Highest ``pageNum`` of the list query (docs/protocol.md, Query many).
 MAX_PAGE = 1000
 #: Largest ``pageSize`` of the list query.
 MAX_PAGE_SIZE = 500
@@ -96,7 +96,7 @@ class KlingDialect:
                 "text", "official advanced lip-sync is audio-only: give audio_url or audio_file"
             )
         if job.sound_end_time is None:
-            # The official API requires every sound_* time (API.md section 1, "Advanced").
+            # The official API requires every sound_* time (docs/protocol.md, Advanced lip-sync).
             raise ValidationError("sound_end_time", "is required for official advanced lip-sync")
 
     def flow(self, job: LipSyncJob, *, callback_url: str | None = None) -> LipSyncFlow:
@@ -137,7 +137,7 @@ class KlingDialect:
         return done
 
     def _lip_sync_request(self, job: LipSyncJob, callback: str | None) -> HttpRequest:
-        # Field rules: API.md section 1, "Submit".  None fields are left out; `mode` is only
+        # Field rules: docs/protocol.md, Submit.  None fields are left out; `mode` is only
         # ever text2video or audio2video (std/pro on one gateway page is a documentation error).
         fields = _video_ref(job)
         if job.source_task_id is not None:
@@ -165,7 +165,7 @@ class KlingDialect:
     def _advanced_request(
         self, job: LipSyncJob, session_id: str, face: Face, callback: str | None
     ) -> HttpRequest:
-        # API.md section 1, "Advanced lip-sync": sound_file takes a URL or base64.
+        # docs/protocol.md, Advanced lip-sync: sound_file takes a URL or base64.
         choice: dict[str, object] = {
             "face_id": face.face_id,
             "sound_file": sound_source(job),
@@ -196,7 +196,7 @@ class KlingDialect:
         if stage == STAGE_IDENTIFY_FACE:
             return identify_face_snapshot(data, where="data", status=response.status)
         if isinstance(data, list) and len(data) == 1:
-            data = data[0]  # the one-element-list quirk of single answers (API.md section 1)
+            data = data[0]  # a list-shaped single answer (docs/protocol.md, Query one)
         return task_snapshot(
             data, where="data", status=response.status, default_state=TaskState.SUBMITTED
         )
@@ -218,8 +218,8 @@ class KlingDialect:
     def parse_query(self, stage: str, task_id: str, response: HttpResponse) -> TaskSnapshot:
         """The snapshot of ``task_id`` in a query answer.
 
-        ``data`` may be the task object or, as DMXAPI sends it, a list holding it (API.md
-        section 1, "Query one"); an answer about another task is malformed.
+        ``data`` may be the task object or, as DMXAPI sends it, a list holding it (docs/protocol.md,
+        Query one); an answer about another task is malformed.
         """
         _check_stage(stage)
         status = response.status
@@ -267,7 +267,7 @@ class KlingDialect:
     def parse_callback(self, body: bytes) -> TaskSnapshot:
         """The snapshot a callback body carries.
 
-        The server POSTs the task object itself (API.md section 1, "Callback"); an envelope
+        The server POSTs the task object itself (docs/protocol.md, Callbacks); an envelope
         ``{"code": 0, "data": task}`` is accepted too.
         """
         try:

@@ -11,11 +11,11 @@ Point a :class:`~kling_async.KlingClient` (or any HTTP client) at it instead of 
 
 It serves, on ``server.url``:
 
-* the official format (API.md section 1) under each of ``prefixes`` (default ``""`` and
-  ``"/kling"``, the DMXAPI layout): lip-sync submit, query by id and paged list;
+* the official format (docs/protocol.md, Official format) under each of ``prefixes`` (default
+  ``""`` and ``"/kling"``, the DMXAPI layout): lip-sync submit, query by id and paged list;
   identify-face (synchronous) and advanced lip-sync with its query and list;
-* apimodels.app's ``/api/v1/audio/generations`` (API.md section 2): ``kling-identify-face``,
-  then ``kling-advanced-lip-sync``;
+* apimodels.app's ``/api/v1/audio/generations`` (docs/protocol.md, apimodels.app):
+  ``kling-identify-face``, then ``kling-advanced-lip-sync``;
 * result videos at ``/videos/{task_id}.mp4`` (64 KiB of fixed bytes, Range requests honoured).
 
 Requests need ``Authorization: Bearer <key>`` with a key from ``api_keys`` (default

@@ -1,4 +1,6 @@
-"""apimodels.app's unified format (API.md section 2): identify-face, then advanced lip-sync.
+"""apimodels.app's unified format: identify-face, then advanced lip-sync.
+
+The wire format is described in docs/protocol.md, apimodels.app.
 
 ``POST /api/v1/audio/generations`` [apimodels-submit] creates a task of either model;
 ``GET /api/v1/audio/generations?task_id=`` [apimodels-query] reads one.  Both models are tasks
@@ -89,7 +91,8 @@ def render_task(task: FakeTask, account: Account) -> dict[str, Any]:
 def callback_body(task: FakeTask, account: Account) -> dict[str, Any] | None:
     """The callback apimodels posts, for terminal states only (None before).
 
-    ``param`` and ``resultJson`` are JSON *strings*, as documented (API.md section 2).
+    ``param`` and ``resultJson`` are JSON *strings*, as documented (docs/protocol.md,
+    apimodels.app callbacks).
     """
     if not task.terminal:
         return None

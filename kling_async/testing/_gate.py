@@ -126,8 +126,8 @@ class Gate:
                 try:
                     response = await handler(request, request_id)
                 except TaskLimitReached:
-                    # The task limit holds from submit until a task ends (API.md section 1,
-                    # "Concurrency"); apimodels words it as HTTP 429 "too many concurrent tasks".
+                    # The task limit holds from submit until a task ends (docs/protocol.md,
+                    # Concurrency); apimodels words it as HTTP 429 "too many concurrent tasks".
                     self.requests["limited"] += 1
                     raise Refusal(1303) from None
             except Refusal as refusal:

@@ -1,4 +1,6 @@
-"""The official Kling format (API.md section 1), served under every configured prefix.
+"""The official Kling format, served under every configured prefix.
+
+The wire format is described in docs/protocol.md, Official format.
 
 Routes, each behind the :class:`~._gate.Gate` under the name in brackets:
 
@@ -31,7 +33,7 @@ __all__ = ["OfficialRoutes", "face_count", "render_task"]
 
 #: Length of every fake video, as the wire spells durations (a string of seconds).
 VIDEO_DURATION = "5.0"
-# API.md section 1, "Query many": page numbers and sizes the list query accepts.
+# docs/protocol.md, Query many: page numbers and sizes the list query accepts.
 MAX_PAGE_NUM = 1000
 MAX_PAGE_SIZE = 500
 DEFAULT_PAGE_SIZE = 30
@@ -146,7 +148,7 @@ class OfficialRoutes:
             if not isinstance(external, str) or not external.strip():
                 raise Refusal(1201, "external_task_id: must be a non-empty string")
             if external in self._account.external_ids:
-                # Unique per account (API.md section 1, "Advanced lip-sync").
+                # Unique per account (docs/protocol.md, Advanced lip-sync).
                 raise Refusal(1201, "external_task_id: already used by another task")
         answer = await self._create(body, ADV, request_id, session=session)
         if external is not None:
@@ -187,7 +189,7 @@ class OfficialRoutes:
             if task is None or task.dialect != "kling" or task.stage != stage:
                 raise Refusal(1203, "task not found")
             data = render_task(task, self._account)
-            # DMXAPI's sample shows a one-element list here (API.md section 1, "Query one").
+            # DMXAPI's sample shows a one-element list here (docs/protocol.md, Query one).
             return official_ok([data] if self._gate.faults.data_as_list else data, request_id)
 
         return query

@@ -2,7 +2,7 @@
 
 Nothing here runs on a timer.  A task records when it was born, when it starts processing and
 when it ends, and its state is computed from the event loop's clock whenever someone looks
-(API.md section 1, "Task states": submitted -> processing -> succeed | failed).
+(docs/protocol.md, Task states: submitted -> processing -> succeed | failed).
 """
 
 from __future__ import annotations
@@ -29,7 +29,8 @@ __all__ = [
     "TaskLimitReached",
 ]
 
-#: The official failure reason for a video without a person in it (DMXAPI's page, API.md s. 1).
+#: The official failure reason for a video without a person in it (DMXAPI's page;
+#: docs/protocol.md, Task states).
 NO_HUMAN_REASON = "there is no human in the video"
 #: The failure reason given to tasks failed by :attr:`FaultPlan.task_failure_rate`.
 CONTENT_POLICY_REASON = "Failure to pass the risk control system: content-security policy"
@@ -61,7 +62,7 @@ class FaultPlan:
 
     * ``http_500_rate``: answer HTTP 500 with an HTML page, before doing anything.
     * ``errors_as_http_200``: send business errors with HTTP 200 and only the body ``code``
-      (a gateway quirk, API.md section 1).
+      (a gateway quirk: docs/protocol.md, Business codes).
     * ``data_as_list``: a single-task query's ``data`` is a one-element list (DMXAPI's quirk).
     * ``malformed_json_rate``: answer HTTP 200 with truncated JSON; after acting for queries,
       before acting (nothing created) for submits.
@@ -217,8 +218,8 @@ def _ignore(task: FakeTask) -> None:
 class Account:
     """All tasks and sessions of the one account the fake server serves, and its task limit.
 
-    The limit counts tasks from submit until they end, across dialects (API.md section 1,
-    "Concurrency"); a heap of end times keeps the count cheap for benchmarks with many tasks.
+    The limit counts tasks from submit until they end, across dialects (docs/protocol.md,
+    Concurrency); a heap of end times keeps the count cheap for benchmarks with many tasks.
     """
 
     def __init__(
@@ -365,7 +366,7 @@ class Account:
     def _new_task_id(self, dialect: Dialect) -> str:
         while True:
             if dialect == "kling":
-                # 18-digit numeric strings, as in the official samples (API.md section 1).
+                # 18-digit numeric strings, as in the official samples (docs/protocol.md, Envelope).
                 task_id = str(self._ids.randrange(10**17, 10**18))
             else:
                 # cuid-like ids, as in apimodels' samples ("clxxx...").

@@ -1,7 +1,7 @@
 """Request checks the real servers make, as 1201 refusals whose message names the field.
 
-The rules are API.md's (section 1, the "Submit" table and "Advanced lip-sync"; section 2 for
-apimodels).  They are written out here again on purpose: the fake server is the other side of
+The rules are those of docs/protocol.md (the Submit table, Advanced lip-sync, and apimodels.app
+for apimodels).  They are written out here again on purpose: the fake server is the other side of
 the wire and must catch mistakes in the dialect modules, so it shares none of their code.
 """
 
@@ -27,7 +27,7 @@ __all__ = [
 ]
 
 MODES = ("text2video", "audio2video")
-# Volumes of advanced lip-sync run from 0 to 2 (API.md section 1, "Advanced lip-sync").
+# Volumes of advanced lip-sync run from 0 to 2 (docs/protocol.md, Advanced lip-sync).
 MAX_VOLUME = 2.0
 
 
@@ -129,7 +129,8 @@ def check_face_choose(
     """Check ``face_choose`` against ``session``'s faces; return the list.
 
     The official API takes one face, each with ``audio_id`` or ``sound_file`` and all three
-    times in ms; apimodels takes several faces and needs ``sound_file`` (API.md sections 1, 2).
+    times in ms; apimodels takes several faces and needs ``sound_file`` (docs/protocol.md,
+    Advanced lip-sync and apimodels.app).
     """
     choices = body.get("face_choose")
     if not isinstance(choices, list) or not choices:

@@ -2,7 +2,7 @@
 
 The official envelope is ``{code, message, request_id, data}`` with ``code == 0`` for success;
 apimodels answers ``{code: 200, msg: "success", data}`` and errors ``{code: <http>, msg}``
-(API.md sections 1 and 2).
+(docs/protocol.md, Envelope and apimodels.app errors).
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ __all__ = [
 
 WireDialect = Literal["kling", "apimodels"]
 
-# API.md section 1, "Business codes": the HTTP status each code travels with.
+# docs/protocol.md, Business codes: the HTTP status each code travels with.
 OFFICIAL_STATUS: dict[int, int] = {
     **dict.fromkeys((1000, 1001, 1002, 1003, 1004), 401),
     **dict.fromkeys((1100, 1101, 1102), 429),
@@ -61,8 +61,8 @@ OFFICIAL_MESSAGES: dict[int, str] = {
     5002: "internal timeout",
 }
 
-# apimodels speaks HTTP numbers only (API.md section 2); the official code an account problem
-# would have elsewhere maps onto these.
+# apimodels speaks HTTP numbers only (docs/protocol.md, apimodels.app errors); the official code
+# an account problem would have elsewhere maps onto these.
 APIMODELS_EQUIVALENT: dict[int, int] = {
     **dict.fromkeys((1000, 1001, 1002, 1003, 1004), 401),
     **dict.fromkeys((1100, 1101, 1102), 402),
