@@ -48,7 +48,7 @@ async def test_a_download_folder_gone_in_mid_run_is_one_warning_and_no_lost_resu
     assert results[0].path is not None and results[0].error is None
     failed = [r for r in results if r.error is not None]
     # (A video or two may have been saved while the first result was on its way to us.)
-    assert len(failed) >= 3 and all(r.error is None for r in results[: 6 - len(failed)])
+    assert len(failed) >= 3
     assert all(isinstance(r.error, ka.LocalWriteError) and r.path is None for r in failed)
     assert all(isinstance(r.error, ka.DownloadError) for r in failed)  # a kind of it
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
