@@ -174,3 +174,18 @@ async def test_first_delay_is_a_first_guess_that_quick_tasks_go_below() -> None:
     waits = [r.finished_at - r.submitted_at for r in results if r.finished_at and r.submitted_at]
     late = sorted(waits[-20:])
     assert late[len(late) // 2] < 0.3, late
+
+
+@pytest.mark.anyio
+async def test_a_lost_submit_found_by_a_lookup_is_reported_as_adopted(tmp_path: Path) -> None:
+    seen: list[events.Event] = []
+    jobs = [text_job(n, key=f"k{n}") for n in range(3)]
+    faults = FaultPlan(answer_delay=0.3)  # every answer comes after the client gave up on it
+    async with FakeKlingServer(task_duration=0.02, faults=faults) as server:
+        async with kling_client(server, timeouts=ka.Timeouts(total=0.1)) as client:
+            batch = client.run_batch(jobs, journal=tmp_path / "j.journal", on_event=seen.append)
+            results = [r async for r in batch]
+    assert all(r.ok for r in results)
+    adopted = {e.key: e.task_id for e in seen if isinstance(e, events.Adopted)}
+    assert adopted == {r.key: r.task_id for r in results}
+    assert not [e for e in seen if isinstance(e, events.Submitted)]  # no answer ever arrived
