@@ -7,11 +7,15 @@ and iterate :meth:`KlingClient.run_batch` for results in completion order.
 from typing import TYPE_CHECKING, Any
 
 from . import events  # the on_event records (light: attrs only): ka.events.Finished, ...
+from ._budget import Budget
 from ._config import PollPolicy, RetryPolicy
+from ._cost import DEFAULT_PRICES, Estimate, JobEstimate, Prices, estimate
 from ._errors import (
     AccountError,
     APIError,
     AuthenticationError,
+    BudgetExceededError,
+    CallbackSignatureError,
     ConcurrencyLimitError,
     ConnectError,
     ContentPolicyError,
@@ -37,7 +41,15 @@ from ._errors import (
 )
 from ._jobs import LipSyncJob
 from ._options import ClientOptions
-from ._results import BatchProgress, Face, JobResult, TaskSnapshot, TaskState
+from ._results import (
+    BalanceDeduction,
+    BatchProgress,
+    Face,
+    JobResult,
+    Returned,
+    TaskSnapshot,
+    TaskState,
+)
 
 if TYPE_CHECKING:
     from ._client import APIMODELS_BASE_URL, DMXAPI_BASE_URL, OFFICIAL_BASE_URL, KlingClient
@@ -88,20 +100,27 @@ def _version() -> str:
 
 __all__ = [
     "APIMODELS_BASE_URL",
+    "DEFAULT_PRICES",
     "DMXAPI_BASE_URL",
     "OFFICIAL_BASE_URL",
     "APIError",
     "AccountError",
     "AuthenticationError",
+    "BalanceDeduction",
     "BatchIterator",
     "BatchProgress",
+    "Budget",
+    "BudgetExceededError",
+    "CallbackSignatureError",
     "ClientOptions",
     "ConcurrencyLimitError",
     "ConnectError",
     "ContentPolicyError",
     "DownloadError",
+    "Estimate",
     "Face",
     "InvalidRequestError",
+    "JobEstimate",
     "JobResult",
     "JournalError",
     "KlingClient",
@@ -112,8 +131,10 @@ __all__ = [
     "NotFoundError",
     "PermissionDeniedError",
     "PollPolicy",
+    "Prices",
     "RateLimitError",
     "RetryPolicy",
+    "Returned",
     "ServerError",
     "SubmitOutcomeUnknownError",
     "TaskCancelledError",
@@ -128,5 +149,6 @@ __all__ = [
     "__version__",
     "created_nothing",
     "error_from_response",
+    "estimate",
     "events",
 ]

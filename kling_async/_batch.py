@@ -24,27 +24,28 @@ import anyio.lowlevel
 import attrs
 from anyio.abc import TaskGroup
 
+from ._budget import Budget, BudgetLedger
 from ._client_view import ClientView
-from ._download import writable_folder
-from ._emit import CURRENT, DRAIN_SECONDS, EventSink, check_callback
+from ._download import BatchSaver, writable_folder
+from ._emit import EventSink, check_callback
 from ._errors import (
     KlingError,
-    LocalWriteError,
     TaskCancelledError,
     TaskFailedError,
     TaskTimedOutError,
     ValidationError,
 )
+from ._identity import derive_external_id, new_batch_id
 from ._iterator import BatchIterator
 from ._jobs import LipSyncJob
 from ._pipe import ResultPipe
-from ._results import BatchProgress, JobResult, TaskSnapshot, TaskState
+from ._results import BatchProgress, JobResult, TaskSnapshot, TaskState, returned_of
 from ._resume import Resume
-from ._slots import SlotHold, TaskSlots
+from ._slots import SlotHold, StuckTasks, TaskSlots, slot_wait_error
 from ._source import JobSource
 from ._submitter import Submitter
 from ._tracker import Tracker
-from .events import Downloaded, Event, Finished, Resumed
+from .events import Event, Finished
 
 __all__ = ["Batch", "BatchIterator"]
 
@@ -70,6 +71,7 @@ class Batch:
         resubmit_unknown: bool = False,
         retry_failed: bool = False,
         download_to: str | os.PathLike[str] | None = None,
+        budget: Budget | None = None,
         on_event: Callable[[Event], Any] | None = None,
     ) -> None:
         if journal is not None and not isinstance(journal, (str, os.PathLike)):
@@ -94,7 +96,12 @@ class Batch:
         self._resubmit_unknown = resubmit_unknown
         self._retry_failed = retry_failed
         self._download_to = Path(download_to) if download_to is not None else None
-        self._local_failure = False  # a video could not be written here (said once)
+        folder = self._download_to
+        self._saver = BatchSaver(client.download, folder) if folder is not None else None
+        # Two-step dialects (identify-face first) pay for an identify-face call per job too.
+        two_step = client.dialect.default_stage == "advanced-lip-sync"
+        self.budget = BudgetLedger(budget, identify_face=two_step) if budget is not None else None
+        self.units = 0.0  # what the server says the reported results cost
         self.resume: Resume | None = None
         self._slots = TaskSlots(client.max_in_flight)
         self.pipe = ResultPipe(2 * client.max_in_flight)
@@ -104,7 +111,11 @@ class Batch:
         self._fatal: KlingError | None = None
         self._crash: BaseException | None = None
         self._live: dict[str, str] = {}  # task id -> job key, for tasks not yet reported
-        self._submitter = Submitter(client, self._slots, self._abort)
+        self._submitter = Submitter(client, self._slots, self._abort, blocking=self.blocking)
+        self._batch_id = new_batch_id()  # (with a journal, the journal's own is used)
+        # Timed-out tasks still holding their slots, followed until they end.
+        self._stuck = StuckTasks(self._slots, self._get_task, client.poll.max_interval)
+        self._named = 0
         check_callback(on_event)
         # Events: one sink, handed to each part that reports; None costs one test per site.
         self._emit = EventSink(on_event) if on_event is not None else None
@@ -138,6 +149,7 @@ class Batch:
             succeeded=self.counts["succeeded"],
             failed=self.counts["failed"],
             retried=self.resume.retried if self.resume is not None else 0,
+            units=self.units,
         )
 
     def cancel(self) -> None:
@@ -157,16 +169,13 @@ class Batch:
         try:
             async with anyio.create_task_group() as marks:
                 if self._emit is not None:
-                    marks.start_soon(self._emit.run)
-                    CURRENT.set(self._emit)  # (the requester's retries; this task's context)
+                    self._emit.start(marks)
                 await self._run_jobs(marks)
                 if self.resume is not None:
                     # The consumer marks the results it takes until it leaves the stream.
                     await self._consumer_done.wait()
                 if self._emit is not None:
-                    self._emit.close()
-                    with anyio.move_on_after(DRAIN_SECONDS, shield=True):
-                        await self._emit.drained()
+                    await self._emit.finish()
                 marks.cancel_scope.cancel()
         finally:
             await self._close_journal()
@@ -184,19 +193,20 @@ class Batch:
                         self._client,
                         self._journal_path,
                         resubmit_unknown=self._resubmit_unknown,
+                        reconciler=self._submitter.reconciler,
                         retry_failed=self._retry_failed,
                     )
                     marks.start_soon(self.resume.journal.commit_marks)
                     if self._emit is not None:
                         self.resume.on_event = self._emit
-                        taken = self.resume.journal.taken()
-                        if self._retry_failed:  # the failures among them run again
-                            taken = tuple(result for result in taken if result.ok)
-                        self._emit(Resumed(results=taken))
+                        # (retry_failed runs the failures among them again)
+                        self._emit.resumed(self.resume.journal.taken(), not self._retry_failed)
                 async with anyio.create_task_group() as outer:
                     outer.start_soon(self.tracker.run)
+                    self._stuck.group = outer
                     async with anyio.create_task_group() as jobs:
                         await self._feed(jobs)
+                    self._stuck.group = None
                     outer.cancel_scope.cancel()
         except BaseException as exc:  # handed to the consumer, never to the client's group
             self._crash = exc
@@ -234,47 +244,64 @@ class Batch:
             # (The non-waiting forms first: a coroutine call each saved, per job.)
             if not self.pipe.try_reserve():
                 await self.pipe.reserve()
-            if not self._slots.try_acquire():
-                await self._slots.acquire()
+            held = self._slots.try_acquire()
+            if not held:
+                # A job that waits in vain for max_slot_wait ends as a value (_run_job).
+                held = await self._slots.acquire_within(self._client.retry.max_slot_wait)
             try:
                 item = source.next_nowait()
                 if item is False:
                     item = await source.next()
             except ValidationError as exc:
-                self._slots.release()
+                self._unslot(held)
                 self._abort(exc)  # duplicate key, or a changed job: stop, resumably
                 return
             except BaseException:
-                self._slots.release()
+                self._unslot(held)
                 raise
             if item is None:
-                self._slots.release()
+                self._unslot(held)
                 self.pipe.unreserve()
                 return
             if isinstance(item, JobResult):  # finished in an earlier run, not yet taken
-                self._slots.release()
+                self._unslot(held)
                 await self._report(item)
                 await anyio.lowlevel.checkpoint()  # (no submit, and so no yield, otherwise)
                 continue
-            await self._run_job(*item)
+            await self._run_job(*item, held=held)
 
-    async def _run_job(self, key: str, job: LipSyncJob) -> None:
-        slot = SlotHold(self._slots)
+    def _unslot(self, held: bool) -> None:
+        if held:
+            self._slots.release()
+
+    async def _run_job(self, key: str, job: LipSyncJob, *, held: bool = True) -> None:
+        slot = SlotHold(self._slots, held=held)
         task_id: str | None = None
         submitted_at: float | None = None
         polls = 0
         resume = self.resume if isinstance(job, LipSyncJob) else None
+        kept = False  # the slot stays held by a timed-out task (see StuckTasks)
         try:
             if not isinstance(job, LipSyncJob):
                 raise ValidationError("job", f"must be a LipSyncJob, not {type(job).__name__}")
+            if not held:
+                raise slot_wait_error(self._client.retry.max_slot_wait, self.blocking())
             self._dialect.check_job(job)
+            if self.budget is not None:
+                self.budget.reserve(key, job, resume)  # BudgetExceededError: not submitted
+            if job.external_task_id is None and self._dialect.external_ids:
+                job = attrs.evolve(job, external_task_id=self._external_id(key, resume))
             flow = self._dialect.flow(job, callback_url=self._callback_url)
             step = next(flow)
             while True:
                 if resume is None:
-                    snapshot = await self._submitter.create(step, slot, key)
+                    snapshot = await self._submitter.create(
+                        step, slot, key, video_url=job.video_url
+                    )
                 else:
-                    submit = functools.partial(self._submitter.create, step, slot, key, resume)
+                    submit = functools.partial(
+                        self._submitter.create, step, slot, key, resume, video_url=job.video_url
+                    )
                     snapshot = await resume.open_step(key, job, step, submit)
                 task_id = snapshot.task_id
                 submitted_at = submitted_at or (
@@ -292,6 +319,8 @@ class Batch:
                     final: TaskSnapshot = stop.value
                     break
             result = self._result(key, final, submitted_at, polls)
+            if result.state is TaskState.TIMED_OUT and task_id is not None:
+                kept = self._stuck.follow(task_id, step.stage, slot)
         except KlingError as exc:
             if exc.fatal:
                 self._abort(exc)
@@ -306,10 +335,14 @@ class Batch:
                 polls=polls,
             )
         finally:
-            slot.release()
+            if not kept:
+                slot.release()
         if task_id is not None:
             self._live.pop(task_id, None)
-            self._slots.finished()
+            if not kept:
+                self._slots.finished()
+        if self.budget is not None:
+            self.budget.settle(result)  # (journaled with the result, just below)
         if resume is not None:
             try:
                 # Recorded before it is handed on: a crash after this reports it from here.
@@ -321,6 +354,7 @@ class Batch:
             await self._report(result)
         else:  # what _report does then, without a coroutine per job
             self.counts["succeeded" if result.ok else "failed"] += 1
+            self.units += result.units or 0.0
             if self._emit is not None:
                 self._emit(Finished(result=result))
             self.pipe.put(result)
@@ -329,21 +363,10 @@ class Batch:
 
     async def _report(self, result: JobResult) -> None:
         """Save the video where asked, count the result and hand it to the consumer."""
-        if self._download_to is not None and result.ok and result.path is None:
-            try:
-                path = await self._client.download(result, self._download_to)
-            except KlingError as exc:
-                if not isinstance(exc, LocalWriteError):
-                    logger.warning("download of %s failed: %s", result.key, exc)
-                elif not self._local_failure:  # the same for every video after it: say it once
-                    self._local_failure = True
-                    logger.warning("%s (the results keep their video URLs)", exc)
-                result = attrs.evolve(result, error=exc)
-            else:
-                result = attrs.evolve(result, path=path)
-                if self._emit is not None:
-                    self._emit(Downloaded(key=result.key, path=path))
+        if self._saver is not None and result.ok and result.path is None:
+            result = await self._saver.save(result, self._emit)
         self.counts["succeeded" if result.ok else "failed"] += 1
+        self.units += result.units or 0.0
         if self._scope.cancel_called:
             # A stopped batch hands over nothing more (after a fatal error the consumer still
             # reads what came before it).  Only the batch's own scope: when an outer one is
@@ -362,6 +385,22 @@ class Batch:
         terminal, polls = await self.tracker.wait(snapshot, self._stage)
         self._live.pop(task_id, None)
         await self._report(self._result(task_id, terminal, None, polls))
+
+    async def _get_task(self, task_id: str, *, stage: str) -> TaskSnapshot:
+        request = self._dialect.query_request(stage, task_id)
+        parse = functools.partial(self._dialect.parse_query, stage, task_id)
+        return await self._client.requester.call(request, parse)
+
+    def blocking(self) -> tuple[str, ...]:
+        """The tasks of this batch that hold task slots now (timed-out ones included)."""
+        return (*self._stuck.ids, *self._live)
+
+    def _external_id(self, key: str, resume: Resume | None) -> str:
+        """The external task id the engine gives a job without one (see :mod:`._identity`)."""
+        if resume is not None:
+            return resume.external_id(key, self._dialect.default_stage)
+        self._named += 1  # (keys may repeat without a journal: the count keeps ids unique)
+        return derive_external_id(self._batch_id, f"{self._named}-{key}")
 
     def _result(
         self, key: str, snapshot: TaskSnapshot, submitted_at: float | None, polls: int
@@ -386,6 +425,8 @@ class Batch:
             submitted_at=submitted_at,
             finished_at=self._client.clock(),
             polls=polls,
+            adopted=snapshot.task_id in self._submitter.reconciler.adopted,
+            **returned_of(snapshot),
         )
 
     # -- ending --------------------------------------------------------------------------
@@ -397,6 +438,10 @@ class Batch:
         self.cancel()
 
     def _log_end(self, what: str) -> None:
+        done = self.resume.all_reported() if self.resume is not None else None
+        if done is not None and self._fatal is None:
+            # An on_event callback had the same news from the Resumed event (the CLI says it).
+            logger.log(logging.INFO if self._emit else logging.WARNING, "%s", done)
         logger.info(
             "%s ended: %d submitted, %d succeeded, %d failed",
             what,

@@ -13,7 +13,7 @@ import os
 import random
 import time
 import weakref
-from collections.abc import AsyncIterable, Callable, Iterable
+from collections.abc import AsyncIterable, Callable, Iterable, Mapping
 from pathlib import Path
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
@@ -25,6 +25,7 @@ from anyio.abc import TaskGroup
 from ._auth import Credentials, credentials_for
 from ._backoff import poll_delay
 from ._batch import Batch, BatchIterator
+from ._budget import Budget
 from ._client_view import ClientView
 from ._config import PollPolicy, RetryPolicy
 from ._download import Downloader, file_name
@@ -34,6 +35,7 @@ from ._jobs import LipSyncJob
 from ._options import ClientOptions
 from ._requester import Requester
 from ._results import JobResult, TaskSnapshot, TaskState
+from ._signature import WebhookSecret, lower_headers
 from ._transport import Timeouts, Transport
 from .dialects import Dialect, Submit
 from .dialects.kling import KlingDialect
@@ -94,6 +96,7 @@ class KlingClient:
         rng: random.Random | None = None,
         clock: Callable[[], float] = time.time,
         max_downloads: int = 4,
+        webhook_secret: str | Iterable[str] | None = None,
     ) -> None:
         if (
             not isinstance(max_in_flight, int)
@@ -114,6 +117,8 @@ class KlingClient:
         if not isinstance(retry, RetryPolicy):
             raise ValidationError("retry", "must be a RetryPolicy")
         self.dialect = dialect
+        #: The account's Webhook Secret, checked by :meth:`handle_callback` (None: unsigned).
+        self.webhook_secret = WebhookSecret(webhook_secret) if webhook_secret is not None else None
         self.base_url = normalize_base_url(base_url)
         self.max_in_flight = max_in_flight
         self.poll = poll
@@ -318,6 +323,7 @@ class KlingClient:
         resubmit_unknown: bool = False,
         retry_failed: bool = False,
         download_to: str | os.PathLike[str] | None = None,
+        budget: Budget | None = None,
         on_event: Callable[[Event], Any] | None = None,
     ) -> BatchIterator:
         """Run many jobs; iterate the result for one :class:`JobResult` per job, as they finish.
@@ -335,10 +341,11 @@ class KlingClient:
         * a job whose result the consumer already took is not reported again; a finished job
           whose result was not taken yet is reported from the journal, without a request;
         * a job whose task exists is tracked, never submitted again;
-        * a job whose submit was in flight when the run stopped is looked for among the server's
-          recent tasks (dialects with a list query) and adopted when found; otherwise its result
-          is a :class:`~kling_async.SubmitOutcomeUnknownError`, unless ``resubmit_unknown`` is
-          True;
+        * a job whose submit was in flight when the run stopped is looked up (by its external
+          task id where the dialect has them, else provably by video and time: see the README's
+          "Guarantees") and tracked when found, sent again when its external id is certainly
+          absent; otherwise its result is a :class:`~kling_async.SubmitOutcomeUnknownError`
+          naming the candidates, unless ``resubmit_unknown`` is True;
         * with ``retry_failed``, a job whose last result was a failure (a task that failed, or a
           request the server refused for good) is submitted again; a success never is, nor a
           job whose task may still run.  It needs a journal;
@@ -353,6 +360,13 @@ class KlingClient:
         ``download_to`` (a directory) saves each successful video there before its result is
         reported (:meth:`download`); ``JobResult.path`` says where.  A download that fails
         leaves the result ``ok`` (the video exists, its URL still works) with ``path`` None and
+        ``error`` set to the :class:`~kling_async.DownloadError`.
+
+        ``budget`` (a :class:`~kling_async.Budget`) caps what the batch spends, in units: each
+        job's estimate (:func:`~kling_async.estimate`) is reserved before its first submit, and
+        once the next reservation would pass the cap, submitting stops and the remaining jobs
+        end with :class:`~kling_async.BudgetExceededError`.  What a task actually cost replaces
+        its reservation when it ends; with a journal the spend carries over to reruns.
         ``error`` set to the :class:`~kling_async.DownloadError` (a folder that cannot be
         written at all is a :class:`~kling_async.ValidationError` before any request).
 
@@ -367,6 +381,7 @@ class KlingClient:
             resubmit_unknown=resubmit_unknown,
             retry_failed=retry_failed,
             download_to=download_to,
+            budget=budget,
             on_event=on_event,
         )
         return self._start(batch)
@@ -416,11 +431,19 @@ class KlingClient:
                 known = True
         return known or snapshot.task_id in self._recent
 
-    def handle_callback(self, body: bytes) -> bool:
+    def handle_callback(
+        self, body: bytes, *, headers: Mapping[str, str] | Iterable[tuple[str, str]] = ()
+    ) -> bool:
         """Parse a callback body with this client's dialect and :meth:`deliver_callback` it.
 
-        Raises :class:`~kling_async.MalformedResponseError` for a body that is not a callback.
+        With a ``webhook_secret`` (``KlingClient(..., webhook_secret="whsec_...")``) the
+        callback's ``webhook-id``, ``webhook-timestamp`` and ``webhook-signature`` ``headers``
+        (names in any case) are verified first: :class:`~kling_async.CallbackSignatureError`
+        when they are missing, stale or wrong (answer 401), and nothing changes.  Raises
+        :class:`~kling_async.MalformedResponseError` for a body that is not a callback.
         """
+        if self.webhook_secret is not None:
+            self.webhook_secret.verify(body, lower_headers(headers), now=self._clock())
         return self.deliver_callback(self.dialect.parse_callback(body))
 
     def _remember(self, task_id: str) -> None:

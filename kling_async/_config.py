@@ -106,6 +106,11 @@ class RetryPolicy:
     A submit refused for concurrency (1303) is not a failure: the job waits for one of its own
     tasks to end, and at least ``concurrency_delay`` (doubling on each refusal, up to
     ``max_delay``), since other clients may share the account (docs/protocol.md, Business codes).
+
+    ``max_slot_wait`` bounds that waiting: when no task slot frees for that long (the account's
+    limit held by tasks that outlived ``PollPolicy.timeout``, or by other clients), the jobs
+    still waiting end as results with a :class:`~kling_async.ConcurrencyLimitError` naming the
+    blocking task ids where known, and the batch completes.
     """
 
     max_attempts: int = attrs.field(default=5, validator=_count)
@@ -114,3 +119,4 @@ class RetryPolicy:
     multiplier: float = attrs.field(default=2.0, validator=_growth)
     jitter: float = attrs.field(default=0.5, validator=_fraction)
     concurrency_delay: float = attrs.field(default=1.0, validator=_non_negative)
+    max_slot_wait: float = attrs.field(default=1800.0, validator=_positive)

@@ -26,19 +26,23 @@ import re
 import secrets
 import tempfile
 import unicodedata
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import IO
 from urllib.parse import urlsplit, urlunsplit
 
 import anyio
+import attrs
 from anyio import AsyncFile
 
 from ._backoff import retry_delay
 from ._config import RetryPolicy
-from ._errors import DownloadError, LocalWriteError, TransportError, ValidationError
+from ._errors import DownloadError, KlingError, LocalWriteError, TransportError, ValidationError
+from ._results import JobResult
 from ._transport import Stream, Transport
+from .events import Downloaded, Event
 
-__all__ = ["Downloader", "file_name", "safe_filename", "writable_folder"]
+__all__ = ["BatchSaver", "Downloader", "file_name", "safe_filename", "writable_folder"]
 
 logger = logging.getLogger("kling_async")
 
@@ -351,6 +355,37 @@ async def _read_at_least(answer: Stream, size: int) -> bytes:
         chunks.append(chunk)
         have += len(chunk)
     return b"".join(chunks)
+
+
+class BatchSaver:
+    """A batch's ``download_to``: saves each successful result's video, says a local failure once.
+
+    ``download`` is the client's (:meth:`KlingClient.download <kling_async.KlingClient.download>`).
+    A failure leaves the result ``ok`` with ``error`` set; a :class:`LocalWriteError` (the same
+    for every video after it: a full disk, a folder gone) is logged once, other failures per job.
+    """
+
+    def __init__(
+        self, download: Callable[[JobResult, Path], Awaitable[Path]], directory: Path
+    ) -> None:
+        self._download = download
+        self._directory = directory
+        self._local_failure = False
+
+    async def save(self, result: JobResult, emit: Callable[[Event], None] | None) -> JobResult:
+        """``result`` with its video saved (``path`` set), or with the failure as ``error``."""
+        try:
+            path = await self._download(result, self._directory)
+        except KlingError as exc:
+            if not isinstance(exc, LocalWriteError):
+                logger.warning("download of %s failed: %s", result.key, exc)
+            elif not self._local_failure:
+                self._local_failure = True
+                logger.warning("%s (the results keep their video URLs)", exc)
+            return attrs.evolve(result, error=exc)
+        if emit is not None:
+            emit(Downloaded(key=result.key, path=path))
+        return attrs.evolve(result, path=path)
 
 
 def writable_folder(directory: Path) -> None:

@@ -17,8 +17,10 @@ from collections.abc import Callable
 from typing import Any
 
 import anyio
+from anyio.abc import TaskGroup
 
-from .events import Event
+from ._results import JobResult
+from .events import Event, Resumed
 
 __all__ = ["CURRENT", "DRAIN_SECONDS", "EventSink", "check_callback"]
 
@@ -63,6 +65,22 @@ class EventSink:
             except (anyio.ClosedResourceError, anyio.BrokenResourceError):
                 _close(outcome)  # the batch has ended: never awaited
 
+    def start(self, group: TaskGroup) -> None:
+        """Serve the batch running this task: :meth:`run` in ``group``, and :data:`CURRENT`."""
+        group.start_soon(self.run)
+        CURRENT.set(self)  # (this task's context, copied into the tasks it starts from now on)
+
+    async def finish(self) -> None:
+        """No more events: give the queued ones up to :data:`DRAIN_SECONDS` to be delivered."""
+        self.close()
+        with anyio.move_on_after(DRAIN_SECONDS, shield=True):
+            await self._done.wait()
+
+    def resumed(self, results: tuple[JobResult, ...], failures_too: bool) -> None:
+        """Report :class:`~kling_async.events.Resumed` (failures only if ``failures_too``)."""
+        kept = results if failures_too else tuple(r for r in results if r.ok)
+        self(Resumed(results=kept))
+
     async def run(self) -> None:
         """Await the queued coroutines one after another until :meth:`close` (a batch's task)."""
         try:
@@ -81,10 +99,6 @@ class EventSink:
     def close(self) -> None:
         """No more events: :meth:`run` ends once the queue is empty."""
         self._send.close()
-
-    async def drained(self) -> None:
-        """Wait until :meth:`run` has ended (after :meth:`close`: the queue is worked through)."""
-        await self._done.wait()
 
     def _failed(self) -> None:
         self.failures += 1

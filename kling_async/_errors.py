@@ -23,8 +23,10 @@ Every exception the library raises on purpose is a :class:`KlingError`::
     ├── TaskCancelledError         the batch was left before the task ended
     ├── SubmitOutcomeUnknownError  a submit may have created a task that could not be found
     ├── JournalError               the batch journal cannot be read or written (stops the batch)
-    └── DownloadError              a result video could not be saved (gone, cut short, wrong size)
-        └── LocalWriteError        because of this machine: a full disk, a folder gone
+    ├── DownloadError              a result video could not be saved (gone, cut short, wrong size)
+    │   └── LocalWriteError        because of this machine: a full disk, a folder gone
+    ├── BudgetExceededError        a job not submitted: its estimate would pass the batch's budget
+    └── CallbackSignatureError     a callback whose Standard Webhooks signature does not verify
 
 :func:`error_from_response` turns an (HTTP status, body) pair into one of the :class:`APIError`
 classes.  It reads both, because some gateways answer business errors with HTTP 200 and only a
@@ -41,6 +43,8 @@ __all__ = [
     "APIError",
     "AccountError",
     "AuthenticationError",
+    "BudgetExceededError",
+    "CallbackSignatureError",
     "ConcurrencyLimitError",
     "ConnectError",
     "ContentPolicyError",
@@ -196,7 +200,14 @@ class RateLimitError(APIError):
 
 
 class ConcurrencyLimitError(RateLimitError):
-    """More running tasks than the account's resource pack allows (1303); wait for a slot."""
+    """More running tasks than the account's resource pack allows (1303); wait for a slot.
+
+    A batch waits for a slot instead of failing, for at most ``RetryPolicy.max_slot_wait``; a
+    job that waited longer ends with this error, ``blocking_task_ids`` naming the tasks known to
+    hold the slots (empty when other clients hold them).
+    """
+
+    blocking_task_ids: tuple[str, ...] = ()
 
 
 class InvalidRequestError(APIError):
@@ -281,18 +292,32 @@ class LocalWriteError(DownloadError):
 
 
 class SubmitOutcomeUnknownError(KlingError):
-    """A submit got no clear answer, so the server may or may not have created a task.
+    """A submit got no clear answer, and whether it created a task cannot be proven either way.
 
-    Raised (as a job's result, in a batch with a journal) when a run stopped while the submit
-    was in flight, or the submit timed out or met 5000/5002, and no matching task turned up in
-    the server's recent tasks.  ``stage`` is the submit's stage and ``cause`` the error it met
-    (``None`` after a crash).  Sending it again might pay for a second task: rerun the batch with
-    ``resubmit_unknown=True`` to do so anyway.
+    A job's result (never raised out of a batch) when a submit's answer was lost (a run stopped
+    while it was in flight, a time-out, an answer cut off, 5000/5002, a proxy's 502/504) and the
+    lookup found no task that is provably this job's (see the README's "Guarantees").  ``stage``
+    is the submit's stage, ``cause`` the error it met (``None`` after a crash) and
+    ``candidates`` the ids of tasks that might be this job's (on its video, around the submit's
+    time, owned by no other job): check them before paying again.  Sending it again might pay
+    for a second task: rerun the batch with ``resubmit_unknown=True`` to do so anyway.
     """
 
-    def __init__(self, stage: str, *, cause: KlingError | None = None, detail: str = "") -> None:
+    #: (Class defaults: a result read back from a journal keeps only its plain attributes.)
+    cause: KlingError | None = None
+    candidates: tuple[str, ...] = ()
+
+    def __init__(
+        self,
+        stage: str,
+        *,
+        cause: KlingError | None = None,
+        detail: str = "",
+        candidates: tuple[str, ...] = (),
+    ) -> None:
         self.stage = stage
         self.cause = cause
+        self.candidates = tuple(candidates)
         why = "a run stopped mid-submit" if cause is None else f"{type(cause).__name__}: {cause}"
         extra = f"; {detail}" if detail else ""
         super().__init__(
@@ -309,6 +334,32 @@ class JournalError(KlingError):
     """
 
     fatal = True
+
+
+class BudgetExceededError(KlingError):
+    """A job was not submitted because its estimated cost would pass the batch's budget.
+
+    A job's result, never raised out of a batch: once one job would pass
+    ``Budget.units``, submitting stops and every job not yet submitted ends with this error.
+    Nothing was created, so a rerun with a larger budget submits it.  ``units`` is the job's
+    estimate, ``spent`` what the batch had spent or reserved, ``limit`` the budget.
+    """
+
+    def __init__(self, *, units: float, spent: float, limit: float) -> None:
+        self.units = units
+        self.spent = spent
+        self.limit = limit
+        super().__init__(
+            f"not submitted: estimated at {units:g} unit(s), it would pass the budget of"
+            f" {limit:g} units ({spent:g} already spent or reserved)"
+        )
+
+
+class CallbackSignatureError(KlingError):
+    """A callback's ``webhook-*`` signature headers are missing, stale or do not match.
+
+    ``str()`` says which check failed; it never quotes a signature or a secret.
+    """
 
 
 # Business codes of the official format, docs/protocol.md, Business codes.
@@ -402,11 +453,12 @@ def _default_message(status: int, code: int | None) -> str:
 def created_nothing(error: BaseException) -> bool:
     """Whether a failed *submit* certainly created no task, so sending it again cannot pay twice.
 
-    True only for answers that say so (1302, 1303, 5001 / HTTP 503, and a 401 token refusal) and
-    for connections that were never made.  A time-out, a dropped connection, 5000 or 5002 may hide
-    a task the server did create: those submits are never repeated blindly.
+    True only for answers that say so (1302, 1303, 5001 / HTTP 503, and a 401 token refusal), for
+    connections that were never made, and for jobs the budget kept from being sent.  A time-out,
+    a dropped connection, 5000 or 5002 may hide a task the server did create: those submits are
+    never repeated blindly.
     """
-    if isinstance(error, ConnectError):
+    if isinstance(error, (ConnectError, BudgetExceededError)):
         return True
     if isinstance(error, RateLimitError):
         return True

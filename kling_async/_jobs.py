@@ -14,8 +14,10 @@ from typing import Any, Literal
 
 import attrs
 
+from ._audio import audio_seconds
 from ._errors import ValidationError
 from ._http import check_http_url
+from ._identity import check_external_id
 
 __all__ = ["AUDIO_FORMATS", "MAX_AUDIO_BYTES", "MAX_TEXT_LENGTH", "LipSyncJob"]
 
@@ -27,6 +29,10 @@ MAX_AUDIO_BYTES = 5 * 1024 * 1024
 MAX_TEXT_LENGTH = 120
 #: Shortest stretch of audio advanced lip-sync accepts, in milliseconds.
 MIN_SOUND_MS = 2000
+#: Longest stretch of audio advanced lip-sync accepts, in milliseconds.
+MAX_SOUND_MS = 60_000
+#: Slack allowed when checking a trim against an audio length read from a header (ms).
+LENGTH_SLACK_MS = 50
 
 Mode = Literal["text2video", "audio2video"]
 VoiceLanguage = Literal["zh", "en"]
@@ -80,9 +86,15 @@ class LipSyncJob:
 
     The face comes from ``video_url`` (an .mp4/.mov reachable over http(s)) or ``video_id`` (a
     Kling-generated video), exactly one of them.  A text job speaks ``text`` with ``voice_id``; an
-    audio job lip-syncs ``audio_url`` or the raw bytes of ``audio_file``.  The ``sound_*``,
+    audio job lip-syncs ``audio_url``, the raw bytes of ``audio_file`` or, in official advanced
+    lip-sync, ``audio_id`` (an audio made by Kling's text-to-speech).  The ``sound_*``,
     ``face_*`` and volume fields only matter to advanced lip-sync (apimodels, or the official
-    advanced API), in milliseconds.  ``key`` names the job in results, journals and file names.
+    advanced API), in milliseconds; ``watermark`` (official advanced lip-sync) asks for a
+    watermarked copy as well (``True``) or explicitly none (``False``).  ``key`` names the job
+    in results, journals and file names.  ``external_task_id`` is your own unique name for the
+    task (official advanced lip-sync only: at most 64 ASCII letters, digits, ``-``, ``_`` or
+    ``.``, unique on the account); without one, a batch derives one where the dialect supports
+    it (see the README's "Guarantees").
     """
 
     video_url: str | None = None
@@ -95,6 +107,8 @@ class LipSyncJob:
     audio_url: str | None = None
     audio_file: bytes | None = attrs.field(default=None, repr=_audio_repr)
     audio_format: str | None = None
+    audio_id: str | None = None
+    watermark: bool | None = None
     sound_start_time: int = 0
     sound_end_time: int | None = None
     sound_insert_time: int = 0
@@ -104,6 +118,7 @@ class LipSyncJob:
     face_id: str | None = None
     callback_url: str | None = None
     key: str | None = None
+    external_task_id: str | None = None
 
     def __attrs_post_init__(self) -> None:
         self._check_video()
@@ -113,6 +128,8 @@ class LipSyncJob:
             self._check_audio()
         self._check_advanced()
         _check_url("callback_url", self.callback_url)
+        if self.external_task_id is not None:
+            check_external_id(self.external_task_id)
         if self.key is not None and (not isinstance(self.key, str) or not self.key.strip()):
             raise ValidationError("key", "must be a non-blank string")
 
@@ -166,7 +183,8 @@ class LipSyncJob:
         The audio must be .mp3, .wav, .m4a or .aac and at most 5 MB; a path is read here, once.
         Advanced lip-sync options (``sound_start_time``, ``sound_end_time``,
         ``sound_insert_time``, ``sound_volume``, ``original_audio_volume``, ``face_index`` or
-        ``face_id``) and ``key``, ``callback_url``, ``source_task_id`` pass through.
+        ``face_id``, ``audio_id`` instead of ``audio_url`` / ``audio_file``, ``watermark``) and
+        ``key``, ``callback_url``, ``source_task_id``, ``external_task_id`` pass through.
         """
         data: bytes | None
         fmt: str | None = options.pop("audio_format", None)
@@ -213,9 +231,9 @@ class LipSyncJob:
             raise ValidationError("voice_speed", "must be from 0.8 to 2.0")
         if abs(speed * 10 - round(speed * 10)) > 1e-9:
             raise ValidationError("voice_speed", "must have at most one decimal place")
-        if self.audio_url is not None or self.audio_file is not None:
-            field = "audio_url" if self.audio_url is not None else "audio_file"
-            raise ValidationError(field, "a text job takes no audio")
+        for field in ("audio_url", "audio_file", "audio_id"):
+            if getattr(self, field) is not None:
+                raise ValidationError(field, "a text job takes no audio")
 
     def _check_audio(self) -> None:
         if self.voice_id is not None:
@@ -224,9 +242,15 @@ class LipSyncJob:
             raise ValidationError("voice_language", "only a text job takes a voice language")
         if self.voice_speed != 1.0:
             raise ValidationError("voice_speed", "only a text job takes a voice speed")
-        if (self.audio_url is None) == (self.audio_file is None):
-            raise ValidationError("audio_url", "give exactly one of audio_url and audio_file")
+        sources = [self.audio_url, self.audio_file, self.audio_id]
+        if sum(source is not None for source in sources) != 1:
+            raise ValidationError(
+                "audio_url", "give exactly one of audio_url, audio_file and audio_id"
+            )
         _check_url("audio_url", self.audio_url)
+        audio_id = self.audio_id
+        if audio_id is not None and (not isinstance(audio_id, str) or not audio_id.strip()):
+            raise ValidationError("audio_id", "must be a non-blank string")
         if self.audio_file is None:
             return
         if not isinstance(self.audio_file, bytes) or not self.audio_file:
@@ -239,10 +263,24 @@ class LipSyncJob:
         if self.audio_format is None:
             object.__setattr__(self, "audio_format", fmt)
 
+    def audio_seconds(self) -> float | None:
+        """How long ``audio_file`` plays, read from its header; None when it cannot be told.
+
+        WAV always; MP3, M4A and AAC with the ``audio`` extra (mutagen) installed.  An
+        ``audio_url`` or ``audio_id`` is not fetched: None.
+        """
+        if self.audio_file is None:
+            return None
+        return audio_seconds(self.audio_file, self.audio_format)
+
     def _check_advanced(self) -> None:
+        # docs/protocol.md, Advanced lip-sync: times in ms, what is left after trimming
+        # 2-60 s and within the audio, volumes 0-2.
         _check_ms("sound_start_time", self.sound_start_time)
         _check_ms("sound_end_time", self.sound_end_time, optional=True)
         _check_ms("sound_insert_time", self.sound_insert_time)
+        if self.watermark is not None and not isinstance(self.watermark, bool):
+            raise ValidationError("watermark", "must be True or False")
         if self.sound_end_time is not None:
             if self.sound_end_time <= self.sound_start_time:
                 raise ValidationError("sound_end_time", "must be after sound_start_time")
@@ -250,6 +288,10 @@ class LipSyncJob:
                 raise ValidationError(
                     "sound_end_time", "must leave at least 2 s (2000 ms) of audio"
                 )
+            if self.sound_end_time - self.sound_start_time > MAX_SOUND_MS:
+                raise ValidationError("sound_end_time", "must leave at most 60 s of audio")
+        if self.sound_end_time is not None or self.sound_start_time:
+            self._check_trim_within_audio()
         _check_volume("sound_volume", self.sound_volume)
         _check_volume("original_audio_volume", self.original_audio_volume)
         index = self.face_index
@@ -258,6 +300,21 @@ class LipSyncJob:
         face_id = self.face_id
         if face_id is not None and (not isinstance(face_id, str) or not face_id.strip()):
             raise ValidationError("face_id", "must be a non-blank string")
+
+    def _check_trim_within_audio(self) -> None:
+        seconds = self.audio_seconds()
+        if seconds is None:
+            return  # an URL, an audio_id, or a format whose header cannot be read here
+        length = seconds * 1000 + LENGTH_SLACK_MS
+        if self.sound_end_time is not None and self.sound_end_time > length:
+            raise ValidationError(
+                "sound_end_time", f"must be within the audio ({seconds * 1000:.0f} ms long)"
+            )
+        if self.sound_start_time + MIN_SOUND_MS > length:
+            raise ValidationError(
+                "sound_start_time",
+                f"must leave at least 2 s of the audio ({seconds * 1000:.0f} ms long)",
+            )
 
 
 def _read_audio_path(path: Path) -> tuple[bytes, str]:

@@ -4,14 +4,31 @@ One journal file belongs to one batch (one dialect at one server).  Per job key 
 of the job's request (:func:`~._journal_codec.request_hash`), per submit stage the state of
 that submit, and the job's latest result::
 
+    meta(name, value)           dialect, stage, base_url (checked); batch_id, clock_offset,
+                                external_ids
     jobs(key, request_hash, video_url, result, final, reported)
-    stages(key, stage, status, intent_at, task_id, snapshot)
+    stages(key, stage, status, intent_at, task_id, snapshot, external_id, adopted)
 
 A stage's ``status`` is ``submitting`` (written, and committed, *before* its request leaves;
 ``intent_at`` is the wall-clock time), ``created`` (the task id is known: committed as soon as
 the answer arrives) or ``refused`` (the server answered that it created nothing).  ``final``
 marks a result a rerun keeps (success, a task that failed, a refused request); ``reported``
 marks a result the consumer has taken (not waited for: committed within moments).
+``external_id`` is the external task id the stage's request carries (derived from the random
+``batch_id`` and the job key, :mod:`._identity`), so that a rerun looks up, and resends, the
+very same id; ``adopted`` marks a task found by a lookup instead of named by its submit's
+answer.  ``clock_offset`` keeps the server clock's calibrated offset (:class:`~._reconcile.
+ClockOffset`) for a rerun's lookups.
+
+What a journal backend must provide (the engine uses nothing else): ``open`` that takes the
+batch exclusively (a second opener fails at once with :class:`JournalError` naming the
+holder) and reads every job into memory; ``batch_id`` and ``clock_offset``; the reads
+:meth:`Journal.job`, :meth:`Journal.owner`, :meth:`Journal.unresolved`; the writes
+:meth:`Journal.begin`, :meth:`Journal.submitting` (durable before it returns: the request
+leaves next), :meth:`Journal.created`, :meth:`Journal.refused`, :meth:`Journal.finished`,
+:meth:`Journal.reported` (not waited for) with :meth:`Journal.commit_marks`,
+:meth:`Journal.set_clock_offset` and :meth:`Journal.confirm_external_ids` (not waited for)
+and :meth:`Journal.close`.
 
 The file is SQLite in WAL mode, locked by one batch at a time (:mod:`._journal_store`, which
 also commits concurrent writes together).  A submit's intent is committed with
@@ -32,6 +49,7 @@ import anyio
 import attrs
 
 from ._errors import JournalError, ValidationError
+from ._identity import new_batch_id
 from ._journal_codec import (
     result_from_json,
     result_to_json,
@@ -59,6 +77,8 @@ class JournalStage:
     intent_at: float
     task_id: str | None = None
     snapshot: TaskSnapshot | None = None
+    external_id: str | None = None
+    adopted: bool = False
 
 
 @attrs.define(kw_only=True)
@@ -89,9 +109,16 @@ class Journal:
     (except :meth:`reported`, which a background task commits).
     """
 
-    def __init__(self, store: Store, rows: list[Row]) -> None:
+    def __init__(self, store: Store, rows: list[Row], meta: dict[str, str] | None = None) -> None:
         self._store = store
         self.path = store.path
+        meta = meta or {}
+        #: The batch's random id (the stem of its derived external task ids).
+        self.batch_id = meta.get("batch_id") or new_batch_id()
+        #: The server clock's offset interval ``(lo, hi)`` a run measured, if any.
+        self.clock_offset = _offset(meta.get("clock_offset"))
+        #: Whether a run saw the server echo an external id (it keeps them).
+        self.external_ids_confirmed = meta.get("external_ids") == "confirmed"
         self._jobs = {job.key: job for job in map(_job_from_row, rows)}
         self._owners = {
             stage.task_id: job.key
@@ -123,19 +150,24 @@ class Journal:
         it).
         """
         name = os.fspath(path)
-        meta = {"dialect": dialect, "stage": stage, "base_url": base_url}
+        meta = {
+            "dialect": dialect,
+            "stage": stage,
+            "base_url": base_url,
+            "batch_id": new_batch_id(),
+        }
 
-        def setup() -> tuple[Store, list[Row]]:
+        def setup() -> tuple[Store, dict[str, str], list[Row]]:
             store = Store(name, timeout=lock_timeout)
             try:
-                return store, store.open(meta)
+                return store, *store.open(meta)
             except BaseException:
                 store.close()
                 raise
 
         try:
-            store, rows = await anyio.to_thread.run_sync(setup)
-            return cls(store, rows)
+            store, stored, rows = await anyio.to_thread.run_sync(setup)
+            return cls(store, rows, stored)
         except ValidationError:
             raise
         except sqlite3.Error as exc:
@@ -161,6 +193,10 @@ class Journal:
             for job in self._jobs.values()
             if job.final and job.reported and job.result is not None
         )
+
+    def jobs(self) -> list[JournalJob]:
+        """Every job the journal knows."""
+        return list(self._jobs.values())
 
     def owner(self, task_id: str) -> str | None:
         """The key of the job that owns ``task_id``, or None."""
@@ -192,34 +228,69 @@ class Journal:
         self._jobs[key] = job
         return job
 
-    async def submitting(self, key: str, stage: str, at: float) -> None:
-        """Record that ``stage``'s request of ``key`` is about to leave: on disk on return."""
+    async def submitting(
+        self, key: str, stage: str, at: float, external_id: str | None = None
+    ) -> None:
+        """Record that ``stage``'s request of ``key`` is about to leave: on disk on return.
+
+        ``external_id`` is the external task id the request carries, if any.
+        """
         job = self._write_job(key)
-        job.stages[stage] = JournalStage(status=SUBMITTING, intent_at=at)
+        job.stages[stage] = JournalStage(status=SUBMITTING, intent_at=at, external_id=external_id)
         self._add(
-            "INSERT OR REPLACE INTO stages (key, stage, status, intent_at) VALUES (?, ?, ?, ?)",
-            (key, stage, SUBMITTING, at),
+            "INSERT OR REPLACE INTO stages (key, stage, status, intent_at, external_id)"
+            " VALUES (?, ?, ?, ?, ?)",
+            (key, stage, SUBMITTING, at, external_id),
             durable=True,
         )
         await self._commit()
 
     async def created(
-        self, key: str, stage: str, task_id: str, snapshot: TaskSnapshot | None = None
+        self,
+        key: str,
+        stage: str,
+        task_id: str,
+        snapshot: TaskSnapshot | None = None,
+        *,
+        adopted: bool = False,
     ) -> None:
-        """Record ``stage``'s task id (and, for a synchronous step, its terminal ``snapshot``)."""
+        """Record ``stage``'s task id (and, for a synchronous step, its terminal ``snapshot``).
+
+        ``adopted``: a lookup found the task, its submit's answer did not name it.
+        """
         job = self._write_job(key)
         record = job.stages.get(stage)
         intent = record.intent_at if record is not None else 0.0
+        external = record.external_id if record is not None else None
         job.stages[stage] = JournalStage(
-            status=CREATED, intent_at=intent, task_id=task_id, snapshot=snapshot
+            status=CREATED,
+            intent_at=intent,
+            task_id=task_id,
+            snapshot=snapshot,
+            external_id=external,
+            adopted=adopted,
         )
         self._owners[task_id] = key
         text = snapshot_to_json(snapshot) if snapshot is not None else None
         self._add(
-            "INSERT OR REPLACE INTO stages VALUES (?, ?, ?, ?, ?, ?)",
-            (key, stage, CREATED, intent, task_id, text),
+            "INSERT OR REPLACE INTO stages VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            (key, stage, CREATED, intent, task_id, text, external, int(adopted)),
         )
         await self._commit()
+
+    def set_clock_offset(self, lo: float, hi: float) -> None:
+        """Keep the server clock's offset interval; committed with the next write."""
+        self.clock_offset = (lo, hi)
+        self._set_meta("clock_offset", f"{lo!r} {hi!r}")
+
+    def confirm_external_ids(self) -> None:
+        """Keep that the server echoes external ids; committed with the next write."""
+        self.external_ids_confirmed = True
+        self._set_meta("external_ids", "confirmed")
+
+    def _set_meta(self, name: str, value: str) -> None:
+        if not self._closed:
+            self._add("INSERT OR REPLACE INTO meta VALUES (?, ?)", (name, value))
 
     async def refused(self, key: str, stage: str) -> None:
         """Record that ``stage``'s request of ``key`` created nothing (it may be sent again)."""
@@ -239,6 +310,16 @@ class Journal:
             (result_to_json(result), int(final), result.key),
         )
         await self._commit()
+
+    def charges(self) -> dict[str, tuple[float, bool]]:
+        """Budget reservations and charges as read at open: key -> ``(units, settled)``."""
+        return dict(self._store.charges)
+
+    def charge(self, key: str, units: float, settled: bool) -> None:
+        """Record a budget reservation or charge; committed with the next write (or close)."""
+        self._add(
+            "INSERT OR REPLACE INTO charges VALUES (?, ?, ?)", (key, float(units), int(settled))
+        )
 
     def reported(self, key: str) -> None:
         """Mark ``key``'s latest result as taken by the consumer.
@@ -329,11 +410,20 @@ def _job_from_row(row: Row) -> JournalJob:
         final=bool(final),
         reported=bool(reported),
     )
-    for _, stage, status, intent_at, task_id, snapshot in stages:
+    for _, stage, status, intent_at, task_id, snapshot, external_id, adopted in stages:
         job.stages[stage] = JournalStage(
             status=status,
             intent_at=intent_at,
             task_id=task_id,
             snapshot=snapshot_from_json(snapshot) if snapshot else None,
+            external_id=external_id,
+            adopted=bool(adopted),
         )
     return job
+
+
+def _offset(text: str | None) -> tuple[float, float] | None:
+    if not text:
+        return None
+    lo, _, hi = text.partition(" ")
+    return float(lo), float(hi)

@@ -24,7 +24,7 @@ import cattrs
 from . import _errors
 from ._errors import KlingError
 from ._jobs import LipSyncJob
-from ._results import JobResult, TaskSnapshot, TaskState
+from ._results import BalanceDeduction, JobResult, TaskSnapshot, TaskState, returned_fields
 
 __all__ = [
     "error_from_json",
@@ -38,6 +38,9 @@ __all__ = [
 
 # Bumped if the hashed form of a job ever changes, so old journals refuse instead of mismatching.
 _HASH_VERSION = "kling_async.job.v1"
+# Job fields added after v1: left out of the hash while unset, so that a journal written before
+# they existed still recognises its jobs (a job that sets one is a different request anyway).
+_ADDED_AFTER_V1 = ("audio_id", "watermark", "external_task_id")
 # Error attributes worth keeping: plain JSON values only (never the request or response).
 _PLAIN = (str, int, float, bool, type(None))
 
@@ -49,11 +52,15 @@ def _dumps(value: object) -> str:
 def request_hash(job: LipSyncJob) -> str:
     """A stable SHA-256 (hex) of every field of ``job`` that affects its request.
 
-    ``key`` is left out (it names the job, it is not part of it); ``audio_file`` enters as the
-    SHA-256 of its bytes; numbers enter as floats, so ``1`` and ``1.0`` hash alike.
+    ``key`` is left out (it names the job, it is not part of it), and so is an absent
+    ``external_task_id`` (journals written before it existed stay valid); ``audio_file`` enters
+    as the SHA-256 of its bytes; numbers enter as floats, so ``1`` and ``1.0`` hash alike.
     """
     fields = attrs.asdict(job, recurse=False)
     fields.pop("key", None)
+    for name in _ADDED_AFTER_V1:
+        if fields.get(name, 0) is None:
+            del fields[name]  # (absent before it existed: old hashes hold)
     audio = fields.pop("audio_file", None)
     fields["audio_file_sha256"] = hashlib.sha256(audio).hexdigest() if audio else None
     for name, value in fields.items():
@@ -69,12 +76,16 @@ def request_hash(job: LipSyncJob) -> str:
 def error_to_json(error: KlingError) -> dict[str, Any]:
     """The class name, message arguments and plain attributes of ``error``."""
     attributes = {
-        name: value
+        name: list(value) if isinstance(value, tuple) else value
         for name, value in vars(error).items()
-        if not name.startswith("_") and isinstance(value, _PLAIN)
+        if not name.startswith("_") and (isinstance(value, _PLAIN) or _plain_tuple(value))
     }
     args = [arg for arg in error.args if isinstance(arg, _PLAIN)]
     return {"type": type(error).__name__, "message": str(error), "args": args, "attrs": attributes}
+
+
+def _plain_tuple(value: object) -> bool:
+    return isinstance(value, tuple) and all(isinstance(item, str) for item in value)
 
 
 def error_from_json(data: dict[str, Any]) -> KlingError:
@@ -92,8 +103,11 @@ def error_from_json(data: dict[str, Any]) -> KlingError:
     error: KlingError = cls.__new__(cls)
     error.args = tuple(data.get("args") or (message,))
     for name, value in dict(data.get("attrs") or {}).items():
-        if isinstance(name, str) and not name.startswith("_") and isinstance(value, _PLAIN):
-            setattr(error, name, value)
+        if isinstance(name, str) and not name.startswith("_"):
+            if isinstance(value, list) and _plain_tuple(tuple(value)):
+                setattr(error, name, tuple(value))  # (ids such as candidates: kept as tuples)
+            elif isinstance(value, _PLAIN):
+                setattr(error, name, value)
     if str(error) != message:  # a class whose __str__ needs more than was kept
         error.args = (message,)
     return error
@@ -114,6 +128,9 @@ def result_to_json(result: JobResult) -> str:
             "submitted_at": result.submitted_at,
             "finished_at": result.finished_at,
             "polls": result.polls,
+            "adopted": result.adopted,
+            # What the server returned (absent from journals written before these existed).
+            **returned_fields(result),
         }
     )
 
@@ -131,7 +148,19 @@ def result_from_json(text: str) -> JobResult:
         submitted_at=data.get("submitted_at"),
         finished_at=data.get("finished_at"),
         polls=int(data.get("polls") or 0),
+        adopted=bool(data.get("adopted", False)),
+        video_id=data.get("video_id"),
+        video_duration=data.get("video_duration"),
+        watermark_url=data.get("watermark_url"),
+        units=data.get("units"),
+        balance_deduction=_balance(data.get("balance_deduction")),
     )
+
+
+def _balance(data: object) -> BalanceDeduction | None:
+    if not isinstance(data, dict):
+        return None
+    return BalanceDeduction(quota=data.get("quota"), list_price=data.get("list_price"))
 
 
 # -- snapshots -----------------------------------------------------------------------------

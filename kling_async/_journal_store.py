@@ -15,17 +15,26 @@ one ends, without waiting for the event loop.
 
 from __future__ import annotations
 
+import contextlib
+import os
+import socket
 import sqlite3
 import threading
+import time
 from collections.abc import Sequence
 from typing import Any
+
+try:
+    import fcntl
+except ImportError:  # pragma: no cover - Windows: SQLite's own lock alone (it waits, then fails)
+    fcntl = None  # type: ignore[assignment]
 
 from ._errors import JournalError, ValidationError
 
 __all__ = ["SCHEMA_VERSION", "Row", "Store"]
 
-#: ``PRAGMA user_version`` of the layout this module writes.
-SCHEMA_VERSION = 1
+#: ``PRAGMA user_version`` of the layout this module writes (version 1 files are upgraded).
+SCHEMA_VERSION = 2
 
 _SCHEMA = (
     "CREATE TABLE meta (name TEXT PRIMARY KEY, value TEXT NOT NULL)",
@@ -44,12 +53,83 @@ _SCHEMA = (
         intent_at REAL NOT NULL,
         task_id TEXT,
         snapshot TEXT,
+        external_id TEXT,
+        adopted INTEGER NOT NULL DEFAULT 0,
         PRIMARY KEY (key, stage)
     )""",
 )
+# Version 1 -> 2: external task ids and adoption per stage.
+_UPGRADE_1 = (
+    "ALTER TABLE stages ADD COLUMN external_id TEXT",
+    "ALTER TABLE stages ADD COLUMN adopted INTEGER NOT NULL DEFAULT 0",
+)
+#: Meta names compared with the opening batch's; the others (batch id, clock offset) are kept.
+CHECKED_META = ("dialect", "stage", "base_url")
+
+# Budget reservations and charges (kling_async._budget), per job key: created when missing, in
+# files of either layout version too, so that adding it needed no version of its own.
+_CHARGES = """CREATE TABLE IF NOT EXISTS charges (
+    key TEXT PRIMARY KEY, units REAL NOT NULL, settled INTEGER NOT NULL
+)"""
 
 #: A job row and its stage rows, as read: ``(jobs row, [stages rows])``.
 Row = tuple[tuple[Any, ...], list[tuple[Any, ...]]]
+
+
+def _holder(fd: int) -> str:
+    """Who holds the lock file open at ``fd`` says: ``"pid N on host H"`` (or "unknown")."""
+    try:
+        text = os.pread(fd, 200, 0).decode("utf-8", "replace").split()
+    except OSError:
+        text = []
+    return f"pid {text[0]} on host {text[1]}" if len(text) >= 2 else "an unknown process"
+
+
+class BatchLock:
+    """The lock that makes a journal one batch's: ``flock`` on ``PATH.lock``, holding "pid host".
+
+    Taken at once or refused at once (:class:`JournalError` naming the holder), so that a second
+    process never waits nor proceeds.  Only a holder in this very process is waited for, up to
+    ``timeout`` seconds: a batch that just ended may still be closing the journal.  The kernel
+    releases the lock when its holder dies, however it dies.
+    """
+
+    def __init__(self, path: str, *, timeout: float) -> None:
+        self._fd: int | None = None
+        if fcntl is None:  # pragma: no cover
+            return
+        name = f"{path}.lock"
+        try:
+            fd = os.open(name, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as exc:
+            raise JournalError(f"journal {path}: cannot open {name}: {exc.strerror}") from None
+        deadline = time.monotonic() + timeout
+        me = f"{os.getpid()} {socket.gethostname()}"
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except OSError:
+                holder = _holder(fd)
+                mine = holder == "pid {} on host {}".format(*me.split())
+                if not mine or time.monotonic() >= deadline:
+                    os.close(fd)
+                    raise JournalError(
+                        f"journal {path} is in use by another batch ({holder}); one journal"
+                        " runs one batch at a time: wait for it to end, or use another file"
+                    ) from None
+                time.sleep(0.01)
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{me}\n".encode(), 0)
+        self._fd = fd
+
+    def release(self) -> None:
+        """Let the journal go (idempotent)."""
+        fd, self._fd = self._fd, None
+        if fd is not None:
+            with contextlib.suppress(OSError):
+                os.ftruncate(fd, 0)
+            os.close(fd)  # (closing the last descriptor releases the flock)
 
 
 class Store:
@@ -57,10 +137,15 @@ class Store:
 
     def __init__(self, path: str, *, timeout: float) -> None:
         self.path = path
+        self._lock = BatchLock(path, timeout=timeout)
         # timeout: how long to wait for a lock held by another connection (see open()).
-        self._conn = sqlite3.connect(
-            path, timeout=timeout, isolation_level=None, check_same_thread=False
-        )
+        try:
+            self._conn = sqlite3.connect(
+                path, timeout=timeout, isolation_level=None, check_same_thread=False
+            )
+        except BaseException:
+            self._lock.release()
+            raise
         self.write_lock = threading.Lock()
         self._pending_lock = threading.Lock()
         self._pending: list[tuple[str, Sequence[Any], bool]] = []
@@ -69,12 +154,15 @@ class Store:
         #: Transactions committed by :meth:`flush`, and the statements they held.
         self.transactions = 0
         self.committed = 0
+        #: The ``charges`` rows read by :meth:`open`: key -> (units, settled).
+        self.charges: dict[str, tuple[float, bool]] = {}
 
-    def open(self, meta: dict[str, str]) -> list[Row]:
-        """Lock the file, create or check its layout and ``meta``, and return every job.
+    def open(self, meta: dict[str, str]) -> tuple[dict[str, str], list[Row]]:
+        """Lock the file, create or check its layout and ``meta``; return its meta and jobs.
 
         Raises :class:`ValidationError` when ``meta`` (dialect, stage, base URL) differs from
         the file's, and :class:`JournalError` for a file that is no journal of this version.
+        A new file stores all of ``meta``; an existing one keeps its own values.
         """
         conn = self._conn
         # EXCLUSIVE: the lock the first write takes is held until close, so a second process
@@ -93,7 +181,8 @@ class Store:
                         conn.execute(sql)
                     conn.executemany("INSERT INTO meta VALUES (?, ?)", sorted(meta.items()))
                     conn.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
-                elif version != SCHEMA_VERSION:
+                    stored = dict(meta)
+                elif version not in (1, SCHEMA_VERSION):
                     raise JournalError(
                         f"journal {self.path}: layout version {version} is not the supported"
                         f" {SCHEMA_VERSION} (not a kling_async journal, or from another version)"
@@ -101,13 +190,25 @@ class Store:
                 else:
                     stored = dict(conn.execute("SELECT name, value FROM meta").fetchall())
                     _check_meta(self.path, stored, meta)
+                    if version == 1:
+                        for sql in _UPGRADE_1:
+                            conn.execute(sql)
+                        conn.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+                    for name in sorted(meta.keys() - stored.keys()):
+                        conn.execute("INSERT INTO meta VALUES (?, ?)", (name, meta[name]))
+                        stored[name] = meta[name]
+                conn.execute(_CHARGES)
                 rows = self._read()
+                self.charges = {
+                    key: (float(units), bool(settled))
+                    for key, units, settled in conn.execute("SELECT * FROM charges")
+                }
                 conn.execute("COMMIT")
             except BaseException:
                 if conn.in_transaction:
                     conn.execute("ROLLBACK")
                 raise
-        return rows
+        return stored, rows
 
     def _read(self) -> list[Row]:
         jobs: dict[str, Row] = {}
@@ -116,7 +217,8 @@ class Store:
         ):
             jobs[row[0]] = (row, [])
         for row in self._conn.execute(
-            "SELECT key, stage, status, intent_at, task_id, snapshot FROM stages"
+            "SELECT key, stage, status, intent_at, task_id, snapshot, external_id, adopted"
+            " FROM stages"
         ):
             jobs[row[0]][1].append(row)
         return list(jobs.values())
@@ -172,10 +274,11 @@ class Store:
         finally:
             with self.write_lock:
                 self._conn.close()
+            self._lock.release()
 
 
 def _check_meta(path: str, stored: dict[str, str], wanted: dict[str, str]) -> None:
-    for name in ("dialect", "stage", "base_url"):
+    for name in CHECKED_META:
         if stored.get(name) != wanted.get(name):
             # Its task ids mean nothing to another server or dialect: tracking them there would
             # fail every job, and reconciling could adopt strangers' tasks.

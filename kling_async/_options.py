@@ -8,7 +8,7 @@ names, types and docs live in one place; the client's ``__init__`` checks the va
 from __future__ import annotations
 
 import random
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, TypedDict
 
 from ._config import PollPolicy, RetryPolicy
@@ -36,6 +36,10 @@ class ClientOptions(TypedDict, total=False):
     * ``timeouts`` (:class:`Timeouts`): connect and total times of API calls and downloads.
     * ``max_downloads`` (4): videos :meth:`KlingClient.download` fetches at once.
     * ``rng`` and ``clock``: the random source (jitter) and the wall clock, for tests.
+    * ``webhook_secret``: the account's Webhook Secret (``"whsec_..."``, or a list while you
+      rotate it): :meth:`KlingClient.handle_callback` and the
+      :class:`~kling_async.webhook.CallbackReceiver` then refuse callbacks whose Standard
+      Webhooks signature does not verify.
     """
 
     max_in_flight: int
@@ -46,3 +50,4 @@ class ClientOptions(TypedDict, total=False):
     max_downloads: int
     rng: random.Random | None
     clock: Callable[[], float]
+    webhook_secret: str | Iterable[str] | None

@@ -1,56 +1,162 @@
 """Finding the task a submit may have created when its answer never arrived.
 
 A submit that got no clear answer (the process died with the request in flight, the answer
-timed out, 5000/5002) may or may not have created a task.  Where the dialect has a list query
-(docs/protocol.md, Query many: newest first), the task can be recognised: its parent video is
-the job's ``video_url`` and it was created no earlier than the recorded intent (less a margin for
-clock skew between this machine and the server) and no later than a submit can take.  Only a
-single, unowned match is adopted: two candidates, or another unresolved job on the same video,
-could swap two jobs' videos, so those stay unknown.
+timed out or was cut off, a proxy's 502/504, 5000/5002) may or may not have created a task.
+
+* **Exactly, by external task id** (official advanced lip-sync, docs/protocol.md): the id is
+  looked up, first with the single-task query, then among the list pages' ``task_info``.  Found,
+  it is this job's task; not found, nothing was created and the submit may go again with the
+  same id (the server refuses a second task with it, so it cannot pay twice).
+* **Provably, by video and time** (every dialect with a list query): a listed task is adopted
+  only when the submit's answer proved that a task was created (a success whose body was cut
+  off), and the task is the only one on the job's ``video_url`` that no job owns, created inside
+  the submit's own window (from its intent to its failed answer, the server's clock offset
+  taken from this batch's own answers by :class:`ClockOffset`) with no other task on that video
+  from anyone in a surrounding window of :data:`NEIGHBOURHOOD` seconds, and no other job of the
+  batch awaits a submit on that video.  After a time-out, a 5xx, a proxy's error page or a
+  crash nothing proves that a lone task there is not another client's (the same clip dubbed at
+  the same moment): the outcome stays unknown, naming the candidates.
 """
 
 from __future__ import annotations
 
+import enum
 import logging
+import math
 from collections.abc import Callable
+from typing import Final, Protocol
 
 import anyio
 import attrs
 
-from ._errors import KlingError
+from ._errors import (
+    KlingError,
+    MalformedResponseError,
+    NotFoundError,
+    SubmitOutcomeUnknownError,
+)
 from ._requester import Requester
 from ._results import TaskSnapshot
 from .dialects import Dialect
 
-__all__ = ["CLOCK_SKEW", "Match", "Reconciler"]
+__all__ = [
+    "ABSENT",
+    "CLOCK_SKEW",
+    "LATEST_CREATE",
+    "NEIGHBOURHOOD",
+    "ClockOffset",
+    "Ledger",
+    "Match",
+    "MemoryLedger",
+    "Reconciler",
+]
 
 logger = logging.getLogger("kling_async")
 
-#: Seconds the server's clock may run behind ours (a task may look created before the intent).
+#: Seconds the server's clock is assumed to be off at most before any answer calibrated it.
 CLOCK_SKEW = 60.0
-#: Seconds after the intent by which a submit's task must exist: a request's whole life
-#: (``Timeouts.total`` is 180 s by default) plus retries of answers that created nothing.
+#: Seconds after the intent by which a submit's task must exist when no answer bounds it (a run
+#: that died mid-submit): a request's whole life plus retries of answers that created nothing.
 LATEST_CREATE = 900.0
+#: Seconds around a submit's window in which no other task on the same video may exist.
+NEIGHBOURHOOD = 60.0
 #: Newest tasks looked at, at most: pages of ``_PAGE_SIZE``.
 _MAX_PAGES = 5
 _PAGE_SIZE = 100
+# Server timestamps are whole milliseconds.
+_TICK = 0.001
+
+
+class ClockOffset:
+    """The server clock's offset from ours (server minus local, seconds), as an interval.
+
+    Every submit answer narrows it: a task created at server time ``c`` by a request sent at
+    local ``sent`` and answered at ``received`` means ``c - received <= offset <= c - sent``
+    (plus a tick for the server's millisecond rounding).  Any answer naming a task's time ``t``
+    at local ``received`` means ``offset >= t - received``.  Until both ends are known it is
+    ``±`` :data:`CLOCK_SKEW` around what is known.  Should the bounds cross (the server's clock
+    jumped), the interval starts again from the newest observation.
+    """
+
+    def __init__(self, lo: float = -math.inf, hi: float = math.inf) -> None:
+        self.lo = lo
+        self.hi = hi
+        #: Called with (lo, hi) whenever the interval narrows (a journal keeps it).
+        self.on_change: Callable[[float, float], None] | None = None
+
+    def observe(self, sent: float, received: float, created: float | None) -> None:
+        """A submit sent at ``sent`` and answered at ``received`` says its task's ``created``."""
+        if created is None or received < sent:
+            return
+        self._narrow(created - received, created + _TICK - sent)
+
+    def observe_seen(self, received: float, server_time: float | None) -> None:
+        """An answer received at ``received`` names ``server_time`` (the offset's lower bound)."""
+        if server_time is not None:
+            self._narrow(server_time - received, math.inf)
+
+    def _narrow(self, lo: float, hi: float) -> None:
+        new_lo, new_hi = max(self.lo, lo), min(self.hi, hi)
+        if new_lo > new_hi:
+            new_lo, new_hi = lo, hi
+        if (new_lo, new_hi) == (self.lo, self.hi):
+            return
+        changed = new_hi - new_lo < self.hi - self.lo - _TICK
+        self.lo, self.hi = new_lo, new_hi
+        if changed and self.on_change is not None and math.isfinite(self.width):
+            self.on_change(self.lo, self.hi)
+
+    @property
+    def width(self) -> float:
+        """How uncertain the offset is, in seconds (infinite until calibrated)."""
+        return self.hi - self.lo
+
+    def bounds(self) -> tuple[float, float]:
+        """``(lo, hi)``, each end :data:`CLOCK_SKEW` from the other when unknown."""
+        lo, hi = self.lo, self.hi
+        if math.isinf(lo) and math.isinf(hi):
+            return -CLOCK_SKEW, CLOCK_SKEW
+        if math.isinf(hi):
+            return lo, lo + 2 * CLOCK_SKEW
+        if math.isinf(lo):
+            return hi - 2 * CLOCK_SKEW, hi
+        return lo, hi
+
+
+class Ledger(Protocol):
+    """What the batch knows of its own tasks and submits (a journal, or memory without one)."""
+
+    def owner(self, task_id: str) -> str | None:
+        """The key of the job that owns ``task_id``, or None."""
+        ...
+
+    def unresolved(self, key: str, stage: str, video_url: str, near: float, within: float) -> int:
+        """How many jobs besides ``key`` await a ``stage`` submit of ``video_url`` near ``near``."""
+        ...
 
 
 @attrs.frozen(kw_only=True)
 class Match:
-    """The outcome of one search: the adopted task, or why there is none."""
+    """The outcome of one search: the adopted task, or why there is none and who might be it."""
 
     snapshot: TaskSnapshot | None = None
     reason: str = ""
+    candidates: tuple[str, ...] = ()
+
+
+class _Absent(enum.Enum):
+    ABSENT = "absent"
+
+
+#: :meth:`Reconciler.find_external`'s answer when no task carries the external id.
+ABSENT: Final = _Absent.ABSENT
 
 
 class Reconciler:
-    """Searches recent tasks for the one an unanswered submit created.
+    """Searches the server's tasks for the one an unanswered submit created.
 
-    ``owned`` tells whether a task id already belongs to some job; ``unresolved(key, stage,
-    video_url, intent_at)`` how many jobs other than ``key`` wait on a submit of the same stage
-    and video sent near the same time.  Searches run one at a time, so
-    that two jobs never adopt the same task.
+    Searches run one at a time, so that two jobs never adopt the same task; the caller records
+    an adopted task (its ledger's :meth:`Ledger.owner` knows it) before the next search.
     """
 
     def __init__(
@@ -58,14 +164,116 @@ class Reconciler:
         *,
         dialect: Dialect,
         requester: Requester,
-        owned: Callable[[str], bool],
-        unresolved: Callable[[str, str, str, float], int],
+        ledger: Ledger,
+        offset: ClockOffset,
+        clock: Callable[[], float],
+        confirm_wait: float = 60.0,
     ) -> None:
         self._dialect = dialect
         self._requester = requester
-        self._owned = owned
-        self._unresolved = unresolved
+        self.ledger = ledger
+        self.offset = offset
+        self._clock = clock
+        #: Longest wait (seconds) for the server to show that it keeps external ids (see
+        #: :meth:`confirm_external`) before an absent one may be sent again.
+        self.confirm_wait = confirm_wait
         self._lock = anyio.Lock()
+        #: Ids of the tasks adopted by lookups (a result of one of them says ``adopted``).
+        self.adopted: set[str] = set()
+        self._confirmed = anyio.Event()
+        #: Called once the server has shown that it keeps external ids (a journal keeps that).
+        self.on_confirm: Callable[[], None] | None = None
+
+    # -- exactly, by external id ---------------------------------------------------------
+
+    def confirm_external(self) -> None:
+        """A submit answer echoed its external id: this server keeps them.
+
+        Until then, an external id that no task carries proves nothing (a gateway may drop the
+        field silently), so nothing is sent again on its strength.
+        """
+        if not self._confirmed.is_set():
+            self._confirmed.set()
+            if self.on_confirm is not None:
+                self.on_confirm()
+
+    @property
+    def external_confirmed(self) -> bool:
+        """Whether :meth:`confirm_external` was called."""
+        return self._confirmed.is_set()
+
+    async def find_external(self, stage: str, external_id: str) -> TaskSnapshot | _Absent:
+        """The task whose external id is ``external_id``, or :data:`ABSENT` when none has it.
+
+        The single-task query first, then the list pages.  A query or list error other than
+        "not found" is raised (the answer is then unknown, not absent).
+        """
+        request = self._dialect.query_request(stage, external_id)
+        try:
+            found = await self._requester.call(
+                request, lambda answer: self._dialect.parse_external(stage, external_id, answer)
+            )
+        except NotFoundError:
+            async with self._lock:
+                pages, _ = await self._pages(stage, -math.inf)
+            listed = [s for page in pages for s in page if s.external_task_id == external_id]
+            if not listed:
+                return ABSENT
+            found = listed[0]
+        self.adopted.add(found.task_id)
+        return found
+
+    async def resolve(
+        self,
+        *,
+        key: str,
+        stage: str,
+        external_id: str | None,
+        video_url: str | None,
+        intent_at: float,
+        answered_at: float | None,
+        cause: KlingError | None,
+    ) -> TaskSnapshot | _Absent:
+        """What became of job ``key``'s unclear ``stage`` submit: its task, or :data:`ABSENT`.
+
+        :data:`ABSENT` only with an external id (nothing carries it: the submit may go again
+        with it).  Otherwise raises :class:`SubmitOutcomeUnknownError` naming the candidates,
+        or the fatal error a lookup met.
+        """
+        if external_id is not None and self._dialect.external_ids:
+            try:
+                found = await self.find_external(stage, external_id)
+            except KlingError as exc:
+                if exc.fatal:
+                    raise
+                detail = f"looking up external id {external_id} failed: {type(exc).__name__}"
+                raise SubmitOutcomeUnknownError(stage, cause=cause, detail=detail) from exc
+            if found is not ABSENT:
+                logger.info("%s: found task %s by its external id", key, found.task_id)
+                return found
+            with anyio.move_on_after(self.confirm_wait):
+                await self._confirmed.wait()  # (other submits of the batch may show it)
+            if not self.external_confirmed:
+                detail = (
+                    f"no task carries external id {external_id}, but this server has not shown"
+                    " (by echoing one back) that it keeps external ids"
+                )
+                raise SubmitOutcomeUnknownError(stage, cause=cause, detail=detail)
+            return ABSENT
+        exists = (
+            isinstance(cause, MalformedResponseError)
+            and cause.status is not None
+            and 200 <= cause.status < 300
+        )
+        match = await self.find(key, stage, video_url, intent_at, answered_at, exists=exists)
+        if match.snapshot is None:
+            logger.info("%s: %s submit outcome unknown: %s", key, stage, match.reason)
+            raise SubmitOutcomeUnknownError(
+                stage, cause=cause, detail=match.reason, candidates=match.candidates
+            )
+        return match.snapshot
+
+    # -- provably, by video and time -----------------------------------------------------
 
     def can_search(self, stage: str, video_url: str | None) -> bool:
         """Whether a search could find anything for this stage and video."""
@@ -75,55 +283,136 @@ class Reconciler:
             and self._dialect.list_request(stage, 1, 1) is not None
         )
 
-    async def find(self, key: str, stage: str, video_url: str | None, intent_at: float) -> Match:
-        """The task to adopt for job ``key``'s ``stage`` submit of ``video_url`` at ``intent_at``.
+    async def find(
+        self,
+        key: str,
+        stage: str,
+        video_url: str | None,
+        intent_at: float,
+        answered_at: float | None = None,
+        *,
+        exists: bool = False,
+    ) -> Match:
+        """The task to adopt for job ``key``'s ``stage`` submit of ``video_url``.
+
+        The submit was about to leave at ``intent_at`` (local seconds) and failed at
+        ``answered_at`` (None: never answered, the run died).  ``exists``: its answer proved that
+        it created a task (a success whose body was cut off).  Only then is a task adopted:
+        the one unowned task on the video around the submit, when no other job awaits a submit
+        there.  Without that proof a lone task there may be another client's (the same clip
+        dubbed elsewhere at the same moment), so it is only named as a candidate.
 
         Transient list errors are retried (a list query is idempotent); one that persists
-        leaves the match unknown.  A fatal error (bad key) is raised.  The caller must record
-        the adopted task's id before the next search (:meth:`find` holds no reservation).
+        leaves the match unknown.  A fatal error (bad key) is raised.
         """
-        if video_url is None or not self.can_search(stage, video_url):
+        if video_url is None:
+            return Match(reason="a video_id job has no video URL to recognise its task by")
+        if not self.can_search(stage, video_url):
             return Match(reason="no list query to look for it")
+        lo, hi = self.offset.bounds()
+        latest = answered_at if answered_at is not None else intent_at + LATEST_CREATE
         async with self._lock:
             try:
-                candidates = await self._search(stage, video_url, intent_at)
+                pages, complete = await self._pages(stage, intent_at - NEIGHBOURHOOD + lo)
             except KlingError as exc:
                 if exc.fatal:
                     raise
                 return Match(reason=f"listing recent tasks failed: {type(exc).__name__}")
-            rivals = self._unresolved(key, stage, video_url, intent_at)
-        if len(candidates) == 1 and rivals == 0:
-            logger.info("adopted task %s: created by a submit whose answer was lost", candidates[0])
-            return Match(snapshot=candidates[0])
-        if not candidates:
-            return Match(reason="no matching task among the newest")
-        ids = ", ".join(c.task_id for c in candidates[:5])
+            near: list[TaskSnapshot] = []
+            inside: list[TaskSnapshot] = []
+            for snapshot in (s for page in pages for s in page):
+                created = snapshot.created_at
+                if created is None or snapshot.parent_video_url != video_url:
+                    continue
+                if self._owned(snapshot.task_id):
+                    continue  # another job's task: accounted for
+                # When, on our clock, the server may have created it.
+                earliest, last = created - hi, created + _TICK - lo
+                if last < intent_at - NEIGHBOURHOOD or earliest > latest + NEIGHBOURHOOD:
+                    continue
+                (inside if last >= intent_at and earliest <= latest else near).append(snapshot)
+            within = latest - intent_at + NEIGHBOURHOOD
+            rivals = self.ledger.unresolved(key, stage, video_url, intent_at, within)
+            ids = tuple(s.task_id for s in inside + near)  # the likeliest first
+            if exists and complete and len(inside) == 1 and not near and rivals == 0:
+                self.adopted.add(ids[0])  # (before the lock is let go: no second adopter)
+                logger.info("%s: adopted task %s: the only one on its video", key, ids[0])
+                return Match(snapshot=inside[0])
+        if not ids:
+            return Match(reason="no task on its video around the submit")
+        shown = ", ".join(ids[:5])
+        counts = f"{len(inside)} inside its window, {len(near)} around it ({shown})"
+        if not exists:
+            why = "its answer never said whether a task was created, and another client's task"
+            return Match(
+                reason=f"{why} on the same video cannot be told from its own: {counts}",
+                candidates=ids,
+            )
         return Match(
-            reason=f"ambiguous: {len(candidates)} matching task(s) ({ids}) for "
-            f"{rivals + 1} job(s) on the same video"
+            reason=f"ambiguous: tasks on its video {counts}, {rivals} other job(s) awaiting a"
+            " submit there" + ("" if complete else "; the newest tasks did not reach back to it"),
+            candidates=ids,
         )
 
-    async def _search(self, stage: str, video_url: str, intent_at: float) -> list[TaskSnapshot]:
-        earliest, latest = intent_at - CLOCK_SKEW, intent_at + LATEST_CREATE
+    def _owned(self, task_id: str) -> bool:
+        return task_id in self.adopted or self.ledger.owner(task_id) is not None
+
+    async def _pages(self, stage: str, oldest: float) -> tuple[list[list[TaskSnapshot]], bool]:
+        """Newest-first list pages until one reaches back past server time ``oldest``.
+
+        Also whether they did (False: :data:`_MAX_PAGES` pages held newer tasks only).
+        """
         page_size = min(self._dialect.list_page_size, _PAGE_SIZE)
-        found: list[TaskSnapshot] = []
-        for page in range(1, _MAX_PAGES + 1):
-            request = self._dialect.list_request(stage, page, page_size)
+        pages: list[list[TaskSnapshot]] = []
+        if page_size <= 0:
+            return pages, False
+        for number in range(1, _MAX_PAGES + 1):
+            request = self._dialect.list_request(stage, number, page_size)
             if request is None:
                 break
             snapshots = await self._requester.call(
                 request, lambda response: self._dialect.parse_list(stage, response)
             )
-            for snapshot in snapshots:
-                created = snapshot.created_at
-                if (
-                    snapshot.parent_video_url == video_url
-                    and created is not None
-                    and earliest <= created <= latest
-                    and not self._owned(snapshot.task_id)
-                ):
-                    found.append(snapshot)
-            oldest = min((s.created_at for s in snapshots if s.created_at is not None), default=0)
-            if len(snapshots) < page_size or oldest < earliest:
-                break  # newest first: the rest is older than the submit
-        return found
+            times = [s.created_at for s in snapshots if s.created_at is not None]
+            self.offset.observe_seen(self._clock(), max(times, default=None))
+            pages.append(snapshots)
+            if len(snapshots) < page_size or (times and min(times) < oldest):
+                return pages, True  # newest first: the rest is older
+        return pages, False
+
+
+class MemoryLedger:
+    """The :class:`Ledger` of a batch without a journal: its tasks and unanswered submits."""
+
+    def __init__(self) -> None:
+        # Only whether a task is owned matters here: a set is half a dictionary's memory.
+        self._owned: set[str] = set()
+        self._intents: dict[str, tuple[str, str | None, float]] = {}
+
+    def owner(self, task_id: str) -> str | None:
+        """``"?"`` when some job of the batch owns ``task_id`` (which one is not kept), or None."""
+        return "?" if task_id in self._owned else None
+
+    def unresolved(self, key: str, stage: str, video_url: str, near: float, within: float) -> int:
+        """How many jobs besides ``key`` await a ``stage`` submit of ``video_url`` near ``near``."""
+        return sum(
+            1
+            for other, (other_stage, url, at) in self._intents.items()
+            if other != key
+            and other_stage == stage
+            and url == video_url
+            and abs(at - near) <= within
+        )
+
+    def submitting(self, key: str, stage: str, video_url: str | None, at: float) -> None:
+        """Job ``key``'s ``stage`` submit of ``video_url`` is about to leave at ``at``."""
+        self._intents[key] = (stage, video_url, at)
+
+    def created(self, key: str, task_id: str) -> None:
+        """Job ``key``'s submit is resolved: it owns ``task_id``."""
+        self._owned.add(task_id)
+        self._intents.pop(key, None)
+
+    def cleared(self, key: str) -> None:
+        """Job ``key``'s submit is resolved without a task."""
+        self._intents.pop(key, None)

@@ -5,10 +5,9 @@
 * :meth:`Resume.admit` decides, as each job is read, whether it runs, is reported from the
   journal or was reported already, and refuses duplicate keys and changed jobs;
 * :meth:`Resume.open_step` starts one submit step: tracks the task an earlier run created,
-  adopts the task a lost submit created (:mod:`._reconcile`), or submits;
-* :meth:`Resume.submit_failed` sorts a failed submit into "nothing was created" (recorded, may
-  be sent again) and "a task may exist" (looked for, else
-  :class:`~kling_async.SubmitOutcomeUnknownError`);
+  resolves a submit an earlier run left unanswered (:mod:`._reconcile`: found, sent again with
+  the same external id, or :class:`~kling_async.SubmitOutcomeUnknownError`), or submits;
+* :meth:`Resume.external_id` names the external task id a job's submit carries;
 * :meth:`Resume.finished` records a result and whether a rerun keeps it (:func:`is_final`).
 """
 
@@ -21,18 +20,12 @@ from collections.abc import Awaitable, Callable
 from typing import Final
 
 from ._client_view import ClientView
-from ._errors import (
-    KlingError,
-    ServerError,
-    SubmitOutcomeUnknownError,
-    TransportError,
-    ValidationError,
-    created_nothing,
-)
+from ._errors import SubmitOutcomeUnknownError, ValidationError, created_nothing
+from ._identity import derive_external_id, new_batch_id
 from ._jobs import LipSyncJob
 from ._journal import CREATED, SUBMITTING, Journal
 from ._journal_codec import request_hash
-from ._reconcile import CLOCK_SKEW, LATEST_CREATE, Reconciler
+from ._reconcile import ABSENT, Reconciler
 from ._results import JobResult, TaskSnapshot, TaskState
 from .dialects import Submit
 from .events import Adopted, Event
@@ -68,12 +61,6 @@ def is_final(result: JobResult) -> bool:
     return not (error is not None and created_nothing(error))
 
 
-def _ambiguous(error: KlingError) -> bool:
-    # A time-out, a dropped connection, an unreadable answer, 5000/5002: the server may have
-    # created the task before things went wrong (see created_nothing).
-    return isinstance(error, (TransportError, ServerError)) and not created_nothing(error)
-
-
 class Resume:
     """A batch's use of its journal; see the module docstring."""
 
@@ -91,6 +78,10 @@ class Resume:
         #: Jobs that failed in an earlier run and run again in this one (``retry_failed``).
         self.retried = 0
         self._keys: set[str] = set()
+        #: Jobs an earlier run reported already (skipped now), and how many of those failed.
+        self.skipped = 0
+        self.skipped_failed = 0
+        self._fresh_ids: set[str] = set()  # keys retried after a failure (retry_failed)
         #: The batch's event sink (:mod:`kling_async.events`), if it has a callback.
         self.on_event: Callable[[Event], None] | None = None
 
@@ -101,21 +92,29 @@ class Resume:
         path: str | os.PathLike[str],
         *,
         resubmit_unknown: bool,
+        reconciler: Reconciler,
         retry_failed: bool = False,
     ) -> Resume:
-        """Open the journal at ``path`` for a batch of ``client``."""
+        """Open the journal at ``path`` for a batch of ``client``; ``reconciler`` uses it.
+
+        The journal becomes the reconciler's ledger, and the clock offset an earlier run
+        measured seeds its calibration (and is kept as it improves).
+        """
         dialect = client.dialect
         journal = await Journal.open(
             path, dialect=dialect.name, stage=dialect.default_stage, base_url=client.base_url
         )
-        reconciler = Reconciler(
-            dialect=dialect,
-            requester=client.requester,
-            owned=lambda task_id: journal.owner(task_id) is not None,
-            unresolved=lambda key, stage, url, at: journal.unresolved(
-                key, stage, url, at, LATEST_CREATE + CLOCK_SKEW
-            ),
-        )
+        reconciler.ledger = journal
+        if journal.clock_offset is not None:
+            reconciler.offset.lo, reconciler.offset.hi = journal.clock_offset
+        reconciler.offset.on_change = journal.set_clock_offset
+        if journal.external_ids_confirmed:
+            reconciler.confirm_external()
+        reconciler.on_confirm = journal.confirm_external_ids
+        for record in journal.jobs():
+            for stage in record.stages.values():
+                if stage.adopted and stage.task_id is not None:
+                    reconciler.adopted.add(stage.task_id)
         return cls(journal, reconciler, resubmit_unknown, retry_failed)
 
     # -- per job -------------------------------------------------------------------------
@@ -152,13 +151,28 @@ class Resume:
             if self._retry_failed and not record.result.ok:
                 # A final failure: its task ended (or none was created), so a new one cannot
                 # be paid twice.  The record starts over; the old task stays the key's in
-                # memory, so it is never adopted for the new submit.
+                # memory, so it is never adopted for the new submit.  Its external id was
+                # spent on the old task: the new submit gets a fresh one (see external_id).
                 self.retried += 1
+                self._fresh_ids.add(key)
                 logger.debug("%s: failed in an earlier run, submitting it again", key)
                 self.journal.begin(key, digest, job.video_url)
                 return None
-            return SKIP if record.reported else record.result
+            if not record.reported:
+                return record.result
+            self.skipped += 1
+            self.skipped_failed += not record.result.ok
+            return SKIP
         return None
+
+    def all_reported(self) -> str | None:
+        """What to say when every job of the batch had been reported by earlier runs."""
+        if not self.skipped or self.skipped != len(self._keys):
+            return None
+        return (
+            f"journal {self.journal.path}: all {self.skipped} jobs already reported,"
+            f" {self.skipped_failed} failed; nothing to run (a new journal runs them again)"
+        )
 
     async def finished(self, result: JobResult) -> None:
         """Record ``result`` (before it is handed to the consumer)."""
@@ -171,6 +185,20 @@ class Resume:
         step = record.stages.get(stage) if record is not None else None
         return step.intent_at if step is not None and step.intent_at else None
 
+    def external_id(self, key: str, stage: str) -> str:
+        """The external task id of ``key``'s ``stage`` submit.
+
+        The one an earlier run sent (so that a lookup and a resend use the very same), else one
+        derived from the journal's batch id and the key.
+        """
+        record = self.journal.job(key)
+        step = record.stages.get(stage) if record is not None else None
+        if step is not None and step.external_id is not None and step.status != CREATED:
+            return step.external_id
+        if key in self._fresh_ids:  # (kept with the submit's intent: a rerun sends the same)
+            return derive_external_id(self.journal.batch_id, f"{key}~{new_batch_id()[:8]}")
+        return derive_external_id(self.journal.batch_id, key)
+
     # -- per submit step -----------------------------------------------------------------
 
     async def open_step(
@@ -178,7 +206,7 @@ class Resume:
         key: str,
         job: LipSyncJob,
         step: Submit,
-        submit: Callable[[], Awaitable[TaskSnapshot]],
+        submit: Callable[..., Awaitable[TaskSnapshot]],
     ) -> TaskSnapshot:
         """The first snapshot of ``step``'s task: known, adopted or sent with ``submit()``.
 
@@ -192,44 +220,31 @@ class Resume:
             return known.snapshot or TaskSnapshot(task_id=known.task_id, state=TaskState.SUBMITTED)
         if known is not None and known.status == SUBMITTING:
             # An earlier run stopped with this submit in flight, or its answer was lost.
-            found, reason = await self._adopt(key, step.stage, job.video_url, known.intent_at)
-            if found is not None:
+            try:
+                found = await self._reconciler.resolve(
+                    key=key,
+                    stage=step.stage,
+                    # What that run sent (None from a journal older than external ids).
+                    external_id=known.external_id,
+                    video_url=job.video_url,
+                    intent_at=known.intent_at,
+                    answered_at=None,
+                    cause=None,
+                )
+            except SubmitOutcomeUnknownError:
+                if not self._resubmit_unknown:
+                    raise
+                logger.warning("%s: submitting %s again (resubmit_unknown=True)", key, step.stage)
+                return await submit()
+            if found is not ABSENT:
+                await self.journal.created(key, step.stage, found.task_id, adopted=True)
+                if self.on_event is not None:
+                    self.on_event(Adopted(key=key, stage=step.stage, task_id=found.task_id))
                 return found
-            if not self._resubmit_unknown:
-                raise SubmitOutcomeUnknownError(step.stage, detail=reason)
-            logger.warning("%s: submitting %s again (resubmit_unknown=True)", key, step.stage)
+            return await submit(sent_before=True)
         return await submit()
 
     async def created(self, key: str, stage: str, snapshot: TaskSnapshot) -> None:
         """Record the task a submit created (a terminal answer is kept whole: identify-face)."""
         kept = snapshot if snapshot.state.is_terminal else None
         await self.journal.created(key, stage, snapshot.task_id, kept)
-
-    async def submit_failed(self, key: str, stage: str, error: KlingError) -> TaskSnapshot:
-        """Deal with a submit that raised ``error``: adopt its task, or raise.
-
-        A clear refusal is recorded as such and ``error`` raised; an ambiguous failure is looked
-        up among recent tasks, and raised as :class:`SubmitOutcomeUnknownError` when not found.
-        """
-        record = self.journal.job(key)
-        if not _ambiguous(error) or record is None:
-            await self.journal.refused(key, stage)
-            raise error
-        step = record.stages.get(stage)
-        intent = step.intent_at if step is not None else 0.0
-        found, reason = await self._adopt(key, stage, record.video_url, intent)
-        if found is not None:
-            return found
-        raise SubmitOutcomeUnknownError(stage, cause=error, detail=reason) from error
-
-    async def _adopt(
-        self, key: str, stage: str, video_url: str | None, intent_at: float
-    ) -> tuple[TaskSnapshot | None, str]:
-        match = await self._reconciler.find(key, stage, video_url, intent_at)
-        if match.snapshot is None:
-            logger.info("%s: %s submit outcome unknown: %s", key, stage, match.reason)
-            return None, match.reason
-        await self.journal.created(key, stage, match.snapshot.task_id)
-        if self.on_event is not None:
-            self.on_event(Adopted(key=key, stage=stage, task_id=match.snapshot.task_id))
-        return match.snapshot, ""

@@ -9,11 +9,37 @@ after tasks finish cleanly, so that 1303 costs waiting, never a job.
 
 from __future__ import annotations
 
+import logging
 from collections import deque
+from collections.abc import Awaitable, Callable, Iterable
 
 import anyio
+from anyio.abc import TaskGroup
 
-__all__ = ["SlotHold", "TaskSlots"]
+from ._errors import ConcurrencyLimitError, KlingError
+from ._results import TaskSnapshot
+
+__all__ = ["SlotHold", "StuckTasks", "TaskSlots", "slot_wait_error"]
+
+logger = logging.getLogger("kling_async")
+
+
+def slot_wait_error(waited: float, blocking: Iterable[str]) -> ConcurrencyLimitError:
+    """The error of a job that waited ``waited`` seconds for a slot in vain.
+
+    ``blocking_task_ids`` names the tasks known to hold the account's slots (this batch's own,
+    including those that outlived ``PollPolicy.timeout``); other clients' are not known.
+    """
+    ids = tuple(dict.fromkeys(blocking))
+    held = f"held by tasks {', '.join(ids[:10])}" if ids else "held by other clients' tasks"
+    error = ConcurrencyLimitError(
+        f"no task slot freed within RetryPolicy.max_slot_wait ({waited:g} s): the account's"
+        f" task limit is {held}; the job was not submitted",
+        status=429,
+        code=1303,
+    )
+    error.blocking_task_ids = ids
+    return error
 
 
 class TaskSlots:
@@ -30,6 +56,8 @@ class TaskSlots:
         self.in_use = 0
         self._clean_finishes = 0
         self._waiters: deque[anyio.Event] = deque()
+        #: Set when a wait for a slot ran out of patience; cleared when a slot frees.
+        self.starved = False
 
     def try_acquire(self) -> bool:
         """Take a slot if one is free (and nobody waits for one); no waiting."""
@@ -55,9 +83,28 @@ class TaskSlots:
                 self._waiters.remove(event)
             raise
 
+    async def acquire_within(self, patience: float) -> bool:
+        """Take a slot, waiting at most ``patience`` seconds; False when none freed in time.
+
+        Once a wait has run out, later ones give up at once (no slot has freed since: the
+        account is held), until a slot frees: the jobs still waiting then end together instead
+        of each waiting its own ``patience`` in turn.
+        """
+        if self.try_acquire():
+            return True
+        if self.starved or patience <= 0:
+            self.starved = True
+            return False
+        with anyio.move_on_after(patience):
+            await self.acquire()
+            return True
+        self.starved = True
+        return False
+
     def release(self) -> None:
         """Give a slot back (its task ended, or it was never created)."""
         self.in_use -= 1
+        self.starved = False
         self._wake()
 
     def shrink(self) -> None:
@@ -87,9 +134,9 @@ class SlotHold:
 
     __slots__ = ("_held", "_slots")
 
-    def __init__(self, slots: TaskSlots) -> None:
+    def __init__(self, slots: TaskSlots, *, held: bool = True) -> None:
         self._slots = slots
-        self._held = True
+        self._held = held
 
     def release(self) -> None:
         """Give the slot back, unless already given."""
@@ -101,3 +148,58 @@ class SlotHold:
         """Take a slot again (after a 1303 refusal gave it back)."""
         await self._slots.acquire()
         self._held = True
+
+    async def acquire_within(self, patience: float) -> bool:
+        """Take a slot again, waiting at most ``patience`` seconds (see TaskSlots)."""
+        self._held = await self._slots.acquire_within(patience)
+        return self._held
+
+
+class StuckTasks:
+    """Tasks reported ``TIMED_OUT`` that keep their slots until they are seen to end.
+
+    Such a task still counts against the account's task limit: giving its slot back would only
+    earn 1303 refusals.  Each is looked at every ``interval`` seconds (``get_task(task_id,
+    stage=...)``) in ``group`` (the batch's, while it runs); its slot is released once it has
+    ended, or when the batch stops.
+    """
+
+    def __init__(
+        self,
+        slots: TaskSlots,
+        get_task: Callable[..., Awaitable[TaskSnapshot]],
+        interval: float,
+    ) -> None:
+        self._slots = slots
+        self._get_task = get_task
+        self._interval = interval
+        #: Where followers run (None while the batch does not run: no slot is kept then).
+        self.group: TaskGroup | None = None
+        #: Ids of the tasks followed now.
+        self.ids: set[str] = set()
+
+    def follow(self, task_id: str, stage: str, slot: SlotHold) -> bool:
+        """Keep ``slot`` for ``task_id`` until it ends; False when no batch runs to follow it."""
+        if self.group is None:
+            return False
+        self.ids.add(task_id)
+        self.group.start_soon(self._follow, task_id, stage, slot)
+        return True
+
+    async def _follow(self, task_id: str, stage: str, slot: SlotHold) -> None:
+        try:
+            while True:
+                await anyio.sleep(self._interval)
+                try:
+                    snapshot = await self._get_task(task_id, stage=stage)
+                except KlingError as exc:
+                    if exc.fatal:
+                        return
+                    continue
+                if snapshot.state.is_terminal:
+                    logger.info("task %s, reported timed out, has ended: its slot is free", task_id)
+                    self._slots.finished()
+                    return
+        finally:
+            self.ids.discard(task_id)
+            slot.release()

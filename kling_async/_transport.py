@@ -18,7 +18,7 @@ import aiohttp
 import attrs
 
 from ._auth import Credentials
-from ._config import _positive
+from ._config import _count, _positive
 from ._errors import (
     AuthenticationError,
     ConnectError,
@@ -38,29 +38,36 @@ logger = logging.getLogger("kling_async")
 #: never fetches videos (see Transport.stream); Proxy-Authorization is for the proxy, so it stays.
 _CREDENTIAL_HEADERS = ("Authorization", "Cookie")
 
-#: Largest answer read into memory; a list page of 500 tasks is well under 1 MiB.
-MAX_BODY_BYTES = 16 * 1024 * 1024
+#: Default largest API answer read into memory (``Timeouts.max_answer_bytes``): the largest
+#: legitimate one, a list page of 500 tasks, is well under 1 MiB.
+MAX_BODY_BYTES = 2 * 1024 * 1024
 
 
 @attrs.frozen(kw_only=True)
 class Timeouts:
-    """Time-outs of one request, in seconds: to connect, between reads, and in all.
+    """Limits of one request: time-outs in seconds, and the largest API answer read.
 
     API calls are bounded by ``connect`` and ``total``: a server that stalls (never answers, or
     stops mid-answer) fails with :class:`~kling_async.TransportTimeout` after at most ``total``
     seconds.  ``read`` (the longest silence between two reads) applies to video downloads,
     which have no total limit.  Why not ``read`` on API calls too: an API answer is a small
-    JSON body (bounded by :data:`MAX_BODY_BYTES`, normally a few KB that arrive at once), so
+    JSON body (bounded by ``max_answer_bytes``, normally a few KB that arrive at once), so
     ``total`` already bounds it, while aiohttp re-arms a read timer at every request and every
     chunk received (two more timers a request; at thousands of requests a second, a tenth of
     the client's CPU, benchmarks/README.md "Overhead").
 
     The total is generous because a submit may upload up to 5 MB of base64 audio.
+
+    An API answer longer than ``max_answer_bytes`` (default 2 MiB, twice and more the largest
+    legitimate one) is refused as a :class:`~kling_async.MalformedResponseError`: one declared
+    longer before its body is read, a chunked one as soon as it passes the cap.  Videos are not
+    bounded by it.
     """
 
     connect: float = attrs.field(default=15.0, validator=_positive)
     read: float = attrs.field(default=60.0, validator=_positive)
     total: float = attrs.field(default=180.0, validator=_positive)
+    max_answer_bytes: int = attrs.field(default=MAX_BODY_BYTES, validator=_count)
 
     def for_api(self) -> aiohttp.ClientTimeout:
         """An API call's limits for aiohttp: ``connect`` and ``total``, no per-read timer."""
@@ -104,6 +111,7 @@ class Transport:
         self._owns_session = session is None
         self._pool_size = pool_size
         self._timeout = timeouts.for_api()
+        self._cap = timeouts.max_answer_bytes
         self._stream_timeout = timeouts.for_download()
         self._user_agent = user_agent
         self._clock = clock
@@ -171,10 +179,10 @@ class Transport:
                     request.method, url, json=request.json, headers=headers, timeout=self._timeout
                 ) as answer:
                     declared = answer.content_length
-                    if declared is not None and declared <= MAX_BODY_BYTES:
+                    if declared is not None and declared <= self._cap:
                         body = await answer.read()
                     else:
-                        body = await _read_bounded(answer)
+                        body = await _read_bounded(answer, self._cap)
                     # aiohttp's headers are a case-insensitive multidict already: looked up by a
                     # lower-case name they answer as HttpResponse promises, without a copy.
                     response = HttpResponse(status=answer.status, body=body, headers=answer.headers)
@@ -282,12 +290,16 @@ class Stream:
             ) from None
 
 
-async def _read_bounded(answer: aiohttp.ClientResponse) -> bytes:
-    """The body of an answer of unknown length, or the error of one declared too large."""
+async def _read_bounded(answer: aiohttp.ClientResponse, cap: int) -> bytes:
+    """The body of an answer of unknown length, or the error of one longer than ``cap``.
+
+    Read a piece at a time and refused as soon as it passes the cap (leaving the rest unread:
+    the connection is then closed, not reused).
+    """
     declared = answer.content_length
-    if declared is not None and declared > MAX_BODY_BYTES:
+    if declared is not None and declared > cap:
         raise MalformedResponseError(
-            f"answer of {declared} bytes exceeds {MAX_BODY_BYTES}", status=answer.status
+            f"answer of {declared} bytes exceeds the {cap}-byte cap", status=answer.status
         )
     if declared is not None:
         return await answer.read()
@@ -295,9 +307,9 @@ async def _read_bounded(answer: aiohttp.ClientResponse) -> bytes:
     size = 0
     async for chunk in answer.content.iter_chunked(64 * 1024):
         size += len(chunk)
-        if size > MAX_BODY_BYTES:
+        if size > cap:
             raise MalformedResponseError(
-                f"answer larger than {MAX_BODY_BYTES} bytes", status=answer.status
+                f"answer larger than the {cap}-byte cap", status=answer.status
             )
         chunks.append(chunk)
     return b"".join(chunks)

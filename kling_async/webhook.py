@@ -14,13 +14,21 @@ net (``PollPolicy.callback_safety_interval``)::
     async for result in client.run_batch(jobs, callback_url=url):
         ...
 
-Callbacks are unsigned, so the URL carries an unguessable token (compared in constant time);
-anything else at that address is answered with a short status and no work:
+The URL carries an unguessable token (compared in constant time).  Since 2026 the official
+API can also sign its callbacks (Standard Webhooks, docs/protocol.md, Signed callbacks):
+given the account's ``webhook_secret`` (``whsec_...``), the receiver refuses every callback
+whose ``webhook-*`` signature headers are missing, stale (more than 5 minutes from now) or do
+not match, before reading what it says; the token stays as a second layer.  Gateways do not
+sign: leave ``webhook_secret`` unset for them.  Anything else at that address is answered with
+a short status and no work:
 
 ====  ==============================================================================
 200   a readable callback about a task this client tracks now or tracked recently (its
-      last 16384 tasks): late and repeated callbacks too, so the vendor stops retrying
+      last 16384 tasks): late and repeated callbacks too, so the vendor stops retrying;
+      and a ``submitted`` callback about a task not known yet (the console's test callback
+      is one; a submit's own callback may beat its answer): it changes nothing
 400   the body is not a callback in the client's dialect
+401   with a ``webhook_secret``: a missing, stale or wrong signature (nothing changes)
 404   wrong token (nothing revealed), or a task this client does not know (the vendor
       retries, which gives a batch resumed from its journal a chance to take it)
 405   a method other than POST
@@ -36,14 +44,16 @@ import hmac
 import logging
 import re
 import secrets
-from collections.abc import Awaitable, Callable, Mapping, MutableMapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping, MutableMapping
 from typing import TYPE_CHECKING, Any
 
 import attrs
 from aiohttp import web
 
-from ._errors import KlingError, ValidationError
+from ._errors import CallbackSignatureError, KlingError, ValidationError
 from ._http import check_http_url
+from ._results import TaskState
+from ._signature import WebhookSecret, lower_headers
 
 if TYPE_CHECKING:
     from ._client import KlingClient
@@ -79,6 +89,7 @@ _BAD_METHOD = _Reply(405, "method not allowed", (("Allow", "POST"),))
 _TOO_LARGE = _Reply(413, "body too large")
 _NOT_JSON = _Reply(415, "JSON only")
 _MALFORMED = _Reply(400, "not a callback")
+_UNSIGNED = _Reply(401, "signature required")
 
 
 class _Refused(Exception):
@@ -103,12 +114,24 @@ class CallbackReceiver:
     ``param``: with audio sent as base64 they can exceed the default 64 KiB, so raise it (or
     send audio URLs); a refused callback is still caught by the safety polls.
 
-    ``counts`` tallies answers by outcome (``"accepted"``, ``"unknown"``, ``"forged"``,
-    ``"malformed"``, ``"too_large"``, ``"bad_method"``, ``"not_json"``).
+    ``webhook_secret`` (``"whsec_..."``, or several while you rotate it) makes the receiver
+    verify Kling's Standard Webhooks signature of every callback (401 when it fails); without
+    it the client's own ``webhook_secret``, if any, is used.  ``clock`` (Unix seconds, default
+    the client's) judges the signature's timestamp.
+
+    ``counts`` tallies answers by outcome (``"accepted"``, ``"early"``, ``"unknown"``,
+    ``"forged"``, ``"unsigned"``, ``"malformed"``, ``"too_large"``, ``"bad_method"``,
+    ``"not_json"``).
     """
 
     def __init__(
-        self, client: KlingClient, *, token: str | None = None, max_body: int = DEFAULT_MAX_BODY
+        self,
+        client: KlingClient,
+        *,
+        token: str | None = None,
+        max_body: int = DEFAULT_MAX_BODY,
+        webhook_secret: str | Iterable[str] | None = None,
+        clock: Callable[[], float] | None = None,
     ) -> None:
         if token is None:
             token = secrets.token_urlsafe(32)
@@ -122,11 +145,18 @@ class CallbackReceiver:
         self._token = token
         self._token_bytes = token.encode("ascii")
         self.max_body = max_body
+        self._secret = (
+            WebhookSecret(webhook_secret) if webhook_secret is not None else client.webhook_secret
+        )
+        self._clock = clock or client._clock
         self.counts: collections.Counter[str] = collections.Counter()
 
     def __repr__(self) -> str:
-        # The token is a secret: never in a repr.
-        return f"CallbackReceiver(client={self._client!r}, max_body={self.max_body})"
+        # The token and the webhook secret are secrets: never in a repr.
+        return (
+            f"CallbackReceiver(client={self._client!r}, max_body={self.max_body}, "
+            f"signed={self._secret is not None})"
+        )
 
     @property
     def path(self) -> str:
@@ -168,7 +198,7 @@ class CallbackReceiver:
         try:
             self._check(token, request.method, request.headers)
             body = await self._read_aiohttp(request)
-            reply = self._accept(body)
+            reply = self._accept(body, request.headers.items())
         except _Refused as refused:
             reply = refused.reply
         response = web.Response(status=reply.status, text=reply.text, headers=dict(reply.headers))
@@ -205,7 +235,7 @@ class CallbackReceiver:
         try:
             self._check(_token_in(_relative_path(scope)), str(scope.get("method", "")), headers)
             body = await self._read_asgi(receive)
-            reply = self._accept(body)
+            reply = self._accept(body, headers.items())
         except _Refused as refused:
             reply = refused.reply
         except _Disconnected:
@@ -263,8 +293,14 @@ class CallbackReceiver:
         if content_type is not None and not _is_json(content_type):
             raise self._refuse("not_json", _NOT_JSON)
 
-    def _accept(self, body: bytes) -> _Reply:
-        """Parse a callback and deliver it; the tracker update is all the work there is."""
+    def _accept(self, body: bytes, headers: Iterable[tuple[str, str]]) -> _Reply:
+        """Verify, parse and deliver a callback; the tracker update is all the work there is."""
+        if self._secret is not None:
+            try:
+                self._secret.verify(body, lower_headers(headers), now=self._clock())
+            except CallbackSignatureError as exc:
+                logger.warning("callback refused: %s", exc)  # (the reason names no secret)
+                return self._refuse("unsigned", _UNSIGNED).reply
         try:
             snapshot = self._client.dialect.parse_callback(body)
         except KlingError as exc:
@@ -275,6 +311,10 @@ class CallbackReceiver:
         if self._client.deliver_callback(snapshot):
             self.counts["accepted"] += 1
             logger.debug("callback: task %s is %s", snapshot.task_id, snapshot.state.value)
+            return _OK
+        if snapshot.state is TaskState.SUBMITTED:
+            # Nothing to do either way, and the console's "send test callback" wants a 200.
+            self.counts["early"] += 1
             return _OK
         logger.debug("callback about a task this client does not track")
         return self._refuse("unknown", _NOT_FOUND).reply

@@ -324,6 +324,7 @@ async def test_progress_counts_what_the_batch_did() -> None:
             seen = []
             async for _ in results:
                 seen.append(results.progress)
-    assert seen[-1] == ka.BatchProgress(submitted=6, running=0, succeeded=6, failed=0)
+    # units: what the fake server charged, 0.5 a task (final_unit_deduction).
+    assert seen[-1] == ka.BatchProgress(submitted=6, running=0, succeeded=6, failed=0, units=3.0)
     assert seen[-1].done == 6
     assert all(p.running <= 3 for p in seen)

@@ -32,6 +32,12 @@ RESULT_FIELDS = {
     "finished_at",
     "polls",
     "path",
+    "adopted",
+    "video_id",
+    "video_duration",
+    "watermark_url",
+    "units",
+    "balance_deduction",
 }
 SECRET = "sk-not-the-right-key-7f3a9c"
 
@@ -130,6 +136,7 @@ def test_example_jobs_run_in_the_sandbox_with_every_dialect(dialect: str, tmp_pa
         assert line["ok"] and line["state"] == "succeeded", key
         assert line["video_url"].startswith("http://127.0.0.1:")
         assert line["finished_at"] >= line["submitted_at"] > 0 and line["polls"] >= 1
+        assert line["adopted"] is False
     assert "20/20 done" in done.stderr and "Traceback" not in done.stderr
 
 

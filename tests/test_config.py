@@ -44,6 +44,7 @@ FIELDS: list[tuple[Policy, str, str]] = [
     (RetryPolicy, "multiplier", "growth"),
     (RetryPolicy, "jitter", "fraction"),
     (RetryPolicy, "concurrency_delay", "non_negative"),
+    (RetryPolicy, "max_slot_wait", "positive"),
 ]
 IDS = [f"{cls.__name__}.{name}" for cls, name, _ in FIELDS]
 

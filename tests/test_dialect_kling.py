@@ -230,6 +230,10 @@ EXPECTED_SUCCESS = ka.TaskSnapshot(
     created_at=1746773850.59,
     updated_at=1746774021.873,
     parent_video_url="https://cdn.klingai.com/bs2/upload-kling-api/parent/aeba40f7.mp4",
+    returned=ka.Returned(
+        video_id="0f8e3c2a-6f54-4c0e-9d57-6c6f1f0a2b11",  # usable as a later job's video_id
+        video_duration=5.1,  # "5.1" on the wire: a string of seconds
+    ),
 )
 
 

@@ -331,6 +331,8 @@ ALL_CLASSES: list[type[KlingError]] = [
     JournalError,
     DownloadError,
     LocalWriteError,
+    kling_async.BudgetExceededError,
+    kling_async.CallbackSignatureError,
 ]
 
 

@@ -313,9 +313,14 @@ async def test_task_failure_rate_and_no_human() -> None:
 
 
 async def test_answer_delay_creates_the_task_first() -> None:
-    async with running(faults=FaultPlan(answer_delay=0.15)) as (server, http):
+    # The delay is long and the wait for the task polls: a loaded machine (CI) may take a while
+    # to get the request to the server, and what counts is the order, not the time.
+    async with running(faults=FaultPlan(answer_delay=1.0)) as (server, http):
         pending = asyncio.ensure_future(submit(server, http))
-        await asyncio.sleep(0.08)
+        for _ in range(90):
+            if server.tasks_created:
+                break
+            await asyncio.sleep(0.01)
         assert server.tasks_created == 1
         assert not pending.done()
         assert await pending in server.tasks

@@ -456,11 +456,18 @@ def test_timings_are_non_negative_whole_milliseconds(field: str, value: object) 
 
 
 @SETTINGS
-@given(start=st.integers(0, 10**8), length=st.integers(2000, 10**8), insert=st.integers(0, 10**8))
-def test_two_seconds_or_more_of_audio_is_valid(start: int, length: int, insert: int) -> None:
+@given(start=st.integers(0, 10**8), length=st.integers(2000, 60_000), insert=st.integers(0, 10**8))
+def test_two_to_sixty_seconds_of_audio_is_valid(start: int, length: int, insert: int) -> None:
     job = audio_job(sound_start_time=start, sound_end_time=start + length, sound_insert_time=insert)
     assert job.sound_end_time is not None
     assert job.sound_end_time - job.sound_start_time == length
+
+
+@SETTINGS
+@given(start=st.integers(0, 10**8), length=st.integers(60_001, 10**8))
+def test_more_than_sixty_seconds_of_audio_is_refused(start: int, length: int) -> None:
+    end = start + length
+    assert_invalid("sound_end_time", lambda: audio_job(sound_start_time=start, sound_end_time=end))
 
 
 @SETTINGS

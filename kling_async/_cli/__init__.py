@@ -1,7 +1,8 @@
 """The ``kling-async`` command line (also ``python -m kling_async``).
 
 ``run`` validates a job file and runs it as one batch, appending a JSON line per finished job;
-``status`` looks tasks up; ``fake-server`` serves the sandbox.  Exit status: 0 when every job
+``status`` looks tasks up; ``estimate`` says what a job file will cost; ``fake-server`` serves
+the sandbox.  Exit status: 0 when every job
 succeeded, 1 when some failed, 2 for usage errors and fatal account errors (bad key, no
 balance), 130 when interrupted.
 """
@@ -18,6 +19,7 @@ from typing import Any, NoReturn, TypeVar
 
 from .._errors import AuthenticationError, KlingError
 from ._connect import CliError, add_connection_options
+from ._estimate import add_estimate_options
 from ._logs import LOG_FORMATS, configure_logging
 from ._sandbox import TASK_LIMIT
 
@@ -98,6 +100,7 @@ _positive_int = _bounded(int, "a whole number", least=1)
 _count = _bounded(int, "a whole number", least=0)
 _positive_float = _bounded(float, "a number", least=0.0, strict=True)
 _seconds = _bounded(float, "a number of seconds", least=0.0)
+_units = _bounded(float, "a number of units", least=0.0)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -207,7 +210,27 @@ def build_parser() -> argparse.ArgumentParser:
         help="write the run's counts here at the end (jobs by state, failures, tasks submitted, "
         "requests, wall time, exit status), also after Ctrl-C or an error",
     )
+    run.add_argument(
+        "--max-units",
+        metavar="N",
+        type=_units,
+        help="budget in units: each job reserves its estimate (see `estimate`) before it is "
+        "submitted; once the next one would pass N, the remaining jobs end unsubmitted with "
+        "BudgetExceededError (with --journal, what was spent counts across reruns)",
+    )
     run.set_defaults(handler=_command("._run", "run_command"))
+
+    cost = commands.add_parser(
+        "estimate",
+        parents=[output],
+        help="estimate what a job file will cost",
+        description="Estimate each job's cost in units from its trim (sound_end_time - "
+        "sound_start_time) or its local audio file's length; prints one JSON line per job "
+        "and a total. Prices are overridable defaults (see the README's Cost section).",
+    )
+    cost.add_argument("jobs", metavar="JOBS", help="job file: JSONL, or CSV with a header (*.csv)")
+    add_estimate_options(cost, _units)
+    cost.set_defaults(handler=_command("._estimate", "estimate_command"))
 
     status = commands.add_parser(
         "status",
@@ -256,6 +279,21 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"tasks running at once before 1303 refusals (default {TASK_LIMIT}; 0: no limit)",
     )
     serve.add_argument("--seed", type=int, help="random seed (default: a new one each start)")
+    serve.add_argument(
+        "--data-as-list",
+        action="store_true",
+        help="answer a single-task query with a one-element list in data (DMXAPI's quirk)",
+    )
+    serve.add_argument(
+        "--errors-as-200",
+        action="store_true",
+        help="send business errors with HTTP 200 and only the body code (a gateway quirk)",
+    )
+    serve.add_argument(
+        "--webhook-secret",
+        metavar="WHSEC",
+        help="sign callbacks with this Webhook Secret (whsec_...), as Kling does",
+    )
     serve.set_defaults(handler=_command("._status", "fake_server_command"))
     return parser
 

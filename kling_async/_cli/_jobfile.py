@@ -26,12 +26,12 @@ __all__ = ["JOB_FIELDS", "JobFile", "JobFileError", "Record", "Survey", "survey"
 
 
 def _field_kinds() -> dict[str, type]:
-    """Each LipSyncJob field and the scalar type a CSV cell is parsed into (str, int, float)."""
+    """Each LipSyncJob field and the scalar type a CSV cell is parsed into (str, bool, int...)."""
     hints = typing.get_type_hints(LipSyncJob)
     kinds: dict[str, type] = {}
     for field in attrs.fields(LipSyncJob):
         options = typing.get_args(hints[field.name]) or (hints[field.name],)
-        kinds[field.name] = next((t for t in (int, float) if t in options), str)
+        kinds[field.name] = next((t for t in (bool, int, float) if t in options), str)
     return kinds
 
 
@@ -191,8 +191,16 @@ def _unknown(fields: dict[str, Any]) -> str | None:
     return None
 
 
+_BOOLEANS = {"true": True, "yes": True, "1": True, "false": False, "no": False, "0": False}
+
+
 def _parse_cell(name: str, cell: str) -> object:
     kind = _KINDS[name]
+    if kind is bool:  # watermark
+        try:
+            return _BOOLEANS[cell.lower()]
+        except KeyError:
+            raise ValidationError(name, f"must be true or false, not {cell!r}") from None
     if kind is int:
         try:
             return int(cell)

@@ -16,7 +16,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, TextIO
 
-from .._results import JobResult
+from .._results import JobResult, returned_fields
 from ._connect import CliError
 
 __all__ = [
@@ -50,6 +50,9 @@ def result_line(result: JobResult, line: int | None = None) -> dict[str, Any]:
         "finished_at": result.finished_at,
         "polls": result.polls,
         "path": str(result.path) if result.path is not None else None,
+        "adopted": result.adopted,
+        # What the server returned with the video, and what the task cost.
+        **returned_fields(result),
     }
 
 

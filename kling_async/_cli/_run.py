@@ -16,6 +16,7 @@ from urllib.parse import urlsplit
 import anyio
 import attrs
 
+from .._budget import Budget
 from .._config import PollPolicy
 from .._errors import KlingError, ValidationError, shorten
 from .._iterator import BatchIterator
@@ -105,9 +106,10 @@ def run_command(args: argparse.Namespace) -> int:
         ok = tally.done - tally.failed
         where = "" if args.out == "-" else f"; results in {args.out}"
         earlier = f" ({len(tally.resumed)} reported by earlier runs)" if tally.resumed else ""
+        units = f", {tally.units:g} units charged" if tally.units else ""
         print(
             f"kling-async: {plural(tally.done, 'job')}{earlier} in {tally.elapsed:.1f} s: "
-            f"{ok} succeeded, {tally.failed} failed{where}",
+            f"{ok} succeeded, {tally.failed} failed{units}{where}",
             file=sys.stderr,
         )
     status = 1 if failed else 0
@@ -238,6 +240,8 @@ class _Run:
             batch_options["retry_failed"] = args.retry_failed
         if args.download:
             batch_options["download_to"] = args.download
+        if args.max_units is not None:
+            batch_options["budget"] = Budget(units=args.max_units)
         self.progress.start()
         self.results = client.run_batch(self._feed(), **batch_options)
         return await stack.enter_async_context(self.results)

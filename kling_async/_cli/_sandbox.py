@@ -21,7 +21,7 @@ from .._config import PollPolicy, RetryPolicy
 from ._connect import CliError
 
 if TYPE_CHECKING:
-    from ..testing import FakeKlingServer
+    from ..testing import FakeKlingServer, FaultPlan
 
 __all__ = [
     "DURATION_ENV",
@@ -69,11 +69,15 @@ def sandbox_server(
     host: str = "127.0.0.1",
     port: int = 0,
     seed: int | None = None,
+    faults: FaultPlan | None = None,
+    webhook_secret: str | None = None,
 ) -> FakeKlingServer:
     """A fake server with sandbox timings (``duration`` None: the two-second lognormal)."""
-    from ..testing import FakeKlingServer  # imported here: only sandbox runs need the server
+    from ..testing import NO_FAULTS, FakeKlingServer  # only sandbox runs need the server
 
     return FakeKlingServer(
+        faults=faults or NO_FAULTS,
+        webhook_secret=webhook_secret,
         task_duration=typical_duration if duration is None else duration,
         task_limit=task_limit,
         host=host,

@@ -77,12 +77,16 @@ def fake_server_command(args: argparse.Namespace) -> int:
 
 
 async def _serve(args: argparse.Namespace) -> None:
+    from ..testing import FaultPlan  # only the sandbox needs the fake server's package
+
     server = sandbox_server(
         duration=args.task_duration,
         task_limit=args.task_limit,
         host=args.host,
         port=args.port,
         seed=args.seed,
+        faults=FaultPlan(data_as_list=args.data_as_list, errors_as_http_200=args.errors_as_200),
+        webhook_secret=args.webhook_secret,
     )
     async with server:
         from ..testing import SANDBOX_API_KEY, SANDBOX_JWT_CREDENTIALS

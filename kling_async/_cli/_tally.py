@@ -100,6 +100,12 @@ class Tally:
         return sum(map(failed, self.resumed.values()))
 
     @property
+    def units(self) -> float:
+        """Units the server says the jobs' tasks cost (earlier runs' included)."""
+        everything = (*self.results.values(), *self.resumed.values())
+        return sum(result.units or 0.0 for result in everything)
+
+    @property
     def elapsed(self) -> float:
         """Seconds since the tally began."""
         return time.monotonic() - self.started
@@ -116,6 +122,7 @@ class Tally:
             "resumed": len(self.resumed),
             "resumed_failed": self.resumed_failed,
             "reported_now": len(self.results),
+            "units": self.units,
             "tasks_submitted": self.submitted,
             "refusals": self.refused,
             "retries": self.retried,

@@ -21,7 +21,7 @@ from cattrs.errors import IterableValidationError, IterableValidationNote
 from cattrs.gen import make_dict_structure_fn
 
 from .._errors import MalformedResponseError
-from .._results import Face, TaskSnapshot, TaskState
+from .._results import Face, Returned, TaskSnapshot, TaskState
 
 __all__ = [
     "ADVANCED_LIP_SYNC",
@@ -109,13 +109,14 @@ class _FaceData:
 
 @attrs.frozen(kw_only=True)
 class WireTask:
-    """``data`` of a create or query answer.  ``videoDuration`` is not kept: no model holds it."""
+    """``data`` of a create or query answer."""
 
     taskId: str | None = None
     state: str | None = None
     model: str | None = None
     faceData: _FaceData | None = None
     resultUrls: list[str] | None = None
+    videoDuration: float | None = None
     failMsg: str | None = None
     failCode: _Code = None
     createTime: float | None = None
@@ -133,6 +134,7 @@ class _Result:
     # The decoded ``resultJson`` of a callback.
     resultUrls: list[str] | None = None
     faceData: _FaceData | None = None
+    videoDuration: float | None = None
 
 
 @attrs.frozen(kw_only=True)
@@ -310,6 +312,7 @@ def parse_callback_data(data: object) -> tuple[WireTask, str | None]:
         model=callback.model,
         faceData=callback.faceData or result.faceData,
         resultUrls=callback.resultUrls or result.resultUrls,
+        videoDuration=result.videoDuration,
         failMsg=callback.failMsg,
         failCode=callback.failCode,
         createTime=callback.createTime,
@@ -394,4 +397,7 @@ def to_snapshot(
         parent_video_url=parent_video_url,
         session_id=face_data.session_id if face_data else None,
         faces=faces,
+        returned=None
+        if task.videoDuration is None
+        else Returned(video_duration=task.videoDuration),
     )

@@ -23,7 +23,7 @@ import attrs
 
 from .._errors import SUCCESS_CODES, MalformedResponseError, error_from_response
 from .._http import HttpRequest, HttpResponse
-from .._jobs import LipSyncJob
+from .._jobs import MIN_SOUND_MS, LipSyncJob
 from .._results import Face, TaskSnapshot
 
 __all__ = [
@@ -33,6 +33,7 @@ __all__ = [
     "audio_base64",
     "choose_face",
     "decode_envelope",
+    "overlap_problem",
     "sound_source",
 ]
 
@@ -43,11 +44,13 @@ class Submit:
 
     ``final`` is False for preparatory steps (identify-face): the task that makes the video comes
     from a later step, so :meth:`KlingClient.submit` waits for this one and goes on.
+    ``external_id`` is the external task id the request carries (None when it carries none).
     """
 
     request: HttpRequest
     stage: str
     final: bool = True
+    external_id: str | None = None
 
 
 #: Yields :class:`Submit` steps, receives each step's terminal snapshot, returns the deciding one.
@@ -63,6 +66,10 @@ class Dialect(Protocol):
     default_stage: str
     #: Largest page of the list query, or 0 when the dialect has none.
     list_page_size: int
+    #: Whether the task stage takes an external task id, unique on the account and queryable:
+    #: :meth:`query_request` then takes one in place of a task id, answered by
+    #: :meth:`parse_external`.
+    external_ids: bool
 
     def check_job(self, job: LipSyncJob) -> None:
         """Raise :class:`~kling_async.ValidationError` for a job this dialect cannot run."""
@@ -89,6 +96,13 @@ class Dialect(Protocol):
 
     def parse_list(self, stage: str, response: HttpResponse) -> list[TaskSnapshot]:
         """The snapshots on one page of a list answer."""
+        ...
+
+    def parse_external(self, stage: str, external_id: str, response: HttpResponse) -> TaskSnapshot:
+        """The snapshot of the task whose external id is ``external_id``, from a query answer.
+
+        Raises :class:`~kling_async.NotFoundError` when no task has it.
+        """
         ...
 
     def parse_callback(self, body: bytes) -> TaskSnapshot:
@@ -157,3 +171,24 @@ def choose_face(job: LipSyncJob, faces: Sequence[Face]) -> Face | str:
     if job.face_index < len(faces):
         return faces[job.face_index]
     return f"no face with index {job.face_index}: the video has {count}"
+
+
+def overlap_problem(job: LipSyncJob, face: Face) -> str | None:
+    """Why ``job``'s audio would miss ``face``, or None (docs/protocol.md, Advanced lip-sync).
+
+    The inserted audio must overlap the face's lip-sync interval by at least 2 s.  Checked
+    between identify-face and the (billed) lip-sync task, where the interval is known; a face
+    without one (apimodels gives none) or a job without ``sound_end_time`` passes.
+    """
+    if face.start_ms is None or face.end_ms is None or job.sound_end_time is None:
+        return None
+    start = job.sound_insert_time
+    end = start + job.sound_end_time - job.sound_start_time
+    overlap = min(end, face.end_ms) - max(start, face.start_ms)
+    if overlap >= MIN_SOUND_MS:
+        return None
+    return (
+        f"the audio inserted at {start}-{end} ms overlaps face {face.face_id[:60]!r}"
+        f" (visible {face.start_ms}-{face.end_ms} ms) by {max(overlap, 0)} ms;"
+        f" at least {MIN_SOUND_MS} ms are needed"
+    )

@@ -18,9 +18,17 @@ import cattrs
 from cattrs.gen import make_dict_structure_fn
 
 from .._errors import MalformedResponseError
-from .._results import Face, TaskSnapshot, TaskState
+from .._results import BalanceDeduction, Face, Returned, TaskSnapshot, TaskState
 
-__all__ = ["identify_face_snapshot", "map_state", "task_snapshot"]
+__all__ = [
+    "identify_face_snapshot",
+    "lenient_number",
+    "make_returned",
+    "map_state",
+    "seconds",
+    "structure",
+    "task_snapshot",
+]
 
 _T = TypeVar("_T")
 
@@ -40,6 +48,10 @@ _STATES: dict[str, TaskState] = {
 class _Video:
     url: str
     id: str | None = None
+    # Read leniently (see lenient_number, make_returned): a garbled figure or extra must not
+    # lose a finished video.
+    watermark_url: Any = None
+    duration: Any = None
 
 
 @attrs.frozen
@@ -68,6 +80,9 @@ class _Task:
     task_result: _TaskResult | None = None
     created_at: float | None = None
     updated_at: float | None = None
+    # Strings on the wire ("0.5"); read leniently, as is duration.
+    final_unit_deduction: Any = None
+    final_balance_deduction: Any = None
 
 
 @attrs.frozen
@@ -141,7 +156,7 @@ def _make_converter() -> cattrs.Converter:
 _CONVERTER = _make_converter()
 
 
-def _structure(raw: object, cls: type[_T], *, where: str, status: int | None) -> _T:
+def structure(raw: object, cls: type[_T], *, where: str, status: int | None) -> _T:
     if not isinstance(raw, Mapping):
         raise MalformedResponseError(f"{where} is not a JSON object", status=status)
     try:
@@ -154,7 +169,7 @@ def _structure(raw: object, cls: type[_T], *, where: str, status: int | None) ->
         raise MalformedResponseError(f"{where}: {exc}", status=status) from None
 
 
-def _seconds(ms: float | None) -> float | None:
+def seconds(ms: float | None) -> float | None:
     return None if ms is None else ms / 1000
 
 
@@ -183,6 +198,8 @@ class _Flat(NamedTuple):
     updated_at: float | None
     parent_video_url: str | None
     external_task_id: str | None
+    #: The first video's id, duration and watermarked URL, and what the task cost.
+    returned: Returned | None = None
 
 
 # The exact types the fast path takes (tested with ``type(x) in ...``, inline: a helper call per
@@ -215,6 +232,7 @@ def _fast_task(raw: object) -> _Flat | None:
     ):
         return None
     urls: tuple[str, ...] = ()
+    first = None
     result = get("task_result")
     if result is not None:
         videos = result.get("videos", ()) if type(result) is dict else None
@@ -226,6 +244,8 @@ def _fast_task(raw: object) -> _Flat | None:
             if type(video.get("id")) not in _OPT_STR:
                 return None
         urls = tuple(video["url"] for video in videos if video["url"])  # type: ignore[union-attr]
+        if videos:
+            first = videos[0]
     parent_url = external = None
     info = get("task_info")
     if info is not None:
@@ -240,6 +260,17 @@ def _fast_task(raw: object) -> _Flat | None:
             parent_url = parent.get("url")
             if type(parent_url) not in _OPT_STR or type(parent.get("id")) not in _OPT_STR:
                 return None
+    # Only finished tasks carry a video or a cost: most answers skip all of this.
+    returned = None
+    units, balance = get("final_unit_deduction"), get("final_balance_deduction")
+    if first is not None or units is not None or balance is not None:
+        returned = make_returned(
+            first.get("id") if first else None,
+            first.get("duration") if first else None,
+            first.get("watermark_url") if first else None,
+            units,
+            balance,
+        )
     return _Flat(
         task_id=task_id,
         task_status=status,
@@ -249,12 +280,55 @@ def _fast_task(raw: object) -> _Flat | None:
         updated_at=None if updated is None else float(updated),
         parent_video_url=parent_url,
         external_task_id=external,
+        returned=returned,
     )
+
+
+def make_returned(
+    video_id: str | None, duration: object, watermark: object, units: object, balance: object
+) -> Returned | None:
+    """What a finished task's answer says of its video and cost; None when it says nothing."""
+    returned = Returned(
+        video_id=video_id or None,
+        video_duration=lenient_number(duration),
+        watermark_url=watermark if type(watermark) is str and watermark else None,
+        units=lenient_number(units),
+        balance_deduction=_balance(balance),
+    )
+    return None if returned == _NOTHING else returned
+
+
+_NOTHING = Returned()
+
+
+def lenient_number(value: object) -> float | None:
+    """A finite number sent as a number or a numeric string, else None (a figure, not a key)."""
+    if type(value) in _NUMBER:
+        number = float(value)  # type: ignore[arg-type]
+    elif type(value) is str:
+        try:
+            number = float(value)
+        except ValueError:
+            return None
+    else:
+        return None
+    return number if math.isfinite(number) else None
+
+
+def _balance(raw: object) -> BalanceDeduction | None:
+    """``final_balance_deduction`` (``{quota, list_price}``), present only on cash payments."""
+    if type(raw) is not dict:
+        return None
+    quota = lenient_number(raw.get("quota"))
+    price = lenient_number(raw.get("list_price"))
+    if quota is None and price is None:
+        return None
+    return BalanceDeduction(quota=quota, list_price=price)
 
 
 def _strict_task(raw: object, *, where: str, status: int | None) -> _Flat:
     """The same fields through the cattrs converter, with its detailed error messages."""
-    task = _structure(raw, _Task, where=where, status=status)
+    task = structure(raw, _Task, where=where, status=status)
     videos = task.task_result.videos if task.task_result else []
     info = task.task_info or _TaskInfo()
     parent = info.parent_video
@@ -267,6 +341,13 @@ def _strict_task(raw: object, *, where: str, status: int | None) -> _Flat:
         updated_at=task.updated_at,
         parent_video_url=parent.url if parent else None,
         external_task_id=info.external_task_id,
+        returned=make_returned(
+            videos[0].id if videos else None,
+            videos[0].duration if videos else None,
+            videos[0].watermark_url if videos else None,
+            task.final_unit_deduction,
+            task.final_balance_deduction,
+        ),
     )
 
 
@@ -301,10 +382,11 @@ def task_snapshot(
         state=state,
         message=task.task_status_msg or None,
         video_urls=urls,
-        created_at=_seconds(task.created_at),
-        updated_at=_seconds(task.updated_at),
+        created_at=seconds(task.created_at),
+        updated_at=seconds(task.updated_at),
         parent_video_url=task.parent_video_url or None,
         external_task_id=task.external_task_id or None,
+        returned=task.returned,
     )
 
 
@@ -314,7 +396,7 @@ def identify_face_snapshot(raw: object, *, where: str, status: int | None) -> Ta
     The official identify-face call answers synchronously (docs/protocol.md, Advanced
     lip-sync), so there is nothing to poll: the snapshot is already ``SUCCEEDED``.
     """
-    answer = _structure(raw, _IdentifyFace, where=where, status=status)
+    answer = structure(raw, _IdentifyFace, where=where, status=status)
     faces = tuple(
         Face(
             face_id=face.face_id,

@@ -95,9 +95,14 @@ class ApimodelsDialect:
     default_stage = ADVANCED_LIP_SYNC
     #: No list query: every task is tracked with its own query.
     list_page_size = 0
+    #: No external task ids (docs/protocol.md, apimodels.app, documents none).
+    external_ids = False
 
     def check_job(self, job: LipSyncJob) -> None:
-        """Refuse text jobs and ``video_id`` jobs, which this service cannot run."""
+        """Refuse text, ``video_id``, ``audio_id`` and ``watermark`` jobs: not on this service."""
+        for field in ("audio_id", "watermark"):
+            if getattr(job, field) is not None:
+                raise ValidationError(field, "apimodels does not take it")
         if job.text is not None:
             raise ValidationError(
                 "text", "apimodels runs advanced lip-sync, which takes audio, not text"
@@ -106,6 +111,8 @@ class ApimodelsDialect:
             raise ValidationError(
                 "video_id", "apimodels takes a video_url only, not a Kling video_id"
             )
+        if job.external_task_id is not None:
+            raise ValidationError("external_task_id", "apimodels takes no external task id")
 
     def flow(self, job: LipSyncJob, *, callback_url: str | None = None) -> LipSyncFlow:
         """Two submits: identify-face, then advanced lip-sync with the chosen face.
@@ -155,6 +162,10 @@ class ApimodelsDialect:
     def parse_list(self, stage: str, response: HttpResponse) -> list[TaskSnapshot]:
         """Never called (``list_page_size`` is 0); raises NotImplementedError."""
         raise NotImplementedError("apimodels has no list query")
+
+    def parse_external(self, stage: str, external_id: str, response: HttpResponse) -> TaskSnapshot:
+        """Never called (``external_ids`` is False); raises NotImplementedError."""
+        raise NotImplementedError("apimodels has no external task ids")
 
     def parse_callback(self, body: bytes) -> TaskSnapshot:
         """The snapshot a callback carries (terminal states only).

@@ -29,8 +29,10 @@ from ._base import (
     audio_base64,
     choose_face,
     decode_envelope,
+    overlap_problem,
     sound_source,
 )
+from ._kling_newform import new_form_snapshot
 from ._kling_wire import identify_face_snapshot, task_snapshot
 
 __all__ = [
@@ -78,6 +80,9 @@ class KlingDialect:
         self.prefix = normalize_prefix(prefix)
         self.advanced = advanced
         self.default_stage = STAGE_ADVANCED_LIP_SYNC if advanced else STAGE_LIP_SYNC
+        #: Official advanced lip-sync takes ``external_task_id`` (docs/protocol.md, Advanced
+        #: lip-sync): unique per account, echoed in ``task_info``, queryable in place of the id.
+        self.external_ids = advanced
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(prefix={self.prefix!r}, advanced={self.advanced})"
@@ -85,11 +90,21 @@ class KlingDialect:
     # -- submitting -----------------------------------------------------------------------------
 
     def check_job(self, job: LipSyncJob) -> None:
-        """Raise :class:`ValidationError` for a job the official advanced API cannot run.
+        """Raise :class:`ValidationError` for a job this API cannot run.
 
-        Basic lip-sync runs every valid job (advanced-only options are not sent).
+        Basic lip-sync runs every valid job but those with ``audio_id`` or ``watermark``, which
+        only advanced lip-sync takes (its other options are not sent).
         """
         if not self.advanced:
+            if job.external_task_id is not None:
+                raise ValidationError(
+                    "external_task_id", "only official advanced lip-sync takes an external id"
+                )
+            for field in ("audio_id", "watermark"):
+                if getattr(job, field) is not None:
+                    raise ValidationError(
+                        field, "only official advanced lip-sync takes it (advanced=True)"
+                    )
             return
         if job.text is not None:
             raise ValidationError(
@@ -130,9 +145,14 @@ class KlingDialect:
         face = choose_face(job, found.faces)
         if isinstance(face, str):
             return attrs.evolve(found, state=TaskState.FAILED, message=face)
+        # Before the billed task: audio that misses the face would only fail there.
+        missed = overlap_problem(job, face)
+        if missed is not None:
+            return attrs.evolve(found, state=TaskState.FAILED, message=missed)
         done = yield Submit(
             request=self._advanced_request(job, found.session_id or found.task_id, face, callback),
             stage=STAGE_ADVANCED_LIP_SYNC,
+            external_id=job.external_task_id,
         )
         return done
 
@@ -165,10 +185,13 @@ class KlingDialect:
     def _advanced_request(
         self, job: LipSyncJob, session_id: str, face: Face, callback: str | None
     ) -> HttpRequest:
-        # docs/protocol.md, Advanced lip-sync: sound_file takes a URL or base64.
-        choice: dict[str, object] = {
-            "face_id": face.face_id,
-            "sound_file": sound_source(job),
+        # docs/protocol.md, Advanced lip-sync: audio_id, or sound_file as a URL or base64.
+        choice: dict[str, object] = {"face_id": face.face_id}
+        if job.audio_id is not None:
+            choice["audio_id"] = job.audio_id
+        else:
+            choice["sound_file"] = sound_source(job)
+        choice |= {
             "sound_start_time": job.sound_start_time,
             "sound_end_time": job.sound_end_time,
             "sound_insert_time": job.sound_insert_time,
@@ -176,6 +199,10 @@ class KlingDialect:
             "original_audio_volume": job.original_audio_volume,
         }
         body: dict[str, object] = {"session_id": session_id, "face_choose": [choice]}
+        if job.watermark is not None:
+            body["watermark_info"] = {"enabled": job.watermark}
+        if job.external_task_id is not None:
+            body["external_task_id"] = job.external_task_id
         if callback:
             body["callback_url"] = callback
         return HttpRequest(
@@ -238,6 +265,25 @@ class KlingDialect:
             )
         return snapshot
 
+    def parse_external(self, stage: str, external_id: str, response: HttpResponse) -> TaskSnapshot:
+        """The snapshot of the task a query by ``external_id`` found.
+
+        The single-task path takes either id; an answer about a task with another external id
+        is malformed.
+        """
+        _check_stage(stage)
+        status = response.status
+        data = _data(decode_envelope(response), status)
+        if isinstance(data, list) and len(data) == 1:
+            data = data[0]
+        snapshot = task_snapshot(data, where="data", status=status)
+        if snapshot.external_task_id != external_id:
+            raise MalformedResponseError(
+                f"query for external id {external_id} answered about task {snapshot.task_id}",
+                status=status,
+            )
+        return snapshot
+
     def list_request(self, stage: str, page: int, page_size: int) -> HttpRequest | None:
         """``GET {prefix}/v1/videos/lip-sync?pageNum=N&pageSize=M`` (None for identify-face)."""
         path = _TASK_PATHS.get(_check_stage(stage))
@@ -268,7 +314,8 @@ class KlingDialect:
         """The snapshot a callback body carries.
 
         The server POSTs the task object itself (docs/protocol.md, Callbacks); an envelope
-        ``{"code": 0, "data": task}`` is accepted too.
+        ``{"code": 0, "data": task}`` is accepted too, and so is the newer design's body
+        ``{id, status, outputs, billing}`` (the console's test callback uses it).
         """
         try:
             raw = json.loads(body)
@@ -281,6 +328,8 @@ class KlingDialect:
             raw = raw["data"]
             if isinstance(raw, list) and len(raw) == 1:
                 raw = raw[0]
+        if isinstance(raw, Mapping) and "task_id" not in raw and "id" in raw and "status" in raw:
+            return new_form_snapshot(raw, where="callback")
         return task_snapshot(raw, where="callback", status=None)
 
     def _path(self, path: str) -> str:

@@ -36,7 +36,11 @@ seeded-random rates (assign ``server.faults`` to change them mid-run); ``server.
 answers the next requests of a route with a chosen error; ``server.set_account_error(code)``
 breaks the whole account; ``server.finish(task_id)`` ends a task now.  Requests submitted with
 a ``callback_url`` get callbacks (official: the task object on each state change; apimodels:
-the documented envelope on terminal states).
+the documented envelope on terminal states), signed as Kling signs them when the server is given
+a ``webhook_secret``.  Official answers carry what Kling's 2026 API returns: video ids and
+durations, a watermark URL when ``watermark_info`` asked for one, and ``final_unit_deduction``
+(:data:`UNITS_PER_5_SECONDS` a started 5 s of output; 0 for a failed task).  An unknown path is
+answered with the official JSON error envelope (code 1202).
 
 Inspect ``server.requests`` (a Counter by route name), ``server.tasks`` (id -> :class:`FakeTask`),
 ``server.tasks_created``, ``server.running``, ``server.max_running_seen`` and
@@ -44,6 +48,7 @@ Inspect ``server.requests`` (a Counter by route name), ``server.tasks`` (id -> :
 ``await server.close()``.
 """
 
+from ._official import UNITS_PER_5_SECONDS
 from ._server import (
     NO_FAULTS,
     ROUTES,
@@ -68,6 +73,7 @@ __all__ = [
     "ROUTES",
     "SANDBOX_API_KEY",
     "SANDBOX_JWT_CREDENTIALS",
+    "UNITS_PER_5_SECONDS",
     "FaceSession",
     "FakeFace",
     "FakeKlingServer",

@@ -4,7 +4,8 @@ Task states are computed lazily (see ``_state``), so nothing fires by itself.  T
 keeps a heap of the moments watched tasks change state and, at each, POSTs the task's body to
 its ``callback_url`` when the state differs from the one last reported.  Delivery errors are
 recorded, never raised: a broken receiver must not break the server.  Only tasks submitted with
-a ``callback_url`` are watched, and the background task starts with the first of them.
+a ``callback_url`` are watched, and the background task starts with the first of them.  Given a
+webhook secret, every callback is signed as Kling signs them (Standard Webhooks headers).
 """
 
 from __future__ import annotations
@@ -13,10 +14,13 @@ import asyncio
 import contextlib
 import heapq
 import itertools
+import json
+import time
 from collections.abc import Callable
 
 import aiohttp
 
+from .._signature import WebhookSecret
 from ._state import Clock, FakeTask
 
 __all__ = ["CallbackDispatcher", "Render"]
@@ -28,8 +32,17 @@ Render = Callable[[FakeTask], object]
 class CallbackDispatcher:
     """Delivers callbacks; ``sent`` records ``(url, HTTP status or exception name)``."""
 
-    def __init__(self, *, clock: Clock, render: Render, timeout: float) -> None:
+    def __init__(
+        self,
+        *,
+        clock: Clock,
+        render: Render,
+        timeout: float,
+        secret: WebhookSecret | None = None,
+    ) -> None:
         self.sent: list[tuple[str, int | str]] = []
+        self._secret = secret
+        self._messages = itertools.count(1)
         self._clock = clock
         self._render = render
         self._timeout = aiohttp.ClientTimeout(total=timeout)
@@ -100,9 +113,14 @@ class CallbackDispatcher:
     async def _send(self, url: str, body: object) -> None:
         if self._session is None:
             self._session = aiohttp.ClientSession(timeout=self._timeout)
+        data = json.dumps(body).encode()
+        headers = {"Content-Type": "application/json"}
+        if self._secret is not None:
+            msg_id = f"msg_{next(self._messages):08d}"
+            headers.update(self._secret.headers(msg_id, int(time.time()), data))
         outcome: int | str
         try:
-            async with self._session.post(url, json=body) as response:
+            async with self._session.post(url, data=data, headers=headers) as response:
                 outcome = response.status
         except Exception as exc:  # any failure of the receiver is recorded, never raised
             outcome = type(exc).__name__

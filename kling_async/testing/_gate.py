@@ -1,10 +1,12 @@
 """Everything a request passes before its route acts: counting, scripts, faults, auth, account.
 
 Order (each step may answer instead of the route): count the route; a scripted error
-(:meth:`Gate.script`); an HTML 500 (``http_500_rate``); authentication; the account error
+(:meth:`Gate.script`); an HTML 500 (``http_500_rate``) or a proxy's 502
+(``bad_gateway_rate``, the request never reached the service); authentication; the account error
 (:meth:`Gate.account_error`); for queries a 5000 (``query_error_rate``) and for submits a
 truncated answer (``malformed_json_rate``, nothing created).  Then the route runs; a query's
-answer may still be truncated afterwards.
+answer may still be truncated afterwards, and so may a submit's once its task exists
+(``lost_answer_rate``).
 """
 
 from __future__ import annotations
@@ -19,15 +21,18 @@ import jwt
 from aiohttp import web
 
 from ._state import FaultPlan, TaskLimitReached
-from ._wire import Refusal, WireDialect, html_500, refusal_response, truncated_json
+from ._wire import Refusal, WireDialect, html_500, html_502, refusal_response, truncated_json
 
-__all__ = ["Credentials", "Gate", "Handler", "Kind", "RouteHandler"]
+__all__ = ["CREATES_TASK", "Credentials", "Gate", "Handler", "Kind", "RouteHandler"]
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 #: A route's own handler: the request and the request id its answer quotes.
 RouteHandler = Callable[[web.Request, str], Awaitable[web.Response]]
 #: "submit" routes create something (faults strike before acting), "query" routes only read.
 Kind = Literal["submit", "query"]
+
+#: Routes whose requests create a task (identify-face answers at once and creates none).
+CREATES_TASK = frozenset({"submit", "advanced-submit", "apimodels-submit"})
 
 # PyJWT checks exp and nbf with this much slack, as the official server tolerates clock skew.
 JWT_LEEWAY_SECONDS = 5
@@ -138,6 +143,11 @@ class Gate:
                     request_id=request_id,
                     as_http_200=self.faults.errors_as_http_200,
                 )
+            if route in CREATES_TASK and self._strikes(self.faults.lost_answer_rate):
+                # After acting: the task exists, its answer broke in transit.
+                self.requests["faulted"] += 1
+                body = response.body
+                return truncated_json(body if isinstance(body, bytes) else b"{}")
             if kind == "query" and self._strikes(self.faults.malformed_json_rate):
                 # After acting: the query was answered, then its answer broke in transit.
                 self.requests["faulted"] += 1
@@ -155,6 +165,8 @@ class Gate:
             raise queue.popleft()
         if self._strikes(self.faults.http_500_rate):
             return html_500()
+        if route in CREATES_TASK and self._strikes(self.faults.bad_gateway_rate):
+            return html_502()
         self.credentials.check(request.headers.get("Authorization"), allow_jwt=dialect == "kling")
         if self.account_error is not None:
             raise Refusal(self.account_error)

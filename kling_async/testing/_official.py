@@ -14,6 +14,7 @@ Routes, each behind the :class:`~._gate.Gate` under the name in brackets:
 from __future__ import annotations
 
 import asyncio
+import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -26,13 +27,16 @@ from ._validate import (
     check_face_choose,
     check_lip_sync,
     check_video_source,
+    check_watermark,
 )
 from ._wire import Refusal, official_ok, read_json
 
-__all__ = ["OfficialRoutes", "face_count", "render_task"]
+__all__ = ["UNITS_PER_5_SECONDS", "OfficialRoutes", "face_count", "output_seconds", "render_task"]
 
-#: Length of every fake video, as the wire spells durations (a string of seconds).
+#: Length of every fake basic lip-sync video, as the wire spells durations (a string of seconds).
 VIDEO_DURATION = "5.0"
+#: What the fake charges a succeeded task, per started 5 s of output (``final_unit_deduction``).
+UNITS_PER_5_SECONDS = 0.5
 # docs/protocol.md, Query many: page numbers and sizes the list query accepts.
 MAX_PAGE_NUM = 1000
 MAX_PAGE_SIZE = 500
@@ -57,6 +61,20 @@ def _parent_video(account: Account, video_id: object, video_url: object) -> dict
     return {"id": ident, "url": url, "duration": VIDEO_DURATION}
 
 
+def output_seconds(task: FakeTask) -> float:
+    """How long the task's video lasts: the trimmed audio (advanced), else 5 s."""
+    choices = task.input.get("face_choose")
+    if task.stage == ADV and isinstance(choices, list) and choices:
+        choice = choices[0]
+        return float(choice["sound_end_time"] - choice["sound_start_time"]) / 1000
+    return float(VIDEO_DURATION)
+
+
+def _units(seconds: float) -> str:
+    # A string on the wire, as the official answers spell it.
+    return f"{UNITS_PER_5_SECONDS * math.ceil(seconds / 5 - 1e-9):g}"
+
+
 def render_task(task: FakeTask, account: Account) -> dict[str, Any]:
     """The official task object: the query's ``data`` and a callback's body."""
     state = task.state
@@ -73,9 +91,14 @@ def render_task(task: FakeTask, account: Account) -> dict[str, Any]:
         if task.input.get("external_task_id") is not None:
             info["external_task_id"] = task.input["external_task_id"]
     videos = []
+    seconds = output_seconds(task)
+    watermark = task.input.get("watermark_info")
     if state == "succeed":
-        videos = [{"id": f"v{task.task_id}", "url": task.result_url, "duration": VIDEO_DURATION}]
-    return {
+        made = {"id": f"v{task.task_id}", "url": task.result_url, "duration": f"{seconds:g}"}
+        if isinstance(watermark, dict) and watermark.get("enabled"):
+            made["watermark_url"] = task.result_url.removesuffix(".mp4") + "-wm.mp4"
+        videos = [made]
+    answer: dict[str, Any] = {
         "task_id": task.task_id,
         "task_status": state,
         "task_status_msg": task.reason or "",
@@ -84,6 +107,11 @@ def render_task(task: FakeTask, account: Account) -> dict[str, Any]:
         "created_at": account.clock.ms(task.born),
         "updated_at": account.clock.ms(task.changed_at()),
     }
+    if watermark is not None:
+        answer["watermark_info"] = watermark
+    if task.terminal:  # a failed task costs nothing
+        answer["final_unit_deduction"] = _units(seconds) if state == "succeed" else "0"
+    return answer
 
 
 def _page(request: web.Request) -> tuple[int, int]:
@@ -143,6 +171,7 @@ class OfficialRoutes:
         if session is None or session.dialect != "kling":
             raise Refusal(1201, "session_id: unknown session; call identify-face first")
         check_face_choose(body, session, official=True)
+        check_watermark(body)
         external = body.get("external_task_id")
         if external is not None:
             if not isinstance(external, str) or not external.strip():
@@ -150,10 +179,13 @@ class OfficialRoutes:
             if external in self._account.external_ids:
                 # Unique per account (docs/protocol.md, Advanced lip-sync).
                 raise Refusal(1201, "external_task_id: already used by another task")
-        answer = await self._create(body, ADV, request_id, session=session)
-        if external is not None:
-            self._account.external_ids.add(external)
-        return answer
+            self._account.external_ids[external] = ""  # taken now: a twin sent meanwhile fails
+        try:
+            return await self._create(body, ADV, request_id, session=session, external=external)
+        except BaseException:
+            if external is not None and not self._account.external_ids.get(external):
+                del self._account.external_ids[external]  # nothing was created after all
+            raise
 
     async def _create(
         self,
@@ -163,8 +195,11 @@ class OfficialRoutes:
         *,
         fail_reason: str | None = None,
         session: FaceSession | None = None,
+        external: str | None = None,
     ) -> web.Response:
         callback_url = check_callback_url(body)
+        if self._gate.faults.create_delay:
+            await asyncio.sleep(self._gate.faults.create_delay)
         task = self._account.create(
             dialect="kling",
             stage=stage,
@@ -173,19 +208,27 @@ class OfficialRoutes:
             session=session,
             fail_reason=fail_reason,
         )
+        if external is not None:
+            self._account.external_ids[external] = task.task_id
         if self._gate.faults.answer_delay:
             await asyncio.sleep(self._gate.faults.answer_delay)
-        data = {
+        data: dict[str, Any] = {
             "task_id": task.task_id,
             "task_status": "submitted",
             "created_at": self._account.clock.ms(task.born),
             "updated_at": self._account.clock.ms(task.born),
         }
+        if stage == ADV:
+            data["task_info"] = {"external_task_id": external}
         return official_ok(data, request_id)
 
     def _query(self, stage: Stage) -> RouteHandler:
         async def query(request: web.Request, request_id: str) -> web.Response:
-            task = self._account.tasks.get(request.match_info["task_id"])
+            wanted = request.match_info["task_id"]
+            task = self._account.tasks.get(wanted)
+            if task is None and stage == ADV:
+                # The single-task path takes the task id or the caller's external_task_id.
+                task = self._account.tasks.get(self._account.external_ids.get(wanted, ""))
             if task is None or task.dialect != "kling" or task.stage != stage:
                 raise Refusal(1203, "task not found")
             data = render_task(task, self._account)

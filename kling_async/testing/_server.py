@@ -10,14 +10,15 @@ from types import MappingProxyType, TracebackType
 
 from aiohttp import web
 
+from .._signature import WebhookSecret
 from . import _apimodels, _official
 from ._apimodels import ApimodelsRoutes
 from ._callbacks import CallbackDispatcher
-from ._gate import Credentials, Gate
+from ._gate import Credentials, Gate, Handler
 from ._official import OfficialRoutes
 from ._state import Account, Clock, Duration, FakeTask, FaultPlan, Outcome
 from ._videos import VideoRoute
-from ._wire import Refusal
+from ._wire import Refusal, refusal_response
 
 __all__ = ["ROUTES", "SANDBOX_API_KEY", "SANDBOX_JWT_CREDENTIALS", "FakeKlingServer"]
 
@@ -60,7 +61,8 @@ class FakeKlingServer:
     See the :mod:`kling_async.testing` docstring for what it serves and how to use it.  All
     options are keyword-only; ``start()`` / ``close()`` (or ``async with``) run it.
     ``processing_after`` defaults to half of each task's duration; ``port=0`` picks a free
-    port; ``callback_timeout`` bounds each callback delivery, in seconds.
+    port; ``callback_timeout`` bounds each callback delivery, in seconds.  With
+    ``webhook_secret`` (``"whsec_..."``) every callback is signed as Kling signs them.
     """
 
     def __init__(
@@ -77,6 +79,7 @@ class FakeKlingServer:
         host: str = "127.0.0.1",
         port: int = 0,
         callback_timeout: float = 2.0,
+        webhook_secret: str | None = None,
     ) -> None:
         if task_limit is not None and task_limit < 0:
             raise ValueError(
@@ -89,6 +92,7 @@ class FakeKlingServer:
         self._port = port
         self._prefixes = tuple(dict.fromkeys(_prefix(p) for p in prefixes))
         self._callback_timeout = callback_timeout
+        self._secret = WebhookSecret(webhook_secret) if webhook_secret is not None else None
         self._clock = Clock()
         rng = random.Random(seed)
         self._account = Account(
@@ -211,11 +215,14 @@ class FakeKlingServer:
         loop = asyncio.get_running_loop()
         self._clock.bind(loop.time)
         dispatcher = CallbackDispatcher(
-            clock=self._clock, render=self._callback_body, timeout=self._callback_timeout
+            clock=self._clock,
+            render=self._callback_body,
+            timeout=self._callback_timeout,
+            secret=self._secret,
         )
         self._dispatcher = dispatcher
         self._account.on_change = dispatcher.watch
-        app = web.Application(client_max_size=MAX_BODY_BYTES)
+        app = web.Application(client_max_size=MAX_BODY_BYTES, middlewares=[self._json_errors])
         OfficialRoutes(account=self._account, gate=self._gate).add_to(app, self._prefixes)
         ApimodelsRoutes(account=self._account, gate=self._gate).add_to(app)
         VideoRoute(account=self._account, requests=self._gate.requests).add_to(app)
@@ -255,6 +262,23 @@ class FakeKlingServer:
         tb: TracebackType | None,
     ) -> None:
         await self.close()
+
+    @web.middleware
+    async def _json_errors(self, request: web.Request, handler: Handler) -> web.StreamResponse:
+        """An unknown path or method gets the official JSON error envelope, not aiohttp's text.
+
+        Clients read an error's reason from the body (code 1202, "invalid method"), as the real
+        API answers them; the video route's own 404 (a missing video) stays as it is.
+        """
+        try:
+            return await handler(request)
+        except (web.HTTPNotFound, web.HTTPMethodNotAllowed) as exc:
+            if request.match_info.http_exception is None:
+                raise
+            self._gate.requests["unknown-path"] += 1
+            refusal = Refusal(1202, f"no such method or path: {request.method}", status=exc.status)
+            request_id = self._account.request_id()
+            return refusal_response(refusal, "kling", request_id=request_id, as_http_200=False)
 
     def _callback_body(self, task: FakeTask) -> object:
         if task.dialect == "kling":

@@ -70,6 +70,14 @@ class FaultPlan:
     * ``answer_delay``: seconds between creating a task and answering its submit (crash tests:
       the task exists before the client hears of it).
     * ``query_error_rate``: queries answered 5000 with HTTP 500 (JSON), before acting.
+    * ``bad_gateway_rate``: a task-creating submit answered HTTP 502 with a proxy's HTML page
+      before it reaches the service: nothing is created (the client cannot tell: a 502 may
+      also come after the service acted).
+    * ``lost_answer_rate``: a task-creating submit creates its task, then its answer is cut off
+      (truncated JSON): the task exists, the client does not know its id.
+    * ``create_delay``: seconds a submit takes before its task exists (a slow service: a client
+      that gives up sooner looks for the task before it is there).  An external id is taken
+      from the start.
     """
 
     http_500_rate: float = attrs.field(default=0.0, validator=_rate)
@@ -79,6 +87,9 @@ class FaultPlan:
     task_failure_rate: float = attrs.field(default=0.0, validator=_rate)
     answer_delay: float = attrs.field(default=0.0, validator=_non_negative)
     query_error_rate: float = attrs.field(default=0.0, validator=_rate)
+    bad_gateway_rate: float = attrs.field(default=0.0, validator=_rate)
+    lost_answer_rate: float = attrs.field(default=0.0, validator=_rate)
+    create_delay: float = attrs.field(default=0.0, validator=_non_negative)
 
 
 class Clock:
@@ -244,7 +255,8 @@ class Account:
         self.base_url = ""
         self.tasks: dict[str, FakeTask] = {}
         self.sessions: dict[str, FaceSession] = {}
-        self.external_ids: set[str] = set()
+        #: Advanced lip-sync tasks by their ``external_task_id`` (unique per account).
+        self.external_ids: dict[str, str] = {}
         self.max_running_seen = 0
         #: List pages read, by page number (benchmarks and tests look at deep reads).
         self.list_pages: collections.Counter[int] = collections.Counter()

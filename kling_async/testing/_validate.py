@@ -23,12 +23,16 @@ __all__ = [
     "check_face_choose",
     "check_lip_sync",
     "check_video_source",
+    "check_watermark",
     "is_http_url",
 ]
 
 MODES = ("text2video", "audio2video")
 # Volumes of advanced lip-sync run from 0 to 2 (docs/protocol.md, Advanced lip-sync).
 MAX_VOLUME = 2.0
+# What is left of the audio after trimming: 2 to 60 s, in ms; it must overlap the face's
+# lip-sync interval by 2 s (docs/protocol.md, Advanced lip-sync).
+MIN_SOUND_MS, MAX_SOUND_MS, MIN_OVERLAP_MS = 2000, 60_000, 2000
 
 
 def _fail(field: str, rule: str) -> NoReturn:
@@ -62,8 +66,10 @@ def check_callback_url(body: Mapping[str, Any]) -> str | None:
 
 
 def check_video_source(fields: Mapping[str, Any], where: str = "") -> None:
-    """Exactly one of ``video_id`` / ``video_url``, each well-formed."""
+    """Exactly one of ``video_id`` / ``video_url``, each well-formed (``""`` counts as absent)."""
     video_id, video_url = fields.get("video_id"), fields.get("video_url")
+    if video_id == "":
+        video_id = None  # gateway samples send "video_id": "" beside a video_url
     if (video_id is None) == (video_url is None):
         _fail(f"{where}video_id", f"give exactly one of {where}video_id and {where}video_url")
     if video_url is not None and not is_http_url(video_url):
@@ -137,15 +143,38 @@ def check_face_choose(
         _fail("face_choose", "is required and must be a non-empty list")
     if official and len(choices) != 1:
         _fail("face_choose", "must hold exactly one face")
-    known = {face.face_id for face in session.faces}
+    known = {face.face_id: face for face in session.faces}
     for index, choice in enumerate(choices):
         where = f"face_choose[{index}]"
         if not isinstance(choice, dict):
             _fail(where, "must be an object")
-        if choice.get("face_id") not in known:
+        face = known.get(choice.get("face_id"))  # type: ignore[arg-type]
+        if face is None:
             _fail(f"{where}.face_id", "is not a face of this session")
         _check_sound(choice, where, official=official)
+        if official:
+            _check_trim(choice, where, face.start_ms, face.end_ms)
     return choices
+
+
+def check_watermark(body: Mapping[str, Any]) -> bool:
+    """``watermark_info``: absent, or ``{"enabled": true|false}``; whether a copy is wanted."""
+    info = body.get("watermark_info")
+    if info is None:
+        return False
+    if not isinstance(info, dict) or not isinstance(info.get("enabled"), bool):
+        _fail("watermark_info", 'must be {"enabled": true} or {"enabled": false}')
+    return bool(info["enabled"])
+
+
+def _check_trim(choice: Mapping[str, Any], where: str, face_start: int, face_end: int) -> None:
+    start, end = choice["sound_start_time"], choice["sound_end_time"]
+    if not MIN_SOUND_MS <= end - start <= MAX_SOUND_MS:
+        _fail(f"{where}.sound_end_time", "must leave 2 to 60 s of audio after trimming")
+    insert = choice["sound_insert_time"]
+    overlap = min(insert + end - start, face_end) - max(insert, face_start)
+    if overlap < MIN_OVERLAP_MS:
+        _fail(f"{where}.sound_insert_time", "must overlap the face's interval by at least 2 s")
 
 
 def _check_sound(choice: Mapping[str, Any], where: str, *, official: bool) -> None:
@@ -153,6 +182,8 @@ def _check_sound(choice: Mapping[str, Any], where: str, *, official: bool) -> No
     if official:
         if (sound_file is None) == (audio_id is None):
             _fail(f"{where}.sound_file", "give exactly one of audio_id and sound_file")
+        if audio_id is not None and not _non_blank(audio_id):
+            _fail(f"{where}.audio_id", "must be a non-empty string")
     elif sound_file is None:
         _fail(f"{where}.sound_file", "is required")
     if sound_file is not None and not _non_blank(sound_file):

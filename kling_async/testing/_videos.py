@@ -41,7 +41,8 @@ class VideoRoute:
     async def download(self, request: web.Request) -> web.Response:
         """The video, whole or the single byte range asked for (RFC 9110 section 14)."""
         self._requests["download"] += 1
-        task = self._account.tasks.get(request.match_info["task_id"])
+        # "<id>-wm.mp4" is the watermarked copy a task made with watermark_info enabled.
+        task = self._account.tasks.get(request.match_info["task_id"].removesuffix("-wm"))
         if task is None or task.video_url is None:
             return web.Response(status=404, text="no such video")
         body = video_bytes(task.task_id)

@@ -16,6 +16,7 @@ __all__ = [
     "Refusal",
     "apimodels_ok",
     "html_500",
+    "html_502",
     "official_ok",
     "read_json",
     "refusal_response",
@@ -152,6 +153,13 @@ def html_500() -> web.Response:
     page = "<html><head><title>500 Internal Server Error</title></head><body>"
     page += "<h1>500 Internal Server Error</h1></body></html>"
     return web.Response(status=500, text=page, content_type="text/html")
+
+
+def html_502() -> web.Response:
+    """The HTML page a proxy sends when it could not reach the service behind it."""
+    page = "<html><head><title>502 Bad Gateway</title></head><body>"
+    page += "<center><h1>502 Bad Gateway</h1></center><hr><center>nginx</center></body></html>"
+    return web.Response(status=502, text=page, content_type="text/html")
 
 
 def truncated_json(body: bytes) -> web.Response:
