@@ -45,7 +45,7 @@ from ._slots import SlotHold, StuckTasks, TaskSlots, slot_wait_error
 from ._source import JobSource
 from ._submitter import Submitter
 from ._tracker import Tracker
-from .events import Event, Finished
+from .events import Event
 
 __all__ = ["Batch", "BatchIterator"]
 
@@ -356,7 +356,7 @@ class Batch:
             self.counts["succeeded" if result.ok else "failed"] += 1
             self.units += result.units or 0.0
             if self._emit is not None:
-                self._emit(Finished(result=result))
+                self._emit.finished(result)
             self.pipe.put(result)
         if task_id is None:  # failed before any submit was answered: maybe without a yield
             await anyio.lowlevel.checkpoint()
@@ -376,7 +376,7 @@ class Batch:
         # either: the consumer woken by it runs before any runner sends another submit, because
         # Submitter.create yields before it sends.
         if self._emit is not None:
-            self._emit(Finished(result=result))
+            self._emit.finished(result)
         self.pipe.put(result)
 
     async def _track_one(self, task_id: str) -> None:

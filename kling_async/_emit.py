@@ -19,8 +19,9 @@ from typing import Any
 import anyio
 from anyio.abc import TaskGroup
 
+from ._errors import BudgetExceededError, ValidationError
 from ._results import JobResult
-from .events import Event, Resumed
+from .events import BudgetExceeded, Event, Finished, Resumed
 
 __all__ = ["CURRENT", "DRAIN_SECONDS", "EventSink", "check_callback"]
 
@@ -38,8 +39,6 @@ CURRENT: contextvars.ContextVar[EventSink | None] = contextvars.ContextVar(
 def check_callback(callback: object) -> None:
     """Raise :class:`~kling_async.ValidationError` unless ``callback`` is None or callable."""
     if callback is not None and not callable(callback):
-        from ._errors import ValidationError
-
         raise ValidationError("on_event", "must be a function taking an event, or None")
 
 
@@ -75,6 +74,14 @@ class EventSink:
         self.close()
         with anyio.move_on_after(DRAIN_SECONDS, shield=True):
             await self._done.wait()
+
+    def finished(self, result: JobResult) -> None:
+        """Report :class:`~kling_async.events.Finished` (after ``BudgetExceeded`` when it was)."""
+        error = result.error
+        if isinstance(error, BudgetExceededError):
+            limit, spent = error.limit, error.spent
+            self(BudgetExceeded(key=result.key, units=error.units, spent=spent, limit=limit))
+        self(Finished(result=result))
 
     def resumed(self, results: tuple[JobResult, ...], failures_too: bool) -> None:
         """Report :class:`~kling_async.events.Resumed` (failures only if ``failures_too``)."""

@@ -197,3 +197,25 @@ async def test_a_lost_submit_found_by_a_lookup_is_reported_as_adopted() -> None:
     assert adopted == {r.key: r.task_id for r in results if r.adopted} and len(adopted) == 3
     submitted = {e.key for e in seen if isinstance(e, events.Submitted)}
     assert submitted == {r.key for r in results if not r.adopted}  # (the first job's)
+
+
+@pytest.mark.anyio
+async def test_jobs_held_back_by_the_budget_are_reported() -> None:
+    seen: list[events.Event] = []
+    jobs = [
+        ka.LipSyncJob.from_audio(
+            video_url="https://example.com/v.mp4",
+            audio_url=f"https://example.com/line-{n}.mp3",
+            sound_end_time=7000,  # estimated 1.0 unit; charged 0.5 by the fake server
+            key=f"k{n}",
+        )
+        for n in range(8)
+    ]
+    async with FakeKlingServer(task_duration=0.01) as server:
+        async with kling_client(server, max_in_flight=1) as client:
+            batch = client.run_batch(jobs, budget=ka.Budget(units=3.0), on_event=seen.append)
+            results = {r.key: r async for r in batch}
+    held = [e for e in seen if isinstance(e, events.BudgetExceeded)]
+    stopped = {k for k, r in results.items() if isinstance(r.error, ka.BudgetExceededError)}
+    assert stopped and {e.key for e in held} == stopped
+    assert all(e.limit == 3.0 and e.units == 1.0 and e.spent + e.units > 3.0 for e in held)
