@@ -6,10 +6,6 @@ and iterate :meth:`KlingClient.run_batch` for results in completion order.
 
 from typing import TYPE_CHECKING, Any
 
-from . import events  # the on_event records (light: attrs only): ka.events.Finished, ...
-from ._budget import Budget
-from ._config import PollPolicy, RetryPolicy
-from ._cost import DEFAULT_PRICES, Estimate, JobEstimate, Prices, estimate
 from ._errors import (
     AccountError,
     APIError,
@@ -39,29 +35,33 @@ from ._errors import (
     created_nothing,
     error_from_response,
 )
-from ._jobs import LipSyncJob
-from ._options import ClientOptions
-from ._results import (
-    BalanceDeduction,
-    BatchProgress,
-    Face,
-    JobResult,
-    Returned,
-    TaskSnapshot,
-    TaskState,
-)
 
 if TYPE_CHECKING:
+    from . import events
+    from ._budget import Budget
     from ._client import APIMODELS_BASE_URL, DMXAPI_BASE_URL, OFFICIAL_BASE_URL, KlingClient
+    from ._config import PollPolicy, RetryPolicy
+    from ._cost import DEFAULT_PRICES, Estimate, JobEstimate, Prices, estimate
     from ._iterator import BatchIterator
+    from ._jobs import LipSyncJob
+    from ._options import ClientOptions
+    from ._results import (
+        BalanceDeduction,
+        BatchProgress,
+        Face,
+        JobResult,
+        Returned,
+        TaskSnapshot,
+        TaskState,
+    )
     from ._transport import Timeouts
 
     __version__: str
 
-# Imported on first use (module __getattr__, PEP 562): these pull in aiohttp and anyio, and
-# ``__version__`` importlib.metadata (about 36 ms), which a CLI ``--help`` or a program that
-# only builds jobs or catches errors should not pay.  ``from kling_async import KlingClient``
-# works as before; it imports aiohttp then.
+# Imported on first use (module __getattr__, PEP 562): the client pulls in aiohttp and anyio,
+# the records attrs, and ``__version__`` importlib.metadata, which a CLI ``--help`` or a
+# program that only catches errors should not pay.  ``from kling_async import KlingClient``
+# works as before; it imports what the client needs then.  The errors (plain classes) are eager.
 _LAZY = {
     "APIMODELS_BASE_URL": "._client",
     "DMXAPI_BASE_URL": "._client",
@@ -69,12 +69,33 @@ _LAZY = {
     "KlingClient": "._client",
     "BatchIterator": "._iterator",
     "Timeouts": "._transport",
+    "PollPolicy": "._config",
+    "RetryPolicy": "._config",
+    "LipSyncJob": "._jobs",
+    "ClientOptions": "._options",
+    "BatchProgress": "._results",
+    "Face": "._results",
+    "JobResult": "._results",
+    "TaskSnapshot": "._results",
+    "TaskState": "._results",
+    "BalanceDeduction": "._results",
+    "Returned": "._results",
+    "Budget": "._budget",
+    "DEFAULT_PRICES": "._cost",
+    "Estimate": "._cost",
+    "JobEstimate": "._cost",
+    "Prices": "._cost",
+    "estimate": "._cost",
 }
 
 
 def __getattr__(name: str) -> Any:
     if name == "__version__":
         value: Any = _version()
+    elif name == "events":  # the on_event records: ka.events.Finished, ...
+        import importlib
+
+        value = importlib.import_module(".events", __name__)
     elif name in _LAZY:
         import importlib
 

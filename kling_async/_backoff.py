@@ -158,9 +158,16 @@ class DurationModel:
 
 
 def fit_durations(
-    observations: Iterable[tuple[float, bool]], lag_share: float, *, min_finished: int = 8
+    observations: Iterable[tuple[float, bool]],
+    lag_share: float,
+    *,
+    min_finished: int = 8,
+    keep: DurationModel | None = None,
 ) -> DurationModel | None:
     """Fit a :class:`DurationModel` to ``(seconds, finished)`` pairs, or None if too few.
+
+    ``keep`` is returned itself when the fit's median and spread are within
+    :data:`_SAME_FIT` of its own: building a model's schedule table costs more than the fit.
 
     Tasks still running count as "at least this long" (Kaplan-Meier): at the start of a batch
     the first tasks to finish are the fastest, and fitting them alone would poll far too early.
@@ -207,7 +214,17 @@ def fit_durations(
         median = quantiles[0.75] * math.exp(high * sigma)
     else:
         return None
+    if (
+        keep is not None
+        and abs(median / keep.median - 1.0) <= _SAME_FIT
+        and abs(min(max(sigma, _SIGMA_MIN), _SIGMA_MAX) / keep.sigma - 1.0) <= _SAME_FIT
+    ):
+        return keep
     return DurationModel(median, sigma, lag_share)
+
+
+#: Relative change of median and spread below which a refit keeps the model it had.
+_SAME_FIT = 0.01
 
 
 #: The spread assumed, half-weight, before the sample shows a median (lip-sync: about 0.5).

@@ -45,6 +45,7 @@ from ._slots import SlotHold, StuckTasks, TaskSlots, slot_wait_error
 from ._source import JobSource
 from ._submitter import Submitter
 from ._tracker import Tracker
+from ._watch import Watch
 from .events import Event
 
 __all__ = ["Batch", "BatchIterator"]
@@ -225,9 +226,7 @@ class Batch:
 
     async def _feed(self, group: TaskGroup) -> None:
         if self._task_ids is not None:
-            for task_id in self._task_ids:
-                await self.pipe.reserve()
-                group.start_soon(self._track_one, task_id)
+            await self._track_all(self._task_ids)
             return
         source = JobSource(self._jobs or (), self.resume)
         for _ in range(self._slots.capacity):
@@ -379,12 +378,42 @@ class Batch:
             self._emit.finished(result)
         self.pipe.put(result)
 
-    async def _track_one(self, task_id: str) -> None:
-        self._live[task_id] = task_id
-        snapshot = TaskSnapshot(task_id=task_id, state=TaskState.SUBMITTED)
-        terminal, polls = await self.tracker.wait(snapshot, self._stage)
-        self._live.pop(task_id, None)
-        await self._report(self._result(task_id, terminal, None, polls))
+    async def _track_all(self, task_ids: list[str]) -> None:
+        """Track tasks created elsewhere, all at once, until each has ended.
+
+        The tasks are running already, so neither task slots nor the pipe's places hold them
+        back: each is a tracker :class:`~._watch.Watch` (a few hundred bytes) with no coroutine
+        of its own, and its result goes into the pipe from the watch's callback.  Results not
+        yet taken are bounded by the ids the caller handed in.
+        """
+        remaining = len(task_ids)  # a result per id given, as many as the caller listed
+        if not remaining:
+            return
+        all_done = anyio.Event()
+
+        def finished(watch: Watch) -> None:
+            nonlocal remaining
+            assert watch.result is not None
+            self._live.pop(watch.task_id, None)
+            remaining -= 1
+            if remaining == 0:
+                all_done.set()
+            if self._scope.cancel_called:
+                return  # a stopped batch hands over nothing more (as in _report)
+            result = self._result(watch.task_id, watch.result, None, watch.polls)
+            self.counts["succeeded" if result.ok else "failed"] += 1
+            self.pipe.put(result)
+
+        watches = []
+        for task_id in task_ids:
+            self._live[task_id] = task_id
+            watches.append(self.tracker.watch(task_id, self._stage, finished))
+        try:
+            await all_done.wait()
+        finally:
+            for watch in watches:
+                if watch.result is None:
+                    self.tracker.unwatch(watch)
 
     async def _get_task(self, task_id: str, *, stage: str) -> TaskSnapshot:
         request = self._dialect.query_request(stage, task_id)

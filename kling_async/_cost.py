@@ -28,6 +28,7 @@ import attrs
 
 from ._errors import ValidationError
 from ._jobs import LipSyncJob
+from ._prices import PRICE_DEFAULTS
 
 __all__ = ["DEFAULT_PRICES", "Estimate", "JobEstimate", "Prices", "estimate", "estimate_job"]
 
@@ -43,13 +44,17 @@ class Prices:
     """The price table estimates and budgets use; see the module docstring for each default."""
 
     #: Units charged per started 5 s of output video.
-    units_per_5s: float = attrs.field(default=0.5, validator=_price)
+    units_per_5s: float = attrs.field(default=PRICE_DEFAULTS["units_per_5s"], validator=_price)
     #: Units charged per identify-face call (two-step flows only).
-    identify_face_units: float = attrs.field(default=0.005, validator=_price)
+    identify_face_units: float = attrs.field(
+        default=PRICE_DEFAULTS["identify_face_units"], validator=_price
+    )
     #: Seconds a budget assumes for a job whose length is unknown.
-    unknown_seconds: float = attrs.field(default=60.0, validator=_price)
+    unknown_seconds: float = attrs.field(
+        default=PRICE_DEFAULTS["unknown_seconds"], validator=_price
+    )
     #: US dollars per unit, for showing a total in money (list price of a unit).
-    usd_per_unit: float = attrs.field(default=0.14, validator=_price)
+    usd_per_unit: float = attrs.field(default=PRICE_DEFAULTS["usd_per_unit"], validator=_price)
 
     def units_for(self, seconds: float, *, identify_face: bool = False) -> float:
         """Units for a video of ``seconds`` (started 5 s steps), plus an identify-face call."""

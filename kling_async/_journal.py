@@ -56,7 +56,7 @@ from ._journal_codec import (
     snapshot_from_json,
     snapshot_to_json,
 )
-from ._journal_store import Row, Store, journal_error
+from ._journal_store import Committer, Row, Store, journal_error
 from ._results import JobResult, TaskSnapshot
 
 __all__ = ["CREATED", "REFUSED", "SUBMITTING", "Journal", "JournalJob", "JournalStage"]
@@ -127,8 +127,7 @@ class Journal:
             if stage.task_id is not None
         }
         self._added = 0  # statements handed to the store so far
-        self._flushes = 0  # flushes running in worker threads now
-        self._flushed = anyio.Event()  # set (and replaced) whenever a flush returns
+        self._committer = Committer(store)
         self._marked = anyio.Event()  # set when a mark waits to be committed
         self._closed = False
 
@@ -354,6 +353,7 @@ class Journal:
         self._closed = True
         with anyio.CancelScope(shield=True):
             try:
+                await anyio.to_thread.run_sync(self._committer.stop)
                 await anyio.to_thread.run_sync(self._store.close)
             except sqlite3.Error as exc:
                 raise journal_error(self.path, exc) from None
@@ -379,25 +379,11 @@ class Journal:
     async def _commit(self) -> None:
         """Return once every statement added so far is committed (see :mod:`._journal_store`).
 
-        Two flushes at most run at once: one commits while the other waits for the write lock,
-        ready to take everything added meanwhile.  Other writers wait for one to return, so a
-        transaction costs one trip through a worker thread, not one per writer.  Shielded: a
-        statement once added is written even if its writer is cancelled, so that memory and
-        file agree about every submit.
+        Concurrent writers share transactions (group commit); waiting is shielded, so that a
+        statement once added is written even if its writer is cancelled, and memory and file
+        agree about every submit.
         """
-        wanted = self._added
-        with anyio.CancelScope(shield=True):
-            while self._store.committed < wanted:
-                if self._flushes >= 2:
-                    await self._flushed.wait()
-                    continue
-                self._flushes += 1
-                try:
-                    await anyio.to_thread.run_sync(self._store.flush)
-                finally:
-                    self._flushes -= 1
-                    flushed, self._flushed = self._flushed, anyio.Event()
-                    flushed.set()
+        await self._committer.wait(self._added)
 
 
 def _job_from_row(row: Row) -> JournalJob:

@@ -5,22 +5,25 @@ Everything here runs in worker threads (``anyio.to_thread``), never on the event
 one transaction at a time under :attr:`Store.write_lock`.
 
 Group commit: writers append statements to :attr:`Store` 's pending list (a short critical
-section on the event loop's thread) and then call :meth:`Store.flush` in a worker thread.  The
-flush that gets the write lock commits *everything* pending at that moment, its own statements
-and those of writers still waiting for the lock, in one transaction; a writer whose statements
-were committed by an earlier flush finds nothing left to do.  Either way, when a writer's flush
-returns its statements are committed, and the next transaction starts as soon as the previous
-one ends, without waiting for the event loop.
+section on the event loop's thread) and then wait on the store's :class:`Committer`, a thread of
+its own that runs :meth:`Store.flush` whenever a writer waits.  A flush commits *everything*
+pending at that moment in one transaction, so writers that come while one runs share the next;
+the committer wakes the loop once per transaction, and a writer whose statements are committed
+already does not wait at all.  (Before, each commit was a trip through anyio's worker threads:
+a capacity limiter, a future and a cancel scope per writer, and two flushes racing for the
+lock; benchmarks/README.md, "Journal".)
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 import socket
 import sqlite3
 import threading
 import time
+from collections import deque
 from collections.abc import Sequence
 from typing import Any
 
@@ -31,7 +34,7 @@ except ImportError:  # pragma: no cover - Windows: SQLite's own lock alone (it w
 
 from ._errors import JournalError, ValidationError
 
-__all__ = ["SCHEMA_VERSION", "Row", "Store"]
+__all__ = ["SCHEMA_VERSION", "Committer", "Row", "Store"]
 
 #: ``PRAGMA user_version`` of the layout this module writes (version 1 files are upgraded).
 SCHEMA_VERSION = 2
@@ -275,6 +278,100 @@ class Store:
             with self.write_lock:
                 self._conn.close()
             self._lock.release()
+
+
+class Committer:
+    """Commits a :class:`Store`'s queued statements from one thread of its own, on request.
+
+    :meth:`wait` returns once the first ``wanted`` statements queued are committed.  Waiting is
+    shielded: a statement once queued is written even if its writer is cancelled, and the
+    writer learns it was (memory and file agree about every submit).
+    """
+
+    def __init__(self, store: Store) -> None:
+        self._store = store
+        self._wake = threading.Condition()
+        self._asked = False  # a writer waits: flush (written under _wake)
+        self._stopping = False
+        self._thread: threading.Thread | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._waiters: deque[tuple[int, asyncio.Future[None]]] = deque()
+        self._error: BaseException | None = None
+
+    async def wait(self, wanted: int) -> None:
+        """Return once ``wanted`` statements are committed (JournalError: they never will be)."""
+        if self._store.committed >= wanted:
+            return
+        if self._error is not None:
+            raise self._error
+        loop = self._loop = asyncio.get_running_loop()
+        done: asyncio.Future[None] = loop.create_future()
+        self._waiters.append((wanted, done))
+        with self._wake:
+            self._asked = True
+            self._wake.notify()
+        if self._thread is None:
+            self._thread = threading.Thread(
+                target=self._run, name=f"kling_async journal {self._store.path}", daemon=True
+            )
+            self._thread.start()
+        # Shielded by hand (a journal only runs on asyncio, as its batch does): anyio's
+        # CancelScope(shield=True) looks the backend up each time it is made, a fifth of a
+        # journaled write's own CPU.  A cancellation waits for the commit, then goes on.
+        cancelled: BaseException | None = None
+        while True:
+            try:
+                await asyncio.shield(done)
+                break
+            except asyncio.CancelledError as exc:
+                if done.done():
+                    done.result()  # the commit failed: that error, not the cancellation
+                    break
+                cancelled = exc
+        if cancelled is not None:
+            raise cancelled
+
+    def stop(self) -> None:
+        """End the thread once it has committed what it was asked to (blocking)."""
+        with self._wake:
+            self._stopping = True
+            self._wake.notify()
+        if self._thread is not None:
+            self._thread.join()
+
+    def _run(self) -> None:
+        while True:
+            with self._wake:
+                while not self._asked and not self._stopping:
+                    self._wake.wait()
+                if not self._asked:
+                    return
+                self._asked = False
+            error: BaseException | None = None
+            try:
+                self._store.flush()
+            except BaseException as exc:  # handed to the waiters, on the loop's thread
+                error = exc
+            loop = self._loop
+            if loop is not None:
+                with contextlib.suppress(RuntimeError):  # the loop has closed: nobody waits
+                    loop.call_soon_threadsafe(self._settle, error)
+
+    def _settle(self, error: BaseException | None) -> None:
+        """On the loop: wake the writers whose statements are committed (or failed)."""
+        committed = self._store.committed
+        if error is not None:
+            self._error = error
+        waiters = self._waiters
+        while waiters and (waiters[0][0] <= committed or error is not None):
+            wanted, done = waiters.popleft()
+            if done.done():
+                continue
+            if wanted <= committed:
+                done.set_result(None)
+            else:
+                assert error is not None
+                done.set_exception(error)
 
 
 def _check_meta(path: str, stored: dict[str, str], wanted: dict[str, str]) -> None:

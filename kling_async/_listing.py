@@ -63,8 +63,10 @@ class PageHost(Protocol):
         """Send a status request."""
         ...
 
-    def apply(self, watch: Watch, snapshot: TaskSnapshot, now: float) -> None:
-        """Take an answer about ``watch``'s task, seen at ``now``."""
+    def apply(
+        self, watch: Watch, snapshot: TaskSnapshot, now: float, asked: float | None = None
+    ) -> None:
+        """Take an answer about ``watch``'s task, come at ``now`` to a request sent at ``asked``."""
         ...
 
     def query_failed(self, watch: Watch, error: KlingError) -> None:
@@ -171,7 +173,8 @@ class ListPages:
             self._dialect.list_page_size,
             max(_MIN_PAGE_SIZE, 4 * len(wanted), self._size.get(stage, 0)),
         )
-        found: dict[str, tuple[TaskSnapshot, int]] = {}
+        # task id -> (snapshot, depth, when its page was asked for: see Tracker.apply)
+        found: dict[str, tuple[TaskSnapshot, int, float]] = {}
         read: set[int] = set()
         sent = 0
         try:
@@ -186,15 +189,15 @@ class ListPages:
                     break
                 tracker.requests += 1
                 sent += 1
+                asked = anyio.current_time()
                 response = await tracker.send(request)
-                snapshots = self._dialect.parse_list(stage, response)
+                rows, snapshots = self._dialect.parse_list_page(stage, response, wanted)
                 read.add(page)
                 self._read_at[stage, page] = anyio.current_time()
                 first = (page - 1) * size
-                for index, snapshot in enumerate(snapshots):
-                    if snapshot.task_id in wanted:
-                        found[snapshot.task_id] = (snapshot, first + index)
-                if len(snapshots) < size:
+                for index, snapshot in snapshots:
+                    found[snapshot.task_id] = (snapshot, first + index, asked)
+                if rows < size:
                     read.update(range(page + 1, _MAX_PAGES + 1))  # the last page: none deeper
                     break
         except KlingError as exc:
@@ -206,11 +209,11 @@ class ListPages:
             tracker.on_event(Polled(stage=stage, tasks=len(found), requests=sent))
         del self._pending[stage]
         now = anyio.current_time()
-        for task_id, (snapshot, depth) in found.items():
+        for task_id, (snapshot, depth, asked) in found.items():
             watch = wanted[task_id]
             watch.depth = depth
             if watch.result is None:
-                tracker.apply(watch, snapshot, now)
+                tracker.apply(watch, snapshot, now, asked)
         for watch in wanted.values():
             if watch.task_id not in found and 1 + watch.depth // size in read:
                 self._sink(watch, size, now)

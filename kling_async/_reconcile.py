@@ -60,6 +60,8 @@ CLOCK_SKEW = 60.0
 LATEST_CREATE = 900.0
 #: Seconds around a submit's window in which no other task on the same video may exist.
 NEIGHBOURHOOD = 60.0
+#: Seconds between looks at whether other submits are still on their way.
+_CONFIRM_RECHECK = 0.05
 #: Newest tasks looked at, at most: pages of ``_PAGE_SIZE``.
 _MAX_PAGES = 5
 _PAGE_SIZE = 100
@@ -183,6 +185,9 @@ class Reconciler:
         self._confirmed = anyio.Event()
         #: Called once the server has shown that it keeps external ids (a journal keeps that).
         self.on_confirm: Callable[[], None] | None = None
+        #: Whether submits other than the one being resolved are on their way (their answers
+        #: may yet confirm external ids); the batch's submitter sets it.
+        self.others_sending: Callable[[], bool] = lambda: False
 
     # -- exactly, by external id ---------------------------------------------------------
 
@@ -201,6 +206,22 @@ class Reconciler:
     def external_confirmed(self) -> bool:
         """Whether :meth:`confirm_external` was called."""
         return self._confirmed.is_set()
+
+    async def _await_confirmation(self) -> None:
+        """Wait while other submits of the batch may still show that external ids are kept.
+
+        Not a fixed time: under load the batch's other answers may take longer than any
+        guess, and a lone job must not wait for answers that will never come.  The wait ends
+        once confirmed, once no other submit is on its way (:attr:`others_sending`), or after
+        :attr:`confirm_wait` seconds.
+        """
+        deadline = anyio.current_time() + self.confirm_wait
+        while not self.external_confirmed and self.others_sending():
+            left = deadline - anyio.current_time()
+            if left <= 0:
+                return
+            with anyio.move_on_after(min(left, _CONFIRM_RECHECK)):
+                await self._confirmed.wait()
 
     async def find_external(self, stage: str, external_id: str) -> TaskSnapshot | _Absent:
         """The task whose external id is ``external_id``, or :data:`ABSENT` when none has it.
@@ -251,8 +272,7 @@ class Reconciler:
             if found is not ABSENT:
                 logger.info("%s: found task %s by its external id", key, found.task_id)
                 return found
-            with anyio.move_on_after(self.confirm_wait):
-                await self._confirmed.wait()  # (other submits of the batch may show it)
+            await self._await_confirmation()
             if not self.external_confirmed:
                 detail = (
                     f"no task carries external id {external_id}, but this server has not shown"

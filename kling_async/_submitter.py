@@ -44,6 +44,9 @@ __all__ = ["SUBMIT_GRACE", "Submitter"]
 
 logger = logging.getLogger("kling_async")
 
+#: Longest wait (seconds) of an unclear submit for another submit's answer to show that the
+#: server keeps external ids (the wait ends sooner when no other submit is on its way).
+CONFIRM_WAIT = 60.0
 #: Seconds a stopping batch with a journal waits for the answers of submits already sent.
 SUBMIT_GRACE = 5.0
 # Lookups of an external id that a resend found taken (see Submitter._refused_external).
@@ -86,9 +89,11 @@ class Submitter:
             ledger=self._memory,
             offset=ClockOffset(),
             clock=client.clock,
-            # (Long enough for the other submits of the batch to be answered.)
-            confirm_wait=2 * client.retry.max_delay,
+            # A bound only: the wait also ends when no other submit is on its way.
+            confirm_wait=max(2 * client.retry.max_delay, CONFIRM_WAIT),
         )
+        self._creating = 0  # jobs inside create(): submits on their way or about to be
+        self.reconciler.others_sending = lambda: self._creating > 1
 
     def grace(self) -> None:
         """The batch stops: journaled submits on their way get :data:`SUBMIT_GRACE` seconds."""
@@ -115,6 +120,21 @@ class Submitter:
         an external id sent again, or it ends as :class:`SubmitOutcomeUnknownError`.
         ``sent_before``: an earlier run sent this very request (its external id) already.
         """
+        self._creating += 1
+        try:
+            return await self._create(step, slot, key, resume, video_url, sent_before)
+        finally:
+            self._creating -= 1
+
+    async def _create(
+        self,
+        step: Submit,
+        slot: SlotHold,
+        key: str,
+        resume: Resume | None,
+        video_url: str | None,
+        sent_before: bool,
+    ) -> TaskSnapshot:
         canary = not self._canary_taken
         self._canary_taken = True
         if not canary and not self._answered:

@@ -270,6 +270,7 @@ class Tracker:
         request = self._dialect.query_request(watch.stage, watch.task_id)
         try:
             self.requests += 1
+            asked = loop_time()
             response = await self._requester.transport.send(request)
             snapshot = self._dialect.parse_query(watch.stage, watch.task_id, response)
         except KlingError as exc:
@@ -278,18 +279,27 @@ class Tracker:
                 self.on_event(Polled(stage=watch.stage, tasks=0, requests=1))
             return
         if watch.result is None:
-            self.apply(watch, snapshot, loop_time())
+            self.apply(watch, snapshot, loop_time(), asked)
         if self.on_event is not None:
             self.on_event(Polled(stage=watch.stage, tasks=1, requests=1))
 
-    def apply(self, watch: Watch, snapshot: TaskSnapshot, now: float) -> None:
-        """Take an answer about ``watch``'s task, seen at ``now``: finish it or poll again."""
+    def apply(
+        self, watch: Watch, snapshot: TaskSnapshot, now: float, asked: float | None = None
+    ) -> None:
+        """Take an answer about ``watch``'s task, come at ``now``: finish it or poll again.
+
+        ``asked``: when the request was sent, what the answer is as recent as.  Durations are
+        learnt from it: the answer's arrival would add a round trip to each, a lag that tasks
+        shorter than a few round trips would never unlearn (they would be polled later and
+        later).  The next poll is planned from ``now``.
+        """
+        seen = now if asked is None else asked
         watch.busy = False
         watch.polls += 1
         watch.errors = 0
-        before, watch.polled = watch.polled, now
+        before, watch.polled = watch.polled, seen
         if snapshot.state.is_terminal:
-            self._learn(watch, snapshot, now, (before + now) / 2)
+            self._learn(watch, snapshot, seen, (before + seen) / 2)
             self._finish(watch, snapshot)
             return
         self._schedule(watch, now + self._delay(watch, now))

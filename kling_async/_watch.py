@@ -28,6 +28,8 @@ _SAMPLE_MAX = 4096
 _MIN_SAMPLES = 8
 #: Most finishes between two refits of a model.
 _REFIT_EVERY = 8
+#: Most times that a steady model's refits are spaced further than _REFIT_EVERY's rule.
+_STRIDE_MAX = 4
 
 
 def loop_time() -> float:
@@ -124,12 +126,13 @@ class Learner:
     then read half again as often as needed).
     """
 
-    __slots__ = ("cohort", "fresh", "model")
+    __slots__ = ("cohort", "fresh", "model", "stride")
 
     def __init__(self) -> None:
         self.cohort: deque[Watch] = deque()
         self.fresh = 0
         self.model: DurationModel | None = None
+        self.stride = 1  # finishes between refits, times the base rule's (see finished)
 
     def add(self, watch: Watch, live: int) -> None:
         """Take a newly tracked task into the cohort, ``live`` tasks being tracked in all."""
@@ -149,9 +152,14 @@ class Learner:
             else (-w.ended, False)
             for w in self.cohort
         ]
-        self.model = fit_durations(observations, lag_share, min_finished=_MIN_SAMPLES) or (
-            self.model
-        )
+        model = fit_durations(observations, lag_share, min_finished=_MIN_SAMPLES, keep=self.model)
+        if model is None:
+            return
+        # While refits find what the model says already, they come further apart (up to
+        # _STRIDE_MAX times the base rule); a change brings them back to the base rule.
+        same = model is self.model
+        self.stride = min(2 * self.stride, _STRIDE_MAX) if same else 1
+        self.model = model
 
     def finished(
         self, watch: Watch, snapshot: TaskSnapshot, now: float, ended: float, poll: PollPolicy
@@ -172,5 +180,5 @@ class Learner:
         # refit per 64 finishes had doubled the CPU of taking a finish.
         size = len(self.cohort)
         every = max(_REFIT_EVERY, size // 32) if size >= _SAMPLE_SIZE else 1 + size // 32
-        if self.fresh >= every:
+        if self.fresh >= every * self.stride:
             self.refit(now, poll.lag_share)

@@ -251,6 +251,38 @@ async def test_track_follows_tasks_submitted_elsewhere() -> None:
     assert by_key["404404404404404404"].state is ka.TaskState.FAILED
 
 
+async def test_track_follows_every_id_at_once_whatever_max_in_flight() -> None:
+    # The tasks run already: none waits for a slot or for the consumer to take a result.  The
+    # last id ends first and must be reported first; tracking a few at a time (as before, two
+    # per max_in_flight) would report the first ids first.
+    durations = iter([0.6] * 7 + [0.02])
+    server = FakeKlingServer(task_duration=lambda rng: next(durations), task_limit=None)
+    async with server, kling_client(server, max_in_flight=1) as client:
+        ids = [(await client.submit(text_job(n))).task_id for n in range(8)]
+        with anyio.fail_after(5):
+            results = [r async for r in client.track([*ids, ids[0]])]
+    assert results[0].task_id == ids[-1]
+    assert sorted(r.task_id for r in results) == sorted([*ids, ids[0]])  # one result per id
+    assert all(r.ok for r in results)
+
+
+async def test_leaving_a_track_stops_following_every_task() -> None:
+    durations = iter([0.01] + [30.0] * 5)
+    server = FakeKlingServer(task_duration=lambda rng: next(durations), task_limit=None)
+    async with server, kling_client(server) as client:
+        ids = [(await client.submit(text_job(n))).task_id for n in range(6)]
+        with anyio.fail_after(5):
+            async with client.track(ids) as results:
+                async for result in results:
+                    assert result.task_id == ids[0]
+                    break
+            batch = results._batch
+            assert batch.tracker.live == 0 and batch.progress().running == 5
+            sent = requests_sent(server)
+            await anyio.sleep(0.1)  # FAST_POLL would have asked several times by now
+            assert requests_sent(server) == sent
+
+
 async def test_jwt_batch() -> None:
     async with FakeKlingServer(task_duration=0.01) as server:
         client = ka.KlingClient.kling(

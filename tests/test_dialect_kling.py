@@ -347,6 +347,29 @@ def test_parse_list_empty_and_wrong_shapes() -> None:
         dialect.parse_list(STAGE_LIP_SYNC, answer("query_object.json"))
 
 
+def test_parse_list_page_parses_only_the_wanted_rows() -> None:
+    dialect = KlingDialect()
+    every = dialect.parse_list(STAGE_LIP_SYNC, answer("list.json"))
+    for wanted in [set(), {"CjikY2gHPbcAAAAABI5n9g"}, {s.task_id for s in every}, {"other"}]:
+        rows, found = dialect.parse_list_page(STAGE_LIP_SYNC, answer("list.json"), wanted)
+        assert rows == len(every)
+        assert found == [(i, s) for i, s in enumerate(every) if s.task_id in wanted]
+
+
+def test_parse_list_page_skips_rows_it_does_not_follow_unread() -> None:
+    # A row of some other task that would not parse does not fail the page: it is not read.
+    good = json.loads((SAMPLES / "list.json").read_text())["data"][2]
+    body = {"code": 0, "data": [{"task_id": "x", "task_status": "??"}, 7, good]}
+    rows, found = KlingDialect().parse_list_page(STAGE_LIP_SYNC, answer(body), {good["task_id"]})
+    assert rows == 3
+    assert found == [(2, EXPECTED_SUCCESS)]
+    with pytest.raises(ka.MalformedResponseError):  # a followed row that does not parse does
+        KlingDialect().parse_list_page(STAGE_LIP_SYNC, answer(body), {"x"})
+    with pytest.raises(ka.MalformedResponseError, match="not a JSON list"):
+        KlingDialect().parse_list_page(STAGE_LIP_SYNC, answer("query_object.json"), {"x"})
+    assert KlingDialect().parse_list_page(STAGE_LIP_SYNC, answer({"code": 0}), {"x"}) == (0, [])
+
+
 # -- errors ---------------------------------------------------------------------------------------
 
 # docs/protocol.md, Business codes: code -> (class, documented HTTP status).

@@ -179,6 +179,19 @@ async def test_an_absent_external_id_is_not_resent_until_the_server_echoes_one()
     assert server.requests["advanced-submit"] == 1
 
 
+async def test_an_unclear_first_submit_waits_for_the_others_answers_however_slow() -> None:
+    # The first submit meets a 502 before any answer has shown that external ids are kept; the
+    # other submits are slower than any fixed wait for them would guess (0.4 s against the old
+    # bound of 2 x max_delay = 0.1 s).  Their echoes confirm the ids: the job is sent again and
+    # gets its own task, instead of ending unknown.
+    async with FakeKlingServer(task_duration=0.02, faults=FaultPlan(create_delay=0.4)) as server:
+        async with advanced_client(server) as client:
+            server.script("advanced-submit", status=502, code=5000)
+            results = await run(client, [dub_job(n) for n in range(4)])
+    assert all(r.ok and not r.adopted for r in results), [str(r.error) for r in results]
+    assert server.tasks_created == 4
+
+
 async def test_someone_elses_task_with_my_external_id_is_not_taken() -> None:
     async with FakeKlingServer(task_duration=0.02) as server:
         async with advanced_client(server) as client:

@@ -15,7 +15,7 @@ import pytest
 
 import kling_async as ka
 
-HEAVY = ["aiohttp", "anyio", "tqdm", "importlib.metadata", "sqlite3", "jwt"]
+HEAVY = ["aiohttp", "anyio", "attr", "tqdm", "importlib.metadata", "sqlite3", "jwt"]
 
 
 def _loaded_after(code: str) -> dict[str, bool]:
@@ -84,3 +84,12 @@ def test_lazy_names_are_the_modules_own() -> None:
     assert set(ka.__all__) <= set(dir(ka))
     with pytest.raises(AttributeError, match="no_such_name"):
         _ = ka.no_such_name  # type: ignore[attr-defined]
+
+
+def test_the_light_price_defaults_are_the_records_own() -> None:
+    import attrs
+
+    from kling_async._prices import PRICE_DEFAULTS
+
+    assert attrs.asdict(ka.DEFAULT_PRICES) == PRICE_DEFAULTS
+    assert attrs.asdict(ka.Prices()) == PRICE_DEFAULTS

@@ -114,7 +114,8 @@ async def test_external_ids_give_every_job_its_own_task(
                 await one(lang)
         counts = check(server, results)
     assert server.requests["faulted"] >= 3  # the proxy did strike
-    assert counts["ok"] == 2 * CLIPS and counts["unknown"] == 0
+    failed = [(r.key, r.state, str(r.error)) for b in results.values() for r in b if not r.ok]
+    assert counts["ok"] == 2 * CLIPS and counts["unknown"] == 0, failed
     assert server.tasks_created == 2 * CLIPS  # nothing paid twice
 
 

@@ -13,9 +13,8 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from .._cost import DEFAULT_PRICES, Prices, estimate_job
+from .._prices import PRICE_DEFAULTS
 from ._connect import DIALECTS, CliError
-from ._jobfile import JobFile
 
 __all__ = ["add_estimate_options", "estimate_command"]
 
@@ -38,7 +37,7 @@ def add_estimate_options(parser: argparse.ArgumentParser, units: Callable[[str],
         ("--identify-face-units", "identify_face_units", "units per identify-face call"),
         ("--usd-per-unit", "usd_per_unit", "dollars per unit, for the total"),
     ):
-        default = getattr(DEFAULT_PRICES, name)
+        default = PRICE_DEFAULTS[name]  # (not the records: `--help` stays light)
         group.add_argument(
             option, metavar="N", type=units, default=default, help=f"{what} (default {default:g})"
         )
@@ -46,6 +45,9 @@ def add_estimate_options(parser: argparse.ArgumentParser, units: Callable[[str],
 
 def estimate_command(args: argparse.Namespace) -> int:
     """Print each job's estimate and the total; returns the exit status."""
+    from .._cost import Prices, estimate_job
+    from ._jobfile import JobFile
+
     jobs = JobFile(Path(args.jobs), args.jobs)
     if not jobs.path.is_file():
         raise CliError(f"no such job file: {args.jobs}")

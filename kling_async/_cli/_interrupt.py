@@ -13,9 +13,11 @@ from __future__ import annotations
 
 import signal
 from collections.abc import Awaitable, Callable
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import anyio
+
+from . import _loop
 
 __all__ = ["Interrupted", "run"]
 
@@ -26,8 +28,8 @@ class Interrupted(KeyboardInterrupt):
     """Ctrl-C stopped the work; raised once it has unwound."""
 
 
-def run(func: Callable[[], Awaitable[T]]) -> T:
-    """``anyio.run(func)``, raising :class:`Interrupted` when Ctrl-C stopped it."""
+def run(func: Callable[..., Awaitable[T]], *args: Any) -> T:
+    """``func(*args)`` on the command's loop (:mod:`._loop`); :class:`Interrupted` on Ctrl-C."""
     interrupted = False
 
     async def main() -> T:
@@ -49,7 +51,7 @@ def run(func: Callable[[], Awaitable[T]]) -> T:
 
             group.start_soon(watch)
             try:
-                done.append(await func())
+                done.append(await func(*args))
             except Exception as exc:
                 # Raised below, once the group is closed: raised through it, the error would
                 # come out wrapped in an ExceptionGroup.
@@ -62,4 +64,4 @@ def run(func: Callable[[], Awaitable[T]]) -> T:
             raise Interrupted
         return done[0]
 
-    return anyio.run(main)
+    return _loop.run(main)

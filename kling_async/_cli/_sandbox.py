@@ -17,10 +17,10 @@ import random
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING
 
-from .._config import PollPolicy, RetryPolicy
 from ._connect import CliError
 
-if TYPE_CHECKING:
+if TYPE_CHECKING:  # the policies are imported where made: `--help` needs no attrs (start-up)
+    from .._config import PollPolicy, RetryPolicy
     from ..testing import FakeKlingServer, FaultPlan
 
 __all__ = [
@@ -95,6 +95,8 @@ def sandbox_credentials() -> dict[str, str]:
 
 def sandbox_policies(duration: float | None) -> tuple[PollPolicy, RetryPolicy]:
     """Polling and retries suited to seconds-long tasks (or to ``duration``-long ones)."""
+    from .._config import PollPolicy, RetryPolicy
+
     if duration is None:
         poll = PollPolicy(first_delay=0.5, max_interval=1.0)
         return poll, RetryPolicy(base_delay=0.1, max_delay=2.0, concurrency_delay=0.5)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import functools
 import json
 import signal
 import sys
@@ -13,7 +12,7 @@ import anyio
 
 from .._errors import KlingError
 from .._results import TaskSnapshot
-from . import _interrupt
+from . import _interrupt, _loop
 from ._connect import make_client
 from ._sandbox import sandbox_server
 
@@ -39,7 +38,7 @@ def snapshot_line(snapshot: TaskSnapshot) -> dict[str, Any]:
 
 def status_command(args: argparse.Namespace) -> int:
     """Print one JSON line per task id, in the order given; 1 when a lookup failed."""
-    lines = _interrupt.run(functools.partial(_lookup, args))
+    lines = _interrupt.run(_lookup, args)
     for line in lines:
         print(json.dumps(line, ensure_ascii=False), flush=True)
     return 1 if any("error" in line for line in lines) else 0
@@ -72,7 +71,7 @@ async def _lookup(args: argparse.Namespace) -> list[dict[str, Any]]:
 
 def fake_server_command(args: argparse.Namespace) -> int:
     """Run the sandbox server until Ctrl-C (or SIGTERM)."""
-    anyio.run(_serve, args)
+    _loop.run(_serve, args)
     return 0
 
 

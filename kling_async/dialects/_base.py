@@ -16,7 +16,7 @@ A dialect is pure protocol: it turns a :class:`LipSyncJob` into requests and ans
 from __future__ import annotations
 
 import base64
-from collections.abc import Generator, Mapping, Sequence
+from collections.abc import Container, Generator, Mapping, Sequence
 from typing import Protocol
 
 import attrs
@@ -96,6 +96,16 @@ class Dialect(Protocol):
 
     def parse_list(self, stage: str, response: HttpResponse) -> list[TaskSnapshot]:
         """The snapshots on one page of a list answer."""
+        ...
+
+    def parse_list_page(
+        self, stage: str, response: HttpResponse, wanted: Container[str]
+    ) -> tuple[int, list[tuple[int, TaskSnapshot]]]:
+        """How many rows a list page holds, and the snapshots of those in ``wanted``.
+
+        Each snapshot comes with its row's index.  Rows of other tasks are not parsed: a
+        tracker reads pages of a busy account for the few tasks it follows.
+        """
         ...
 
     def parse_external(self, stage: str, external_id: str, response: HttpResponse) -> TaskSnapshot:

@@ -14,7 +14,7 @@ wire names and their converter live in :mod:`._apimodels_wire`.
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+from collections.abc import Container, Mapping
 from typing import Final
 
 import attrs
@@ -160,6 +160,12 @@ class ApimodelsDialect:
         return None
 
     def parse_list(self, stage: str, response: HttpResponse) -> list[TaskSnapshot]:
+        """Never called (``list_page_size`` is 0); raises NotImplementedError."""
+        raise NotImplementedError("apimodels has no list query")
+
+    def parse_list_page(
+        self, stage: str, response: HttpResponse, wanted: Container[str]
+    ) -> tuple[int, list[tuple[int, TaskSnapshot]]]:
         """Never called (``list_page_size`` is 0); raises NotImplementedError."""
         raise NotImplementedError("apimodels has no list query")
 

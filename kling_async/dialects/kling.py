@@ -14,7 +14,7 @@ Pure protocol: no I/O.  The wire structures and their mapping live in :mod:`._kl
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+from collections.abc import Container, Mapping
 from urllib.parse import quote
 
 import attrs
@@ -308,6 +308,25 @@ class KlingDialect:
             raise MalformedResponseError("list answer's data is not a JSON list", status=status)
         return [
             task_snapshot(item, where=f"data[{i}]", status=status) for i, item in enumerate(data)
+        ]
+
+    def parse_list_page(
+        self, stage: str, response: HttpResponse, wanted: Container[str]
+    ) -> tuple[int, list[tuple[int, TaskSnapshot]]]:
+        """The rows on one page of a list answer, and the snapshots of the ``wanted`` tasks."""
+        _check_stage(stage)
+        status = response.status
+        data = _data(decode_envelope(response), status, allow_null=True)
+        if data is None:
+            return 0, []
+        if not isinstance(data, list):
+            raise MalformedResponseError("list answer's data is not a JSON list", status=status)
+        # Only the rows of tasks being followed are turned into snapshots (on a 200-row page
+        # that was half of reading it): the id is looked up in the raw row first.
+        return len(data), [
+            (i, task_snapshot(item, where=f"data[{i}]", status=status))
+            for i, item in enumerate(data)
+            if _raw_id(item) in wanted
         ]
 
     def parse_callback(self, body: bytes) -> TaskSnapshot:
