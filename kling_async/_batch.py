@@ -47,6 +47,8 @@ from ._submitter import Submitter
 from ._tracker import Tracker
 from ._watch import Watch
 from .events import Event
+from .journal import PostgresJournal, SharedBackend, check_target, is_shared
+from .journal._claims import ClaimSource, SharedSlotHold
 
 __all__ = ["Batch", "BatchIterator"]
 
@@ -68,15 +70,15 @@ class Batch:
         task_ids: list[str] | None = None,
         stage: str | None = None,
         callback_url: str | None = None,
-        journal: str | os.PathLike[str] | None = None,
+        journal: str | os.PathLike[str] | PostgresJournal | None = None,
         resubmit_unknown: bool = False,
         retry_failed: bool = False,
         download_to: str | os.PathLike[str] | None = None,
         budget: Budget | None = None,
         on_event: Callable[[Event], Any] | None = None,
     ) -> None:
-        if journal is not None and not isinstance(journal, (str, os.PathLike)):
-            raise ValidationError("journal", "must be a file path")
+        if journal is not None:
+            check_target(journal)  # a file path, or a PostgreSQL URL with psycopg installed
         if journal is not None and task_ids is not None:
             raise ValidationError("journal", "only run_batch keeps a journal, not track")
         if not isinstance(resubmit_unknown, bool):
@@ -85,6 +87,8 @@ class Batch:
             raise ValidationError("retry_failed", "must be True or False")
         if retry_failed and journal is None:
             raise ValidationError("retry_failed", "needs a journal: the failures are read there")
+        if retry_failed and is_shared(journal):
+            raise ValidationError("retry_failed", "is not supported with a PostgreSQL journal yet")
         if download_to is not None and not isinstance(download_to, (str, os.PathLike)):
             raise ValidationError("download_to", "must be a directory path")
         self._client = client
@@ -201,7 +205,7 @@ class Batch:
                     if self._emit is not None:
                         self.resume.on_event = self._emit
                         # (retry_failed runs the failures among them again)
-                        self._emit.resumed(self.resume.journal.taken(), not self._retry_failed)
+                        self._emit.resumed(self.resume.journal.jobs(), not self._retry_failed)
                 async with anyio.create_task_group() as outer:
                     outer.start_soon(self.tracker.run)
                     self._stuck.group = outer
@@ -228,11 +232,14 @@ class Batch:
         if self._task_ids is not None:
             await self._track_all(self._task_ids)
             return
-        source = JobSource(self._jobs or (), self.resume)
+        source: JobSource | ClaimSource = JobSource(self._jobs or (), self.resume)
+        if self.resume is not None and isinstance(self.resume.journal, SharedBackend):
+            # Many workers, one batch: run whichever jobs this worker claims.
+            source = ClaimSource(self.resume.journal, self._jobs or ())
         for _ in range(self._slots.capacity):
             group.start_soon(self._runner, source)
 
-    async def _runner(self, source: JobSource) -> None:
+    async def _runner(self, source: JobSource | ClaimSource) -> None:
         """Run jobs one after another, each holding a task slot; one runner per slot.
 
         Not a task per job: spawning it and handing it the slot cost more trips through the
@@ -275,6 +282,8 @@ class Batch:
 
     async def _run_job(self, key: str, job: LipSyncJob, *, held: bool = True) -> None:
         slot = SlotHold(self._slots, held=held)
+        if self.resume is not None and isinstance(self.resume.journal, SharedBackend):
+            slot = SharedSlotHold(self._slots, self.resume.journal, key, held=held)
         task_id: str | None = None
         submitted_at: float | None = None
         polls = 0

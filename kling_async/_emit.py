@@ -13,8 +13,8 @@ import contextvars
 import inspect
 import logging
 import math
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Callable, Iterable
+from typing import TYPE_CHECKING, Any
 
 import anyio
 from anyio.abc import TaskGroup
@@ -22,6 +22,9 @@ from anyio.abc import TaskGroup
 from ._errors import BudgetExceededError, ValidationError
 from ._results import JobResult
 from .events import BudgetExceeded, Event, Finished, Resumed
+
+if TYPE_CHECKING:
+    from ._journal import JournalJob  # (the type only: the requester imports this module)
 
 __all__ = ["CURRENT", "DRAIN_SECONDS", "EventSink", "check_callback"]
 
@@ -83,9 +86,18 @@ class EventSink:
             self(BudgetExceeded(key=result.key, units=error.units, spent=spent, limit=limit))
         self(Finished(result=result))
 
-    def resumed(self, results: tuple[JobResult, ...], failures_too: bool) -> None:
-        """Report :class:`~kling_async.events.Resumed` (failures only if ``failures_too``)."""
-        kept = results if failures_too else tuple(r for r in results if r.ok)
+    def resumed(self, jobs: Iterable[JournalJob], failures_too: bool) -> None:
+        """Report :class:`~kling_async.events.Resumed`: the journal's results already taken.
+
+        Those a rerun does not report again: final and taken (failures only if
+        ``failures_too``: with ``retry_failed`` they run again).
+        """
+        kept = tuple(
+            job.result
+            for job in jobs
+            if job.final and job.reported and job.result is not None
+            if failures_too or job.result.ok
+        )
         self(Resumed(results=kept))
 
     async def run(self) -> None:

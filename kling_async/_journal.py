@@ -185,14 +185,6 @@ class Journal:
         """The journal's record of ``key``, or None."""
         return self._jobs.get(key)
 
-    def taken(self) -> tuple[JobResult, ...]:
-        """The results a rerun does not report again: final, and taken by the consumer."""
-        return tuple(
-            job.result
-            for job in self._jobs.values()
-            if job.final and job.reported and job.result is not None
-        )
-
     def jobs(self) -> list[JournalJob]:
         """Every job the journal knows."""
         return list(self._jobs.values())

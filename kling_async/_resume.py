@@ -23,12 +23,13 @@ from ._client_view import ClientView
 from ._errors import SubmitOutcomeUnknownError, ValidationError, created_nothing
 from ._identity import derive_external_id, new_batch_id
 from ._jobs import LipSyncJob
-from ._journal import CREATED, SUBMITTING, Journal
+from ._journal import CREATED, SUBMITTING
 from ._journal_codec import request_hash
 from ._reconcile import ABSENT, Reconciler
 from ._results import JobResult, TaskSnapshot, TaskState
 from .dialects import Submit
 from .events import Adopted, Event
+from .journal import JournalBackend, PostgresJournal, SharedBackend, open_journal
 
 __all__ = ["SKIP", "Resume", "is_final"]
 
@@ -66,7 +67,7 @@ class Resume:
 
     def __init__(
         self,
-        journal: Journal,
+        journal: JournalBackend,
         reconciler: Reconciler,
         resubmit_unknown: bool,
         retry_failed: bool = False,
@@ -89,20 +90,26 @@ class Resume:
     async def open(
         cls,
         client: ClientView,
-        path: str | os.PathLike[str],
+        path: str | os.PathLike[str] | PostgresJournal,
         *,
         resubmit_unknown: bool,
         reconciler: Reconciler,
         retry_failed: bool = False,
     ) -> Resume:
-        """Open the journal at ``path`` for a batch of ``client``; ``reconciler`` uses it.
+        """Open the journal ``path`` names (a file, or a shared database) for ``client``.
+
+        ``reconciler`` uses it.
 
         The journal becomes the reconciler's ledger, and the clock offset an earlier run
         measured seeds its calibration (and is kept as it improves).
         """
         dialect = client.dialect
-        journal = await Journal.open(
-            path, dialect=dialect.name, stage=dialect.default_stage, base_url=client.base_url
+        journal = await open_journal(
+            path,
+            dialect=dialect.name,
+            stage=dialect.default_stage,
+            base_url=client.base_url,
+            max_in_flight=client.max_in_flight,
         )
         reconciler.ledger = journal
         if journal.clock_offset is not None:
@@ -220,6 +227,7 @@ class Resume:
             return known.snapshot or TaskSnapshot(task_id=known.task_id, state=TaskState.SUBMITTED)
         if known is not None and known.status == SUBMITTING:
             # An earlier run stopped with this submit in flight, or its answer was lost.
+            await self.refresh()
             try:
                 found = await self._reconciler.resolve(
                     key=key,
@@ -248,3 +256,20 @@ class Resume:
         """Record the task a submit created (a terminal answer is kept whole: identify-face)."""
         kept = snapshot if snapshot.state.is_terminal else None
         await self.journal.created(key, stage, snapshot.task_id, kept)
+
+    # -- a journal shared by several workers (no-ops on a SQLite journal) ----------------------
+
+    async def refresh(self) -> None:
+        """Before a lookup: learn which tasks other workers' jobs own (not ours to adopt)."""
+        if isinstance(self.journal, SharedBackend):
+            await self.journal.refresh()
+
+    async def concurrency_refused(self, key: str) -> None:
+        """A 1303 for ``key``'s submit: the shared limit drops for every worker."""
+        if isinstance(self.journal, SharedBackend):
+            await self.journal.concurrency_refused(key)
+
+    async def regain_slot(self, key: str) -> None:
+        """Before ``key``'s submit goes again after a 1303: wait for a shared slot."""
+        if isinstance(self.journal, SharedBackend):
+            await self.journal.regain_slot(key)

@@ -166,6 +166,8 @@ class Submitter:
                 self._slots.shrink()
                 slot.release()
                 self._report_refusal(1303, step, key, delay)
+                if resume is not None and key is not None:
+                    await resume.concurrency_refused(key)  # a shared journal: every worker's
                 logger.debug("1303: %d tasks running; waiting %.2f s", self._slots.in_use, delay)
                 now = anyio.current_time()
                 waiting_since = waiting_since if waiting_since is not None else now
@@ -174,6 +176,8 @@ class Submitter:
                 patience -= anyio.current_time() - now
                 if patience <= 0 or not await slot.acquire_within(patience):
                     raise slot_wait_error(self._retry.max_slot_wait, self._blocking()) from None
+                if resume is not None and key is not None:
+                    await resume.regain_slot(key)  # a shared journal: the account's slot too
                 continue
             except RateLimitError as exc:
                 # 1302 after the requester's own retries: still not a reason to fail a job
@@ -259,6 +263,7 @@ class Submitter:
         for a refusal that a lookup shows created nothing.
         """
         if resume is not None:
+            await resume.refresh()  # a shared journal: other workers' tasks are theirs
             record = resume.journal.job(owner)
             known = record.stages.get(step.stage) if record is not None else None
             video_url = video_url or (record.video_url if record is not None else None)

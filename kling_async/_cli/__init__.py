@@ -20,6 +20,7 @@ from typing import Any, NoReturn, TypeVar
 from .._errors import AuthenticationError, KlingError
 from ._connect import CliError, add_connection_options
 from ._estimate import add_estimate_options
+from ._journal_args import add_results_command, add_status_journal_option
 from ._logs import LOG_FORMATS, configure_logging
 from ._sandbox import TASK_LIMIT
 
@@ -185,7 +186,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--journal",
         metavar="FILE",
         help="keep progress in this file (SQLite); run the same command again after a crash "
-        "to resume: finished jobs are not redone and no job gets a second task",
+        "to resume: finished jobs are not redone and no job gets a second task. A "
+        "postgresql:// URL instead: several workers share the batch and the account's "
+        "--max-in-flight (extra kling-async[postgres])",
     )
     run.add_argument(
         "--resubmit-unknown",
@@ -235,14 +238,17 @@ def build_parser() -> argparse.ArgumentParser:
     status = commands.add_parser(
         "status",
         parents=[output],
-        help="look tasks up",
-        description="Look tasks up by id; prints one JSON line per task.",
+        help="look tasks up, or a journal at a glance",
+        description="Look tasks up by id (one JSON line per task), or show a journal's jobs "
+        "by state, tasks running and workers (--journal).",
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    status.add_argument("task_ids", metavar="TASK_ID", nargs="+", help="task ids")
+    status.add_argument("task_ids", metavar="TASK_ID", nargs="*", help="task ids")
     add_connection_options(status)
     status.set_defaults(handler=_command("._status", "status_command"))
+    add_status_journal_option(status, _command("._journal_cmds", "journal_status_command"))
+    add_results_command(commands, [output], _command("._journal_cmds", "results_command"))
 
     serve_output = _Parser(add_help=False)
     serve_output.add_argument(

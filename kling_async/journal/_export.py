@@ -1,0 +1,189 @@
+"""Reading a whole journal from outside its batch: every job's latest result, and counts.
+
+What ``kling-async results`` and ``kling-async status --journal`` print, for both backends:
+
+* :func:`read_jobs` returns every job the journal recorded, with its stages and latest result;
+* :func:`read_status` counts jobs by state, tasks running and (PostgreSQL) the workers and
+  their leases.
+
+A SQLite journal is read from its file (read-only; a batch running on it holds the file's lock,
+so it is read once that batch has ended).  A PostgreSQL journal is read while its workers run.
+"""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+from pathlib import Path
+from typing import Any
+
+import anyio
+import attrs
+
+from .._errors import JournalError
+from .._journal import CREATED, JournalJob, _job_from_row
+from .._journal_store import Row, journal_error
+from ._config import PostgresJournal, is_postgres_url, redact
+
+__all__ = ["JournalStatus", "WorkerLease", "read_jobs", "read_status"]
+
+
+@attrs.frozen(kw_only=True)
+class WorkerLease:
+    """One worker of a shared journal and its lease (seconds left; negative: expired)."""
+
+    worker: str
+    host: str
+    pid: int
+    started_at: float
+    expires_in: float
+    jobs: int
+
+
+@attrs.frozen(kw_only=True)
+class JournalStatus:
+    """A journal at a glance: jobs by state, tasks running, workers."""
+
+    jobs: int
+    states: dict[str, int]
+    running: int
+    workers: tuple[WorkerLease, ...] = ()
+    limit: int | None = None
+    capacity: int | None = None
+    slots_held: int | None = None
+
+
+def job_state(job: JournalJob) -> str:
+    """One word for where ``job`` stands.
+
+    The result's state (``succeeded``, ``failed``, ``timed_out``...), else ``running`` (a task
+    exists), ``submitting`` (a submit's outcome is not known yet) or ``pending``.
+    """
+    if job.result is not None:
+        return job.result.state.value
+    statuses = {stage.status for stage in job.stages.values()}
+    if CREATED in statuses:
+        return "running"
+    if "submitting" in statuses:
+        return "submitting"
+    return "pending"
+
+
+def _target_name(target: str | os.PathLike[str] | PostgresJournal) -> str:
+    if isinstance(target, PostgresJournal):
+        return redact(target.url)
+    return redact(str(target)) if is_postgres_url(target) else os.fspath(target)
+
+
+async def read_jobs(target: str | os.PathLike[str] | PostgresJournal) -> list[JournalJob]:
+    """Every job the journal at ``target`` recorded, in the order they were recorded."""
+    if isinstance(target, PostgresJournal) or is_postgres_url(target):
+        url = target.url if isinstance(target, PostgresJournal) else str(target)
+        rows = await _pg_rows(url)
+    else:
+        rows = await anyio.to_thread.run_sync(_sqlite_rows, Path(target))
+    try:
+        return [_job_from_row(row) for row in rows]
+    except (ValueError, KeyError, TypeError) as exc:
+        name = _target_name(target)
+        raise JournalError(f"journal {name}: unreadable record ({exc!r:.200})") from None
+
+
+async def read_status(target: str | os.PathLike[str] | PostgresJournal) -> JournalStatus:
+    """Counts of the journal at ``target`` (see :class:`JournalStatus`)."""
+    jobs = await read_jobs(target)
+    states: dict[str, int] = {}
+    for job in jobs:
+        state = job_state(job)
+        states[state] = states.get(state, 0) + 1
+    status = JournalStatus(jobs=len(jobs), states=states, running=states.get("running", 0))
+    if isinstance(target, PostgresJournal) or is_postgres_url(target):
+        url = target.url if isinstance(target, PostgresJournal) else str(target)
+        workers, account = await _pg_workers(url)
+        status = attrs.evolve(
+            status,
+            workers=workers,
+            capacity=account[0] if account else None,
+            limit=account[1] if account else None,
+            slots_held=account[2] if account else None,
+        )
+    return status
+
+
+def _sqlite_rows(path: Path) -> list[Row]:
+    if not path.exists():
+        raise JournalError(f"journal {path}: no such file")
+    try:
+        conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=1.0)
+    except sqlite3.Error as exc:
+        raise journal_error(str(path), exc) from None
+    try:
+        jobs: dict[str, Row] = {}
+        for row in conn.execute(
+            "SELECT key, request_hash, video_url, result, final, reported FROM jobs ORDER BY rowid"
+        ):
+            jobs[row[0]] = (row, [])
+        columns = {row[1] for row in conn.execute("PRAGMA table_info(stages)")}
+        extra = ", external_id, adopted" if "external_id" in columns else ", NULL, 0"
+        for row in conn.execute(
+            f"SELECT key, stage, status, intent_at, task_id, snapshot{extra} FROM stages"
+        ):
+            if row[0] in jobs:
+                jobs[row[0]][1].append(row)
+        return list(jobs.values())
+    except sqlite3.Error as exc:
+        raise journal_error(str(path), exc) from None
+    finally:
+        conn.close()
+
+
+async def _pg_rows(url: str) -> list[Row]:
+    import psycopg
+
+    try:
+        async with await psycopg.AsyncConnection.connect(url) as conn:
+            cur = await conn.execute(
+                "SELECT key, request_hash, video_url, result, final, reported FROM kling_jobs"
+                " ORDER BY seq, key"
+            )
+            jobs: dict[str, Row] = {row[0]: (row, []) for row in await cur.fetchall()}
+            cur = await conn.execute(
+                "SELECT key, stage, status, intent_at, task_id, snapshot, external_id, adopted"
+                " FROM kling_stages"
+            )
+            for row in await cur.fetchall():
+                if row[0] in jobs:
+                    jobs[row[0]][1].append(row)
+    except psycopg.Error as exc:
+        raise JournalError(f"journal {redact(url)}: {str(exc).strip()[:300]}") from None
+    return list(jobs.values())
+
+
+async def _pg_workers(url: str) -> tuple[tuple[WorkerLease, ...], tuple[Any, ...] | None]:
+    import psycopg
+
+    try:
+        async with await psycopg.AsyncConnection.connect(url) as conn:
+            cur = await conn.execute(
+                "SELECT w.id, w.host, w.pid, extract(epoch FROM w.started_at),"
+                " extract(epoch FROM w.expires_at - clock_timestamp()),"
+                " (SELECT count(*) FROM kling_jobs j WHERE j.worker = w.id"
+                "  AND j.state = 'claimed')"
+                " FROM kling_workers w WHERE NOT w.drained ORDER BY w.started_at"
+            )
+            workers = tuple(
+                WorkerLease(
+                    worker=str(row[0]),
+                    host=str(row[1]),
+                    pid=int(row[2]),
+                    started_at=float(row[3]),
+                    expires_in=float(row[4]),
+                    jobs=int(row[5]),
+                )
+                for row in await cur.fetchall()
+            )
+            cur = await conn.execute("SELECT capacity, lim, held FROM kling_account")
+            account = await cur.fetchone()
+    except psycopg.Error as exc:
+        raise JournalError(f"journal {redact(url)}: {str(exc).strip()[:300]}") from None
+    return workers, account

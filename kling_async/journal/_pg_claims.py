@@ -1,0 +1,315 @@
+"""Claims, loading, leases and slot hand-backs of the PostgreSQL journal.
+
+Locks are always taken in the same order, a job's row before the account's row, so two
+workers never wait on each other in a circle.
+
+* :func:`claim_one` claims the next job with ``SELECT ... FOR UPDATE SKIP LOCKED`` (so two
+  workers never claim the same job, and neither waits for the other), and in the same
+  statement, one transaction, the task slot it needs: ``held + 1`` only where ``held < lim``.
+  A job that holds a slot already (its task may be running: its worker died or stopped) is
+  claimed first and needs none.  Jobs of workers whose lease has expired come before new ones.
+* :func:`load_jobs` records the jobs (idempotent by key); :func:`renew_lease` and
+  :func:`release_claims` keep and end a worker's lease; :func:`give_back` frees a slot.
+* The writes on one claimed job (the result gives its slot back, a 1303 lowers the shared
+  limit for everyone) are the statements of :mod:`._pg_sql`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Collection, Sequence
+from typing import Any
+
+import attrs
+from psycopg import AsyncConnection
+
+from .._errors import ValidationError
+from .._journal import JournalJob, JournalStage
+from .._journal_codec import result_from_json, snapshot_from_json
+
+__all__ = [
+    "Claimed",
+    "claim_one",
+    "give_back",
+    "job_from_rows",
+    "load_jobs",
+    "parse_offset",
+    "read_stages",
+    "release_claims",
+    "renew_lease",
+    "store_begun",
+    "unclaim",
+    "write_marks",
+]
+
+Conn = AsyncConnection[tuple[Any, ...]]
+
+#: Jobs written per statement batch when loading.
+_LOAD_CHUNK = 1000
+
+#: Workers whose lease has expired and who may still have jobs to take over.
+_DEAD = """dead AS MATERIALIZED (
+    SELECT id FROM kling_workers WHERE expires_at < clock_timestamp() AND NOT drained)"""
+
+
+@attrs.frozen(kw_only=True)
+class Claimed:
+    """A job row this worker has just claimed, and its stage rows."""
+
+    row: tuple[Any, ...]
+    stages: list[tuple[Any, ...]]
+
+
+#: Claim one job in one statement (one round trip): a dead worker's job first, else the first
+#: pending one (one that holds a slot first: its task may be running); a slot from the account
+#: only for a job that needs one and only while ``held < lim``; the job's stages with it.
+_CLAIM = f"""
+WITH {_DEAD},
+orphan AS (
+    SELECT key, state, slot FROM kling_jobs
+    WHERE worker IN (SELECT id FROM dead)
+      AND (state = 'claimed' OR (state = 'done' AND NOT reported))
+      AND NOT (key = ANY(%(skip)s))
+    ORDER BY seq LIMIT 1 FOR UPDATE SKIP LOCKED),
+fresh AS (
+    SELECT key, state, slot FROM kling_jobs
+    WHERE state = 'pending' AND NOT (key = ANY(%(skip)s)) AND NOT EXISTS (SELECT 1 FROM orphan)
+    ORDER BY slot DESC, seq LIMIT 1 FOR UPDATE SKIP LOCKED),
+chosen AS (SELECT * FROM orphan UNION ALL SELECT * FROM fresh),
+acc AS (
+    UPDATE kling_account SET held = held + 1
+    WHERE id = 1 AND held < lim
+      AND EXISTS (SELECT 1 FROM chosen WHERE state <> 'done' AND NOT slot)
+    RETURNING 1),
+upd AS (
+    UPDATE kling_jobs j SET worker = %(worker)s, touched_at = clock_timestamp(),
+        state = CASE WHEN c.state = 'done' THEN 'done' ELSE 'claimed' END,
+        slot = CASE WHEN c.state = 'done' THEN c.slot ELSE true END
+    FROM chosen c
+    WHERE j.key = c.key AND (c.state = 'done' OR c.slot OR EXISTS (SELECT 1 FROM acc))
+    RETURNING j.key, j.request_hash, j.video_url, c.state, c.slot, j.result, j.final,
+        j.reported)
+SELECT (SELECT count(*) FROM chosen), upd.*,
+    (SELECT json_agg(json_build_array(s.key, s.stage, s.status, s.intent_at, s.task_id,
+        s.snapshot, s.external_id, s.adopted)) FROM kling_stages s WHERE s.key = upd.key)
+FROM (SELECT 1) one LEFT JOIN upd ON true
+"""
+
+#: Nothing to claim: is anything left that this worker may yet claim?  Dead workers with
+#: nothing left to take over are marked drained on the way (not looked at again).
+_LEFT = f"""
+WITH {_DEAD},
+drain AS (
+    UPDATE kling_workers w SET drained = true
+    WHERE id IN (SELECT id FROM dead) AND NOT EXISTS (
+        SELECT 1 FROM kling_jobs j WHERE j.worker = w.id
+          AND (j.state = 'claimed' OR (j.state = 'done' AND NOT j.reported))))
+SELECT EXISTS (
+    SELECT 1 FROM kling_jobs WHERE NOT (key = ANY(%(skip)s)) AND (
+        state = 'pending' OR (state = 'claimed' AND worker IS DISTINCT FROM %(worker)s)
+        OR (state = 'done' AND NOT reported AND worker IN (SELECT id FROM dead))))
+"""
+
+
+async def claim_one(conn: Conn, *, worker: str, skip: Collection[str]) -> Claimed | str | None:
+    """Claim a job for ``worker`` (autocommit: one statement, one transaction).
+
+    Returns the claim, ``"no-slot"``, ``"none"`` (nothing left to claim now) or None (every
+    job is done, or claimed by this worker).  Keys in ``skip`` (jobs this worker cannot run)
+    are left alone.
+    """
+    params = {"worker": worker, "skip": list(skip)}
+    cur = await conn.execute(_CLAIM, params)
+    row = await cur.fetchone()
+    assert row is not None  # (one row always: the left join)
+    chosen, job, stages = row[0], row[1:9], row[9]
+    if job[0] is not None:
+        return Claimed(row=tuple(job), stages=[tuple(stage) for stage in stages or ()])
+    if chosen:
+        return "no-slot"
+    cur = await conn.execute(_LEFT, params)
+    left = await cur.fetchone()
+    return "none" if left is not None and left[0] else None
+
+
+async def give_back(conn: Conn, *, ended: bool) -> None:
+    """Free one slot; ``ended``: its task ended (a clean finish, which may raise the limit)."""
+    if not ended:
+        await conn.execute("UPDATE kling_account SET held = held - 1 WHERE id = 1")
+        return
+    await conn.execute(
+        "UPDATE kling_account SET held = held - 1,"
+        " lim = CASE WHEN lim < capacity AND clean + 1 >= lim THEN lim + 1 ELSE lim END,"
+        " clean = CASE WHEN lim < capacity AND clean + 1 >= lim THEN 0 ELSE clean + 1 END"
+        " WHERE id = 1"
+    )
+
+
+async def load_jobs(conn: Conn, *, jobs: Sequence[tuple[str, str, str | None]]) -> None:
+    """Insert every ``(key, request_hash, video_url)`` not recorded yet, in input order.
+
+    A key recorded with another request is refused when that request may have created a task
+    (:class:`ValidationError`), and starts over otherwise.  Jobs whose latest result a rerun
+    does not keep (see ``kling_async._resume.is_final``), of workers no longer alive, become
+    claimable again.
+    """
+    rows = [(key, seq, digest, url) for seq, (key, digest, url) in enumerate(jobs)]
+    async with conn.cursor() as cur:
+        for start in range(0, len(rows), _LOAD_CHUNK):
+            await cur.executemany(
+                "INSERT INTO kling_jobs (key, seq, request_hash, video_url)"
+                " VALUES (%s, %s, %s, %s) ON CONFLICT (key) DO NOTHING",
+                rows[start : start + _LOAD_CHUNK],
+            )
+    await _check_changed(conn, {key: (digest, url) for key, digest, url in jobs})
+    await conn.execute(
+        "UPDATE kling_jobs SET state = 'pending', worker = NULL WHERE state = 'done'"
+        " AND NOT final AND (worker IS NULL OR worker IN (SELECT id FROM kling_workers"
+        " WHERE expires_at < clock_timestamp()))"
+    )
+
+
+async def _check_changed(conn: Conn, wanted: dict[str, tuple[str, str | None]]) -> None:
+    cur = await conn.execute(
+        "SELECT j.key, j.request_hash, EXISTS (SELECT 1 FROM kling_stages s WHERE"
+        " s.key = j.key AND s.status <> 'refused') FROM kling_jobs j WHERE j.key = ANY(%s)",
+        (list(wanted),),
+    )
+    for key, digest, may_have_task in await cur.fetchall():
+        new_digest, url = wanted[key]
+        if digest == new_digest:
+            continue
+        if may_have_task:
+            raise ValidationError(
+                "key",
+                f"{key!r} names another job than the one this journal recorded under it"
+                " (its request differs) and that one may have created a task; give the"
+                " changed job a new key, or use a new journal",
+            )
+        # It never created a task: its record starts over (a slot it held is freed).
+        cur = await conn.execute("SELECT slot FROM kling_jobs WHERE key = %s FOR UPDATE", (key,))
+        held = await cur.fetchone()
+        await conn.execute(
+            "UPDATE kling_jobs SET request_hash = %s, video_url = %s, state = 'pending',"
+            " worker = NULL, result = NULL, final = false, reported = false, slot = false"
+            " WHERE key = %s",
+            (new_digest, url, key),
+        )
+        await conn.execute("DELETE FROM kling_stages WHERE key = %s", (key,))
+        if held is not None and held[0]:
+            await give_back(conn, ended=False)
+
+
+async def renew_lease(conn: Conn, *, worker: str, lease: float) -> bool:
+    """Extend ``worker``'s lease by ``lease`` seconds; False once it has expired (for good)."""
+    cur = await conn.execute(
+        "UPDATE kling_workers SET expires_at = clock_timestamp() + make_interval(secs => %s)"
+        " WHERE id = %s AND NOT drained AND expires_at > clock_timestamp() RETURNING id",
+        (lease, worker),
+    )
+    return await cur.fetchone() is not None
+
+
+async def release_claims(conn: Conn, *, worker: str) -> None:
+    """A worker stops: its unfinished jobs become claimable, and its lease ends now.
+
+    A job whose submit never left gives its slot back; one whose task may exist keeps it.
+    """
+    cur = await conn.execute(
+        "SELECT j.key, j.slot, EXISTS (SELECT 1 FROM kling_stages s WHERE s.key = j.key"
+        " AND s.status <> 'refused') FROM kling_jobs j WHERE j.worker = %s"
+        " AND j.state = 'claimed' FOR UPDATE",
+        (worker,),
+    )
+    rows = await cur.fetchall()
+    for key, slot, may_have_task in rows:
+        await conn.execute(
+            "UPDATE kling_jobs SET state = 'pending', worker = NULL, slot = %s WHERE key = %s",
+            (bool(slot and may_have_task), key),
+        )
+        if slot and not may_have_task:
+            await give_back(conn, ended=False)
+    await conn.execute(
+        "UPDATE kling_workers SET expires_at = LEAST(expires_at, clock_timestamp()) WHERE id = %s",
+        (worker,),
+    )
+
+
+def job_from_rows(row: tuple[Any, ...], stages: list[tuple[Any, ...]]) -> JournalJob:
+    key, request_hash, video_url, _, _, result, final, reported = row
+    job = JournalJob(
+        key=key,
+        request_hash=request_hash,
+        video_url=video_url,
+        result=result_from_json(result) if result else None,
+        final=bool(final),
+        reported=bool(reported),
+    )
+    for _, stage, status, intent_at, task_id, snapshot, external_id, adopted in stages:
+        job.stages[stage] = JournalStage(
+            status=status,
+            intent_at=intent_at,
+            task_id=task_id,
+            snapshot=snapshot_from_json(snapshot) if snapshot else None,
+            external_id=external_id,
+            adopted=bool(adopted),
+        )
+    return job
+
+
+def parse_offset(text: str | None) -> tuple[float, float] | None:
+    if not text:
+        return None
+    lo, _, hi = text.partition(" ")
+    return float(lo), float(hi)
+
+
+async def unclaim(conn: Conn, *, key: str, row: tuple[Any, ...]) -> None:
+    """Hand back a job just claimed (``row`` as :func:`claim_one` read it), and its new slot."""
+    state, slot = row[3], row[4]
+    await conn.execute(
+        "UPDATE kling_jobs SET state = %s, slot = %s, worker = NULL WHERE key = %s",
+        ("done" if state == "done" else "pending", slot, key),
+    )
+    if state != "done" and not slot:
+        await give_back(conn, ended=False)
+
+
+async def read_stages(conn: Conn) -> list[tuple[Any, ...]]:
+    """Every worker's task ids and unanswered submits.
+
+    Rows are ``(key, stage, status, intent_at, task_id, video_url)``.
+    """
+    cur = await conn.execute(
+        "SELECT s.key, s.stage, s.status, s.intent_at, s.task_id, j.video_url"
+        " FROM kling_stages s JOIN kling_jobs j ON j.key = s.key"
+        " WHERE s.task_id IS NOT NULL OR s.status = 'submitting'"
+    )
+    return list(await cur.fetchall())
+
+
+async def store_begun(conn: Conn, *, job: JournalJob, worker: str) -> None:
+    """Write (and claim for ``worker``) a job begun outside loading, replacing its stages."""
+    await conn.execute(
+        "INSERT INTO kling_jobs (key, request_hash, video_url, state, worker)"
+        " VALUES (%s, %s, %s, 'claimed', %s) ON CONFLICT (key) DO UPDATE SET"
+        " request_hash = EXCLUDED.request_hash, video_url = EXCLUDED.video_url,"
+        " state = 'claimed', worker = EXCLUDED.worker, result = NULL, final = false"
+        " WHERE kling_jobs.worker IS NULL OR kling_jobs.worker = EXCLUDED.worker",
+        (job.key, job.request_hash, job.video_url, worker),
+    )
+    await conn.execute("DELETE FROM kling_stages WHERE key = %s", (job.key,))
+
+
+async def write_marks(conn: Conn, *, keys: list[str], meta: dict[str, str], worker: str) -> None:
+    """Mark ``keys`` (``worker``'s) as reported and keep ``meta`` (clock offset and so on)."""
+    if keys:
+        await conn.execute(
+            "UPDATE kling_jobs SET reported = true WHERE key = ANY(%s) AND worker = %s",
+            (keys, worker),
+        )
+    for name, value in meta.items():
+        await conn.execute(
+            "INSERT INTO kling_meta VALUES (%s, %s)"
+            " ON CONFLICT (name) DO UPDATE SET value = EXCLUDED.value",
+            (name, value),
+        )
