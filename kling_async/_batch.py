@@ -24,22 +24,17 @@ import anyio.lowlevel
 import attrs
 from anyio.abc import TaskGroup
 
+from ._batch_report import check_batch_options, job_result, log_batch_end
 from ._budget import Budget, BudgetLedger
 from ._client_view import ClientView
 from ._download import BatchSaver, writable_folder
 from ._emit import EventSink, check_callback
-from ._errors import (
-    KlingError,
-    TaskCancelledError,
-    TaskFailedError,
-    TaskTimedOutError,
-    ValidationError,
-)
+from ._errors import KlingError, ValidationError
 from ._identity import derive_external_id, new_batch_id
 from ._iterator import BatchIterator
 from ._jobs import LipSyncJob
 from ._pipe import ResultPipe
-from ._results import BatchProgress, JobResult, TaskSnapshot, TaskState, returned_of
+from ._results import BatchProgress, JobResult, TaskSnapshot, TaskState
 from ._resume import Resume
 from ._slots import SlotHold, StuckTasks, TaskSlots, slot_wait_error
 from ._source import JobSource
@@ -47,7 +42,7 @@ from ._submitter import Submitter
 from ._tracker import Tracker
 from ._watch import Watch
 from .events import Event
-from .journal import PostgresJournal, SharedBackend, check_target, is_shared
+from .journal import PostgresJournal, SharedBackend
 from .journal._claims import ClaimSource, SharedSlotHold
 
 __all__ = ["Batch", "BatchIterator"]
@@ -77,20 +72,13 @@ class Batch:
         budget: Budget | None = None,
         on_event: Callable[[Event], Any] | None = None,
     ) -> None:
-        if journal is not None:
-            check_target(journal)  # a file path, or a PostgreSQL URL with psycopg installed
-        if journal is not None and task_ids is not None:
-            raise ValidationError("journal", "only run_batch keeps a journal, not track")
-        if not isinstance(resubmit_unknown, bool):
-            raise ValidationError("resubmit_unknown", "must be True or False")
-        if not isinstance(retry_failed, bool):
-            raise ValidationError("retry_failed", "must be True or False")
-        if retry_failed and journal is None:
-            raise ValidationError("retry_failed", "needs a journal: the failures are read there")
-        if retry_failed and is_shared(journal):
-            raise ValidationError("retry_failed", "is not supported with a PostgreSQL journal yet")
-        if download_to is not None and not isinstance(download_to, (str, os.PathLike)):
-            raise ValidationError("download_to", "must be a directory path")
+        check_batch_options(
+            journal=journal,
+            tracking=task_ids is not None,
+            resubmit_unknown=resubmit_unknown,
+            retry_failed=retry_failed,
+            download_to=download_to,
+        )
         self._client = client
         self._dialect = client.dialect
         self._jobs = jobs
@@ -443,28 +431,14 @@ class Batch:
     def _result(
         self, key: str, snapshot: TaskSnapshot, submitted_at: float | None, polls: int
     ) -> JobResult:
-        error: KlingError | None = None
-        if snapshot.state is TaskState.FAILED:
-            error = TaskFailedError(
-                snapshot.message or "the task failed without a reason",
-                task_id=snapshot.task_id,
-                code=snapshot.error_code,
-            )
-        elif snapshot.state is TaskState.TIMED_OUT:
-            error = TaskTimedOutError(snapshot.task_id, self._client.poll.timeout)
-        elif snapshot.state is TaskState.CANCELLED:
-            error = TaskCancelledError(snapshot.task_id)
-        return JobResult(
-            key=key,
-            task_id=snapshot.task_id,
-            state=snapshot.state,
-            video_urls=snapshot.video_urls,
-            error=error,
+        return job_result(
+            key,
+            snapshot,
             submitted_at=submitted_at,
             finished_at=self._client.clock(),
             polls=polls,
+            timeout=self._client.poll.timeout,
             adopted=snapshot.task_id in self._submitter.reconciler.adopted,
-            **returned_of(snapshot),
         )
 
     # -- ending --------------------------------------------------------------------------
@@ -476,27 +450,17 @@ class Batch:
         self.cancel()
 
     def _log_end(self, what: str) -> None:
-        done = self.resume.all_reported() if self.resume is not None else None
-        if done is not None and self._fatal is None:
-            # An on_event callback had the same news from the Resumed event (the CLI says it).
-            logger.log(logging.INFO if self._emit else logging.WARNING, "%s", done)
-        logger.info(
-            "%s ended: %d submitted, %d succeeded, %d failed",
+        resume = self.resume
+        log_batch_end(
             what,
-            self.counts["submitted"],
-            self.counts["succeeded"],
-            self.counts["failed"],
+            self.counts,
+            live=self._live,
+            all_reported=(
+                resume.all_reported() if resume is not None and self._fatal is None else None
+            ),
+            retried=resume.retried if resume is not None else 0,
+            quiet=self._emit is not None,
         )
-        if self.resume is not None and self.resume.retried:
-            logger.info(
-                "%d jobs that failed in earlier runs were submitted again", self.resume.retried
-            )
-        if self._live:
-            logger.info(
-                "%d tasks still run on the server, unreported: %s",
-                len(self._live),
-                ", ".join(sorted(self._live)),
-            )
 
     def outcome(self) -> None:
         """Raise what stopped the batch, if anything did (called once the stream has ended)."""

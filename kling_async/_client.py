@@ -27,7 +27,7 @@ from ._backoff import poll_delay
 from ._batch import Batch, BatchIterator
 from ._budget import Budget
 from ._client_view import ClientView
-from ._config import PollPolicy, RetryPolicy
+from ._config import PollPolicy, RetryPolicy, check_count
 from ._download import Downloader, file_name
 from ._errors import ValidationError
 from ._http import normalize_base_url
@@ -98,18 +98,8 @@ class KlingClient:
         max_downloads: int = 4,
         webhook_secret: str | Iterable[str] | None = None,
     ) -> None:
-        if (
-            not isinstance(max_in_flight, int)
-            or isinstance(max_in_flight, bool)
-            or max_in_flight < 1
-        ):
-            raise ValidationError("max_in_flight", "must be a whole number of at least 1")
-        if (
-            not isinstance(max_downloads, int)
-            or isinstance(max_downloads, bool)
-            or max_downloads < 1
-        ):
-            raise ValidationError("max_downloads", "must be a whole number of at least 1")
+        check_count("max_in_flight", max_in_flight)
+        check_count("max_downloads", max_downloads)
         if not isinstance(timeouts, Timeouts):
             raise ValidationError("timeouts", "must be a Timeouts")
         if not isinstance(poll, PollPolicy):

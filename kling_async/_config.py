@@ -9,7 +9,7 @@ import attrs
 
 from ._errors import ValidationError
 
-__all__ = ["PollPolicy", "RetryPolicy"]
+__all__ = ["PollPolicy", "RetryPolicy", "check_count"]
 
 
 def _number(value: object) -> bool:
@@ -37,9 +37,14 @@ def _growth(instance: Any, attribute: attrs.Attribute[Any], value: float) -> Non
         raise ValidationError(attribute.name, "must be a finite number of at least 1")
 
 
-def _count(instance: Any, attribute: attrs.Attribute[Any], value: int) -> None:
+def check_count(name: str, value: object) -> None:
+    """Raise :class:`ValidationError` naming ``name`` unless ``value`` is a whole number >= 1."""
     if not (isinstance(value, int) and not isinstance(value, bool) and value >= 1):
-        raise ValidationError(attribute.name, "must be a whole number of at least 1")
+        raise ValidationError(name, "must be a whole number of at least 1")
+
+
+def _count(instance: Any, attribute: attrs.Attribute[Any], value: int) -> None:
+    check_count(attribute.name, value)
 
 
 def _flag(instance: Any, attribute: attrs.Attribute[Any], value: bool) -> None:
