@@ -16,28 +16,26 @@ from __future__ import annotations
 import functools
 import logging
 import os
-from collections.abc import AsyncIterable, Iterable
+from collections.abc import AsyncIterable, Callable, Iterable
 from pathlib import Path
+from typing import Any
 
 import anyio
 import anyio.lowlevel
 import attrs
 from anyio.abc import TaskGroup
 
+from ._batch_report import check_batch_options, job_result, log_batch_end
 from ._budget import Budget, BudgetLedger
 from ._client_view import ClientView
-from ._errors import (
-    KlingError,
-    TaskCancelledError,
-    TaskFailedError,
-    TaskTimedOutError,
-    ValidationError,
-)
+from ._download import BatchSaver, writable_folder
+from ._emit import EventSink, check_callback
+from ._errors import KlingError, ValidationError
 from ._identity import derive_external_id, new_batch_id
 from ._iterator import BatchIterator
 from ._jobs import LipSyncJob
 from ._pipe import ResultPipe
-from ._results import BatchProgress, JobResult, TaskSnapshot, TaskState, returned_of
+from ._results import BatchProgress, JobResult, TaskSnapshot, TaskState
 from ._resume import Resume
 from ._shared_poll import SharedTracking
 from ._slots import SlotHold, StuckTasks, TaskSlots, slot_wait_error
@@ -45,7 +43,8 @@ from ._source import JobSource
 from ._submitter import Submitter
 from ._tracker import Tracker
 from ._watch import Watch
-from .journal import PostgresJournal, SharedBackend, check_target, is_shared
+from .events import Event
+from .journal import PostgresJournal, SharedBackend
 from .journal._claims import ClaimSource, SharedSlotHold
 
 __all__ = ["Batch", "BatchIterator"]
@@ -73,21 +72,15 @@ class Batch:
         retry_failed: bool = False,
         download_to: str | os.PathLike[str] | None = None,
         budget: Budget | None = None,
+        on_event: Callable[[Event], Any] | None = None,
     ) -> None:
-        if journal is not None:
-            check_target(journal)  # a file path, or a PostgreSQL URL with psycopg installed
-        if journal is not None and task_ids is not None:
-            raise ValidationError("journal", "only run_batch keeps a journal, not track")
-        if not isinstance(resubmit_unknown, bool):
-            raise ValidationError("resubmit_unknown", "must be True or False")
-        if not isinstance(retry_failed, bool):
-            raise ValidationError("retry_failed", "must be True or False")
-        if retry_failed and journal is None:
-            raise ValidationError("retry_failed", "needs a journal: the failures are read there")
-        if retry_failed and is_shared(journal):
-            raise ValidationError("retry_failed", "is not supported with a PostgreSQL journal yet")
-        if download_to is not None and not isinstance(download_to, (str, os.PathLike)):
-            raise ValidationError("download_to", "must be a directory path")
+        check_batch_options(
+            journal=journal,
+            tracking=task_ids is not None,
+            resubmit_unknown=resubmit_unknown,
+            retry_failed=retry_failed,
+            download_to=download_to,
+        )
         self._client = client
         self._dialect = client.dialect
         self._jobs = jobs
@@ -98,6 +91,8 @@ class Batch:
         self._resubmit_unknown = resubmit_unknown
         self._retry_failed = retry_failed
         self._download_to = Path(download_to) if download_to is not None else None
+        folder = self._download_to
+        self._saver = BatchSaver(client.download, folder) if folder is not None else None
         # Two-step dialects (identify-face first) pay for an identify-face call per job too.
         two_step = client.dialect.default_stage == "advanced-lip-sync"
         self.budget = BudgetLedger(budget, identify_face=two_step) if budget is not None else None
@@ -117,6 +112,10 @@ class Batch:
         self._stuck = StuckTasks(self._slots, self._get_task, client.poll.max_interval)
         self._named = 0
         self._shared: SharedTracking | None = None  # one poller for all workers of a journal
+        check_callback(on_event)
+        # Events: one sink, handed to each part that reports; None costs one test per site.
+        self._emit = EventSink(on_event) if on_event is not None else None
+        self._submitter.on_event = self._emit
         self.counts = {"submitted": 0, "succeeded": 0, "failed": 0}
         self.tracker = Tracker(
             dialect=client.dialect,
@@ -127,11 +126,16 @@ class Batch:
             on_fatal=self._abort,
             callbacks=callback_url is not None,
         )
+        self.tracker.on_event = self._emit
 
     def start(self, group: TaskGroup) -> BatchIterator:
         """Start the batch in ``group`` and return the iterator its consumer reads."""
         group.start_soon(self._run)
         return BatchIterator(self, self.pipe)
+
+    def running_task_ids(self) -> tuple[str, ...]:
+        """Tasks submitted and not yet reported (after a stop: still running, paid for)."""
+        return tuple(self._live)
 
     def progress(self) -> BatchProgress:
         """Counts of the batch so far (what a progress display shows)."""
@@ -160,10 +164,14 @@ class Batch:
         logger.info("%s started: max_in_flight=%d", what, self._slots.capacity)
         try:
             async with anyio.create_task_group() as marks:
+                if self._emit is not None:
+                    self._emit.start(marks)
                 await self._run_jobs(marks)
                 if self.resume is not None:
                     # The consumer marks the results it takes until it leaves the stream.
                     await self._consumer_done.wait()
+                if self._emit is not None:
+                    await self._emit.finish()
                 marks.cancel_scope.cancel()
         finally:
             await self._close_journal()
@@ -173,6 +181,9 @@ class Batch:
     async def _run_jobs(self, marks: TaskGroup) -> None:
         try:
             with self._scope:
+                if self._download_to is not None:
+                    # Before anything is sent: a folder that cannot be written is a bad option.
+                    await anyio.to_thread.run_sync(writable_folder, self._download_to)
                 if self._journal_path is not None:
                     self.resume = await Resume.open(
                         self._client,
@@ -182,6 +193,10 @@ class Batch:
                         retry_failed=self._retry_failed,
                     )
                     marks.start_soon(self.resume.journal.commit_marks)
+                    if self._emit is not None:
+                        self.resume.on_event = self._emit
+                        # (retry_failed runs the failures among them again)
+                        self._emit.resumed(self.resume.journal.jobs(), not self._retry_failed)
                 async with anyio.create_task_group() as outer:
                     outer.start_soon(self.tracker.run)
                     if self.resume is not None and isinstance(self.resume.journal, SharedBackend):
@@ -347,20 +362,16 @@ class Batch:
         else:  # what _report does then, without a coroutine per job
             self.counts["succeeded" if result.ok else "failed"] += 1
             self.units += result.units or 0.0
+            if self._emit is not None:
+                self._emit.finished(result)
             self.pipe.put(result)
         if task_id is None:  # failed before any submit was answered: maybe without a yield
             await anyio.lowlevel.checkpoint()
 
     async def _report(self, result: JobResult) -> None:
         """Save the video where asked, count the result and hand it to the consumer."""
-        if self._download_to is not None and result.ok and result.path is None:
-            try:
-                path = await self._client.download(result, self._download_to)
-            except KlingError as exc:
-                logger.warning("download of %s failed: %s", result.key, exc)
-                result = attrs.evolve(result, error=exc)
-            else:
-                result = attrs.evolve(result, path=path)
+        if self._saver is not None and result.ok and result.path is None:
+            result = await self._saver.save(result, self._emit)
         self.counts["succeeded" if result.ok else "failed"] += 1
         self.units += result.units or 0.0
         if self._scope.cancel_called:
@@ -371,6 +382,8 @@ class Batch:
         # No waiting: the result's place was reserved before its job started.  No yield here
         # either: the consumer woken by it runs before any runner sends another submit, because
         # Submitter.create yields before it sends.
+        if self._emit is not None:
+            self._emit.finished(result)
         self.pipe.put(result)
 
     async def _track_all(self, task_ids: list[str]) -> None:
@@ -429,28 +442,14 @@ class Batch:
     def _result(
         self, key: str, snapshot: TaskSnapshot, submitted_at: float | None, polls: int
     ) -> JobResult:
-        error: KlingError | None = None
-        if snapshot.state is TaskState.FAILED:
-            error = TaskFailedError(
-                snapshot.message or "the task failed without a reason",
-                task_id=snapshot.task_id,
-                code=snapshot.error_code,
-            )
-        elif snapshot.state is TaskState.TIMED_OUT:
-            error = TaskTimedOutError(snapshot.task_id, self._client.poll.timeout)
-        elif snapshot.state is TaskState.CANCELLED:
-            error = TaskCancelledError(snapshot.task_id)
-        return JobResult(
-            key=key,
-            task_id=snapshot.task_id,
-            state=snapshot.state,
-            video_urls=snapshot.video_urls,
-            error=error,
+        return job_result(
+            key,
+            snapshot,
             submitted_at=submitted_at,
             finished_at=self._client.clock(),
             polls=polls,
+            timeout=self._client.poll.timeout,
             adopted=snapshot.task_id in self._submitter.reconciler.adopted,
-            **returned_of(snapshot),
         )
 
     # -- ending --------------------------------------------------------------------------
@@ -462,26 +461,17 @@ class Batch:
         self.cancel()
 
     def _log_end(self, what: str) -> None:
-        done = self.resume.all_reported() if self.resume is not None else None
-        if done is not None and self._fatal is None:
-            logger.warning("%s", done)
-        logger.info(
-            "%s ended: %d submitted, %d succeeded, %d failed",
+        resume = self.resume
+        log_batch_end(
             what,
-            self.counts["submitted"],
-            self.counts["succeeded"],
-            self.counts["failed"],
+            self.counts,
+            live=self._live,
+            all_reported=(
+                resume.all_reported() if resume is not None and self._fatal is None else None
+            ),
+            retried=resume.retried if resume is not None else 0,
+            quiet=self._emit is not None,
         )
-        if self.resume is not None and self.resume.retried:
-            logger.info(
-                "%d jobs that failed in earlier runs were submitted again", self.resume.retried
-            )
-        if self._live:
-            logger.info(
-                "%d tasks still run on the server, unreported: %s",
-                len(self._live),
-                ", ".join(sorted(self._live)),
-            )
 
     def outcome(self) -> None:
         """Raise what stopped the batch, if anything did (called once the stream has ended)."""

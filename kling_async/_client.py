@@ -16,7 +16,7 @@ import weakref
 from collections.abc import AsyncIterable, Callable, Iterable, Mapping
 from pathlib import Path
 from types import TracebackType
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import aiohttp
 import anyio
@@ -27,7 +27,7 @@ from ._backoff import poll_delay
 from ._batch import Batch, BatchIterator
 from ._budget import Budget
 from ._client_view import ClientView
-from ._config import PollPolicy, RetryPolicy
+from ._config import PollPolicy, RetryPolicy, check_count
 from ._download import Downloader, file_name
 from ._errors import ValidationError
 from ._http import normalize_base_url
@@ -39,6 +39,7 @@ from ._signature import WebhookSecret, lower_headers
 from ._transport import Timeouts, Transport
 from .dialects import Dialect, Submit
 from .dialects.kling import KlingDialect
+from .events import Event
 
 if TYPE_CHECKING:
     from typing_extensions import Unpack  # typing.Unpack of **kwargs: Python 3.12
@@ -97,18 +98,8 @@ class KlingClient:
         max_downloads: int = 4,
         webhook_secret: str | Iterable[str] | None = None,
     ) -> None:
-        if (
-            not isinstance(max_in_flight, int)
-            or isinstance(max_in_flight, bool)
-            or max_in_flight < 1
-        ):
-            raise ValidationError("max_in_flight", "must be a whole number of at least 1")
-        if (
-            not isinstance(max_downloads, int)
-            or isinstance(max_downloads, bool)
-            or max_downloads < 1
-        ):
-            raise ValidationError("max_downloads", "must be a whole number of at least 1")
+        check_count("max_in_flight", max_in_flight)
+        check_count("max_downloads", max_downloads)
         if not isinstance(timeouts, Timeouts):
             raise ValidationError("timeouts", "must be a Timeouts")
         if not isinstance(poll, PollPolicy):
@@ -323,6 +314,7 @@ class KlingClient:
         retry_failed: bool = False,
         download_to: str | os.PathLike[str] | None = None,
         budget: Budget | None = None,
+        on_event: Callable[[Event], Any] | None = None,
     ) -> BatchIterator:
         """Run many jobs; iterate the result for one :class:`JobResult` per job, as they finish.
 
@@ -365,6 +357,11 @@ class KlingClient:
         once the next reservation would pass the cap, submitting stops and the remaining jobs
         end with :class:`~kling_async.BudgetExceededError`.  What a task actually cost replaces
         its reservation when it ends; with a journal the spend carries over to reruns.
+        ``error`` set to the :class:`~kling_async.DownloadError` (a folder that cannot be
+        written at all is a :class:`~kling_async.ValidationError` before any request).
+
+        ``on_event`` is called with what happens as it happens: typed records from
+        :mod:`kling_async.events` (a plain or an ``async`` function; see that module).
         """
         batch = Batch(
             self._view(),
@@ -375,6 +372,7 @@ class KlingClient:
             retry_failed=retry_failed,
             download_to=download_to,
             budget=budget,
+            on_event=on_event,
         )
         return self._start(batch)
 

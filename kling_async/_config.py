@@ -9,7 +9,7 @@ import attrs
 
 from ._errors import ValidationError
 
-__all__ = ["PollPolicy", "RetryPolicy"]
+__all__ = ["PollPolicy", "RetryPolicy", "check_count"]
 
 
 def _number(value: object) -> bool:
@@ -37,9 +37,14 @@ def _growth(instance: Any, attribute: attrs.Attribute[Any], value: float) -> Non
         raise ValidationError(attribute.name, "must be a finite number of at least 1")
 
 
-def _count(instance: Any, attribute: attrs.Attribute[Any], value: int) -> None:
+def check_count(name: str, value: object) -> None:
+    """Raise :class:`ValidationError` naming ``name`` unless ``value`` is a whole number >= 1."""
     if not (isinstance(value, int) and not isinstance(value, bool) and value >= 1):
-        raise ValidationError(attribute.name, "must be a whole number of at least 1")
+        raise ValidationError(name, "must be a whole number of at least 1")
+
+
+def _count(instance: Any, attribute: attrs.Attribute[Any], value: int) -> None:
+    check_count(attribute.name, value)
 
 
 def _flag(instance: Any, attribute: attrs.Attribute[Any], value: bool) -> None:
@@ -63,8 +68,8 @@ class PollPolicy:
     densely around the typical duration, less in the long tail.  ``lag_share`` is the price of
     that trade: the mean delay between a task ending and the result arriving aims at this
     share of the median duration (0.05: about 9 s for 3-minute tasks, with about a quarter of
-    the queries of polling every 5 s).  Learnt intervals stay between ``first_delay`` and
-    ``max_interval``.
+    the queries of polling every 5 s).  Learnt intervals stay between a tenth of
+    ``first_delay`` (a first guess: quick tasks are then polled sooner) and ``max_interval``.
 
     With ``list_queries`` one paged list request refreshes every live task on a page where the
     dialect has one (docs/protocol.md, Query many: newest first, 500 tasks a page).  A page

@@ -50,6 +50,7 @@ from typing import TYPE_CHECKING, Any
 import attrs
 from aiohttp import web
 
+from ._config import check_count
 from ._errors import CallbackSignatureError, KlingError, ValidationError
 from ._http import check_http_url
 from ._results import TaskState
@@ -139,8 +140,7 @@ class CallbackReceiver:
             raise ValidationError(
                 "token", "must be 16 to 256 URL-safe characters (letters, digits, '-', '_')"
             )
-        if not isinstance(max_body, int) or isinstance(max_body, bool) or max_body < 1:
-            raise ValidationError("max_body", "must be a whole number of at least 1")
+        check_count("max_body", max_body)
         self._client = client
         self._token = token
         self._token_bytes = token.encode("ascii")
