@@ -42,6 +42,7 @@ from ._slots import SlotHold, StuckTasks, TaskSlots, slot_wait_error
 from ._source import JobSource
 from ._submitter import Submitter
 from ._tracker import Tracker
+from ._tracking import track_all
 from ._watch import Watch
 from .events import Event
 from .journal import PostgresJournal, SharedBackend
@@ -387,41 +388,19 @@ class Batch:
         self.pipe.put(result)
 
     async def _track_all(self, task_ids: list[str]) -> None:
-        """Track tasks created elsewhere, all at once, until each has ended.
-
-        The tasks are running already, so neither task slots nor the pipe's places hold them
-        back: each is a tracker :class:`~._watch.Watch` (a few hundred bytes) with no coroutine
-        of its own, and its result goes into the pipe from the watch's callback.  Results not
-        yet taken are bounded by the ids the caller handed in.
-        """
-        remaining = len(task_ids)  # a result per id given, as many as the caller listed
-        if not remaining:
-            return
-        all_done = anyio.Event()
-
-        def finished(watch: Watch) -> None:
-            nonlocal remaining
-            assert watch.result is not None
-            self._live.pop(watch.task_id, None)
-            remaining -= 1
-            if remaining == 0:
-                all_done.set()
-            if self._scope.cancel_called:
-                return  # a stopped batch hands over nothing more (as in _report)
-            result = self._result(watch.task_id, watch.result, None, watch.polls)
-            self.counts["succeeded" if result.ok else "failed"] += 1
-            self.pipe.put(result)
-
-        watches = []
+        """Track tasks created elsewhere (:func:`~._tracking.track_all`), reporting each end."""
         for task_id in task_ids:
             self._live[task_id] = task_id
-            watches.append(self.tracker.watch(task_id, self._stage, finished))
-        try:
-            await all_done.wait()
-        finally:
-            for watch in watches:
-                if watch.result is None:
-                    self.tracker.unwatch(watch)
+        await track_all(self.tracker, task_ids, self._stage, self._tracked_end)
+
+    def _tracked_end(self, watch: Watch) -> None:
+        assert watch.result is not None
+        self._live.pop(watch.task_id, None)
+        if self._scope.cancel_called:
+            return  # a stopped batch hands over nothing more (as in _report)
+        result = self._result(watch.task_id, watch.result, None, watch.polls)
+        self.counts["succeeded" if result.ok else "failed"] += 1
+        self.pipe.put(result)
 
     async def _get_task(self, task_id: str, *, stage: str) -> TaskSnapshot:
         request = self._dialect.query_request(stage, task_id)
