@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import sqlite3
 from pathlib import Path
 
@@ -23,7 +24,8 @@ def open_store(path: Path) -> Store:
 
 
 def on_disk(path: Path) -> list[tuple[object, ...]]:
-    with sqlite3.connect(path) as conn:  # what another process, or a crash, would find
+    # What another process, or a crash, would find (closing(): ``with`` alone never closes).
+    with contextlib.closing(sqlite3.connect(path)) as conn:
         return conn.execute("SELECT key FROM jobs ORDER BY key").fetchall()
 
 
