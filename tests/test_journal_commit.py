@@ -3,13 +3,18 @@
 from __future__ import annotations
 
 import sqlite3
+from collections.abc import Callable
 from pathlib import Path
 
 import anyio
 import pytest
+from helpers import kling_client, text_job
 
 import kling_async as ka
+from kling_async._journal import CREATED
 from kling_async._journal_store import Committer, Store
+from kling_async.dialects.kling import STAGE_ADVANCED_LIP_SYNC, STAGE_LIP_SYNC
+from kling_async.testing import FakeKlingServer, FaultPlan
 
 pytestmark = pytest.mark.anyio
 
@@ -83,6 +88,13 @@ async def test_a_failed_transaction_fails_every_writer_after_it(tmp_path: Path) 
 # -- a submit's answer is committed, not waited for ----------------------------------------------
 
 
+async def until(ready: Callable[[], bool]) -> None:
+    while True:
+        if ready():
+            return
+        await anyio.sleep(0.001)
+
+
 def copy_as_crash_leaves_it(source: Path, target: Path) -> None:
     """Copy a journal whose committer is held off: the committed transactions and no others.
 
@@ -101,10 +113,6 @@ async def test_a_crash_before_an_answered_task_id_is_on_disk_creates_no_second_t
 ) -> None:
     # The job goes on as soon as its submit is answered; the task id's commit runs behind it.
     # A crash in between leaves the intent alone: the rerun must resolve it, never resubmit.
-    from helpers import kling_client, text_job
-
-    from kling_async.testing import FakeKlingServer, FaultPlan
-
     journal, crashed = tmp_path / "live.journal", tmp_path / "crashed.journal"
     if advanced:
         job = ka.LipSyncJob.from_audio(
@@ -120,19 +128,17 @@ async def test_a_crash_before_an_answered_task_id_is_on_disk_creates_no_second_t
         async with kling_client(server, advanced=advanced) as client:
             with anyio.fail_after(10):
                 async with client.run_batch([job], journal=journal) as batch:
-                    while server.tasks_created == 0:  # the intent is on disk: it went out
-                        await anyio.sleep(0.001)
+                    await until(lambda: server.tasks_created > 0)  # its intent was on disk
                     resume = batch._batch.resume  # (the live journal: held off, not replaced)
                     assert resume is not None
                     store = resume.journal._store  # type: ignore[attr-defined]
-                    while not store.write_lock.acquire(blocking=False):
-                        await anyio.sleep(0.001)
+                    await until(lambda: store.write_lock.acquire(blocking=False))
                     try:
                         record = resume.journal.job("k0")
                         assert record is not None
-                        stage = "lip-sync" if not advanced else max(record.stages)
-                        while record.stages[stage].status != "created":
-                            await anyio.sleep(0.001)  # answered; its commit is held off
+                        stage = STAGE_ADVANCED_LIP_SYNC if advanced else STAGE_LIP_SYNC
+                        # Answered (memory says so at once); its commit is held off.
+                        await until(lambda: record.stages[stage].status == CREATED)
                         copy_as_crash_leaves_it(journal, crashed)
                     finally:
                         store.write_lock.release()
