@@ -126,6 +126,8 @@ class Journal:
             for stage in job.stages.values()
             if stage.task_id is not None
         }
+        #: Keys with rows in the file (read at open, or written since).
+        self._in_file = set(self._jobs)
         self._added = 0  # statements handed to the store so far
         self._committer = Committer(store)
         self._marked = anyio.Event()  # set when a mark waits to be committed
@@ -376,8 +378,11 @@ class Journal:
         job = self._jobs[key]
         if not job.stored:
             job.stored = True
-            # A replaced record's stages were all refused: none of them may be tracked.
-            self._add("DELETE FROM stages WHERE key = ?", (key,))
+            if key in self._in_file:
+                # A replaced record's stages were all refused: none of them may be tracked.
+                self._add("DELETE FROM stages WHERE key = ?", (key,))
+            else:  # no row of this key was ever written: nothing to delete (one statement less)
+                self._in_file.add(key)
             self._add(
                 "INSERT OR REPLACE INTO jobs (key, request_hash, video_url) VALUES (?, ?, ?)",
                 (key, job.request_hash, job.video_url),

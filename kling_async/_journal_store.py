@@ -360,7 +360,10 @@ class Committer:
             except BaseException as exc:  # handed to the waiters, on the loop's thread
                 error = exc
             loop = self._loop
-            if loop is not None:
+            # Nobody waits (a task id's commit is not waited for): no need to wake the loop.
+            # A writer that starts waiting meanwhile set _asked first, so this loop flushes
+            # once more and settles it then.
+            if loop is not None and (self._waiters or error is not None):
                 with contextlib.suppress(RuntimeError):  # the loop has closed: nobody waits
                     loop.call_soon_threadsafe(self._settle, error)
 
