@@ -19,6 +19,7 @@ from ._errors import (
     InvalidRequestError,
     JournalError,
     KlingError,
+    LocalWriteError,
     MalformedResponseError,
     NotFoundError,
     PermissionDeniedError,
@@ -36,6 +37,7 @@ from ._errors import (
 )
 
 if TYPE_CHECKING:
+    from . import events
     from ._budget import Budget
     from ._client import APIMODELS_BASE_URL, DMXAPI_BASE_URL, OFFICIAL_BASE_URL, KlingClient
     from ._config import PollPolicy, RetryPolicy
@@ -90,6 +92,10 @@ _LAZY = {
 def __getattr__(name: str) -> Any:
     if name == "__version__":
         value: Any = _version()
+    elif name == "events":  # the on_event records: ka.events.Finished, ...
+        import importlib
+
+        value = importlib.import_module(".events", __name__)
     elif name in _LAZY:
         import importlib
 
@@ -141,6 +147,7 @@ __all__ = [
     "KlingClient",
     "KlingError",
     "LipSyncJob",
+    "LocalWriteError",
     "MalformedResponseError",
     "NotFoundError",
     "PermissionDeniedError",
@@ -164,4 +171,5 @@ __all__ = [
     "created_nothing",
     "error_from_response",
     "estimate",
+    "events",
 ]

@@ -15,8 +15,9 @@ from __future__ import annotations
 import functools
 import logging
 import os
-from collections.abc import AsyncIterable, Iterable
+from collections.abc import AsyncIterable, Callable, Iterable
 from pathlib import Path
+from typing import Any
 
 import anyio
 import anyio.lowlevel
@@ -25,6 +26,8 @@ from anyio.abc import TaskGroup
 
 from ._budget import Budget, BudgetLedger
 from ._client_view import ClientView
+from ._download import BatchSaver, writable_folder
+from ._emit import EventSink, check_callback
 from ._errors import (
     KlingError,
     TaskCancelledError,
@@ -43,6 +46,7 @@ from ._source import JobSource
 from ._submitter import Submitter
 from ._tracker import Tracker
 from ._watch import Watch
+from .events import Event
 from .journal import PostgresJournal, SharedBackend, check_target, is_shared
 from .journal._claims import ClaimSource, SharedSlotHold
 
@@ -71,6 +75,7 @@ class Batch:
         retry_failed: bool = False,
         download_to: str | os.PathLike[str] | None = None,
         budget: Budget | None = None,
+        on_event: Callable[[Event], Any] | None = None,
     ) -> None:
         if journal is not None:
             check_target(journal)  # a file path, or a PostgreSQL URL with psycopg installed
@@ -96,6 +101,8 @@ class Batch:
         self._resubmit_unknown = resubmit_unknown
         self._retry_failed = retry_failed
         self._download_to = Path(download_to) if download_to is not None else None
+        folder = self._download_to
+        self._saver = BatchSaver(client.download, folder) if folder is not None else None
         # Two-step dialects (identify-face first) pay for an identify-face call per job too.
         two_step = client.dialect.default_stage == "advanced-lip-sync"
         self.budget = BudgetLedger(budget, identify_face=two_step) if budget is not None else None
@@ -114,6 +121,10 @@ class Batch:
         # Timed-out tasks still holding their slots, followed until they end.
         self._stuck = StuckTasks(self._slots, self._get_task, client.poll.max_interval)
         self._named = 0
+        check_callback(on_event)
+        # Events: one sink, handed to each part that reports; None costs one test per site.
+        self._emit = EventSink(on_event) if on_event is not None else None
+        self._submitter.on_event = self._emit
         self.counts = {"submitted": 0, "succeeded": 0, "failed": 0}
         self.tracker = Tracker(
             dialect=client.dialect,
@@ -124,11 +135,16 @@ class Batch:
             on_fatal=self._abort,
             callbacks=callback_url is not None,
         )
+        self.tracker.on_event = self._emit
 
     def start(self, group: TaskGroup) -> BatchIterator:
         """Start the batch in ``group`` and return the iterator its consumer reads."""
         group.start_soon(self._run)
         return BatchIterator(self, self.pipe)
+
+    def running_task_ids(self) -> tuple[str, ...]:
+        """Tasks submitted and not yet reported (after a stop: still running, paid for)."""
+        return tuple(self._live)
 
     def progress(self) -> BatchProgress:
         """Counts of the batch so far (what a progress display shows)."""
@@ -157,10 +173,14 @@ class Batch:
         logger.info("%s started: max_in_flight=%d", what, self._slots.capacity)
         try:
             async with anyio.create_task_group() as marks:
+                if self._emit is not None:
+                    self._emit.start(marks)
                 await self._run_jobs(marks)
                 if self.resume is not None:
                     # The consumer marks the results it takes until it leaves the stream.
                     await self._consumer_done.wait()
+                if self._emit is not None:
+                    await self._emit.finish()
                 marks.cancel_scope.cancel()
         finally:
             await self._close_journal()
@@ -170,6 +190,9 @@ class Batch:
     async def _run_jobs(self, marks: TaskGroup) -> None:
         try:
             with self._scope:
+                if self._download_to is not None:
+                    # Before anything is sent: a folder that cannot be written is a bad option.
+                    await anyio.to_thread.run_sync(writable_folder, self._download_to)
                 if self._journal_path is not None:
                     self.resume = await Resume.open(
                         self._client,
@@ -179,6 +202,10 @@ class Batch:
                         retry_failed=self._retry_failed,
                     )
                     marks.start_soon(self.resume.journal.commit_marks)
+                    if self._emit is not None:
+                        self.resume.on_event = self._emit
+                        # (retry_failed runs the failures among them again)
+                        self._emit.resumed(self.resume.journal.jobs(), not self._retry_failed)
                 async with anyio.create_task_group() as outer:
                     outer.start_soon(self.tracker.run)
                     self._stuck.group = outer
@@ -336,20 +363,16 @@ class Batch:
         else:  # what _report does then, without a coroutine per job
             self.counts["succeeded" if result.ok else "failed"] += 1
             self.units += result.units or 0.0
+            if self._emit is not None:
+                self._emit.finished(result)
             self.pipe.put(result)
         if task_id is None:  # failed before any submit was answered: maybe without a yield
             await anyio.lowlevel.checkpoint()
 
     async def _report(self, result: JobResult) -> None:
         """Save the video where asked, count the result and hand it to the consumer."""
-        if self._download_to is not None and result.ok and result.path is None:
-            try:
-                path = await self._client.download(result, self._download_to)
-            except KlingError as exc:
-                logger.warning("download of %s failed: %s", result.key, exc)
-                result = attrs.evolve(result, error=exc)
-            else:
-                result = attrs.evolve(result, path=path)
+        if self._saver is not None and result.ok and result.path is None:
+            result = await self._saver.save(result, self._emit)
         self.counts["succeeded" if result.ok else "failed"] += 1
         self.units += result.units or 0.0
         if self._scope.cancel_called:
@@ -360,6 +383,8 @@ class Batch:
         # No waiting: the result's place was reserved before its job started.  No yield here
         # either: the consumer woken by it runs before any runner sends another submit, because
         # Submitter.create yields before it sends.
+        if self._emit is not None:
+            self._emit.finished(result)
         self.pipe.put(result)
 
     async def _track_all(self, task_ids: list[str]) -> None:
@@ -453,7 +478,8 @@ class Batch:
     def _log_end(self, what: str) -> None:
         done = self.resume.all_reported() if self.resume is not None else None
         if done is not None and self._fatal is None:
-            logger.warning("%s", done)
+            # An on_event callback had the same news from the Resumed event (the CLI says it).
+            logger.log(logging.INFO if self._emit else logging.WARNING, "%s", done)
         logger.info(
             "%s ended: %d submitted, %d succeeded, %d failed",
             what,

@@ -16,7 +16,7 @@ import weakref
 from collections.abc import AsyncIterable, Callable, Iterable, Mapping
 from pathlib import Path
 from types import TracebackType
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import aiohttp
 import anyio
@@ -39,6 +39,7 @@ from ._signature import WebhookSecret, lower_headers
 from ._transport import Timeouts, Transport
 from .dialects import Dialect, Submit
 from .dialects.kling import KlingDialect
+from .events import Event
 
 if TYPE_CHECKING:
     from typing_extensions import Unpack  # typing.Unpack of **kwargs: Python 3.12
@@ -323,6 +324,7 @@ class KlingClient:
         retry_failed: bool = False,
         download_to: str | os.PathLike[str] | None = None,
         budget: Budget | None = None,
+        on_event: Callable[[Event], Any] | None = None,
     ) -> BatchIterator:
         """Run many jobs; iterate the result for one :class:`JobResult` per job, as they finish.
 
@@ -365,6 +367,11 @@ class KlingClient:
         once the next reservation would pass the cap, submitting stops and the remaining jobs
         end with :class:`~kling_async.BudgetExceededError`.  What a task actually cost replaces
         its reservation when it ends; with a journal the spend carries over to reruns.
+        ``error`` set to the :class:`~kling_async.DownloadError` (a folder that cannot be
+        written at all is a :class:`~kling_async.ValidationError` before any request).
+
+        ``on_event`` is called with what happens as it happens: typed records from
+        :mod:`kling_async.events` (a plain or an ``async`` function; see that module).
         """
         batch = Batch(
             self._view(),
@@ -375,6 +382,7 @@ class KlingClient:
             retry_failed=retry_failed,
             download_to=download_to,
             budget=budget,
+            on_event=on_event,
         )
         return self._start(batch)
 

@@ -63,8 +63,8 @@ class PollPolicy:
     densely around the typical duration, less in the long tail.  ``lag_share`` is the price of
     that trade: the mean delay between a task ending and the result arriving aims at this
     share of the median duration (0.05: about 9 s for 3-minute tasks, with about a quarter of
-    the queries of polling every 5 s).  Learnt intervals stay between ``first_delay`` and
-    ``max_interval``.
+    the queries of polling every 5 s).  Learnt intervals stay between a tenth of
+    ``first_delay`` (a first guess: quick tasks are then polled sooner) and ``max_interval``.
 
     With ``list_queries`` one paged list request refreshes every live task on a page where the
     dialect has one (docs/protocol.md, Query many: newest first, 500 tasks a page).  A page

@@ -24,20 +24,25 @@ import posixpath
 import random
 import re
 import secrets
+import tempfile
 import unicodedata
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import IO
 from urllib.parse import urlsplit, urlunsplit
 
 import anyio
+import attrs
 from anyio import AsyncFile
 
 from ._backoff import retry_delay
 from ._config import RetryPolicy
-from ._errors import DownloadError, TransportError, ValidationError
+from ._errors import DownloadError, KlingError, LocalWriteError, TransportError, ValidationError
+from ._results import JobResult
 from ._transport import Stream, Transport
+from .events import Downloaded, Event
 
-__all__ = ["Downloader", "file_name", "safe_filename"]
+__all__ = ["BatchSaver", "Downloader", "file_name", "safe_filename", "writable_folder"]
 
 logger = logging.getLogger("kling_async")
 
@@ -193,6 +198,17 @@ class Downloader:
             raise ValidationError("filename", "must be a plain file name (see safe_filename)")
         if urlsplit(url).scheme.lower() not in ("http", "https"):
             raise DownloadError("a video URL must be http or https", url=_shown(url))
+        try:
+            return await self._save(url, directory, name)
+        except OSError as exc:
+            # A local failure (a full disk, a folder gone or not writable): the video is fine.
+            raise LocalWriteError(
+                f"cannot save {name} in {directory}: {exc.strerror or exc}",
+                url=_shown(url),
+                path=directory,
+            ) from None
+
+    async def _save(self, url: str, directory: Path, name: str) -> Path:
         await anyio.to_thread.run_sync(lambda: directory.mkdir(parents=True, exist_ok=True))
         async with self.limiter:
             part = directory / f".{name}.{secrets.token_hex(4)}.part"
@@ -339,6 +355,49 @@ async def _read_at_least(answer: Stream, size: int) -> bytes:
         chunks.append(chunk)
         have += len(chunk)
     return b"".join(chunks)
+
+
+class BatchSaver:
+    """A batch's ``download_to``: saves each successful result's video, says a local failure once.
+
+    ``download`` is the client's (:meth:`KlingClient.download <kling_async.KlingClient.download>`).
+    A failure leaves the result ``ok`` with ``error`` set; a :class:`LocalWriteError` (the same
+    for every video after it: a full disk, a folder gone) is logged once, other failures per job.
+    """
+
+    def __init__(
+        self, download: Callable[[JobResult, Path], Awaitable[Path]], directory: Path
+    ) -> None:
+        self._download = download
+        self._directory = directory
+        self._local_failure = False
+
+    async def save(self, result: JobResult, emit: Callable[[Event], None] | None) -> JobResult:
+        """``result`` with its video saved (``path`` set), or with the failure as ``error``."""
+        try:
+            path = await self._download(result, self._directory)
+        except KlingError as exc:
+            if not isinstance(exc, LocalWriteError):
+                logger.warning("download of %s failed: %s", result.key, exc)
+            elif not self._local_failure:
+                self._local_failure = True
+                logger.warning("%s (the results keep their video URLs)", exc)
+            return attrs.evolve(result, error=exc)
+        if emit is not None:
+            emit(Downloaded(key=result.key, path=path))
+        return attrs.evolve(result, path=path)
+
+
+def writable_folder(directory: Path) -> None:
+    """Create ``directory`` if missing; raise :class:`ValidationError` unless files fit in it."""
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=directory):
+            pass
+    except OSError as exc:
+        raise ValidationError(
+            "download_to", f"cannot save videos in {directory}: {exc.strerror or exc}"
+        ) from None
 
 
 def _discard(file: IO[bytes], part: Path) -> None:

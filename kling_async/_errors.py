@@ -24,6 +24,7 @@ Every exception the library raises on purpose is a :class:`KlingError`::
     ├── SubmitOutcomeUnknownError  a submit may have created a task that could not be found
     ├── JournalError               the batch journal cannot be read or written (stops the batch)
     ├── DownloadError              a result video could not be saved (gone, cut short, wrong size)
+    │   └── LocalWriteError        because of this machine: a full disk, a folder gone
     ├── BudgetExceededError        a job not submitted: its estimate would pass the batch's budget
     └── CallbackSignatureError     a callback whose Standard Webhooks signature does not verify
 
@@ -35,6 +36,7 @@ non-zero body ``code`` (docs/protocol.md, Business codes).
 from __future__ import annotations
 
 from collections.abc import Mapping
+from pathlib import Path
 
 __all__ = [
     "SUCCESS_CODES",
@@ -50,6 +52,7 @@ __all__ = [
     "InvalidRequestError",
     "JournalError",
     "KlingError",
+    "LocalWriteError",
     "MalformedResponseError",
     "NotFoundError",
     "PermissionDeniedError",
@@ -93,7 +96,16 @@ class ValidationError(KlingError, ValueError):
     def __init__(self, field: str, rule: str) -> None:
         self.field = field
         self.rule = rule
-        super().__init__(f"{field}: {rule}")
+        # A message quotes what it refuses: a 10 MB value must not come out whole.
+        super().__init__(f"{shorten(field, 80)}: {shorten(rule, 400)}")
+
+
+def shorten(text: str, limit: int) -> str:
+    """``text``, or its first and last characters around a count when it is over ``limit``."""
+    if len(text) <= limit:
+        return text
+    keep = max(limit - 30, 10)
+    return f"{text[: keep - 10]}...[{len(text)} characters]...{text[-10:]}"
 
 
 class TransportError(KlingError):
@@ -266,6 +278,17 @@ class DownloadError(KlingError):
         self.retryable = retryable
         self.retry_after = retry_after
         super().__init__(message)
+
+
+class LocalWriteError(DownloadError):
+    """A video could not be written on this machine (a full disk, a folder gone or read-only).
+
+    ``path`` is the folder it was to be saved in.  The video itself is fine: its URL works.
+    """
+
+    def __init__(self, message: str, *, url: str, path: Path) -> None:
+        self.path = path
+        super().__init__(message, url=url)
 
 
 class SubmitOutcomeUnknownError(KlingError):

@@ -24,6 +24,9 @@ class BatchControl(Protocol):
     def progress(self) -> BatchProgress:
         """The batch's counts so far."""
 
+    def running_task_ids(self) -> tuple[str, ...]:
+        """Tasks submitted and not yet reported."""
+
     def cancel(self) -> None:
         """Stop submitting and tracking."""
 
@@ -64,6 +67,17 @@ class BatchIterator:
     def progress(self) -> BatchProgress:
         """The batch's counts so far: submitted, running, succeeded, failed."""
         return self._batch.progress()
+
+    @property
+    def running_task_ids(self) -> tuple[str, ...]:
+        """Ids of the tasks submitted and not yet reported.
+
+        Once the batch has stopped early (the loop left, Ctrl-C, a fatal error), these tasks
+        still run on the server and are paid for: look them up later (``client.get_task``,
+        ``client.track``, ``kling-async status``), or use a journal, with which a rerun picks
+        them up by itself.
+        """
+        return self._batch.running_task_ids()
 
     def __aiter__(self) -> BatchIterator:
         return self

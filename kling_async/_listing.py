@@ -18,6 +18,7 @@ read), and past ``_MAX_PAGES`` it is queried on its own.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Protocol
 
 import anyio
@@ -29,6 +30,7 @@ from ._http import HttpRequest, HttpResponse
 from ._results import TaskSnapshot
 from ._watch import Watch
 from .dialects import Dialect
+from .events import Event, Polled
 
 __all__ = ["ListPages", "PageHost"]
 
@@ -42,6 +44,8 @@ class PageHost(Protocol):
 
     callbacks: bool
     requests: int
+    #: The batch's event sink (:mod:`kling_async.events`), if it has a callback.
+    on_event: Callable[[Event], None] | None
 
     def watched(self, stage: str) -> dict[str, Watch]:
         """The live watches of ``stage`` that the task list can show, by task id."""
@@ -172,6 +176,7 @@ class ListPages:
         # task id -> (snapshot, depth, when its page was asked for: see Tracker.apply)
         found: dict[str, tuple[TaskSnapshot, int, float]] = {}
         read: set[int] = set()
+        sent = 0
         try:
             while True:
                 expected = {1 + w.depth // size for w in due if w.task_id not in found}
@@ -183,6 +188,7 @@ class ListPages:
                 if request is None:
                     break
                 tracker.requests += 1
+                sent += 1
                 asked = anyio.current_time()
                 response = await tracker.send(request)
                 rows, snapshots = self._dialect.parse_list_page(stage, response, wanted)
@@ -196,7 +202,11 @@ class ListPages:
                     break
         except KlingError as exc:
             self._failed(stage, exc)
+            if tracker.on_event is not None:
+                tracker.on_event(Polled(stage=stage, tasks=0, requests=sent))
             return
+        if tracker.on_event is not None:
+            tracker.on_event(Polled(stage=stage, tasks=len(found), requests=sent))
         del self._pending[stage]
         now = anyio.current_time()
         for task_id, (snapshot, depth, asked) in found.items():

@@ -16,9 +16,11 @@ import anyio
 
 from ._backoff import retry_delay
 from ._config import RetryPolicy
+from ._emit import CURRENT
 from ._errors import ConcurrencyLimitError, KlingError, created_nothing
 from ._http import HttpRequest, HttpResponse
 from ._transport import Transport
+from .events import Retried
 
 __all__ = ["Requester"]
 
@@ -66,6 +68,11 @@ class Requester:
                     retry,
                     delay,
                 )
+                sink = CURRENT.get()
+                if sink is not None:  # a batch's request, and the batch has an on_event callback
+                    error = type(exc).__name__
+                    sink(Retried(method=request.method, path=request.path, attempt=retry,
+                                 delay=delay, error=error))  # fmt: skip
                 await anyio.sleep(delay)
 
     def _may_retry(

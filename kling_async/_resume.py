@@ -28,6 +28,7 @@ from ._journal_codec import request_hash
 from ._reconcile import ABSENT, Reconciler
 from ._results import JobResult, TaskSnapshot, TaskState
 from .dialects import Submit
+from .events import Adopted, Event
 from .journal import JournalBackend, PostgresJournal, SharedBackend, open_journal
 
 __all__ = ["SKIP", "Resume", "is_final"]
@@ -86,6 +87,8 @@ class Resume:
         self.skipped = 0
         self.skipped_failed = 0
         self._fresh_ids: set[str] = set()  # keys retried after a failure (retry_failed)
+        #: The batch's event sink (:mod:`kling_async.events`), if it has a callback.
+        self.on_event: Callable[[Event], None] | None = None
 
     @classmethod
     async def open(
@@ -247,6 +250,8 @@ class Resume:
                 return await submit()
             if found is not ABSENT:
                 await self.journal.created(key, step.stage, found.task_id, adopted=True)
+                if self.on_event is not None:
+                    self.on_event(Adopted(key=key, stage=step.stage, task_id=found.task_id))
                 return found
             return await submit(sent_before=True)
         return await submit()

@@ -38,6 +38,7 @@ from ._results import TaskSnapshot
 from ._resume import Resume
 from ._slots import SlotHold, TaskSlots, slot_wait_error
 from .dialects import Submit
+from .events import Adopted, Event, Refused, Submitted
 
 __all__ = ["SUBMIT_GRACE", "Submitter"]
 
@@ -78,6 +79,8 @@ class Submitter:
         self._canary_taken = False
         self._submits: set[anyio.CancelScope] = set()  # journaled submits on their way
         self._memory = MemoryLedger()
+        #: The batch's event sink (:mod:`kling_async.events`), if it has a callback.
+        self.on_event: Callable[[Event], None] | None = None
         self._jobs = 0
         #: Finds the tasks of unclear submits; its ledger is the journal once one opens.
         self.reconciler = Reconciler(
@@ -162,6 +165,7 @@ class Submitter:
                 delay = await self._refused(step, refusals, owner, resume)
                 self._slots.shrink()
                 slot.release()
+                self._report_refusal(1303, step, key, delay)
                 if resume is not None and key is not None:
                     await resume.concurrency_refused(key)  # a shared journal: every worker's
                 logger.debug("1303: %d tasks running; waiting %.2f s", self._slots.in_use, delay)
@@ -180,6 +184,7 @@ class Submitter:
                 # whose task was never created.  Wait longer, keeping the slot.
                 refusals += 1
                 delay = await self._refused(step, refusals, owner, resume)
+                self._report_refusal(1302, step, key, max(delay, exc.retry_after or 0.0))
                 logger.debug("1302: waiting %.2f s", max(delay, exc.retry_after or 0.0))
                 await anyio.sleep(max(delay, exc.retry_after or 0.0))
                 continue
@@ -199,6 +204,8 @@ class Submitter:
                     raise
                 found = await self._resolve(step, owner, video_url, intent, exc, resume)
                 if found is not None:
+                    if self.on_event is not None:
+                        self.on_event(Adopted(key=key, stage=step.stage, task_id=found.task_id))
                     return found
                 resends += 1
                 if resends >= self._retry.max_attempts:
@@ -214,7 +221,14 @@ class Submitter:
                 await resume.created(key, step.stage, snapshot)
             else:
                 self._memory.created(owner, snapshot.task_id)
+            if self.on_event is not None:
+                self.on_event(Submitted(key=key, stage=step.stage, task_id=snapshot.task_id))
             return snapshot
+
+    def _report_refusal(self, code: int, step: Submit, key: str, delay: float) -> None:
+        if self.on_event is not None:
+            limit = self._slots.limit  # (after a 1303, already the shrunk one)
+            self.on_event(Refused(key=key, stage=step.stage, code=code, limit=limit, delay=delay))
 
     def _owner(self, key: str) -> str:
         # Without a journal keys may repeat: the ledger names each job uniquely.

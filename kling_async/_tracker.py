@@ -34,11 +34,14 @@ from ._requester import Requester
 from ._results import TaskSnapshot, TaskState
 from ._watch import Learner, Waiter, Watch, loop_time
 from .dialects import Dialect
+from .events import Event, Polled, Retried
 
 __all__ = ["Tracker", "Watch"]
 
 logger = logging.getLogger("kling_async")
 
+#: The shortest interval a learnt schedule asks for, in first_delays (1 s for the default 10 s).
+LEARNT_FLOOR = 0.1
 #: Longest interval before a model exists, in first_delays.
 _COLD_INTERVALS = 3
 
@@ -76,11 +79,16 @@ class Tracker:
         self._learners: dict[str, Learner] = {}
         first = poll.first_delay or poll.max_interval / 100
         self._floor = min(first, poll.max_interval)
+        # first_delay is a guess made before anything is known: a learnt schedule may go below
+        # it (2-second tasks with the default 10 s were each polled once, at 10 s).
+        self._learnt_floor = self._floor * LEARNT_FLOOR
         self._lists = ListPages(self, dialect, poll)
         self.requests = 0
         #: Called with each task id the tracker stops watching; the client remembers them so
         #: that a late or repeated callback about the task is answered 2xx, without effect.
         self.on_unwatch: Callable[[str], None] | None = None
+        #: The batch's event sink (:mod:`kling_async.events`), if it has a callback.
+        self.on_event: Callable[[Event], None] | None = None
 
     @property
     def live(self) -> int:
@@ -267,9 +275,13 @@ class Tracker:
             snapshot = self._dialect.parse_query(watch.stage, watch.task_id, response)
         except KlingError as exc:
             self.query_failed(watch, exc)
+            if self.on_event is not None:
+                self.on_event(Polled(stage=watch.stage, tasks=0, requests=1))
             return
         if watch.result is None:
             self.apply(watch, snapshot, loop_time(), asked)
+        if self.on_event is not None:
+            self.on_event(Polled(stage=watch.stage, tasks=1, requests=1))
 
     def apply(
         self, watch: Watch, snapshot: TaskSnapshot, now: float, asked: float | None = None
@@ -309,7 +321,7 @@ class Tracker:
             age = now - watch.started
             after = model.next_poll(age)
             base = self._poll.max_interval if after is None else after - age
-            delay = min(max(base, self._floor), self._poll.max_interval)
+            delay = min(max(base, self._learnt_floor), self._poll.max_interval)
             if not listed:
                 # With list queries the earliest task sets the pace for all: no jitter there,
                 # it would only pull every refresh earlier.
@@ -337,6 +349,17 @@ class Tracker:
             self._retry, watch.errors, self._rng, retry_after=getattr(error, "retry_after", None)
         )
         logger.debug("query of %s failed (%s); next in %.2f s", watch.task_id, error, delay)
+        if self.on_event is not None:
+            request = self._dialect.query_request(watch.stage, watch.task_id)
+            self.on_event(
+                Retried(
+                    method=request.method,
+                    path=request.path,
+                    attempt=watch.errors,
+                    delay=delay,
+                    error=type(error).__name__,
+                )
+            )
         self._schedule(watch, anyio.current_time() + max(delay, 0.0))
 
     def _finish(self, watch: Watch, snapshot: TaskSnapshot) -> None:

@@ -24,6 +24,7 @@ from kling_async._errors import (
     InvalidRequestError,
     JournalError,
     KlingError,
+    LocalWriteError,
     MalformedResponseError,
     NotFoundError,
     PermissionDeniedError,
@@ -329,6 +330,7 @@ ALL_CLASSES: list[type[KlingError]] = [
     SubmitOutcomeUnknownError,
     JournalError,
     DownloadError,
+    LocalWriteError,
     kling_async.BudgetExceededError,
     kling_async.CallbackSignatureError,
 ]

@@ -81,3 +81,62 @@ async def test_fastapi_app(monkeypatch: pytest.MonkeyPatch) -> None:
             bad = await client.post("/jobs", json={**AUDIO_JOB, "voice_speed": 1.5})
             assert bad.status_code == 422 and "voice_speed" in bad.json()["detail"]
             assert (await client.get("/tasks/123")).status_code == 404
+
+
+class _Recorder:
+    """Stands in for an OpenTelemetry meter (the SDK is not installed): sums what it is given."""
+
+    def __init__(self) -> None:
+        self.sums: dict[tuple[str, str], float] = {}
+
+    def _instrument(self, name: str, **_: object) -> _Recorder.Instrument:
+        return _Recorder.Instrument(self, name)
+
+    create_counter = create_histogram = _instrument
+
+    class Instrument:
+        def __init__(self, meter: _Recorder, name: str) -> None:
+            self.meter, self.name = meter, name
+
+        def add(self, amount: float, attributes: dict[str, object] | None = None) -> None:
+            key = (self.name, ",".join(f"{k}={v}" for k, v in (attributes or {}).items()))
+            self.meter.sums[key] = self.meter.sums.get(key, 0) + amount
+
+        record = add
+
+
+@pytest.mark.anyio
+async def test_otel_example_counts_what_the_batch_does() -> None:
+    import kling_async as ka
+    from kling_async.testing import SANDBOX_API_KEY, FakeKlingServer
+
+    meter = _Recorder()
+    on_event = load("otel_metrics").otel_metrics(meter)
+    jobs = [ka.LipSyncJob.from_audio(**AUDIO_JOB, key=f"k{n}") for n in range(6)]
+    async with FakeKlingServer(task_duration=0.02, task_limit=2) as server:
+        client = ka.KlingClient.kling(
+            api_key=SANDBOX_API_KEY,
+            base_url=server.url,
+            poll=ka.PollPolicy(first_delay=0.01, max_interval=0.05),
+            retry=ka.RetryPolicy(concurrency_delay=0.01, base_delay=0.01),
+        )
+        async with client:
+            async for _ in client.run_batch(jobs, on_event=on_event):
+                pass
+    sums = meter.sums
+    assert sums["kling.jobs", "state=succeeded"] == 6
+    assert sums["kling.tasks", "stage=lip-sync"] == 6
+    assert sums["kling.refusals", "code=1303"] >= 1
+    assert sums["kling.requests", ""] == sum(
+        server.requests[r] for r in ("submit", "query", "list")
+    )
+
+
+def test_otel_example_script_runs_without_an_sdk() -> None:
+    assert run_script("otel_metrics").count("succeeded") == 5
+
+
+def test_prometheus_example_script() -> None:
+    text = run_script("prometheus_metrics")
+    assert 'kling_jobs_total{state="succeeded"} 6.0' in text
+    assert "kling_tasks_submitted_total 6.0" in text

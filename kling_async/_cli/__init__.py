@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import logging
 import math
 import sys
 import traceback
@@ -22,6 +21,7 @@ from .._errors import AuthenticationError, KlingError
 from ._connect import CliError, add_connection_options
 from ._estimate import add_estimate_options
 from ._journal_args import add_results_command, add_status_journal_option
+from ._logs import LOG_FORMATS, configure_logging
 from ._sandbox import TASK_LIMIT
 
 # Start-up: building the parser imports only argparse and the light modules above, so that
@@ -35,7 +35,8 @@ PROG = "kling-async"
 EPILOG = """\
 Keys come from --api-key or the environment: KLING_API_KEY (a Bearer key, every dialect), or
 KLING_ACCESS_KEY + KLING_SECRET_KEY (the official API's JWT). Exit status: 0 when every job
-succeeded, 1 when some failed, 2 on usage or fatal account errors.
+succeeded (with --journal: every job of the journal, earlier runs' included), 1 when some
+failed, 2 on usage, local file or fatal account errors, 130 when interrupted (Ctrl-C).
 First run: kling-async run examples/jobs.jsonl --out results.jsonl --sandbox"""
 
 
@@ -114,6 +115,12 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="debug logging of kling_async to stderr, and tracebacks with errors",
     )
+    output.add_argument(
+        "--log-format",
+        choices=LOG_FORMATS,
+        default="text",
+        help="log records on stderr as text lines (default) or as JSON objects, one a line",
+    )
 
     parser = _Parser(
         prog=PROG,
@@ -165,8 +172,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--first-poll",
         metavar="S",
         type=_positive_float,
-        help="seconds from a submit to a task's first status query until the batch has "
-        "learnt how long its tasks take (default 10)",
+        help="seconds from a submit to a task's first status query, a first guess: once the "
+        "batch has learnt how long its tasks take, it polls by that, sooner if they are quick "
+        "(default 10)",
     )
     run.add_argument(
         "--max-poll-interval",
@@ -198,6 +206,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--download",
         metavar="DIR",
         help="save each finished video in DIR (named after the job key) before reporting it",
+    )
+    run.add_argument(
+        "--summary-json",
+        metavar="FILE",
+        help="write the run's counts here at the end (jobs by state, failures, tasks submitted, "
+        "requests, wall time, exit status), also after Ctrl-C or an error",
     )
     run.add_argument(
         "--max-units",
@@ -236,9 +250,20 @@ def build_parser() -> argparse.ArgumentParser:
     add_status_journal_option(status, _command("._journal_cmds", "journal_status_command"))
     add_results_command(commands, [output], _command("._journal_cmds", "results_command"))
 
+    serve_output = _Parser(add_help=False)
+    serve_output.add_argument(
+        "-q",
+        "--quiet",
+        action="store_true",
+        help="print only the first line (the server's URL), no keys or usage hints",
+    )
+    serve_output.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    serve_output.add_argument(
+        "--log-format", choices=LOG_FORMATS, default="text", help="text or json"
+    )
     serve = commands.add_parser(
         "fake-server",
-        parents=[output],
+        parents=[serve_output],
         help="run the sandbox server standalone",
         description="Serve the sandbox (every dialect, the public test keys) until Ctrl-C.",
     )
@@ -279,26 +304,6 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _configure_logging(verbose: bool) -> None:
-    from ._progress import TqdmLogHandler
-
-    logger = logging.getLogger("kling_async")
-    for handler in list(logger.handlers):
-        if isinstance(handler, TqdmLogHandler):
-            logger.removeHandler(handler)
-    handler = TqdmLogHandler()
-    if verbose:
-        handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s %(message)s"))
-        logger.setLevel(logging.DEBUG)
-    else:
-        # Errors reach the user as this command's own one-line message; warnings pass as is.
-        handler.setFormatter(logging.Formatter(f"{PROG}: warning: %(message)s"))
-        handler.addFilter(lambda record: record.levelno < logging.ERROR)
-        logger.setLevel(logging.WARNING)
-    logger.addHandler(handler)
-    logger.propagate = False
-
-
 def _fail(message: str) -> int:
     print(f"{PROG}: error: {message}", file=sys.stderr)
     return 2
@@ -307,7 +312,7 @@ def _fail(message: str) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; returns the exit status."""
     args = build_parser().parse_args(argv)
-    _configure_logging(args.verbose)
+    configure_logging(PROG, verbose=args.verbose, log_format=args.log_format)
     try:
         status: int = args.handler(args)
     except CliError as exc:

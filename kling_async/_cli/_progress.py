@@ -16,9 +16,14 @@ from typing import Any, TextIO
 import anyio
 from tqdm import tqdm
 
-from .._iterator import BatchIterator
+from .._results import JobResult
+from ..events import Event, Finished, Resumed
+from ._tally import Tally, resume_note
 
 __all__ = ["Progress", "TqdmLogHandler"]
+
+#: Results of this run before the plain progress line shows an ETA.
+ETA_AFTER = 10
 
 
 def _clock(seconds: float) -> str:
@@ -39,40 +44,40 @@ class TqdmLogHandler(logging.Handler):
 
 
 class Progress:
-    """Counts of a run and their display.
+    """The display of a run's :class:`~._tally.Tally`.
 
     ``mode`` is ``"bar"`` (a live tqdm bar), ``"lines"`` (a plain line every ``interval``
-    seconds and at the end) or ``"quiet"`` (nothing).  Once :meth:`watch` is given the batch,
-    ``submitted`` and ``running`` are the batch's own counts of tasks submitted and running on
-    the server; before that, jobs taken up and not yet done.
+    seconds and at the end) or ``"quiet"`` (nothing).  The batch's events reach :meth:`on_event`
+    (the batch's ``on_event`` callback): the tally counts them, the bar moves with each result.
     """
 
     def __init__(
         self,
-        total: int,
+        tally: Tally,
         *,
         mode: str,
         interval: float = 5.0,
         stream: TextIO | None = None,
     ) -> None:
-        self.total = total
+        self.tally = tally
+        self.total = tally.total
         self.mode = mode
         self.interval = interval
         self.stream = stream or sys.stderr
-        self.submitted = 0
-        self.done = 0
-        self.failed = 0
-        self._started = time.monotonic()
         self._bar: tqdm[Any] | None = None
-        self._batch: BatchIterator | None = None
+        self._shown = 0  # results the bar shows
 
-    def watch(self, results: BatchIterator) -> None:
-        """Read submitted and running task counts from this batch from now on."""
-        self._batch = results
+    @classmethod
+    def choose(cls, tally: Tally, *, quiet: bool, stream: TextIO | None = None) -> Progress:
+        """A bar when ``stream`` (stderr) is a terminal, plain lines otherwise."""
+        stream = stream or sys.stderr
+        if quiet:
+            return cls(tally, mode="quiet", stream=stream)
+        return cls(tally, mode="bar" if stream.isatty() else "lines", stream=stream)
 
     def start(self) -> None:
         """Start the clock (and show the bar): the batch begins now."""
-        self._started = time.monotonic()
+        self.tally.started = time.monotonic()
         if self.mode == "bar" and self._bar is None:
             self._bar = tqdm(
                 total=self.total,
@@ -84,58 +89,42 @@ class Progress:
             )
             self._postfix()
 
-    @classmethod
-    def choose(cls, total: int, *, quiet: bool, stream: TextIO | None = None) -> Progress:
-        """A bar when ``stream`` (stderr) is a terminal, plain lines otherwise."""
-        stream = stream or sys.stderr
-        if quiet:
-            return cls(total, mode="quiet", stream=stream)
-        return cls(total, mode="bar" if stream.isatty() else "lines", stream=stream)
+    def on_event(self, event: Event) -> None:
+        """Count ``event`` and move the bar (the batch's ``on_event`` callback)."""
+        self.tally.on_event(event)
+        if isinstance(event, Resumed):
+            if self.mode != "quiet" and self.tally.resumed:
+                tally = self.tally
+                self.note(resume_note(len(tally.resumed), self.total, tally.resumed_failed))
+            self._advance()
+        elif isinstance(event, Finished):
+            self._advance()
 
-    @property
-    def running(self) -> int:
-        """Tasks running on the server (before :meth:`watch`: jobs taken up, not done)."""
-        if self._batch is not None:
-            return self._batch.progress.running
-        return max(0, self.submitted - self.done)
+    def job_finished(self, result: JobResult) -> None:
+        """A result the batch did not make (the job file changed since it was checked)."""
+        self.tally.finished(result)
+        self._advance()
 
-    @property
-    def tasks_submitted(self) -> int:
-        """Tasks submitted so far (before :meth:`watch`: jobs taken up)."""
-        return self._batch.progress.submitted if self._batch is not None else self.submitted
-
-    @property
-    def units(self) -> float:
-        """Units the server says the batch's finished tasks cost (0 before :meth:`watch`)."""
-        return self._batch.progress.units if self._batch is not None else 0.0
-
-    @property
-    def elapsed(self) -> float:
-        """Seconds since the display was made."""
-        return time.monotonic() - self._started
-
-    def job_submitted(self) -> None:
-        """The batch took up one more job."""
-        self.submitted += 1
-        self._postfix()
-
-    def job_finished(self, ok: bool) -> None:
-        """One job ended (``ok`` False for a failure)."""
-        self.done += 1
-        self.failed += not ok
+    def note(self, text: str) -> None:
+        """A message above the bar (or a line of its own without one), even when quiet."""
         if self._bar is not None:
-            self._postfix()
-            self._bar.update(1)
+            self._bar.write(f"kling-async: {text}", file=self.stream)
+        else:
+            self._print(f"kling-async: {text}")
 
     def line(self) -> str:
         """The plain progress line: done, failed, running, rate and ETA."""
-        rate = self.done / self.elapsed if self.elapsed > 0 else 0.0
+        tally = self.tally
+        now = len(tally.results)  # the rate counts this run's results only
+        elapsed = tally.elapsed
+        rate = now / elapsed if elapsed > 0 else 0.0
         text = (
-            f"{self.done}/{self.total} done, {self.failed} failed, {self.running} running, "
-            f"{rate:.2g} jobs/s"
+            f"{tally.done}/{self.total} done, {tally.failed} failed, "
+            f"{len(tally.running)} running, {rate:.2g} jobs/s"
         )
-        left = self.total - self.done
-        if left > 0 and rate > 0:
+        left = self.total - tally.done
+        # No ETA from the first few results: one result after a 10 s first poll is no rate.
+        if left > 0 and rate > 0 and now >= ETA_AFTER:
             text += f", ETA {_clock(left / rate)}"
         return text
 
@@ -161,12 +150,20 @@ class Progress:
         elif self.mode == "lines" and summary:
             self._print(self.line())
 
+    def _advance(self) -> None:
+        if self._bar is not None:
+            done = self.tally.done
+            self._postfix()
+            self._bar.update(done - self._shown)
+            self._shown = done
+
     def _postfix(self) -> None:
         if self._bar is not None:
+            tally = self.tally
             counts = {
-                "submitted": self.tasks_submitted,
-                "running": self.running,
-                "failed": self.failed,
+                "submitted": tally.submitted,
+                "running": len(tally.running),
+                "failed": tally.failed,
             }
             self._bar.set_postfix(counts, refresh=False)  # a dict keeps this order
 

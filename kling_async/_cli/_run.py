@@ -8,30 +8,34 @@ import json
 import os
 import sys
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any
+from urllib.parse import urlsplit
 
 import anyio
 import attrs
 
-from .._batch import BatchIterator
 from .._budget import Budget
 from .._config import PollPolicy
-from .._errors import KlingError, ValidationError
+from .._errors import KlingError, ValidationError, shorten
+from .._iterator import BatchIterator
 from .._jobs import LipSyncJob
-from .._results import JobResult, TaskState, returned_fields
-from . import _loop
+from .._results import JobResult, TaskState
+from . import _interrupt
 from ._connect import CliError, credentials, make_client
 from ._jobfile import JobFile, Record, Survey, survey
+from ._output import ResultWriter, check_paths, count_note, open_out, result_line
 from ._progress import Progress
 from ._sandbox import (
+    SANDBOX_URL,
     TASK_LIMIT,
     fixed_duration,
     sandbox_credentials,
     sandbox_policies,
     sandbox_server,
 )
+from ._tally import Tally, plural
 
 __all__ = ["result_line", "run_command"]
 
@@ -40,62 +44,9 @@ __all__ = ["result_line", "run_command"]
 MAX_PROBLEMS_SHOWN = 20
 
 
-def result_line(result: JobResult, line: int | None = None) -> dict[str, Any]:
-    """The JSON object written to the results file for one job."""
-    error = result.error
-    return {
-        "key": result.key,
-        "line": line,
-        "task_id": result.task_id,
-        "state": result.state.value,
-        "ok": result.ok,
-        "video_url": result.video_url,
-        "error": str(error) if error is not None else None,
-        "error_type": type(error).__name__ if error is not None else None,
-        "error_code": getattr(error, "code", None),
-        "submitted_at": result.submitted_at,
-        "finished_at": result.finished_at,
-        "polls": result.polls,
-        "path": str(result.path) if result.path is not None else None,
-        "adopted": result.adopted,
-        # What the server returned with the video, and what the task cost.
-        **returned_fields(result),
-    }
-
-
-class ResultWriter:
-    """Appends one JSON line per result and flushes it, so a crash keeps what was done."""
-
-    def __init__(self, stream: TextIO, lines: dict[str, int]) -> None:
-        self.stream = stream
-        self.lines = lines
-        self.written = 0
-
-    def write(self, result: JobResult, line: int | None = None) -> None:
-        """Write ``result`` (``line``: its line in the job file, found by key when None)."""
-        record = result_line(result, line if line is not None else self.lines.get(result.key))
-        self.stream.write(json.dumps(record, ensure_ascii=False) + "\n")
-        self.stream.flush()
-        self.written += 1
-
-
-@contextlib.contextmanager
-def _open_out(path: str) -> Iterator[TextIO]:
-    if path == "-":
-        yield sys.stdout
-        return
-    try:
-        # Not a `with` here: an OSError while writing is no "cannot open".
-        stream = Path(path).open("a", encoding="utf-8")  # noqa: SIM115
-    except OSError as exc:
-        raise CliError(f"cannot open {path} for results: {exc.strerror or exc}") from None
-    with stream:
-        yield stream
-
-
 def _report_problems(jobs: JobFile, found: Survey, skip: bool) -> None:
     for line, problem in found.problems[:MAX_PROBLEMS_SHOWN]:
-        print(f"{jobs.shown}:{line}: {problem}", file=sys.stderr)
+        print(f"{jobs.shown}:{line}: {shorten(problem, 400)}", file=sys.stderr)
     hidden = len(found.problems) - MAX_PROBLEMS_SHOWN
     if hidden > 0:
         print(f"{jobs.shown}: ... and {hidden} more bad lines", file=sys.stderr)
@@ -116,39 +67,90 @@ def run_command(args: argparse.Namespace) -> int:
         raise CliError(f"no such job file: {args.jobs}")
     if args.sandbox and (args.base_url or args.api_key):
         raise CliError("--sandbox runs its own server: drop --base-url and --api-key")
-    # Keys first: a missing key should not wait for a long file to be checked.
+    if args.resubmit_unknown and not args.journal:
+        raise CliError("--resubmit-unknown goes with --journal")
+    if args.retry_failed and not args.journal:
+        raise CliError("--retry-failed goes with --journal (the failures are read there)")
+    # Keys first: a missing key should not wait for a long file to be checked; then every path
+    # the run writes, before anything is sent or started.
     creds = sandbox_credentials() if args.sandbox else credentials(args, os.environ)
+    lines = check_paths(args.out, args.download, args.journal, args.summary_json)
     found = survey(jobs)
     if found.problems:
         _report_problems(jobs, found, args.skip_invalid)
-    with _open_out(args.out) as out:
-        writer = ResultWriter(out, found.lines)
-        progress = Progress.choose(found.valid, quiet=args.quiet)
-        run = _Run(args, jobs, found, writer, progress, creds)
+    if found.valid == 0:
+        _warn(f"{jobs.shown} holds no jobs: nothing to do")
+    if lines and not args.journal:
+        _warn(count_note(lines, args.out))
+    tally = Tally(found.lines, total=found.valid)
+    progress = Progress.choose(tally, quiet=args.quiet)
+    with open_out(args.out) as out:
+        run = _Run(args, jobs, found, ResultWriter(out, found.lines, args.out), progress, creds)
         try:
-            _loop.run(run.main)
-        except BaseException:
+            if found.valid:
+                _interrupt.run(run.main)
+        except BaseException as exc:
             progress.close(summary=False)  # the error says what happened, not the counts
+            _stopped(run, exc)
+            _summary_json(args, tally, 130 if isinstance(exc, KeyboardInterrupt) else 2, run)
             raise
         progress.close()
-    failed = progress.failed + len(found.problems)
-    retried = run.batch.progress.retried if run.batch is not None else 0
+    failed = tally.failed + len(found.problems)
+    retried = run.results.progress.retried if run.results is not None else 0
     if retried and not args.quiet:
-        jobs_word = "job" if retried == 1 else "jobs"
         print(
-            f"kling-async: {retried} {jobs_word} that failed in earlier runs submitted again",
+            f"kling-async: {plural(retried, 'job')} that failed in earlier runs submitted again",
             file=sys.stderr,
         )
     if not args.quiet:
-        ok = progress.done - progress.failed
+        ok = tally.done - tally.failed
         where = "" if args.out == "-" else f"; results in {args.out}"
-        units = f", {progress.units:g} units charged" if progress.units else ""
+        earlier = f" ({len(tally.resumed)} reported by earlier runs)" if tally.resumed else ""
+        units = f", {tally.units:g} units charged" if tally.units else ""
         print(
-            f"kling-async: {progress.done} jobs in {progress.elapsed:.1f} s: {ok} succeeded, "
-            f"{progress.failed} failed{units}{where}",
+            f"kling-async: {plural(tally.done, 'job')}{earlier} in {tally.elapsed:.1f} s: "
+            f"{ok} succeeded, {tally.failed} failed{units}{where}",
             file=sys.stderr,
         )
-    return 1 if failed else 0
+    status = 1 if failed else 0
+    _summary_json(args, tally, status, run)
+    return status
+
+
+def _warn(text: str) -> None:
+    print(f"kling-async: warning: {text}", file=sys.stderr)
+
+
+def _stopped(run: _Run, error: BaseException) -> None:
+    """Say which paid tasks a stopped run leaves running (a fatal error's message says it)."""
+    ids = run.running_task_ids()
+    if not ids or isinstance(error, KlingError):
+        return
+    tasks = plural(len(ids), "task")
+    if run.args.journal:
+        verb = "is" if len(ids) == 1 else "are"
+        print(
+            f"kling-async: {tasks} still running on the server {verb} in the journal: run the "
+            "same command again to pick them up",
+            file=sys.stderr,
+        )
+        return
+    print(
+        f"kling-async: {tasks} still running on the server (paid for) will not be reported: "
+        f"{' '.join(ids)}; look them up with `kling-async status ID...` (with --journal FILE "
+        "a rerun picks up such tasks by itself)",
+        file=sys.stderr,
+    )
+
+
+def _summary_json(args: argparse.Namespace, tally: Tally, status: int, run: _Run) -> None:
+    if args.summary_json is None:
+        return
+    summary = tally.summary(exit_status=status, running_task_ids=list(run.running_task_ids()))
+    try:
+        Path(args.summary_json).write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
+    except OSError as exc:
+        _warn(f"cannot write --summary-json {args.summary_json}: {exc.strerror or exc}")
 
 
 class _Run:
@@ -169,7 +171,11 @@ class _Run:
         self.skip = found.invalid_lines
         self.writer = writer
         self.progress = progress
-        self.batch: BatchIterator | None = None
+        self.results: BatchIterator | None = None
+
+    def running_task_ids(self) -> tuple[str, ...]:
+        """The batch's tasks submitted and not reported (running still, after a stop)."""
+        return self.results.running_task_ids if self.results is not None else ()
 
     async def main(self) -> None:
         """Run the batch; a fatal error is raised only once everything is closed."""
@@ -180,14 +186,16 @@ class _Run:
                 group.start_soon(self.progress.tick)
                 try:
                     async for result in results:
-                        self._record(result)
+                        self._write(result)
                 except Exception as exc:
                     # Raised once the progress task group is closed: raised through it, the
                     # error would come out wrapped in an ExceptionGroup.
                     stopped = exc
                 group.cancel_scope.cancel()
-        if stopped is not None:
-            raise stopped
+            if stopped is not None:
+                # Raised inside the stack: the batch sees it, and a result this run could not
+                # write (a full disk) stays unreported in the journal for the next run.
+                raise stopped
 
     async def _open(self, stack: contextlib.AsyncExitStack) -> BatchIterator:
         args = self.args
@@ -196,7 +204,12 @@ class _Run:
             duration = fixed_duration(os.environ)
             server = await stack.enter_async_context(sandbox_server(duration=duration))
             options["poll"], options["retry"] = sandbox_policies(duration)
-            options["base_url"] = server.url
+            # The client knows the sandbox by a fixed name, so that a journal fits every run.
+            from ._resolver import sandbox_session  # (aiohttp: not for --help)
+
+            port = urlsplit(server.url).port or 80
+            options["session"] = await stack.enter_async_context(sandbox_session(port))
+            options["base_url"] = SANDBOX_URL
             if args.dialect == "apimodels":
                 # apimodels documents no concurrency refusal like 1303: its HTTP 429 is a plain
                 # rate limit, which waits but cannot shrink the task slots.  Stay within the
@@ -208,17 +221,19 @@ class _Run:
                     "no account, no network)",
                     file=sys.stderr,
                 )
+                if args.journal:
+                    print(
+                        "kling-async: (the sandbox server starts empty each run: tasks an earlier "
+                        "run left running end as 'task not found' here, never on a real server)",
+                        file=sys.stderr,
+                    )
         if args.first_poll is not None or args.max_poll_interval is not None:
             poll = options.get("poll", PollPolicy())
             first = args.first_poll if args.first_poll is not None else poll.first_delay
             longest = args.max_poll_interval or max(poll.max_interval, first)
             options["poll"] = attrs.evolve(poll, first_delay=first, max_interval=longest)
         client = await stack.enter_async_context(make_client(args, **options))
-        if args.resubmit_unknown and not args.journal:
-            raise CliError("--resubmit-unknown goes with --journal")
-        if args.retry_failed and not args.journal:
-            raise CliError("--retry-failed goes with --journal (the failures are read there)")
-        batch_options: dict[str, Any] = {}
+        batch_options: dict[str, Any] = {"on_event": self.progress.on_event}
         if args.journal:
             batch_options["journal"] = args.journal
             batch_options["resubmit_unknown"] = args.resubmit_unknown
@@ -228,15 +243,11 @@ class _Run:
         if args.max_units is not None:
             batch_options["budget"] = Budget(units=args.max_units)
         self.progress.start()
-        results = client.run_batch(self._feed(), **batch_options)
-        self.batch = results
-        self.progress.watch(results)
-        return await stack.enter_async_context(results)
+        self.results = client.run_batch(self._feed(), **batch_options)
+        return await stack.enter_async_context(self.results)
 
-    def _record(self, result: JobResult, line: int | None = None) -> None:
+    def _write(self, result: JobResult, line: int | None = None) -> None:
         self.writer.write(result, line)
-        # A video made but not saved (--download failed) counts as a failure of the run.
-        self.progress.job_finished(result.ok and result.error is None)
 
     async def _feed(self) -> AsyncIterator[LipSyncJob]:
         """The jobs, built one at a time as the batch asks (audio files read off the loop)."""
@@ -247,12 +258,11 @@ class _Run:
                     continue
                 job = await self._build(record)
                 if isinstance(job, str):
-                    self.progress.job_submitted()
-                    self._record(self._refused(record, job), record.line)
+                    refused = self._refused(record, job)
+                    self.progress.job_finished(refused)
+                    self._write(refused, record.line)
                     continue
                 yield job
-                # The batch asks for the next job only once it has taken this one up.
-                self.progress.job_submitted()
         finally:
             records.close()
 

@@ -4,6 +4,10 @@ Tasks take about two seconds, with a long-ish tail (a lognormal, like real lip-s
 docs/protocol.md, Timing), and at most :data:`TASK_LIMIT` run at once, so that a run shows a
 moving progress display and meets the 1303 concurrency refusal a real account gives.  Setting
 ``KLING_ASYNC_SANDBOX_DURATION`` (seconds) makes every task take that long instead, for tests.
+
+The client reaches the sandbox as :data:`SANDBOX_URL`, whatever free port the server got
+(:func:`~._resolver.sandbox_session` resolves that name to it): a journal records its batch's
+server, and a rerun of a sandbox run with the same journal must find the same name to resume.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ if TYPE_CHECKING:  # the policies are imported where made: `--help` needs no att
 
 __all__ = [
     "DURATION_ENV",
+    "SANDBOX_URL",
     "TASK_LIMIT",
     "fixed_duration",
     "sandbox_credentials",
@@ -30,6 +35,8 @@ __all__ = [
 
 #: Environment variable that fixes the sandbox's task duration (seconds), for fast tests.
 DURATION_ENV = "KLING_ASYNC_SANDBOX_DURATION"
+#: The sandbox's address as the client (and so a journal) knows it.
+SANDBOX_URL = "http://sandbox.kling-async.localhost"
 #: Tasks the sandbox account runs at once before refusing with 1303.
 TASK_LIMIT = 5
 #: The sandbox's typical task duration in seconds (the median of the lognormal).

@@ -12,7 +12,7 @@ import anyio
 
 from .._errors import KlingError
 from .._results import TaskSnapshot
-from . import _loop
+from . import _interrupt, _loop
 from ._connect import make_client
 from ._sandbox import sandbox_server
 
@@ -38,7 +38,7 @@ def snapshot_line(snapshot: TaskSnapshot) -> dict[str, Any]:
 
 def status_command(args: argparse.Namespace) -> int:
     """Print one JSON line per task id, in the order given; 1 when a lookup failed."""
-    lines = _loop.run(_lookup, args)
+    lines = _interrupt.run(_lookup, args)
     for line in lines:
         print(json.dumps(line, ensure_ascii=False), flush=True)
     return 1 if any("error" in line for line in lines) else 0
@@ -80,7 +80,7 @@ async def _serve(args: argparse.Namespace) -> None:
 
     server = sandbox_server(
         duration=args.task_duration,
-        task_limit=args.task_limit or None,
+        task_limit=args.task_limit,
         host=args.host,
         port=args.port,
         seed=args.seed,

@@ -81,8 +81,11 @@ class FakeKlingServer:
         callback_timeout: float = 2.0,
         webhook_secret: str | None = None,
     ) -> None:
-        if task_limit is not None and task_limit < 1:
-            raise ValueError(f"task_limit must be at least 1 or None, not {task_limit!r}")
+        if task_limit is not None and task_limit < 0:
+            raise ValueError(
+                f"task_limit must be at least 0 (no limit) or None, not {task_limit!r}"
+            )
+        task_limit = task_limit or None  # 0 means no limit, as `fake-server --task-limit 0` does
         if processing_after is not None and processing_after < 0:
             raise ValueError(f"processing_after must be at least 0, not {processing_after!r}")
         self.host = host

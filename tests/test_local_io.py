@@ -1,0 +1,54 @@
+"""Local write failures during a batch: a bad download folder is a ValidationError up front, and
+a folder that goes away in mid-run costs one warning, never a result."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import pytest
+from helpers import kling_client, requests_sent, text_job
+
+import kling_async as ka
+from kling_async.testing import FakeKlingServer
+
+
+@pytest.mark.anyio
+async def test_a_download_folder_that_cannot_be_made_is_a_validation_error(
+    tmp_path: Path,
+) -> None:
+    a_file = tmp_path / "file"
+    a_file.write_text("not a folder")
+    async with FakeKlingServer() as server, kling_client(server) as client:
+        with pytest.raises(ka.ValidationError, match="download_to") as caught:
+            async for _ in client.run_batch(map(text_job, range(3)), download_to=a_file / "v"):
+                pass
+        assert str(a_file) in str(caught.value)
+        assert requests_sent(server) == 0
+
+
+@pytest.mark.anyio
+async def test_a_download_folder_gone_in_mid_run_is_one_warning_and_no_lost_result(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    folder = tmp_path / "videos"
+    caplog.set_level(logging.WARNING, logger="kling_async")
+    results: list[ka.JobResult] = []
+    async with FakeKlingServer(task_duration=0.02) as server:
+        async with kling_client(server, max_in_flight=2) as client:
+            async for result in client.run_batch(map(text_job, range(6)), download_to=folder):
+                results.append(result)
+                if len(results) == 1:
+                    # The folder is replaced by a file: nothing can be saved there any more.
+                    # (Moved away in one step: a download in flight may be writing in it.)
+                    folder.rename(tmp_path / "moved")
+                    folder.write_text("in the way")
+    assert len(results) == 6 and all(r.ok and r.video_url for r in results)
+    assert results[0].path is not None and results[0].error is None
+    failed = [r for r in results if r.error is not None]
+    # (A video or two may have been saved while the first result was on its way to us.)
+    assert len(failed) >= 3
+    assert all(isinstance(r.error, ka.LocalWriteError) and r.path is None for r in failed)
+    assert all(isinstance(r.error, ka.DownloadError) for r in failed)  # a kind of it
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1 and str(folder) in warnings[0]
