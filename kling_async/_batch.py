@@ -280,8 +280,8 @@ class Batch:
 
     async def _run_job(self, key: str, job: LipSyncJob, *, held: bool = True) -> None:
         slot = SlotHold(self._slots, held=held)
-        if self.resume is not None and isinstance(self.resume.journal, SharedBackend):
-            slot = SharedSlotHold(self._slots, self.resume.journal, key, held=held)
+        if self.resume is not None and self.resume.shared is not None:
+            slot = SharedSlotHold(self._slots, self.resume.shared, key, held=held)
         task_id: str | None = None
         submitted_at: float | None = None
         polls = 0

@@ -126,6 +126,8 @@ class Journal:
             for stage in job.stages.values()
             if stage.task_id is not None
         }
+        #: Keys with rows in the file (read at open, or written since).
+        self._in_file = set(self._jobs)
         self._added = 0  # statements handed to the store so far
         self._committer = Committer(store)
         self._marked = anyio.Event()  # set when a mark waits to be committed
@@ -247,7 +249,9 @@ class Journal:
     ) -> None:
         """Record ``stage``'s task id (and, for a synchronous step, its terminal ``snapshot``).
 
-        ``adopted``: a lookup found the task, its submit's answer did not name it.
+        ``adopted``: a lookup found the task, its submit's answer did not name it.  Only an
+        adoption is waited for; a submit's answer is committed at once but not waited for (see
+        the comment below): a later awaited write of the job implies it.
         """
         job = self._write_job(key)
         record = job.stages.get(stage)
@@ -267,7 +271,27 @@ class Journal:
             "INSERT OR REPLACE INTO stages VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
             (key, stage, CREATED, intent, task_id, text, external, int(adopted)),
         )
-        await self._commit()
+        if adopted:
+            # The proof behind an adoption (an answer that showed a task was made) is in no
+            # record: a rerun that found only the intent might not adopt again.  Rare: wait.
+            await self._commit()
+            return
+        # A submit's own answer: the commit starts now, but the job does not wait for it.
+        # Why no guarantee weakens, crash point by crash point:
+        # - Before the commit is durable the file holds the submit's intent, exactly as when
+        #   the writer waited for this commit and the process died meanwhile: the commit
+        #   starts at the same moment and takes as long; all the job does meanwhile is poll,
+        #   which the server does not charge.  A rerun resolves the intent as after a crash
+        #   mid-submit (docs/protocol.md and README, "Guarantees": by external id, else a
+        #   provable adoption, else SubmitOutcomeUnknownError): never a second task.
+        # - The committer commits statements in the order they were queued, each transaction
+        #   everything queued so far.  Whatever this job does next that must follow the task
+        #   id waits for a later statement: its next stage's intent (durable before that
+        #   request leaves) and its result (committed before the consumer gets it).  So no
+        #   later stage and no reported result is ever on disk without this task id.
+        # - A failed commit breaks the store: the next write anyone waits for raises the
+        #   JournalError, which stops the batch, as this one's would have.
+        self._committer.request()
 
     def set_clock_offset(self, lo: float, hi: float) -> None:
         """Keep the server clock's offset interval; committed with the next write."""
@@ -354,8 +378,11 @@ class Journal:
         job = self._jobs[key]
         if not job.stored:
             job.stored = True
-            # A replaced record's stages were all refused: none of them may be tracked.
-            self._add("DELETE FROM stages WHERE key = ?", (key,))
+            if key in self._in_file:
+                # A replaced record's stages were all refused: none of them may be tracked.
+                self._add("DELETE FROM stages WHERE key = ?", (key,))
+            else:  # no row of this key was ever written: nothing to delete (one statement less)
+                self._in_file.add(key)
             self._add(
                 "INSERT OR REPLACE INTO jobs (key, request_hash, video_url) VALUES (?, ?, ?)",
                 (key, job.request_hash, job.video_url),

@@ -304,17 +304,9 @@ class Committer:
             return
         if self._error is not None:
             raise self._error
-        loop = self._loop = asyncio.get_running_loop()
-        done: asyncio.Future[None] = loop.create_future()
+        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._waiters.append((wanted, done))
-        with self._wake:
-            self._asked = True
-            self._wake.notify()
-        if self._thread is None:
-            self._thread = threading.Thread(
-                target=self._run, name=f"kling_async journal {self._store.path}", daemon=True
-            )
-            self._thread.start()
+        self.request()
         # Shielded by hand (a journal only runs on asyncio, as its batch does): anyio's
         # CancelScope(shield=True) looks the backend up each time it is made, a fifth of a
         # journaled write's own CPU.  A cancellation waits for the commit, then goes on.
@@ -330,6 +322,21 @@ class Committer:
                 cancelled = exc
         if cancelled is not None:
             raise cancelled
+
+    def request(self) -> None:
+        """Have what is queued committed soon, without waiting for it (on the loop's thread).
+
+        A failure reaches the next :meth:`wait` (the store stays broken).
+        """
+        self._loop = asyncio.get_running_loop()
+        with self._wake:
+            self._asked = True
+            self._wake.notify()
+        if self._thread is None:
+            self._thread = threading.Thread(
+                target=self._run, name=f"kling_async journal {self._store.path}", daemon=True
+            )
+            self._thread.start()
 
     def stop(self) -> None:
         """End the thread once it has committed what it was asked to (blocking)."""
@@ -353,7 +360,10 @@ class Committer:
             except BaseException as exc:  # handed to the waiters, on the loop's thread
                 error = exc
             loop = self._loop
-            if loop is not None:
+            # Nobody waits (a task id's commit is not waited for): no need to wake the loop.
+            # A writer that starts waiting meanwhile set _asked first, so this loop flushes
+            # once more and settles it then.
+            if loop is not None and (self._waiters or error is not None):
                 with contextlib.suppress(RuntimeError):  # the loop has closed: nobody waits
                     loop.call_soon_threadsafe(self._settle, error)
 

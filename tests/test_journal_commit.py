@@ -4,13 +4,18 @@ from __future__ import annotations
 
 import contextlib
 import sqlite3
+from collections.abc import Callable
 from pathlib import Path
 
 import anyio
 import pytest
+from helpers import kling_client, text_job
 
 import kling_async as ka
+from kling_async._journal import CREATED
 from kling_async._journal_store import Committer, Store
+from kling_async.dialects.kling import STAGE_ADVANCED_LIP_SYNC, STAGE_LIP_SYNC
+from kling_async.testing import FakeKlingServer, FaultPlan
 
 pytestmark = pytest.mark.anyio
 
@@ -80,3 +85,79 @@ async def test_a_failed_transaction_fails_every_writer_after_it(tmp_path: Path) 
         await anyio.to_thread.run_sync(committer.stop)
         with pytest.raises(ka.JournalError):
             store.close()
+
+
+# -- a submit's answer is committed, not waited for ----------------------------------------------
+
+
+async def until(ready: Callable[[], bool]) -> None:
+    while True:
+        if ready():
+            return
+        await anyio.sleep(0.001)
+
+
+def copy_as_crash_leaves_it(source: Path, target: Path) -> None:
+    """Copy a journal whose committer is held off: the committed transactions and no others.
+
+    With the store's write lock held nothing is being written, so the file and its WAL are what
+    a process killed at this moment leaves behind (NORMAL commits survive the process dying).
+    """
+    for suffix in ("", "-wal"):
+        part = Path(f"{source}{suffix}")
+        if part.exists():
+            Path(f"{target}{suffix}").write_bytes(part.read_bytes())
+
+
+@pytest.mark.parametrize("advanced", [True, False], ids=["external-ids", "basic"])
+async def test_a_crash_before_an_answered_task_id_is_on_disk_creates_no_second_task(
+    tmp_path: Path, advanced: bool
+) -> None:
+    # The job goes on as soon as its submit is answered; the task id's commit runs behind it.
+    # A crash in between leaves the intent alone: the rerun must resolve it, never resubmit.
+    journal, crashed = tmp_path / "live.journal", tmp_path / "crashed.journal"
+    if advanced:
+        job = ka.LipSyncJob.from_audio(
+            video_url="https://e.com/v.mp4",
+            audio_url="https://e.com/a.mp3",
+            sound_end_time=3000,
+            key="k0",
+        )
+    else:
+        job = text_job(0, key="k0")
+    faults = FaultPlan(answer_delay=0.05)
+    async with FakeKlingServer(task_duration=0.3, faults=faults) as server:
+        async with kling_client(server, advanced=advanced) as client:
+            with anyio.fail_after(10):
+                async with client.run_batch([job], journal=journal) as batch:
+                    await until(lambda: server.tasks_created > 0)  # its intent was on disk
+                    resume = batch._batch.resume  # (the live journal: held off, not replaced)
+                    assert resume is not None
+                    store = resume.journal._store  # type: ignore[attr-defined]
+                    await until(lambda: store.write_lock.acquire(blocking=False))
+                    try:
+                        record = resume.journal.job("k0")
+                        assert record is not None
+                        stage = STAGE_ADVANCED_LIP_SYNC if advanced else STAGE_LIP_SYNC
+                        # Answered (memory says so at once); its commit is held off.
+                        await until(lambda: record.stages[stage].status == CREATED)
+                        copy_as_crash_leaves_it(journal, crashed)
+                    finally:
+                        store.write_lock.release()
+                    [first] = [result async for result in batch]
+            assert first.ok
+            conn = sqlite3.connect(crashed)  # the window was hit: the intent alone
+            try:
+                statuses = dict(conn.execute("SELECT stage, status FROM stages").fetchall())
+            finally:
+                conn.close()
+            assert "submitting" in statuses.values(), statuses
+            async with kling_client(server, advanced=advanced) as client:
+                with anyio.fail_after(10):
+                    [again] = [r async for r in client.run_batch([job], journal=crashed)]
+    assert server.tasks_created == 1  # no second task
+    if advanced:  # exact: found by its external id, and taken
+        assert again.ok and again.adopted and again.task_id == first.task_id
+    else:  # a crash proves nothing: named, never guessed, never sent again
+        assert isinstance(again.error, ka.SubmitOutcomeUnknownError)
+        assert list(again.error.candidates) == [first.task_id]
