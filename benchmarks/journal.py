@@ -24,8 +24,8 @@ from typing import Any
 import anyio
 from _common import table
 
-from kling_async._journal import Journal
 from kling_async._results import JobResult, TaskState
+from kling_async.journal._sqlite import Journal
 
 
 async def one_round(jobs: int, writers: int) -> tuple[float, float, int]:

@@ -6,7 +6,7 @@ ends, one :class:`~._tracker.Tracker` polls every live task, :mod:`._submitter` 
 submits, and results travel to the consumer through a :class:`~._pipe.ResultPipe`.  Leaving the
 loop cancels the batch.
 
-With ``journal=PATH`` the batch keeps each job's progress in a journal (:mod:`._journal`) and
+With ``journal=PATH`` the batch keeps each job's progress in a journal (:mod:`.journal._sqlite`) and
 a rerun resumes it; :mod:`._resume` decides, per job and per submit, what the journal allows.
 With a shared (PostgreSQL) journal one worker polls the server for all (:mod:`._shared_poll`).
 """

@@ -24,7 +24,7 @@ from ._results import JobResult
 from .events import BudgetExceeded, Event, Finished, Resumed
 
 if TYPE_CHECKING:
-    from ._journal import JournalJob  # (the type only: the requester imports this module)
+    from .journal._sqlite import JournalJob  # (the type only: the requester imports this module)
 
 __all__ = ["CURRENT", "DRAIN_SECONDS", "EventSink", "check_callback"]
 

@@ -1,6 +1,6 @@
 """What a batch with a journal does differently: per job, per submit, what the journal allows.
 
-:class:`Resume` sits between :class:`~._batch.Batch` and its :class:`~._journal.Journal`:
+:class:`Resume` sits between :class:`~._batch.Batch` and its :class:`~.journal._sqlite.Journal`:
 
 * :meth:`Resume.admit` decides, as each job is read, whether it runs, is reported from the
   journal or was reported already, and refuses duplicate keys and changed jobs;
@@ -23,13 +23,13 @@ from ._client_view import ClientView
 from ._errors import SubmitOutcomeUnknownError, ValidationError, created_nothing
 from ._identity import derive_external_id, new_batch_id
 from ._jobs import LipSyncJob
-from ._journal import CREATED, SUBMITTING
-from ._journal_codec import request_hash
 from ._reconcile import ABSENT, Reconciler
 from ._results import JobResult, TaskSnapshot, TaskState
 from .dialects import Submit
 from .events import Adopted, Event
 from .journal import JournalBackend, PostgresJournal, SharedBackend, open_journal
+from .journal._codec import request_hash
+from .journal._sqlite import CREATED, SUBMITTING
 
 __all__ = ["SKIP", "Resume", "is_final"]
 

@@ -16,10 +16,10 @@ import pytest
 from helpers import FAST_POLL, FAST_RETRY, WAV, apimodels_client, kling_client, requests_sent
 
 import kling_async as ka
-from kling_async._journal_codec import result_from_json, result_to_json
 from kling_async._signature import WebhookSecret
 from kling_async.dialects import KlingDialect
 from kling_async.dialects.kling import STAGE_ADVANCED_LIP_SYNC
+from kling_async.journal._codec import result_from_json, result_to_json
 from kling_async.testing import FakeKlingServer, FaultPlan
 
 VIDEO = "https://example.com/clip.mp4"
@@ -327,7 +327,7 @@ async def test_apimodels_results_keep_the_video_duration() -> None:
 
 
 def test_journals_written_before_the_new_fields_still_recognise_their_jobs() -> None:
-    from kling_async._journal_codec import request_hash
+    from kling_async.journal._codec import request_hash
 
     job = advanced_job(key="k")
     # The hash this job had before audio_id and watermark existed (kling_async.job.v1).

@@ -27,15 +27,15 @@ from helpers import (
 )
 
 import kling_async as ka
-from kling_async._journal import Journal
-from kling_async._journal_codec import (
+from kling_async._resume import is_final
+from kling_async.journal._codec import (
     request_hash,
     result_from_json,
     result_to_json,
     snapshot_from_json,
     snapshot_to_json,
 )
-from kling_async._resume import is_final
+from kling_async.journal._sqlite import Journal
 from kling_async.testing import FakeKlingServer, FaultPlan
 
 pytestmark = pytest.mark.anyio

@@ -12,9 +12,9 @@ import pytest
 from helpers import kling_client, text_job
 
 import kling_async as ka
-from kling_async._journal import CREATED
-from kling_async._journal_store import Committer, Store
 from kling_async.dialects.kling import STAGE_ADVANCED_LIP_SYNC, STAGE_LIP_SYNC
+from kling_async.journal._sqlite import CREATED
+from kling_async.journal._sqlite_store import Committer, Store
 from kling_async.testing import FakeKlingServer, FaultPlan
 
 pytestmark = pytest.mark.anyio

@@ -17,9 +17,9 @@ import anyio
 import pytest
 
 import kling_async as ka
-from kling_async._journal import JournalJob
 from kling_async.journal import JournalBackend, PostgresJournal, open_journal
 from kling_async.journal._export import read_jobs
+from kling_async.journal._sqlite import JournalJob
 
 pytestmark = pytest.mark.anyio
 

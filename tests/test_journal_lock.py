@@ -16,7 +16,7 @@ import pytest
 from helpers import kling_client, text_job
 
 import kling_async as ka
-from kling_async._journal import Journal
+from kling_async.journal._sqlite import Journal
 from kling_async.testing import FakeKlingServer
 
 pytestmark = pytest.mark.anyio
@@ -29,7 +29,7 @@ CONTENDER = textwrap.dedent(
     import sys, time
     import anyio
     from kling_async import JournalError
-    from kling_async._journal import Journal
+    from kling_async.journal._sqlite import Journal
 
     async def main() -> None:
         started = time.monotonic()
@@ -80,7 +80,7 @@ async def test_a_batch_is_refused_while_another_process_runs_the_journal(tmp_pat
     holder = textwrap.dedent(
         """
         import sys, anyio
-        from kling_async._journal import Journal
+        from kling_async.journal._sqlite import Journal
 
         async def main() -> None:
             journal = await Journal.open(

@@ -1,6 +1,6 @@
 """The batch journal: one storage contract, SQLite (default) and PostgreSQL backends.
 
-* A file path keeps the journal in SQLite (:class:`kling_async._journal.Journal`): one process
+* A file path keeps the journal in SQLite (:class:`._sqlite.Journal`): one process
   runs the batch, and a rerun after a crash resumes it.
 * A ``postgresql://`` URL (or a :class:`PostgresJournal` with lease settings) keeps it in a
   PostgreSQL database that several workers share (:mod:`._pg`): every worker runs the same jobs
@@ -16,9 +16,9 @@ from __future__ import annotations
 import os
 
 from .._errors import ValidationError
-from .._journal import Journal
 from ._config import PostgresJournal, is_postgres_url
 from ._contract import Claim, JournalBackend, SharedBackend
+from ._sqlite import Journal
 
 __all__ = [
     "Claim",

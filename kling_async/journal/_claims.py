@@ -17,9 +17,9 @@ import anyio
 
 from .._errors import ValidationError
 from .._jobs import LipSyncJob
-from .._journal_codec import request_hash
 from .._results import JobResult
 from .._slots import SlotHold, TaskSlots
+from ._codec import request_hash
 from ._contract import SharedBackend
 
 __all__ = ["ClaimSource", "SharedSlotHold"]

@@ -16,9 +16,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Protocol, runtime_checkable
 
-from .._journal import JournalJob
 from .._results import JobResult, TaskSnapshot
 from .._shared_poll import PollSeat
+from ._sqlite import JournalJob
 
 __all__ = ["Claim", "JournalBackend", "SharedBackend"]
 

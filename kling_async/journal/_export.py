@@ -21,9 +21,9 @@ import anyio
 import attrs
 
 from .._errors import JournalError
-from .._journal import CREATED, JournalJob, _job_from_row
-from .._journal_store import Row, journal_error
 from ._config import PostgresJournal, is_postgres_url, redact
+from ._sqlite import CREATED, JournalJob, _job_from_row
+from ._sqlite_store import Row, journal_error
 
 __all__ = ["JournalStatus", "WorkerLease", "read_jobs", "read_status"]
 

@@ -28,10 +28,9 @@ import anyio
 
 from .._errors import JournalError
 from .._identity import new_batch_id
-from .._journal import CREATED, REFUSED, SUBMITTING, JournalJob, JournalStage
-from .._journal_codec import result_to_json, snapshot_to_json
 from .._results import JobResult, TaskSnapshot, TaskState
 from . import _pg_sql as sql
+from ._codec import result_to_json, snapshot_to_json
 from ._config import PostgresJournal, redact
 from ._contract import Claim
 from ._pg_claims import (
@@ -51,6 +50,7 @@ from ._pg_claims import (
 from ._pg_conn import Db
 from ._pg_poll import PgPollSeat
 from ._pg_schema import prepare
+from ._sqlite import CREATED, REFUSED, SUBMITTING, JournalJob, JournalStage
 
 __all__ = ["PgJournal"]
 

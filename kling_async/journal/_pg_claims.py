@@ -23,8 +23,8 @@ import attrs
 from psycopg import AsyncConnection
 
 from .._errors import ValidationError
-from .._journal import JournalJob, JournalStage
-from .._journal_codec import result_from_json, snapshot_from_json
+from ._codec import result_from_json, snapshot_from_json
+from ._sqlite import JournalJob, JournalStage
 
 __all__ = [
     "Claimed",

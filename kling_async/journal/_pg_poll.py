@@ -19,8 +19,8 @@ from typing import Any
 
 import psycopg
 
-from .._journal_codec import snapshot_from_json, snapshot_to_json
 from .._results import TaskSnapshot
+from ._codec import snapshot_from_json, snapshot_to_json
 from ._config import PostgresJournal
 from ._pg_conn import Db
 

@@ -1,6 +1,6 @@
 """How the journal spells jobs, snapshots and results: a request hash and JSON codecs.
 
-The journal (:mod:`._journal`) stores text, never pickles: a journal written by one version of
+The journal (:mod:`._sqlite`) stores text, never pickles: a journal written by one version of
 the library must stay readable by the next, and must not execute anything when read.
 
 * :func:`request_hash` fingerprints everything about a job that shapes its request (every field
@@ -21,10 +21,10 @@ from typing import Any
 import attrs
 import cattrs
 
-from . import _errors
-from ._errors import KlingError
-from ._jobs import LipSyncJob
-from ._results import BalanceDeduction, JobResult, TaskSnapshot, TaskState, returned_fields
+from .. import _errors
+from .._errors import KlingError
+from .._jobs import LipSyncJob
+from .._results import BalanceDeduction, JobResult, TaskSnapshot, TaskState, returned_fields
 
 __all__ = [
     "error_from_json",

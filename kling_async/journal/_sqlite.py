@@ -1,7 +1,7 @@
 """The batch journal: each job's progress in SQLite, so a rerun after a crash pays nothing twice.
 
 One journal file belongs to one batch (one dialect at one server).  Per job key it keeps a hash
-of the job's request (:func:`~._journal_codec.request_hash`), per submit stage the state of
+of the job's request (:func:`~._codec.request_hash`), per submit stage the state of
 that submit, and the job's latest result::
 
     meta(name, value)           dialect, stage, base_url (checked); batch_id, clock_offset,
@@ -30,7 +30,7 @@ leaves next), :meth:`Journal.created`, :meth:`Journal.refused`, :meth:`Journal.f
 :meth:`Journal.set_clock_offset` and :meth:`Journal.confirm_external_ids` (not waited for)
 and :meth:`Journal.close`.
 
-The file is SQLite in WAL mode, locked by one batch at a time (:mod:`._journal_store`, which
+The file is SQLite in WAL mode, locked by one batch at a time (:mod:`._sqlite_store`, which
 also commits concurrent writes together).  A submit's intent is committed with
 ``synchronous=FULL`` (on disk before its request leaves, power cut included); task ids, results
 and marks with ``NORMAL`` (they survive the process dying; a power cut can lose the last ones,
@@ -48,16 +48,16 @@ from typing import Any
 import anyio
 import attrs
 
-from ._errors import JournalError, ValidationError
-from ._identity import new_batch_id
-from ._journal_codec import (
+from .._errors import JournalError, ValidationError
+from .._identity import new_batch_id
+from .._results import JobResult, TaskSnapshot
+from ._codec import (
     result_from_json,
     result_to_json,
     snapshot_from_json,
     snapshot_to_json,
 )
-from ._journal_store import Committer, Row, Store, journal_error
-from ._results import JobResult, TaskSnapshot
+from ._sqlite_store import Committer, Row, Store, journal_error
 
 __all__ = ["CREATED", "REFUSED", "SUBMITTING", "Journal", "JournalJob", "JournalStage"]
 
@@ -396,7 +396,7 @@ class Journal:
         self._added += 1
 
     async def _commit(self) -> None:
-        """Return once every statement added so far is committed (see :mod:`._journal_store`).
+        """Return once every statement added so far is committed (:mod:`._sqlite_store`).
 
         Concurrent writers share transactions (group commit); waiting is shielded, so that a
         statement once added is written even if its writer is cancelled, and memory and file

@@ -32,7 +32,7 @@ try:
 except ImportError:  # pragma: no cover - Windows: SQLite's own lock alone (it waits, then fails)
     fcntl = None  # type: ignore[assignment]
 
-from ._errors import JournalError, ValidationError
+from .._errors import JournalError, ValidationError
 
 __all__ = ["SCHEMA_VERSION", "Committer", "Row", "Store"]
 
