@@ -22,7 +22,7 @@ import attrs
 
 from .._errors import JournalError
 from ._config import PostgresJournal, is_postgres_url, redact
-from ._sqlite import CREATED, JournalJob, _job_from_row
+from ._sqlite import CREATED, JournalJob, job_from_row
 from ._sqlite_store import Row, journal_error
 
 __all__ = ["JournalStatus", "WorkerLease", "read_jobs", "read_status"]
@@ -83,7 +83,7 @@ async def read_jobs(target: str | os.PathLike[str] | PostgresJournal) -> list[Jo
     else:
         rows = await anyio.to_thread.run_sync(_sqlite_rows, Path(target))
     try:
-        return [_job_from_row(row) for row in rows]
+        return [job_from_row(row) for row in rows]
     except (ValueError, KeyError, TypeError) as exc:
         name = _target_name(target)
         raise JournalError(f"journal {name}: unreadable record ({exc!r:.200})") from None

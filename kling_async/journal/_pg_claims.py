@@ -23,8 +23,7 @@ import attrs
 from psycopg import AsyncConnection
 
 from .._errors import ValidationError
-from ._codec import result_from_json, snapshot_from_json
-from ._sqlite import JournalJob, JournalStage
+from ._sqlite import JournalJob, job_from_row, parse_offset
 
 __all__ = [
     "Claimed",
@@ -235,32 +234,9 @@ async def release_claims(conn: Conn, *, worker: str) -> None:
 
 
 def job_from_rows(row: tuple[Any, ...], stages: list[tuple[Any, ...]]) -> JournalJob:
+    """A job as :class:`JournalJob` from its PostgreSQL row (two columns more than SQLite's)."""
     key, request_hash, video_url, _, _, result, final, reported = row
-    job = JournalJob(
-        key=key,
-        request_hash=request_hash,
-        video_url=video_url,
-        result=result_from_json(result) if result else None,
-        final=bool(final),
-        reported=bool(reported),
-    )
-    for _, stage, status, intent_at, task_id, snapshot, external_id, adopted in stages:
-        job.stages[stage] = JournalStage(
-            status=status,
-            intent_at=intent_at,
-            task_id=task_id,
-            snapshot=snapshot_from_json(snapshot) if snapshot else None,
-            external_id=external_id,
-            adopted=bool(adopted),
-        )
-    return job
-
-
-def parse_offset(text: str | None) -> tuple[float, float] | None:
-    if not text:
-        return None
-    lo, _, hi = text.partition(" ")
-    return float(lo), float(hi)
+    return job_from_row(((key, request_hash, video_url, result, final, reported), stages))
 
 
 async def unclaim(conn: Conn, *, key: str, row: tuple[Any, ...]) -> None:

@@ -59,7 +59,16 @@ from ._codec import (
 )
 from ._sqlite_store import Committer, Row, Store, journal_error
 
-__all__ = ["CREATED", "REFUSED", "SUBMITTING", "Journal", "JournalJob", "JournalStage"]
+__all__ = [
+    "CREATED",
+    "REFUSED",
+    "SUBMITTING",
+    "Journal",
+    "JournalJob",
+    "JournalStage",
+    "job_from_row",
+    "parse_offset",
+]
 
 #: A stage's status: its request is about to leave, or left without a clear answer.
 SUBMITTING = "submitting"
@@ -116,10 +125,10 @@ class Journal:
         #: The batch's random id (the stem of its derived external task ids).
         self.batch_id = meta.get("batch_id") or new_batch_id()
         #: The server clock's offset interval ``(lo, hi)`` a run measured, if any.
-        self.clock_offset = _offset(meta.get("clock_offset"))
+        self.clock_offset = parse_offset(meta.get("clock_offset"))
         #: Whether a run saw the server echo an external id (it keeps them).
         self.external_ids_confirmed = meta.get("external_ids") == "confirmed"
-        self._jobs = {job.key: job for job in map(_job_from_row, rows)}
+        self._jobs = {job.key: job for job in map(job_from_row, rows)}
         self._owners = {
             stage.task_id: job.key
             for job in self._jobs.values()
@@ -405,7 +414,8 @@ class Journal:
         await self._committer.wait(self._added)
 
 
-def _job_from_row(row: Row) -> JournalJob:
+def job_from_row(row: Row) -> JournalJob:
+    """A job as :class:`JournalJob` from its row and its stages' rows (both backends)."""
     (key, request_hash, video_url, result, final, reported), stages = row
     job = JournalJob(
         key=key,
@@ -427,7 +437,8 @@ def _job_from_row(row: Row) -> JournalJob:
     return job
 
 
-def _offset(text: str | None) -> tuple[float, float] | None:
+def parse_offset(text: str | None) -> tuple[float, float] | None:
+    """The clock offset interval kept as ``"lo hi"`` in the journal's meta (or None)."""
     if not text:
         return None
     lo, _, hi = text.partition(" ")
