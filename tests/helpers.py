@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import io
+import wave
 from typing import Any
 
 import kling_async as ka
@@ -58,3 +60,14 @@ def apimodels_client(server: FakeKlingServer, **options: Any) -> ka.KlingClient:
 def requests_sent(server: FakeKlingServer) -> int:
     """Requests the server received, over every route (tallies such as "rejected" left out)."""
     return sum(server.requests[route] for route in ROUTES)
+
+
+def wav_bytes(seconds: float, rate: int = 8000) -> bytes:
+    """A silent 16-bit mono WAV file of ``seconds`` (a local audio file for jobs)."""
+    buffer = io.BytesIO()
+    with wave.open(buffer, "wb") as writer:
+        writer.setnchannels(1)
+        writer.setsampwidth(2)
+        writer.setframerate(rate)
+        writer.writeframes(b"\x00\x00" * int(seconds * rate))
+    return buffer.getvalue()

@@ -4,16 +4,22 @@ watermark URL, units) kept on results, in the journal and in the fake server's a
 
 from __future__ import annotations
 
-import io
 import json
 import sys
-import wave
 from typing import Any
 
 import aiohttp
 import anyio
 import pytest
-from helpers import FAST_POLL, FAST_RETRY, WAV, apimodels_client, kling_client, requests_sent
+from helpers import (
+    FAST_POLL,
+    FAST_RETRY,
+    WAV,
+    apimodels_client,
+    kling_client,
+    requests_sent,
+    wav_bytes,
+)
 
 import kling_async as ka
 from kling_async._signature import WebhookSecret
@@ -23,16 +29,6 @@ from kling_async.journal._codec import result_from_json, result_to_json
 from kling_async.testing import FakeKlingServer, FaultPlan
 
 VIDEO = "https://example.com/clip.mp4"
-
-
-def wav_bytes(seconds: float, rate: int = 8000) -> bytes:
-    buffer = io.BytesIO()
-    with wave.open(buffer, "wb") as writer:
-        writer.setnchannels(1)
-        writer.setsampwidth(2)
-        writer.setframerate(rate)
-        writer.writeframes(b"\x00\x00" * int(seconds * rate))
-    return buffer.getvalue()
 
 
 def mp3_bytes(frames: int) -> bytes:

@@ -4,29 +4,17 @@ tasks charge 0.5 unit per started 5 s (final_unit_deduction)."""
 
 from __future__ import annotations
 
-import io
-import wave
 from pathlib import Path
 from typing import Any
 
 import anyio
 import pytest
-from helpers import kling_client
+from helpers import kling_client, wav_bytes
 
 import kling_async as ka
 from kling_async.testing import FakeKlingServer
 
 VIDEO = "https://example.com/clip.mp4"
-
-
-def wav_bytes(seconds: float, rate: int = 8000) -> bytes:
-    buffer = io.BytesIO()
-    with wave.open(buffer, "wb") as writer:
-        writer.setnchannels(1)
-        writer.setsampwidth(2)
-        writer.setframerate(rate)
-        writer.writeframes(b"\x00\x00" * int(seconds * rate))
-    return buffer.getvalue()
 
 
 def job(n: int, **extra: Any) -> ka.LipSyncJob:
