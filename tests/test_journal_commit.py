@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import sqlite3
 from collections.abc import Callable
@@ -58,14 +59,30 @@ async def test_a_writer_returns_once_its_statements_are_on_disk(tmp_path: Path) 
 async def test_a_cancelled_writer_waits_for_its_commit_then_is_cancelled(tmp_path: Path) -> None:
     store = open_store(tmp_path / "j.sqlite")
     committer = Committer(store)
-    try:
-        store.add("INSERT INTO jobs (key, request_hash) VALUES ('a', 'h')", (), durable=True)
+    caught: list[bool] = []
+
+    async def writer() -> None:
         with anyio.CancelScope() as scope:
             scope.cancel()
             await committer.wait(1)
             pytest.fail("the cancellation was swallowed")  # pragma: no cover
-        assert scope.cancelled_caught
+        caught.append(scope.cancelled_caught)
         assert store.committed == 1  # the statement was committed before the writer left
+
+    try:
+        store.add("INSERT INTO jobs (key, request_hash) VALUES ('a', 'h')", (), durable=True)
+        # Hold the commit up, so the cancellation surely arrives while the writer waits for it
+        # (a commit that wins the race leaves nothing to cancel: wait() has returned).
+        store.write_lock.acquire()
+        try:
+            task = asyncio.ensure_future(writer())
+            await anyio.sleep(0.05)
+            assert not task.done()  # cancelled, yet waiting for its statement's commit
+            assert store.committed == 0
+        finally:
+            store.write_lock.release()
+        await task
+        assert caught == [True]
     finally:
         await anyio.to_thread.run_sync(committer.stop)
         store.close()
