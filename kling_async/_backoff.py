@@ -88,31 +88,9 @@ class DurationModel:
 
     def __init__(self, median: float, sigma: float, lag_share: float) -> None:
         self.median = median
-        self.sigma = min(max(sigma, _SIGMA_MIN), _SIGMA_MAX)
-        step = (_Z_HIGH - _Z_LOW) / _Z_STEPS
-        xs: list[float] = []
-        gs: list[float] = []
-        lag_integral = 0.0
-        total = 0.0
-        previous_x = previous_root = previous_lag = 0.0
-        for index in range(_Z_STEPS + 1):
-            z = _Z_LOW + index * step
-            x = math.exp(self.sigma * z)  # duration / median
-            survival = 0.5 * math.erfc(z / math.sqrt(2.0))
-            density = math.exp(-0.5 * z * z) / (math.sqrt(2.0 * math.pi) * self.sigma * x)
-            root = math.sqrt(density / survival)  # sqrt(hazard), time in medians
-            lag = math.sqrt(density * survival)  # density / sqrt(hazard)
-            if index:
-                total += 0.5 * (root + previous_root) * (x - previous_x)
-                lag_integral += 0.5 * (lag + previous_lag) * (x - previous_x)
-            xs.append(x)
-            gs.append(total)
-            previous_x, previous_root, previous_lag = x, root, lag
-        self._x = xs
-        self._g = gs
-        # Polls per median of age = density * sqrt(hazard); the expected lag is then
-        # integral(f / sqrt(h)) / (2 * density) medians: solve for the target.
-        self._density = lag_integral / (2.0 * lag_share)
+        # Rounded, so that refits of a steady batch find their schedule table made already.
+        self.sigma = round(min(max(sigma, _SIGMA_MIN), _SIGMA_MAX), 3)
+        self._x, self._g, self._density = _schedule_table(self.sigma, lag_share)
 
     def __repr__(self) -> str:
         return f"DurationModel(median={self.median:.4g}, sigma={self.sigma:.3g})"
@@ -155,6 +133,50 @@ class DurationModel:
             return xs[0] * self.median
         share = (target - gs[j - 1]) / (gs[j] - gs[j - 1])
         return (xs[j - 1] + share * (xs[j] - xs[j - 1])) * self.median
+
+
+def _schedule_table(sigma: float, lag_share: float) -> tuple[list[float], list[float], float]:
+    """The schedule of a lognormal of spread ``sigma``, in medians (cached: see below).
+
+    A table costs about 150 us to build, and a batch of tasks that end within milliseconds
+    refits many times a second; the table depends on the spread alone (times are in medians),
+    so refits that move the median only reuse it.
+    """
+    key = (sigma, lag_share)
+    table = _TABLES.get(key)
+    if table is not None:
+        return table
+    step = (_Z_HIGH - _Z_LOW) / _Z_STEPS
+    xs: list[float] = []
+    gs: list[float] = []
+    lag_integral = 0.0
+    total = 0.0
+    previous_x = previous_root = previous_lag = 0.0
+    for index in range(_Z_STEPS + 1):
+        z = _Z_LOW + index * step
+        x = math.exp(sigma * z)  # duration / median
+        survival = 0.5 * math.erfc(z / math.sqrt(2.0))
+        density = math.exp(-0.5 * z * z) / (math.sqrt(2.0 * math.pi) * sigma * x)
+        root = math.sqrt(density / survival)  # sqrt(hazard), time in medians
+        lag = math.sqrt(density * survival)  # density / sqrt(hazard)
+        if index:
+            total += 0.5 * (root + previous_root) * (x - previous_x)
+            lag_integral += 0.5 * (lag + previous_lag) * (x - previous_x)
+        xs.append(x)
+        gs.append(total)
+        previous_x, previous_root, previous_lag = x, root, lag
+    # Polls per median of age = density * sqrt(hazard); the expected lag is then
+    # integral(f / sqrt(h)) / (2 * density) medians: solve for the target.
+    table = (xs, gs, lag_integral / (2.0 * lag_share))
+    if len(_TABLES) >= _TABLES_MAX:
+        _TABLES.clear()  # spreads seen long ago are unlikely to come back
+    _TABLES[key] = table
+    return table
+
+
+#: Schedule tables by (spread, lag share); a batch's spreads stay within a few hundred values.
+_TABLES: dict[tuple[float, float], tuple[list[float], list[float], float]] = {}
+_TABLES_MAX = 512
 
 
 def fit_durations(

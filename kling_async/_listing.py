@@ -18,6 +18,7 @@ read), and past ``_MAX_PAGES`` it is queried on its own.
 from __future__ import annotations
 
 import math
+from collections import deque
 from collections.abc import Callable
 from typing import Protocol
 
@@ -96,8 +97,11 @@ class PageHost(Protocol):
 
 #: Deepest list page read; tasks sunk below it are queried one by one.
 _MAX_PAGES = 5
-#: Smallest page read (a page's size grows with the live tasks, never shrinking).
+#: Smallest page read.
 _MIN_PAGE_SIZE = 30
+#: Depths of the last tasks seen ending that size a stage's pages, and how many are needed.
+_DEPTH_SAMPLES = 256
+_DEPTH_MIN_SAMPLES = 32
 
 
 class ListPages:
@@ -110,6 +114,7 @@ class ListPages:
         self._floor = min(poll.list_min_interval, poll.max_interval)
         self._listable: dict[str, bool] = {}
         self._size: dict[str, int] = {}
+        self._finish_depths: dict[str, deque[int]] = {}  # stage -> where tasks were seen ending
         self._read_at: dict[tuple[str, int], float] = {}  # (stage, page) -> last read
         self._due: dict[tuple[str, int], float] = {}  # (stage, page) -> next read by its schedule
         # stage -> (due first-page watches the refresh answers for, pages whose turn it is)
@@ -167,12 +172,7 @@ class ListPages:
         # plan() adds to these in place while a page is being read.
         due, turns = self._pending[stage]
         wanted = tracker.watched(stage)
-        # Pages grow with the tasks to cover and never shrink: depths stay comparable, and the
-        # last long tasks of a batch are still found deep down.
-        size = self._size[stage] = min(
-            self._dialect.list_page_size,
-            max(_MIN_PAGE_SIZE, 4 * len(wanted), self._size.get(stage, 0)),
-        )
+        size = self._size[stage] = self._page_size(stage, len(wanted))
         # task id -> (snapshot, depth, when its page was asked for: see Tracker.apply)
         found: dict[str, tuple[TaskSnapshot, int, float]] = {}
         read: set[int] = set()
@@ -209,9 +209,12 @@ class ListPages:
             tracker.on_event(Polled(stage=stage, tasks=len(found), requests=sent))
         del self._pending[stage]
         now = anyio.current_time()
+        depths = self._finish_depths.setdefault(stage, deque(maxlen=_DEPTH_SAMPLES))
         for task_id, (snapshot, depth, asked) in found.items():
             watch = wanted[task_id]
             watch.depth = depth
+            if snapshot.state.is_terminal:
+                depths.append(depth)
             if watch.result is None:
                 tracker.apply(watch, snapshot, now, asked)
         for watch in wanted.values():
@@ -224,6 +227,33 @@ class ListPages:
             # Joined after their page was read: one more refresh answers for them.
             self.plan(stage, late, set())
         self._replan(stage, now)
+
+    def _page_size(self, stage: str, live: int) -> int:
+        """How many rows a page of ``stage`` should hold, ``live`` tasks being watched.
+
+        A page costs its rows (the server renders them, we decode them): four times the live
+        tasks, the first guess, made page reads of a batch of short tasks four times the work
+        they needed (benchmarks/README.md, round three).  Once enough tasks have been seen
+        ending, the first page reaches where they end (the 99th percentile of their depths,
+        with a quarter more room): about four times the live tasks for minutes-long tasks of
+        typical spread, little more than the live tasks for tasks that end at once.  Tasks
+        beyond it are found on deeper pages, and their depths widen the first page again.
+        A change under a quarter is not made: page boundaries stay put while the estimate
+        wavers.
+        """
+        cap = self._dialect.list_page_size
+        current = self._size.get(stage, 0)
+        depths = self._finish_depths.get(stage)
+        if depths is None or len(depths) < _DEPTH_MIN_SAMPLES:
+            # Nothing learnt yet: grow with the tasks to cover, never shrink (the first long
+            # tasks of a batch are still found where they sank).
+            return min(cap, max(_MIN_PAGE_SIZE, 4 * live, current))
+        ordered = sorted(depths)
+        reach = ordered[(len(ordered) - 1) * 99 // 100] + 1
+        wanted = min(cap, max(_MIN_PAGE_SIZE, live + live // 4, reach + reach // 4))
+        if current and abs(wanted - current) * 4 < current:
+            return current
+        return wanted
 
     def _sink(self, watch: Watch, size: int, now: float) -> None:
         """``watch`` was not on its page: newer tasks pushed it to the next one."""

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 import random
 
 import pytest
 
-from kling_async._watch import Learner, Watch
+import kling_async as ka
+from kling_async._backoff import DurationModel
+from kling_async._results import TaskSnapshot, TaskState
+from kling_async._watch import _REFIT_GAP, Learner, Watch
 
 
 def steady_flow(live: int, seconds: float, seed: int = 1) -> tuple[Learner, float]:
@@ -47,3 +51,32 @@ def test_a_large_account_learns_the_true_durations(live: int) -> None:
     assert model is not None
     assert model.median == pytest.approx(180, rel=0.12)
     assert model.sigma == pytest.approx(0.5, abs=0.12)
+
+
+def test_refits_come_at_most_every_refit_gap_once_a_model_exists() -> None:
+    """Tasks that end within milliseconds would refit hundreds of times a second."""
+    poll = ka.PollPolicy()
+    learner = Learner()
+    fits: list[float] = []
+    for n in range(400):
+        now = n * 0.001  # a finish every millisecond
+        watch = Watch(f"t{n}", "s", now - 0.01, lambda _: None)
+        learner.add(watch, 50)
+        before, modelled = learner.fitted_at, learner.model is not None
+        ended = TaskSnapshot(task_id=f"t{n}", state=TaskState.SUCCEEDED)
+        learner.finished(watch, ended, now, now, poll)
+        if modelled and learner.fitted_at != before:
+            fits.append(now)
+    assert learner.model is not None
+    assert learner.model.median == pytest.approx(0.01, rel=0.05)
+    gaps = [b - a for a, b in itertools.pairwise(fits)]
+    assert gaps and min(gaps) >= _REFIT_GAP - 1e-9, fits
+    assert len(fits) <= 0.4 / _REFIT_GAP + 1  # every 8 finishes would be 49
+
+
+def test_models_of_one_spread_share_their_schedule() -> None:
+    first = DurationModel(10.0, 0.5002, 0.05)
+    second = DurationModel(30.0, 0.4999, 0.05)
+    assert first.sigma == second.sigma == 0.5
+    # Times are in medians: the same schedule, scaled.
+    assert second.next_poll(30.0) == pytest.approx(3 * first.next_poll(10.0))  # type: ignore[operator]

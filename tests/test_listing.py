@@ -1,7 +1,8 @@
 """List queries at depth: tasks that sink below the first page, against the fake server.
 
-The tracker's pages are at least 30 tasks long (4 per live task), so a long task overtaken by a
-few dozen short ones sinks to page 2, then deeper, and below page 5 out of the pages read.
+The tracker's pages are at least 30 tasks long (4 per live task until tasks have been seen
+ending, then about as deep as they end), so a long task overtaken by a few dozen short ones sinks
+to page 2, then deeper, and below page 5 out of the pages read.
 """
 
 from __future__ import annotations
@@ -75,3 +76,21 @@ async def test_failed_deep_reads_are_retried_and_fail_no_task() -> None:
         results = await run(server, jobs)
     assert all(r.ok for r in results.values()), [str(r.error) for r in results.values()]
     assert server.requests["faulted"] + server.requests["rejected"] >= 40
+
+
+async def test_pages_hold_about_as_many_tasks_as_end_on_them() -> None:
+    """Tasks that end at once are found near the top: pages shrink from four per live task."""
+    live = 20
+    poll = ka.PollPolicy(first_delay=0.002, max_interval=0.05, list_min_interval=0.002)
+    jobs = [text_job(n, key=f"k{n}") for n in range(300)]
+    async with FakeKlingServer(task_duration=0.002) as server:
+        async with kling_client(server, max_in_flight=live, poll=poll) as client:
+            with anyio.fail_after(30):
+                results = [r async for r in client.run_batch(jobs)]
+    assert len(results) == 300 and all(r.ok for r in results)
+    sizes = server.list_page_sizes
+    assert max(sizes) == 4 * live  # the first guess, before anything was seen ending
+    # Then the depth tasks end at (about the live tasks, a quarter more room): most reads ask
+    # for far fewer rows than four per live task.
+    smaller = sum(n for size, n in sizes.items() if size <= 2 * live)
+    assert smaller >= 0.75 * sum(sizes.values()), sizes

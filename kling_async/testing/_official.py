@@ -241,6 +241,7 @@ class OfficialRoutes:
         async def list_tasks(request: web.Request, request_id: str) -> web.Response:
             number, size = _page(request)
             self._account.list_pages[number] += 1
+            self._account.list_page_sizes[size] += 1
             tasks = self._account.newest_first("kling", stage, (number - 1) * size, size)
             return official_ok([render_task(task, self._account) for task in tasks], request_id)
 

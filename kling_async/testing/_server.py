@@ -155,6 +155,11 @@ class FakeKlingServer:
         return self._account.list_pages
 
     @property
+    def list_page_sizes(self) -> collections.Counter[int]:
+        """List-query pages read, by the page size asked for (``pageSize``)."""
+        return self._account.list_page_sizes
+
+    @property
     def tasks(self) -> dict[str, FakeTask]:
         """Every task created, by task id."""
         return self._account.tasks

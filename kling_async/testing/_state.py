@@ -260,6 +260,8 @@ class Account:
         self.max_running_seen = 0
         #: List pages read, by page number (benchmarks and tests look at deep reads).
         self.list_pages: collections.Counter[int] = collections.Counter()
+        #: List pages read, by the page size asked for.
+        self.list_page_sizes: collections.Counter[int] = collections.Counter()
         self._running: set[str] = set()
         self._ends: list[tuple[float, str]] = []
         self._order: dict[tuple[Dialect, Stage], list[str]] = {}
