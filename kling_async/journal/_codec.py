@@ -45,8 +45,12 @@ _ADDED_AFTER_V1 = ("audio_id", "watermark", "external_task_id")
 _PLAIN = (str, int, float, bool, type(None))
 
 
+#: One encoder for every write: json.dumps with options builds a new one each call.
+_ENCODER = json.JSONEncoder(sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+
+
 def _dumps(value: object) -> str:
-    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    return _ENCODER.encode(value)
 
 
 def request_hash(job: LipSyncJob) -> str:
