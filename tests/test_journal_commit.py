@@ -1,4 +1,4 @@
-"""The journal's committer: group commits on the loop, and an fsync thread for durable writes."""
+"""The journal's committer: one thread of its own commits what writers queue (group commit)."""
 
 from __future__ import annotations
 
@@ -40,17 +40,16 @@ async def test_a_writer_returns_once_its_statements_are_on_disk(tmp_path: Path) 
     committer = Committer(store)
     try:
         for n in range(3):
-            store.add("INSERT INTO jobs (key, request_hash) VALUES (?, 'h')", (f"k{n}",))
+            store.add(
+                "INSERT INTO jobs (key, request_hash) VALUES (?, 'h')", (f"k{n}",), durable=True
+            )
         await committer.wait(3)
         assert store.committed == 3
-        assert committer.syncs == 0  # written (the WAL survives the process), not synced
         # Locked to this connection (EXCLUSIVE): read through it, on the loop's thread now idle.
         rows = store._conn.execute("SELECT key FROM jobs ORDER BY key").fetchall()
         assert rows == [("k0",), ("k1",), ("k2",)]
         await committer.wait(2)  # committed already: no wait, no transaction
         assert store.transactions == 1
-        await committer.wait(3, durable=True)  # on the disk: one fsync, no transaction more
-        assert (committer.syncs, committer.synced, store.transactions) == (1, 3, 1)
     finally:
         await anyio.to_thread.run_sync(committer.stop)
         store.close()
@@ -65,13 +64,13 @@ async def test_a_cancelled_writer_waits_for_its_commit_then_is_cancelled(tmp_pat
     async def writer() -> None:
         with anyio.CancelScope() as scope:
             scope.cancel()
-            await committer.wait(1, durable=True)
+            await committer.wait(1)
             pytest.fail("the cancellation was swallowed")  # pragma: no cover
         caught.append(scope.cancelled_caught)
         assert store.committed == 1  # the statement was committed before the writer left
 
     try:
-        store.add("INSERT INTO jobs (key, request_hash) VALUES ('a', 'h')", ())
+        store.add("INSERT INTO jobs (key, request_hash) VALUES ('a', 'h')", (), durable=True)
         # Hold the commit up, so the cancellation surely arrives while the writer waits for it
         # (a commit that wins the race leaves nothing to cancel: wait() has returned).
         store.write_lock.acquire()
@@ -93,10 +92,10 @@ async def test_a_failed_transaction_fails_every_writer_after_it(tmp_path: Path) 
     store = open_store(tmp_path / "j.sqlite")
     committer = Committer(store)
     try:
-        store.add("INSERT INTO no_such_table VALUES (1)", ())
+        store.add("INSERT INTO no_such_table VALUES (1)", (), durable=False)
         with pytest.raises(ka.JournalError, match="no_such_table"):
             await committer.wait(1)
-        store.add("INSERT INTO jobs (key, request_hash) VALUES ('b', 'h')", ())
+        store.add("INSERT INTO jobs (key, request_hash) VALUES ('b', 'h')", (), durable=False)
         with pytest.raises(ka.JournalError, match="no_such_table"):
             await committer.wait(2)  # the journal can no longer vouch for anything
     finally:
@@ -179,25 +178,3 @@ async def test_a_crash_before_an_answered_task_id_is_on_disk_creates_no_second_t
     else:  # a crash proves nothing: named, never guessed, never sent again
         assert isinstance(again.error, ka.SubmitOutcomeUnknownError)
         assert list(again.error.candidates) == [first.task_id]
-
-
-async def test_a_submit_intent_is_on_the_disk_when_submitting_returns(tmp_path: Path) -> None:
-    """Only the intent waits for an fsync; the other writes are committed to the WAL alone."""
-    from kling_async.journal import Journal
-
-    journal = await Journal.open(
-        tmp_path / "j.sqlite", dialect="kling", stage="lip-sync", base_url="http://127.0.0.1:9"
-    )
-    committer = journal._committer
-    try:
-        journal.begin("k0", "hash", "https://e.com/v.mp4")
-        await journal.submitting("k0", "lip-sync", 1.0)
-        # Every statement so far (the job row and its intent) was synced before it returned.
-        assert committer.synced == journal._added == journal._store.committed
-        syncs = committer.syncs
-        await journal.created("k0", "lip-sync", "task-0")
-        await journal._commit()
-        assert committer.syncs == syncs  # no fsync for writes that only need the WAL
-        assert journal._store.committed == journal._added
-    finally:
-        await journal.close()

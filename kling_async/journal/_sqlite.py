@@ -243,8 +243,9 @@ class Journal:
             "INSERT OR REPLACE INTO stages (key, stage, status, intent_at, external_id)"
             " VALUES (?, ?, ?, ?, ?)",
             (key, stage, SUBMITTING, at, external_id),
+            durable=True,
         )
-        await self._commit(durable=True)
+        await self._commit()
 
     async def created(
         self,
@@ -282,7 +283,7 @@ class Journal:
         if adopted:
             # The proof behind an adoption (an answer that showed a task was made) is in no
             # record: a rerun that found only the intent might not adopt again.  Rare: wait.
-            await self._commit(durable=True)
+            await self._commit()
             return
         # A submit's own answer: the commit starts now, but the job does not wait for it.
         # Why no guarantee weakens, crash point by crash point:
@@ -397,22 +398,20 @@ class Journal:
             )
         return job
 
-    def _add(self, sql: str, params: Sequence[Any]) -> None:
+    def _add(self, sql: str, params: Sequence[Any], *, durable: bool = False) -> None:
         if self._closed:
             raise JournalError(f"journal {self.path} is closed")
-        self._store.add(sql, params)
+        self._store.add(sql, params, durable=durable)
         self._added += 1
 
-    async def _commit(self, *, durable: bool = False) -> None:
+    async def _commit(self) -> None:
         """Return once every statement added so far is committed (:mod:`._sqlite_store`).
-
-        ``durable``: and on the disk itself, not only written (a submit's intent).
 
         Concurrent writers share transactions (group commit); waiting is shielded, so that a
         statement once added is written even if its writer is cancelled, and memory and file
         agree about every submit.
         """
-        await self._committer.wait(self._added, durable=durable)
+        await self._committer.wait(self._added)
 
 
 def job_from_row(row: Row) -> JournalJob:

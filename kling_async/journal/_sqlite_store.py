@@ -1,12 +1,17 @@
 """The SQLite side of the batch journal: the file's layout, reading it, and group commit.
 
-Opening, reading and closing a journal run in worker threads (``anyio.to_thread``).  Writes are
-group commits on the event loop's thread: writers append statements to :class:`Store` 's
-pending list, and the :class:`Committer` commits everything pending in one transaction at the
-end of the loop's round (``synchronous=NORMAL``: written to the WAL); a thread of its own
-fsyncs the WAL for the writers that need their statements on the disk (a submit's intent).
-One connection per journal serves them all, one transaction at a time under
-:attr:`Store.write_lock`.  Why on the loop: benchmarks/README.md, "Journal" and round three.
+Everything here runs in worker threads (``anyio.to_thread``), never on the event loop: a
+``synchronous=FULL`` commit waits for the disk.  One connection per journal serves them all,
+one transaction at a time under :attr:`Store.write_lock`.
+
+Group commit: writers append statements to :attr:`Store` 's pending list (a short critical
+section on the event loop's thread) and then wait on the store's :class:`Committer`, a thread of
+its own that runs :meth:`Store.flush` whenever a writer waits.  A flush commits *everything*
+pending at that moment in one transaction, so writers that come while one runs share the next;
+the committer wakes the loop once per transaction, and a writer whose statements are committed
+already does not wait at all.  (Before, each commit was a trip through anyio's worker threads:
+a capacity limiter, a future and a cancel scope per writer, and two flushes racing for the
+lock; benchmarks/README.md, "Journal".)
 """
 
 from __future__ import annotations
@@ -146,7 +151,8 @@ class Store:
             raise
         self.write_lock = threading.Lock()
         self._pending_lock = threading.Lock()
-        self._pending: list[tuple[str, Sequence[Any]]] = []
+        self._pending: list[tuple[str, Sequence[Any], bool]] = []
+        self._synchronous = ""
         self._broken: JournalError | None = None
         #: Transactions committed by :meth:`flush`, and the statements they held.
         self.transactions = 0
@@ -165,9 +171,6 @@ class Store:
         # EXCLUSIVE: the lock the first write takes is held until close, so a second process
         # (or batch) cannot run the same journal and submit the same jobs again.
         conn.execute("PRAGMA locking_mode=EXCLUSIVE")
-        # Commits reach the WAL, which survives the process dying; the Committer fsyncs the
-        # WAL for writers that need their statements on the disk itself (FULL's one addition).
-        conn.execute("PRAGMA synchronous=NORMAL")
         mode = conn.execute("PRAGMA journal_mode=WAL").fetchone()[0]
         if str(mode).lower() != "wal":
             raise JournalError(f"journal {self.path}: cannot use WAL mode (got {mode})")
@@ -223,60 +226,49 @@ class Store:
             jobs[row[0]][1].append(row)
         return list(jobs.values())
 
-    def add(self, sql: str, params: Sequence[Any]) -> None:
-        """Queue one statement for the next transaction."""
+    def add(self, sql: str, params: Sequence[Any], *, durable: bool) -> None:
+        """Queue one statement for the next transaction (``durable``: fsync that one)."""
         with self._pending_lock:
-            self._pending.append((sql, params))
+            self._pending.append((sql, params, durable))
 
     def flush(self) -> None:
-        """Commit every statement queued so far (blocking; takes :attr:`write_lock`).
+        """Commit every statement queued so far (blocking; run it in a worker thread).
 
         Raises :class:`JournalError` once a transaction has failed: what it held is lost, so
         the journal can no longer vouch for anything.
         """
         with self.write_lock:
-            self.flush_locked()
+            if self._broken is not None:
+                raise self._broken
+            with self._pending_lock:
+                statements, self._pending = self._pending, []
+            if not statements:
+                return  # an earlier flush took them
+            try:
+                self._apply(statements)
+            except sqlite3.Error as exc:
+                self._broken = journal_error(self.path, exc)
+                raise self._broken from None
+            self.transactions += 1
+            self.committed += len(statements)
 
-    def flush_locked(self) -> None:
-        """:meth:`flush`, :attr:`write_lock` being held by the caller."""
-        if self._broken is not None:
-            raise self._broken
-        with self._pending_lock:
-            statements, self._pending = self._pending, []
-        if not statements:
-            return  # an earlier flush took them
-        try:
-            self._apply(statements)
-        except sqlite3.Error as exc:
-            self._broken = journal_error(self.path, exc)
-            raise self._broken from None
-        self.transactions += 1
-        self.committed += len(statements)
-
-    def _apply(self, statements: list[tuple[str, Sequence[Any]]]) -> None:
+    def _apply(self, statements: list[tuple[str, Sequence[Any], bool]]) -> None:
         conn = self._conn
+        # FULL reaches the disk before COMMIT returns; NORMAL survives the process dying but
+        # not a power cut.  A FULL commit also makes every NORMAL one before it durable.
+        synchronous = "FULL" if any(durable for _, _, durable in statements) else "NORMAL"
+        if synchronous != self._synchronous:
+            conn.execute(f"PRAGMA synchronous={synchronous}")
+            self._synchronous = synchronous
         conn.execute("BEGIN IMMEDIATE")
         try:
-            for sql, params in statements:
+            for sql, params, _ in statements:
                 conn.execute(sql, params)
             conn.execute("COMMIT")
         except BaseException:
             if conn.in_transaction:
                 conn.execute("ROLLBACK")
             raise
-
-    def open_wal(self) -> int:
-        """A descriptor of the journal's WAL file, to fsync it (see :class:`Committer`).
-
-        ``synchronous=NORMAL`` writes each commit to the WAL without syncing it; syncing the
-        WAL after a commit is exactly what ``FULL`` adds in WAL mode (sqlite.org/pragma.html
-        #pragma_synchronous).  Before the first write the WAL may not exist: the database
-        file then holds everything, and is synced instead.
-        """
-        try:
-            return os.open(self.path + "-wal", os.O_RDONLY)
-        except FileNotFoundError:
-            return os.open(self.path, os.O_RDONLY)
 
     def close(self) -> None:
         """Commit what is pending and close the connection (which releases the lock)."""
@@ -289,62 +281,31 @@ class Store:
 
 
 class Committer:
-    """Commits a :class:`Store`'s queued statements on the event loop's thread, in groups.
+    """Commits a :class:`Store`'s queued statements from one thread of its own, on request.
 
-    Everything queued while the loop runs one round of callbacks goes into one transaction, at
-    the end of that round (``synchronous=NORMAL``: written to the WAL, which survives the
-    process dying).  A writer that needs its statement on the disk itself (a submit's intent:
-    ``durable``) also waits for an ``fsync`` of the WAL, which a thread of the committer's own
-    makes: one fsync covers every transaction committed before it started, and while one runs,
-    the next collects the writers that come meanwhile (group commit).
-
-    Why not commit from that thread too, as before: each statement released and took back the
-    GIL, and the loop and the thread took turns at it; a journaled batch of short tasks spent
-    twice the CPU of an unjournaled one (benchmarks/README.md, round three).  The loop pays a
-    transaction's statements itself now (tens of microseconds a job) and no thread switch but
-    one per fsync.
-
-    :meth:`wait` returns once the first ``wanted`` statements queued are committed (and, with
-    ``durable``, on the disk).  Waiting is shielded: a statement once queued is written even if
-    its writer is cancelled, and the writer learns it was (memory and file agree about every
-    submit).
+    :meth:`wait` returns once the first ``wanted`` statements queued are committed.  Waiting is
+    shielded: a statement once queued is written even if its writer is cancelled, and the
+    writer learns it was (memory and file agree about every submit).
     """
 
     def __init__(self, store: Store) -> None:
         self._store = store
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._planned = False  # a commit is planned at the end of this round of the loop
-        self._stopped = False
-        # statements committed -> writers waiting for them: (wanted, durable, their future)
-        self._waiters: deque[tuple[int, bool, asyncio.Future[None]]] = deque()
-        self._error: BaseException | None = None
-        #: Statements known to be on the disk (an fsync of the WAL ended after their commit).
-        self.synced = 0
-        self.syncs = 0
-        self._sync_asked = 0  # the statements the fsync in flight (or asked for) covers
-        self._sync_busy = False
         self._wake = threading.Condition()
+        self._asked = False  # a writer waits: flush (written under _wake)
+        self._stopping = False
         self._thread: threading.Thread | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._waiters: deque[tuple[int, asyncio.Future[None]]] = deque()
+        self._error: BaseException | None = None
 
-    def stop(self) -> None:
-        """End the fsync thread once its fsync is made (blocking: run it in a worker thread)."""
-        with self._wake:
-            self._stopped = True
-            self._wake.notify()
-        if self._thread is not None:
-            self._thread.join()
-
-    async def wait(self, wanted: int, *, durable: bool = False) -> None:
-        """Return once ``wanted`` statements are committed (``durable``: and on the disk).
-
-        Raises :class:`JournalError` when they never will be (a transaction failed).
-        """
-        if self._store.committed >= wanted and (not durable or self.synced >= wanted):
+    async def wait(self, wanted: int) -> None:
+        """Return once ``wanted`` statements are committed (JournalError: they never will be)."""
+        if self._store.committed >= wanted:
             return
         if self._error is not None:
             raise self._error
         done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._waiters.append((wanted, durable, done))
+        self._waiters.append((wanted, done))
         self.request()
         # Shielded by hand (a journal only runs on asyncio, as its batch does): anyio's
         # CancelScope(shield=True) looks the backend up each time it is made, a fifth of a
@@ -363,58 +324,13 @@ class Committer:
             raise cancelled
 
     def request(self) -> None:
-        """Have what is queued committed at the end of this round of the loop, unwaited for.
+        """Have what is queued committed soon, without waiting for it (on the loop's thread).
 
         A failure reaches the next :meth:`wait` (the store stays broken).
         """
-        if not self._planned:
-            self._planned = True
-            self._loop = loop = asyncio.get_running_loop()
-            loop.call_soon(self._commit)
-
-    def _commit(self) -> None:
-        """On the loop: commit what is queued, wake whom that serves, start an fsync if asked."""
-        self._planned = False
-        if self._stopped or self._error is not None:
-            return
-        store = self._store
-        if not store.write_lock.acquire(blocking=False):
-            # Someone else holds the connection (closing it, say): try again in a moment.
-            self._planned = True
-            assert self._loop is not None
-            self._loop.call_later(0.001, self._commit)
-            return
-        try:
-            store.flush_locked()
-        except BaseException as exc:  # (JournalError) handed to every waiter
-            self._fail(exc)
-            return
-        finally:
-            store.write_lock.release()
-        self._settle()
-
-    def _settle(self) -> None:
-        """Wake the writers whose statements are committed (and synced where they need it)."""
-        committed, synced = self._store.committed, self.synced
-        unsynced = 0
-        kept: deque[tuple[int, bool, asyncio.Future[None]]] = deque()
-        for wanted, durable, done in self._waiters:
-            if done.done():
-                continue
-            if wanted <= committed and (not durable or wanted <= synced):
-                done.set_result(None)
-                continue
-            if durable and wanted <= committed:
-                unsynced = max(unsynced, wanted)
-            kept.append((wanted, durable, done))
-        self._waiters = kept
-        if unsynced and not self._sync_busy:
-            self._start_sync(committed)
-
-    def _start_sync(self, upto: int) -> None:
-        self._sync_busy = True
+        self._loop = asyncio.get_running_loop()
         with self._wake:
-            self._sync_asked = upto
+            self._asked = True
             self._wake.notify()
         if self._thread is None:
             self._thread = threading.Thread(
@@ -422,51 +338,49 @@ class Committer:
             )
             self._thread.start()
 
+    def stop(self) -> None:
+        """End the thread once it has committed what it was asked to (blocking)."""
+        with self._wake:
+            self._stopping = True
+            self._wake.notify()
+        if self._thread is not None:
+            self._thread.join()
+
     def _run(self) -> None:
-        """The fsync thread: make the WAL (with every transaction asked for) reach the disk."""
-        fd: int | None = None
-        done = 0
-        try:
-            while True:
-                with self._wake:
-                    while self._sync_asked <= done and not self._stopped:
-                        self._wake.wait()
-                    if self._sync_asked <= done:
-                        return
-                    upto = self._sync_asked
-                error: BaseException | None = None
-                try:
-                    if fd is None:
-                        fd = self._store.open_wal()
-                    os.fsync(fd)
-                except OSError as exc:
-                    error = journal_error(self._store.path, sqlite3.OperationalError(str(exc)))
-                done = upto
-                loop = self._loop
-                if loop is not None:
-                    with contextlib.suppress(RuntimeError):  # the loop has closed: nobody waits
-                        loop.call_soon_threadsafe(self._synced, upto, error)
-                if error is not None:
+        while True:
+            with self._wake:
+                while not self._asked and not self._stopping:
+                    self._wake.wait()
+                if not self._asked:
                     return
-        finally:
-            if fd is not None:
-                os.close(fd)
+                self._asked = False
+            error: BaseException | None = None
+            try:
+                self._store.flush()
+            except BaseException as exc:  # handed to the waiters, on the loop's thread
+                error = exc
+            loop = self._loop
+            # Nobody waits (a task id's commit is not waited for): no need to wake the loop.
+            # A writer that starts waiting meanwhile set _asked first, so this loop flushes
+            # once more and settles it then.
+            if loop is not None and (self._waiters or error is not None):
+                with contextlib.suppress(RuntimeError):  # the loop has closed: nobody waits
+                    loop.call_soon_threadsafe(self._settle, error)
 
-    def _synced(self, upto: int, error: BaseException | None) -> None:
-        """On the loop: an fsync ended; it covered the first ``upto`` statements."""
-        self._sync_busy = False
+    def _settle(self, error: BaseException | None) -> None:
+        """On the loop: wake the writers whose statements are committed (or failed)."""
+        committed = self._store.committed
         if error is not None:
-            self._fail(error)
-            return
-        self.syncs += 1
-        self.synced = max(self.synced, upto)
-        self._settle()
-
-    def _fail(self, error: BaseException) -> None:
-        self._error = error
-        waiters, self._waiters = self._waiters, deque()
-        for _, _, done in waiters:
-            if not done.done():
+            self._error = error
+        waiters = self._waiters
+        while waiters and (waiters[0][0] <= committed or error is not None):
+            wanted, done = waiters.popleft()
+            if done.done():
+                continue
+            if wanted <= committed:
+                done.set_result(None)
+            else:
+                assert error is not None
                 done.set_exception(error)
 
 
