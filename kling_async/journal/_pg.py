@@ -33,6 +33,7 @@ from . import _pg_sql as sql
 from ._codec import result_to_json, snapshot_to_json
 from ._config import PostgresJournal, redact
 from ._contract import Claim
+from ._facts import ServerFacts
 from ._pg_claims import (
     Claimed,
     Conn,
@@ -57,7 +58,7 @@ __all__ = ["PgJournal"]
 T = TypeVar("T")
 
 
-class PgJournal:
+class PgJournal(ServerFacts):
     """A worker's view of a shared PostgreSQL journal; build it with :meth:`open`.
 
     Keeps :class:`~kling_async.journal.JournalBackend` (reads answer from the jobs this worker
@@ -283,16 +284,6 @@ class PgJournal:
             self._kept.discard(key)
             self._ended.append(key)
             self._marked.set()
-
-    def set_clock_offset(self, lo: float, hi: float) -> None:
-        """Keep the server clock's offset interval (written with the next marks)."""
-        self.clock_offset = (lo, hi)
-        self._set_meta("clock_offset", f"{lo!r} {hi!r}")
-
-    def confirm_external_ids(self) -> None:
-        """Keep that the server echoes external ids (written with the next marks)."""
-        self.external_ids_confirmed = True
-        self._set_meta("external_ids", "confirmed")
 
     def _set_meta(self, name: str, value: str) -> None:
         if not self._closed:

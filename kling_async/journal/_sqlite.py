@@ -57,6 +57,7 @@ from ._codec import (
     snapshot_from_json,
     snapshot_to_json,
 )
+from ._facts import ServerFacts
 from ._sqlite_store import Committer, Row, Store, journal_error
 
 __all__ = [
@@ -110,7 +111,7 @@ class JournalJob:
         return any(stage.status != REFUSED for stage in self.stages.values())
 
 
-class Journal:
+class Journal(ServerFacts):
     """An open journal; see the module docstring.
 
     Build it with :meth:`open`.  :meth:`job`, :meth:`owner` and :meth:`unresolved` answer from
@@ -301,16 +302,6 @@ class Journal:
         # - A failed commit breaks the store: the next write anyone waits for raises the
         #   JournalError, which stops the batch, as this one's would have.
         self._committer.request()
-
-    def set_clock_offset(self, lo: float, hi: float) -> None:
-        """Keep the server clock's offset interval; committed with the next write."""
-        self.clock_offset = (lo, hi)
-        self._set_meta("clock_offset", f"{lo!r} {hi!r}")
-
-    def confirm_external_ids(self) -> None:
-        """Keep that the server echoes external ids; committed with the next write."""
-        self.external_ids_confirmed = True
-        self._set_meta("external_ids", "confirmed")
 
     def _set_meta(self, name: str, value: str) -> None:
         if not self._closed:
