@@ -11,6 +11,10 @@ runs the same jobs with ``max_in_flight = concurrency`` on the *same* aiohttp se
   (``first_delay=0.001, max_interval=0.05``): what a user gets, one list page refreshing many
   tasks.
 
+``--clients journal`` and ``list-journal`` run the per-task and the list batch with a SQLite
+journal (a new file each round); their throughput is also reported against the same batch
+without one, round by round.
+
 Rounds alternate (bare, transport, per task, list, bare, ...).  Two ratios are reported: best
 round against best round, and the median over rounds of each round's ratio with its range (this
 machine switches between speed states; neighbouring runs mostly share one, so the median of
@@ -122,6 +126,15 @@ async def kling_async_journaled(
         return await kling_async_batch(session, url, jobs, workers, journal=path)
 
 
+async def kling_async_listed_journaled(
+    session: aiohttp.ClientSession, url: str, jobs: int, workers: int
+) -> int:
+    """The default (list-query) run_batch with a SQLite journal (a new file each run)."""
+    with tempfile.TemporaryDirectory() as directory:
+        path = os.path.join(directory, "journal.sqlite")
+        return await kling_async_batch(session, url, jobs, workers, listed=True, journal=path)
+
+
 async def kling_async_listed(
     session: aiohttp.ClientSession, url: str, jobs: int, workers: int
 ) -> int:
@@ -153,12 +166,14 @@ BARE = "bare aiohttp loop"
 PER_TASK = "kling_async run_batch, per-task queries"
 LISTED = "kling_async run_batch, list queries (defaults)"
 JOURNALED = "kling_async run_batch, per-task queries, SQLite journal"
+LISTED_JOURNALED = "kling_async run_batch, list queries (defaults), SQLite journal"
 RUNS = {
     BARE: bare_loop,
     "same loop over kling_async's Transport + dialect": transport_loop,
     PER_TASK: kling_async_batch,
     LISTED: kling_async_listed,
     JOURNALED: kling_async_journaled,
+    LISTED_JOURNALED: kling_async_listed_journaled,
 }
 #: --clients names
 SHORT = {
@@ -166,6 +181,7 @@ SHORT = {
     "per-task": PER_TASK,
     "list": LISTED,
     "journal": JOURNALED,
+    "list-journal": LISTED_JOURNALED,
 }
 
 
@@ -213,13 +229,19 @@ async def measure_at(
             "paired_max": max(ratios),
             "cpu_ratio": cpu / base_cpu,
         }
-    if PER_TASK in times and JOURNALED in times:
-        journal_ratios = [
-            plain / journaled
-            for (plain, _), (journaled, _) in zip(times[PER_TASK], times[JOURNALED], strict=True)
-        ]
-        rows[JOURNALED]["vs_unjournaled"] = statistics.median(journal_ratios)
-        rows[JOURNALED]["vs_unjournaled_range"] = (min(journal_ratios), max(journal_ratios))
+    for plain_name, journaled_name in ((PER_TASK, JOURNALED), (LISTED, LISTED_JOURNALED)):
+        if plain_name in times and journaled_name in times:
+            journal_ratios = [
+                plain / journaled
+                for (plain, _), (journaled, _) in zip(
+                    times[plain_name], times[journaled_name], strict=True
+                )
+            ]
+            rows[journaled_name]["vs_unjournaled"] = statistics.median(journal_ratios)
+            rows[journaled_name]["vs_unjournaled_range"] = (
+                min(journal_ratios),
+                max(journal_ratios),
+            )
     return {"concurrency": concurrency, "rows": rows}
 
 
@@ -251,13 +273,15 @@ def report(figures: dict[str, Any]) -> str:
             f"{figures['jobs']} jobs, concurrency {concurrency}, fake server in another process; "
             "jobs/s and CPU: best round\n" + table(rows, header)
         )
-        journaled = at["rows"].get(JOURNALED, {})
-        if "vs_unjournaled" in journaled:
-            low, high = journaled["vs_unjournaled_range"]
-            out.append(
-                f"journal: throughput with a SQLite journal / without (per-task run_batch), "
-                f"median of round ratios {journaled['vs_unjournaled']:.3f} ({low:.2f}-{high:.2f})"
-            )
+        for name, kind in ((JOURNALED, "per-task"), (LISTED_JOURNALED, "list-query")):
+            journaled = at["rows"].get(name, {})
+            if "vs_unjournaled" in journaled:
+                low, high = journaled["vs_unjournaled_range"]
+                out.append(
+                    f"journal: throughput with a SQLite journal / without ({kind} run_batch), "
+                    f"median of round ratios {journaled['vs_unjournaled']:.3f} "
+                    f"({low:.2f}-{high:.2f})"
+                )
     return "\n\n".join(out)
 
 
