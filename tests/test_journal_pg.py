@@ -345,7 +345,14 @@ async def test_1303_in_a_batch_lowers_the_shared_limit_and_every_job_still_runs(
     jobs = [text_job(n, key=f"k{n}") for n in range(40)]
     journal = PostgresJournal(url=pg_url, lease=5.0, renew=1.0, claim_poll=0.02)
     limits: list[int] = []
-    async with FakeKlingServer(task_duration=0.05, task_limit=3) as server:
+
+    def duration(_: object) -> float:
+        # Until the server has refused a submit, its tasks outlast the workers' next submits,
+        # so the refusal this test is about surely comes: with 50 ms tasks throughout, a
+        # loaded machine submitted so slowly that the 3 tasks never overlapped a fourth.
+        return 0.05 if server.requests["limited"] else 1.0
+
+    async with FakeKlingServer(task_duration=duration, task_limit=3) as server:
         results: list[ka.JobResult] = []
 
         async def run() -> None:

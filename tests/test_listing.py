@@ -89,7 +89,11 @@ async def test_pages_hold_about_as_many_tasks_as_end_on_them() -> None:
                 results = [r async for r in client.run_batch(jobs)]
     assert len(results) == 300 and all(r.ok for r in results)
     sizes = server.list_page_sizes
-    assert max(sizes) == 4 * live  # the first guess, before anything was seen ending
+    # The first guess, before enough tasks were seen ending: four per task watched, growing
+    # with them (30 rows at least).  How many of the `live` slots were filled by then depends
+    # on how fast the submits went: 72 = 4 x 18 was seen on a loaded machine, 80 unloaded.
+    largest = max(sizes)
+    assert largest % 4 == 0 and 30 < largest <= 4 * live, sizes
     # Then the depth tasks end at (about the live tasks, a quarter more room): most reads ask
     # for far fewer rows than four per live task.
     smaller = sum(n for size, n in sizes.items() if size <= 2 * live)
