@@ -163,7 +163,13 @@ class Submitter:
             except ConcurrencyLimitError:
                 refusals += 1
                 delay = await self._refused(step, refusals, owner, resume)
-                self._slots.shrink()
+                if resume is None or resume.shared is None:
+                    self._slots.shrink()
+                # else the account's shared limit drops (concurrency_refused, below), and this
+                # worker's own limit stays one slot per runner: runners wait for claims holding
+                # a slot each, and a lowered local limit left a refused job no slot to submit
+                # again with while another worker's job kept them all waiting (a deadlock of
+                # two workers that a 1303 test hit once in twenty loaded runs).
                 slot.release()
                 self._report_refusal(1303, step, key, delay)
                 if resume is not None and key is not None:
