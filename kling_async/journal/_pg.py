@@ -51,7 +51,7 @@ from ._pg_claims import (
 from ._pg_conn import Db
 from ._pg_poll import PgPollSeat
 from ._pg_schema import prepare
-from ._sqlite import CREATED, REFUSED, SUBMITTING, JournalJob, JournalStage
+from ._sqlite import REFUSED, SUBMITTING, JournalJob, JournalStage
 
 __all__ = ["PgJournal"]
 
@@ -169,11 +169,7 @@ class PgJournal(ServerFacts):
         mine = sum(
             1
             for job in self._jobs.values()
-            if job.key != key
-            and job.video_url == video_url
-            and (record := job.stages.get(stage)) is not None
-            and record.status == SUBMITTING
-            and abs(record.intent_at - near) <= within
+            if job.key != key and job.waits_on(stage, video_url, near, within)
         )
         others = sum(
             1
@@ -224,25 +220,15 @@ class PgJournal(ServerFacts):
         ``adopted``: the task was found by a lookup.
         """
         job = self._jobs[key]
-        record = job.stages.get(stage)
-        intent = record.intent_at if record is not None else 0.0
-        external_id = record.external_id if record is not None else None
-        job.stages[stage] = JournalStage(
-            status=CREATED,
-            intent_at=intent,
-            task_id=task_id,
-            snapshot=snapshot,
-            external_id=external_id,
-            adopted=adopted,
-        )
+        record = job.mark_created(stage, task_id, snapshot, adopted)
         self._owners[task_id] = key
         text = snapshot_to_json(snapshot) if snapshot is not None else None
         params = {
             "stage": stage,
-            "at": intent,
+            "at": record.intent_at,
             "task_id": task_id,
             "snapshot": text,
-            "external_id": external_id,
+            "external_id": record.external_id,
             "adopted": adopted,
         }
         await self._fenced(job, sql.CREATED, params)

@@ -110,6 +110,38 @@ class JournalJob:
         """Whether some submit of this job may have created a task (so it may not change)."""
         return any(stage.status != REFUSED for stage in self.stages.values())
 
+    def waits_on(self, stage: str, video_url: str, near: float, within: float) -> bool:
+        """Whether its ``stage`` submit of ``video_url`` near ``near`` is unanswered.
+
+        Only a submit sent within ``within`` seconds of ``near`` counts; both backends'
+        ``unresolved`` count the jobs for which this holds.
+        """
+        record = self.stages.get(stage)
+        return (
+            self.video_url == video_url
+            and record is not None
+            and record.status == SUBMITTING
+            and abs(record.intent_at - near) <= within
+        )
+
+    def mark_created(
+        self, stage: str, task_id: str, snapshot: TaskSnapshot | None, adopted: bool
+    ) -> JournalStage:
+        """Record in memory that ``stage`` created ``task_id``; return the new record.
+
+        The intent's time and external id are kept; both backends then write the record.
+        """
+        record = self.stages.get(stage)
+        created = self.stages[stage] = JournalStage(
+            status=CREATED,
+            intent_at=record.intent_at if record is not None else 0.0,
+            task_id=task_id,
+            snapshot=snapshot,
+            external_id=record.external_id if record is not None else None,
+            adopted=adopted,
+        )
+        return created
+
 
 class Journal(ServerFacts):
     """An open journal; see the module docstring.
@@ -213,11 +245,7 @@ class Journal(ServerFacts):
         return sum(
             1
             for job in self._jobs.values()
-            if job.key != key
-            and job.video_url == video_url
-            and (record := job.stages.get(stage)) is not None
-            and record.status == SUBMITTING
-            and abs(record.intent_at - near) <= within
+            if job.key != key and job.waits_on(stage, video_url, near, within)
         )
 
     # -- writing -------------------------------------------------------------------------
@@ -264,22 +292,12 @@ class Journal(ServerFacts):
         the comment below): a later awaited write of the job implies it.
         """
         job = self._write_job(key)
-        record = job.stages.get(stage)
-        intent = record.intent_at if record is not None else 0.0
-        external = record.external_id if record is not None else None
-        job.stages[stage] = JournalStage(
-            status=CREATED,
-            intent_at=intent,
-            task_id=task_id,
-            snapshot=snapshot,
-            external_id=external,
-            adopted=adopted,
-        )
+        record = job.mark_created(stage, task_id, snapshot, adopted)
         self._owners[task_id] = key
         text = snapshot_to_json(snapshot) if snapshot is not None else None
+        row = (key, stage, CREATED, record.intent_at, task_id, text, record.external_id)
         self._add(
-            "INSERT OR REPLACE INTO stages VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-            (key, stage, CREATED, intent, task_id, text, external, int(adopted)),
+            "INSERT OR REPLACE INTO stages VALUES (?, ?, ?, ?, ?, ?, ?, ?)", (*row, int(adopted))
         )
         if adopted:
             # The proof behind an adoption (an answer that showed a task was made) is in no
