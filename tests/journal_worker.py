@@ -23,6 +23,20 @@ POLL = ka.PollPolicy(first_delay=0.01, max_interval=0.03, multiplier=1.5, timeou
 RETRY = ka.RetryPolicy(max_attempts=6, base_delay=0.005, max_delay=0.05, concurrency_delay=0.01)
 
 
+def write_result(out: TextIO, result: ka.JobResult) -> None:
+    """Append ``result`` as one JSON line and flush it (what the consumer had when killed)."""
+    line = {
+        "key": result.key,
+        "task_id": result.task_id,
+        "state": result.state.value,
+        "error": None if result.error is None else repr(result.error),
+        "candidates": list(getattr(result.error, "candidates", ())),
+        "adopted": result.adopted,
+    }
+    out.write(json.dumps(line) + "\n")
+    out.flush()
+
+
 def crash_job(n: int, advanced: bool = False) -> ka.LipSyncJob:
     if advanced:
         return ka.LipSyncJob.from_audio(
@@ -57,16 +71,7 @@ async def main(argv: list[str], out: TextIO) -> None:
         batch = client.run_batch(jobs, journal=journal, resubmit_unknown=resubmit)
         async with batch:
             async for result in batch:
-                line = {
-                    "key": result.key,
-                    "task_id": result.task_id,
-                    "state": result.state.value,
-                    "error": None if result.error is None else repr(result.error),
-                    "candidates": list(getattr(result.error, "candidates", ())),
-                    "adopted": result.adopted,
-                }
-                out.write(json.dumps(line) + "\n")
-                out.flush()
+                write_result(out, result)
 
 
 if __name__ == "__main__":

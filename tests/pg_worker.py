@@ -10,17 +10,18 @@ result it reports to RESULTS, flushed at once (what the worker had reported when
 
 from __future__ import annotations
 
-import json
 import sys
 from typing import TextIO
 
 import anyio
 
+# The crash tests' worker writes result lines the same way (run as a script: tests/ is on path).
+from journal_worker import RETRY, write_result
+
 import kling_async as ka
 from kling_async.journal import PostgresJournal
 
 POLL = ka.PollPolicy(first_delay=0.01, max_interval=0.03, multiplier=1.5, timeout=60.0)
-RETRY = ka.RetryPolicy(max_attempts=6, base_delay=0.005, max_delay=0.05, concurrency_delay=0.01)
 
 
 def worker_job(n: int) -> ka.LipSyncJob:
@@ -52,14 +53,7 @@ async def main(argv: list[str], out: TextIO) -> None:
         # finds its task by that id, or resends the same id (a duplicate would be refused).
         async with client.run_batch(jobs, journal=journal, resubmit_unknown=True) as batch:
             async for result in batch:
-                line = {
-                    "key": result.key,
-                    "task_id": result.task_id,
-                    "state": result.state.value,
-                    "error": None if result.error is None else repr(result.error),
-                }
-                out.write(json.dumps(line) + "\n")
-                out.flush()
+                write_result(out, result)
 
 
 if __name__ == "__main__":
