@@ -118,21 +118,18 @@ async def kling_async_batch(
 
 
 async def kling_async_journaled(
-    session: aiohttp.ClientSession, url: str, jobs: int, workers: int
+    session: aiohttp.ClientSession, url: str, jobs: int, workers: int, listed: bool = False
 ) -> int:
-    """The per-task run_batch with a SQLite journal (a new file each run)."""
+    """run_batch (per-task, or ``listed``) with a SQLite journal (a new file each run)."""
     with tempfile.TemporaryDirectory() as directory:
         path = os.path.join(directory, "journal.sqlite")
-        return await kling_async_batch(session, url, jobs, workers, journal=path)
+        return await kling_async_batch(session, url, jobs, workers, listed=listed, journal=path)
 
 
 async def kling_async_listed_journaled(
     session: aiohttp.ClientSession, url: str, jobs: int, workers: int
 ) -> int:
-    """The default (list-query) run_batch with a SQLite journal (a new file each run)."""
-    with tempfile.TemporaryDirectory() as directory:
-        path = os.path.join(directory, "journal.sqlite")
-        return await kling_async_batch(session, url, jobs, workers, listed=True, journal=path)
+    return await kling_async_journaled(session, url, jobs, workers, listed=True)
 
 
 async def kling_async_listed(
