@@ -1,11 +1,11 @@
-"""The journal's committer: one thread of its own commits what writers queue (group commit)."""
+"""The journal's committer: transactions on the loop, fsyncs and checkpoints in a thread."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import sqlite3
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 import anyio
@@ -15,18 +15,29 @@ from helpers import kling_client, text_job
 import kling_async as ka
 from kling_async.dialects.kling import STAGE_ADVANCED_LIP_SYNC, STAGE_LIP_SYNC
 from kling_async.journal._sqlite import CREATED
-from kling_async.journal._sqlite_store import Committer, Store
+from kling_async.journal._sqlite_commit import Committer
+from kling_async.journal._sqlite_store import Store
 from kling_async.testing import FakeKlingServer, FaultPlan
 
 pytestmark = pytest.mark.anyio
 
 META = {"dialect": "kling", "stage": "lip-sync", "base_url": "http://127.0.0.1:9"}
+INSERT = "INSERT INTO jobs (key, request_hash) VALUES (?, 'h')"
 
 
-def open_store(path: Path) -> Store:
+@contextlib.asynccontextmanager
+async def committing(path: Path, **options: int) -> AsyncIterator[tuple[Store, Committer]]:
     store = Store(str(path), timeout=1.0)
     store.open(META)
-    return store
+    committer = Committer(store, **options)
+    try:
+        yield store, committer
+    finally:
+        committer.close()
+        try:
+            await anyio.to_thread.run_sync(committer.stop)
+        finally:
+            store.close()
 
 
 def on_disk(path: Path) -> list[tuple[object, ...]]:
@@ -35,42 +46,63 @@ def on_disk(path: Path) -> list[tuple[object, ...]]:
         return conn.execute("SELECT key FROM jobs ORDER BY key").fetchall()
 
 
-async def test_a_writer_returns_once_its_statements_are_on_disk(tmp_path: Path) -> None:
-    store = open_store(tmp_path / "j.sqlite")
-    committer = Committer(store)
-    try:
+async def test_writers_waiting_together_share_one_transaction(tmp_path: Path) -> None:
+    async with committing(tmp_path / "j.sqlite") as (store, committer):
         for n in range(3):
-            store.add(
-                "INSERT INTO jobs (key, request_hash) VALUES (?, 'h')", (f"k{n}",), durable=True
-            )
+            committer.add(INSERT, (f"k{n}",))
         await committer.wait(3)
-        assert store.committed == 3
-        # Locked to this connection (EXCLUSIVE): read through it, on the loop's thread now idle.
+        assert committer.committed == 3
+        assert committer.synced == 0  # nobody asked for the disk: no fsync
+        # Locked to this connection (EXCLUSIVE): read through it, on the loop's thread.
         rows = store._conn.execute("SELECT key FROM jobs ORDER BY key").fetchall()
         assert rows == [("k0",), ("k1",), ("k2",)]
         await committer.wait(2)  # committed already: no wait, no transaction
         assert store.transactions == 1
-    finally:
-        await anyio.to_thread.run_sync(committer.stop)
-        store.close()
     assert on_disk(tmp_path / "j.sqlite") == [("k0",), ("k1",), ("k2",)]
 
 
+async def test_a_durable_write_returns_once_the_wal_is_synced(tmp_path: Path) -> None:
+    async with committing(tmp_path / "j.sqlite") as (_, committer):
+        committer.add(INSERT, ("a",))
+        await committer.wait(1)
+        assert (committer.committed, committer.synced) == (1, 0)
+        committer.add(INSERT, ("b",))
+        await committer.wait(2, durable=True)
+        assert committer.synced >= 2  # the thread fsynced the WAL after the commit
+        # A durable wait for statements committed (not synced) earlier syncs them too.
+        committer.add(INSERT, ("c",))
+        await committer.wait(3)
+        await committer.wait(3, durable=True)
+        assert committer.synced == 3
+
+
+async def test_the_thread_checkpoints_the_wal(tmp_path: Path) -> None:
+    path = tmp_path / "j.sqlite"
+    async with committing(path, checkpoint_every=4) as (store, committer):
+        for n in range(12):
+            committer.add(INSERT, (f"k{n:02}",))
+            await committer.wait(n + 1)  # one transaction each
+        assert store.transactions == 12
+        with anyio.fail_after(5):
+            await until(lambda: store.checkpoints >= 2)
+        # Copied into the file itself: what a reader without the WAL would find (the WAL is
+        # the connection's: another connection cannot open the locked file meanwhile).
+        assert (await anyio.Path(path).stat()).st_size > 4096 * 3
+
+
 async def test_a_cancelled_writer_waits_for_its_commit_then_is_cancelled(tmp_path: Path) -> None:
-    store = open_store(tmp_path / "j.sqlite")
-    committer = Committer(store)
     caught: list[bool] = []
+    async with committing(tmp_path / "j.sqlite") as (store, committer):
 
-    async def writer() -> None:
-        with anyio.CancelScope() as scope:
-            scope.cancel()
-            await committer.wait(1)
-            pytest.fail("the cancellation was swallowed")  # pragma: no cover
-        caught.append(scope.cancelled_caught)
-        assert store.committed == 1  # the statement was committed before the writer left
+        async def writer() -> None:
+            with anyio.CancelScope() as scope:
+                scope.cancel()
+                await committer.wait(1, durable=True)
+                pytest.fail("the cancellation was swallowed")  # pragma: no cover
+            caught.append(scope.cancelled_caught)
+            assert committer.synced == 1  # the statement was on disk before the writer left
 
-    try:
-        store.add("INSERT INTO jobs (key, request_hash) VALUES ('a', 'h')", (), durable=True)
+        committer.add(INSERT, ("a",))
         # Hold the commit up, so the cancellation surely arrives while the writer waits for it
         # (a commit that wins the race leaves nothing to cancel: wait() has returned).
         store.write_lock.acquire()
@@ -78,30 +110,36 @@ async def test_a_cancelled_writer_waits_for_its_commit_then_is_cancelled(tmp_pat
             task = asyncio.ensure_future(writer())
             await anyio.sleep(0.05)
             assert not task.done()  # cancelled, yet waiting for its statement's commit
-            assert store.committed == 0
+            assert committer.committed == 0
         finally:
             store.write_lock.release()
-        await task
+        with anyio.fail_after(5):
+            await task
         assert caught == [True]
-    finally:
-        await anyio.to_thread.run_sync(committer.stop)
-        store.close()
 
 
 async def test_a_failed_transaction_fails_every_writer_after_it(tmp_path: Path) -> None:
-    store = open_store(tmp_path / "j.sqlite")
-    committer = Committer(store)
-    try:
-        store.add("INSERT INTO no_such_table VALUES (1)", (), durable=False)
+    async with committing(tmp_path / "j.sqlite") as (_, committer):
+        committer.add("INSERT INTO no_such_table VALUES (1)", ())
         with pytest.raises(ka.JournalError, match="no_such_table"):
             await committer.wait(1)
-        store.add("INSERT INTO jobs (key, request_hash) VALUES ('b', 'h')", (), durable=False)
+        committer.add(INSERT, ("b",))
         with pytest.raises(ka.JournalError, match="no_such_table"):
             await committer.wait(2)  # the journal can no longer vouch for anything
-    finally:
-        await anyio.to_thread.run_sync(committer.stop)
-        with pytest.raises(ka.JournalError):
-            store.close()
+        with pytest.raises(ka.JournalError, match="no_such_table"):
+            await committer.wait(2, durable=True)
+
+
+async def test_a_failed_sync_fails_the_durable_writer(tmp_path: Path) -> None:
+    path = tmp_path / "j.sqlite"
+    async with committing(path) as (_, committer):
+        committer.add(INSERT, ("a",))
+        await committer.wait(1)
+        # The WAL vanishes under the journal (a disk taken away): the fsync cannot happen.
+        await anyio.Path(f"{path}-wal").unlink()
+        committer.add(INSERT, ("b",))
+        with pytest.raises(ka.JournalError, match=r"j\.sqlite-wal"):
+            await committer.wait(2, durable=True)
 
 
 # -- a submit's answer is committed, not waited for ----------------------------------------------

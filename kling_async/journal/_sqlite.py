@@ -58,7 +58,8 @@ from ._codec import (
     snapshot_to_json,
 )
 from ._facts import ServerFacts
-from ._sqlite_store import Committer, Row, Store, journal_error
+from ._sqlite_commit import Committer
+from ._sqlite_store import Row, Store, journal_error
 
 __all__ = [
     "CREATED",
@@ -170,7 +171,6 @@ class Journal(ServerFacts):
         }
         #: Keys with rows in the file (read at open, or written since).
         self._in_file = set(self._jobs)
-        self._added = 0  # statements handed to the store so far
         self._committer = Committer(store)
         self._marked = anyio.Event()  # set when a mark waits to be committed
         self._closed = False
@@ -272,9 +272,8 @@ class Journal(ServerFacts):
             "INSERT OR REPLACE INTO stages (key, stage, status, intent_at, external_id)"
             " VALUES (?, ?, ?, ?, ?)",
             (key, stage, SUBMITTING, at, external_id),
-            durable=True,
         )
-        await self._commit()
+        await self._commit(durable=True)
 
     async def created(
         self,
@@ -319,7 +318,6 @@ class Journal(ServerFacts):
         #   later stage and no reported result is ever on disk without this task id.
         # - A failed commit breaks the store: the next write anyone waits for raises the
         #   JournalError, which stops the batch, as this one's would have.
-        self._committer.request()
 
     def _set_meta(self, name: str, value: str) -> None:
         if not self._closed:
@@ -386,6 +384,7 @@ class Journal(ServerFacts):
             return
         self._closed = True
         with anyio.CancelScope(shield=True):
+            self._committer.close()
             try:
                 await anyio.to_thread.run_sync(self._committer.stop)
                 await anyio.to_thread.run_sync(self._store.close)
@@ -407,20 +406,19 @@ class Journal(ServerFacts):
             )
         return job
 
-    def _add(self, sql: str, params: Sequence[Any], *, durable: bool = False) -> None:
+    def _add(self, sql: str, params: Sequence[Any]) -> None:
         if self._closed:
             raise JournalError(f"journal {self.path} is closed")
-        self._store.add(sql, params, durable=durable)
-        self._added += 1
+        self._committer.add(sql, params)
 
-    async def _commit(self) -> None:
-        """Return once every statement added so far is committed (:mod:`._sqlite_store`).
+    async def _commit(self, *, durable: bool = False) -> None:
+        """Return once every statement added so far is committed (:mod:`._sqlite_commit`).
 
-        Concurrent writers share transactions (group commit); waiting is shielded, so that a
-        statement once added is written even if its writer is cancelled, and memory and file
-        agree about every submit.
+        ``durable``: and on disk (a power cut keeps it).  Concurrent writers share
+        transactions (group commit); waiting is shielded, so that a statement once added is
+        written even if its writer is cancelled, and memory and file agree about every submit.
         """
-        await self._committer.wait(self._added)
+        await self._committer.wait(self._committer.queued, durable=durable)
 
 
 def job_from_row(row: Row) -> JournalJob:

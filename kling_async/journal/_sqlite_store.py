@@ -1,29 +1,18 @@
-"""The SQLite side of the batch journal: the file's layout, reading it, and group commit.
+"""The SQLite side of the batch journal: the file's layout, reading it, and its transactions.
 
-Everything here runs in worker threads (``anyio.to_thread``), never on the event loop: a
-``synchronous=FULL`` commit waits for the disk.  One connection per journal serves them all,
-one transaction at a time under :attr:`Store.write_lock`.
-
-Group commit: writers append statements to :attr:`Store` 's pending list (a short critical
-section on the event loop's thread) and then wait on the store's :class:`Committer`, a thread of
-its own that runs :meth:`Store.flush` whenever a writer waits.  A flush commits *everything*
-pending at that moment in one transaction, so writers that come while one runs share the next;
-the committer wakes the loop once per transaction, and a writer whose statements are committed
-already does not wait at all.  (Before, each commit was a trip through anyio's worker threads:
-a capacity limiter, a future and a cancel scope per writer, and two flushes racing for the
-lock; benchmarks/README.md, "Journal".)
+One connection per journal, one transaction at a time under :attr:`Store.write_lock`.  Opening
+and closing run in worker threads; transactions run where :mod:`._sqlite_commit` runs them (on
+the event loop; checkpoints and fsyncs in a thread of the journal's own).
 """
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import os
 import socket
 import sqlite3
 import threading
 import time
-from collections import deque
 from collections.abc import Sequence
 from typing import Any
 
@@ -34,7 +23,7 @@ except ImportError:  # pragma: no cover - Windows: SQLite's own lock alone (it w
 
 from .._errors import JournalError, ValidationError
 
-__all__ = ["SCHEMA_VERSION", "Committer", "Row", "Store"]
+__all__ = ["SCHEMA_VERSION", "Row", "Store"]
 
 #: ``PRAGMA user_version`` of the layout this module writes (version 1 files are upgraded).
 SCHEMA_VERSION = 2
@@ -149,14 +138,12 @@ class Store:
         except BaseException:
             self._lock.release()
             raise
+        #: Held while a transaction or a checkpoint uses the connection.
         self.write_lock = threading.Lock()
-        self._pending_lock = threading.Lock()
-        self._pending: list[tuple[str, Sequence[Any], bool]] = []
-        self._synchronous = ""
-        self._broken: JournalError | None = None
-        #: Transactions committed by :meth:`flush`, and the statements they held.
+        self._wal_fd: int | None = None
+        #: Transactions committed by :meth:`apply`, and checkpoints run by :meth:`checkpoint`.
         self.transactions = 0
-        self.committed = 0
+        self.checkpoints = 0
         #: The ``charges`` rows read by :meth:`open`: key -> (units, settled).
         self.charges: dict[str, tuple[float, bool]] = {}
 
@@ -174,6 +161,10 @@ class Store:
         mode = conn.execute("PRAGMA journal_mode=WAL").fetchone()[0]
         if str(mode).lower() != "wal":
             raise JournalError(f"journal {self.path}: cannot use WAL mode (got {mode})")
+        # NORMAL: a commit reaches the operating system, not the disk (what must reach the disk
+        # is fsynced by the committer's thread); checkpoints run there too, not on the loop.
+        conn.execute("PRAGMA synchronous=NORMAL")
+        conn.execute("PRAGMA wal_autocheckpoint=0")
         with self.write_lock:
             conn.execute("BEGIN IMMEDIATE")
             try:
@@ -226,162 +217,66 @@ class Store:
             jobs[row[0]][1].append(row)
         return list(jobs.values())
 
-    def add(self, sql: str, params: Sequence[Any], *, durable: bool) -> None:
-        """Queue one statement for the next transaction (``durable``: fsync that one)."""
-        with self._pending_lock:
-            self._pending.append((sql, params, durable))
+    def apply(self, statements: Sequence[tuple[str, Sequence[Any]]]) -> None:
+        """Run ``statements`` in one transaction (the caller holds :attr:`write_lock`).
 
-    def flush(self) -> None:
-        """Commit every statement queued so far (blocking; run it in a worker thread).
-
-        Raises :class:`JournalError` once a transaction has failed: what it held is lost, so
-        the journal can no longer vouch for anything.
+        Runs of one statement go to ``executemany``.  Raises :class:`JournalError`: what the
+        transaction held is lost, so the journal can no longer vouch for anything.
         """
-        with self.write_lock:
-            if self._broken is not None:
-                raise self._broken
-            with self._pending_lock:
-                statements, self._pending = self._pending, []
-            if not statements:
-                return  # an earlier flush took them
-            try:
-                self._apply(statements)
-            except sqlite3.Error as exc:
-                self._broken = journal_error(self.path, exc)
-                raise self._broken from None
-            self.transactions += 1
-            self.committed += len(statements)
-
-    def _apply(self, statements: list[tuple[str, Sequence[Any], bool]]) -> None:
         conn = self._conn
-        # FULL reaches the disk before COMMIT returns; NORMAL survives the process dying but
-        # not a power cut.  A FULL commit also makes every NORMAL one before it durable.
-        synchronous = "FULL" if any(durable for _, _, durable in statements) else "NORMAL"
-        if synchronous != self._synchronous:
-            conn.execute(f"PRAGMA synchronous={synchronous}")
-            self._synchronous = synchronous
-        conn.execute("BEGIN IMMEDIATE")
         try:
-            for sql, params, _ in statements:
-                conn.execute(sql, params)
-            conn.execute("COMMIT")
-        except BaseException:
-            if conn.in_transaction:
-                conn.execute("ROLLBACK")
-            raise
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                start, count = 0, len(statements)
+                while start < count:
+                    sql = statements[start][0]
+                    end = start + 1
+                    while end < count and statements[end][0] is sql:
+                        end += 1
+                    if end == start + 1:
+                        conn.execute(sql, statements[start][1])
+                    else:
+                        conn.executemany(sql, [params for _, params in statements[start:end]])
+                    start = end
+                conn.execute("COMMIT")
+            except BaseException:
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK")
+                raise
+        except sqlite3.Error as exc:
+            raise journal_error(self.path, exc) from None
+        self.transactions += 1
+
+    def sync(self) -> None:
+        """Sync the WAL to disk: what is committed so far survives a power cut (blocking)."""
+        try:
+            if self._wal_fd is None:
+                self._wal_fd = os.open(f"{self.path}-wal", os.O_RDWR)
+            os.fsync(self._wal_fd)
+        except OSError as exc:
+            raise JournalError(
+                f"journal {self.path}: cannot sync {self.path}-wal: {exc.strerror}"
+            ) from None
+
+    def checkpoint(self) -> None:
+        """Copy the WAL into the file, so that SQLite can start it over (blocking)."""
+        with self.write_lock:
+            try:
+                self._conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
+            except sqlite3.Error as exc:
+                raise journal_error(self.path, exc) from None
+            self.checkpoints += 1
 
     def close(self) -> None:
-        """Commit what is pending and close the connection (which releases the lock)."""
+        """Close the connection (which checkpoints and releases the lock)."""
         try:
-            self.flush()
-        finally:
             with self.write_lock:
+                if self._wal_fd is not None:
+                    os.close(self._wal_fd)
+                    self._wal_fd = None
                 self._conn.close()
+        finally:
             self._lock.release()
-
-
-class Committer:
-    """Commits a :class:`Store`'s queued statements from one thread of its own, on request.
-
-    :meth:`wait` returns once the first ``wanted`` statements queued are committed.  Waiting is
-    shielded: a statement once queued is written even if its writer is cancelled, and the
-    writer learns it was (memory and file agree about every submit).
-    """
-
-    def __init__(self, store: Store) -> None:
-        self._store = store
-        self._wake = threading.Condition()
-        self._asked = False  # a writer waits: flush (written under _wake)
-        self._stopping = False
-        self._thread: threading.Thread | None = None
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._waiters: deque[tuple[int, asyncio.Future[None]]] = deque()
-        self._error: BaseException | None = None
-
-    async def wait(self, wanted: int) -> None:
-        """Return once ``wanted`` statements are committed (JournalError: they never will be)."""
-        if self._store.committed >= wanted:
-            return
-        if self._error is not None:
-            raise self._error
-        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._waiters.append((wanted, done))
-        self.request()
-        # Shielded by hand (a journal only runs on asyncio, as its batch does): anyio's
-        # CancelScope(shield=True) looks the backend up each time it is made, a fifth of a
-        # journaled write's own CPU.  A cancellation waits for the commit, then goes on.
-        cancelled: BaseException | None = None
-        while True:
-            try:
-                await asyncio.shield(done)
-                break
-            except asyncio.CancelledError as exc:
-                if done.done():
-                    done.result()  # the commit failed: that error, not the cancellation
-                    break
-                cancelled = exc
-        if cancelled is not None:
-            raise cancelled
-
-    def request(self) -> None:
-        """Have what is queued committed soon, without waiting for it (on the loop's thread).
-
-        A failure reaches the next :meth:`wait` (the store stays broken).
-        """
-        self._loop = asyncio.get_running_loop()
-        with self._wake:
-            self._asked = True
-            self._wake.notify()
-        if self._thread is None:
-            self._thread = threading.Thread(
-                target=self._run, name=f"kling_async journal {self._store.path}", daemon=True
-            )
-            self._thread.start()
-
-    def stop(self) -> None:
-        """End the thread once it has committed what it was asked to (blocking)."""
-        with self._wake:
-            self._stopping = True
-            self._wake.notify()
-        if self._thread is not None:
-            self._thread.join()
-
-    def _run(self) -> None:
-        while True:
-            with self._wake:
-                while not self._asked and not self._stopping:
-                    self._wake.wait()
-                if not self._asked:
-                    return
-                self._asked = False
-            error: BaseException | None = None
-            try:
-                self._store.flush()
-            except BaseException as exc:  # handed to the waiters, on the loop's thread
-                error = exc
-            loop = self._loop
-            # Nobody waits (a task id's commit is not waited for): no need to wake the loop.
-            # A writer that starts waiting meanwhile set _asked first, so this loop flushes
-            # once more and settles it then.
-            if loop is not None and (self._waiters or error is not None):
-                with contextlib.suppress(RuntimeError):  # the loop has closed: nobody waits
-                    loop.call_soon_threadsafe(self._settle, error)
-
-    def _settle(self, error: BaseException | None) -> None:
-        """On the loop: wake the writers whose statements are committed (or failed)."""
-        committed = self._store.committed
-        if error is not None:
-            self._error = error
-        waiters = self._waiters
-        while waiters and (waiters[0][0] <= committed or error is not None):
-            wanted, done = waiters.popleft()
-            if done.done():
-                continue
-            if wanted <= committed:
-                done.set_result(None)
-            else:
-                assert error is not None
-                done.set_exception(error)
 
 
 def _check_meta(path: str, stored: dict[str, str], wanted: dict[str, str]) -> None:
