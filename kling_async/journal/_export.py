@@ -23,6 +23,7 @@ import attrs
 from .._errors import JournalError
 from ._config import PostgresJournal, is_postgres_url, redact
 from ._sqlite import CREATED, JournalJob, job_from_row
+from ._sqlite_log import fold
 from ._sqlite_store import Row, journal_error
 
 __all__ = ["JournalStatus", "WorkerLease", "read_jobs", "read_status"]
@@ -118,6 +119,14 @@ def _sqlite_rows(path: Path) -> list[Row]:
     except sqlite3.Error as exc:
         raise journal_error(str(path), exc) from None
     try:
+        if conn.execute("SELECT 1 FROM sqlite_master WHERE name = 'events'").fetchone():
+            # The last run's changes are in the log until the journal opens again: fold them
+            # into a copy (the file itself is read-only here).
+            copy = sqlite3.connect(":memory:")
+            conn.backup(copy)
+            conn.close()
+            conn = copy
+            fold(conn, str(path))
         jobs: dict[str, Row] = {}
         for row in conn.execute(
             "SELECT key, request_hash, video_url, result, final, reported FROM jobs ORDER BY rowid"

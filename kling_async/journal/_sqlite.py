@@ -51,6 +51,7 @@ import attrs
 from .._errors import JournalError, ValidationError
 from .._identity import new_batch_id
 from .._results import JobResult, TaskSnapshot
+from . import _sqlite_log as log
 from ._codec import (
     result_from_json,
     result_to_json,
@@ -268,11 +269,7 @@ class Journal(ServerFacts):
         """
         job = self._write_job(key)
         job.stages[stage] = JournalStage(status=SUBMITTING, intent_at=at, external_id=external_id)
-        self._add(
-            "INSERT OR REPLACE INTO stages (key, stage, status, intent_at, external_id)"
-            " VALUES (?, ?, ?, ?, ?)",
-            (key, stage, SUBMITTING, at, external_id),
-        )
+        self._add(log.SUBMITTING, (key, stage, at, external_id))
         await self._commit(durable=True)
 
     async def created(
@@ -294,10 +291,8 @@ class Journal(ServerFacts):
         record = job.mark_created(stage, task_id, snapshot, adopted)
         self._owners[task_id] = key
         text = snapshot_to_json(snapshot) if snapshot is not None else None
-        row = (key, stage, CREATED, record.intent_at, task_id, text, record.external_id)
-        self._add(
-            "INSERT OR REPLACE INTO stages VALUES (?, ?, ?, ?, ?, ?, ?, ?)", (*row, int(adopted))
-        )
+        row = (key, stage, record.intent_at, task_id, text, record.external_id, int(adopted))
+        self._add(log.CREATED, row)
         if adopted:
             # The proof behind an adoption (an answer that showed a task was made) is in no
             # record: a rerun that found only the intent might not adopt again.  Rare: wait.
@@ -321,7 +316,7 @@ class Journal(ServerFacts):
 
     def _set_meta(self, name: str, value: str) -> None:
         if not self._closed:
-            self._add("INSERT OR REPLACE INTO meta VALUES (?, ?)", (name, value))
+            self._add(log.META, (name, value))
 
     async def refused(self, key: str, stage: str) -> None:
         """Record that ``stage``'s request of ``key`` created nothing (it may be sent again)."""
@@ -329,17 +324,14 @@ class Journal(ServerFacts):
         if record is None or record.status != SUBMITTING:
             return
         record.status = REFUSED
-        self._add("UPDATE stages SET status = ? WHERE key = ? AND stage = ?", (REFUSED, key, stage))
+        self._add(log.REFUSED, (key, stage))
         await self._commit()
 
     async def finished(self, result: JobResult, *, final: bool) -> None:
         """Record ``result`` as its job's latest (not yet reported); committed on return."""
         job = self._write_job(result.key)
         job.result, job.final, job.reported = result, final, False
-        self._add(
-            "UPDATE jobs SET result = ?, final = ?, reported = 0 WHERE key = ?",
-            (result_to_json(result), int(final), result.key),
-        )
+        self._add(log.FINISHED, (result_to_json(result), int(final), result.key))
         await self._commit()
 
     def charges(self) -> dict[str, tuple[float, bool]]:
@@ -348,9 +340,7 @@ class Journal(ServerFacts):
 
     def charge(self, key: str, units: float, settled: bool) -> None:
         """Record a budget reservation or charge; committed with the next write (or close)."""
-        self._add(
-            "INSERT OR REPLACE INTO charges VALUES (?, ?, ?)", (key, float(units), int(settled))
-        )
+        self._add(log.CHARGE, (key, float(units), int(settled)))
 
     def reported(self, key: str) -> None:
         """Mark ``key``'s latest result as taken by the consumer.
@@ -362,7 +352,7 @@ class Journal(ServerFacts):
         if job is None or job.reported or self._closed:
             return
         job.reported = True
-        self._add("UPDATE jobs SET reported = 1 WHERE key = ?", (key,))
+        self._add(log.REPORTED, (key,))
         self._marked.set()
 
     async def commit_marks(self) -> None:
@@ -397,19 +387,16 @@ class Journal(ServerFacts):
             job.stored = True
             if key in self._in_file:
                 # A replaced record's stages were all refused: none of them may be tracked.
-                self._add("DELETE FROM stages WHERE key = ?", (key,))
+                self._add(log.JOB_RESET, (key,))
             else:  # no row of this key was ever written: nothing to delete (one statement less)
                 self._in_file.add(key)
-            self._add(
-                "INSERT OR REPLACE INTO jobs (key, request_hash, video_url) VALUES (?, ?, ?)",
-                (key, job.request_hash, job.video_url),
-            )
+            self._add(log.JOB, (key, job.request_hash, job.video_url))
         return job
 
-    def _add(self, sql: str, params: Sequence[Any]) -> None:
+    def _add(self, op: int, params: Sequence[Any]) -> None:
         if self._closed:
             raise JournalError(f"journal {self.path} is closed")
-        self._committer.add(sql, params)
+        self._committer.add(log.event(op, params))
 
     async def _commit(self, *, durable: bool = False) -> None:
         """Return once every statement added so far is committed (:mod:`._sqlite_commit`).

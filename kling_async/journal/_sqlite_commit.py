@@ -26,7 +26,7 @@ import contextlib
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from typing import Any
 
 from .._errors import JournalError
@@ -50,7 +50,7 @@ class Committer:
     def __init__(self, store: Store, *, checkpoint_every: int = CHECKPOINT_EVERY) -> None:
         self._store = store
         self._checkpoint_every = checkpoint_every
-        self._pending: list[tuple[str, Sequence[Any]]] = []
+        self._pending: list[tuple[Any, ...]] = []  # rows of the change log
         #: Statements queued, committed, and committed and fsynced, since the journal opened.
         self.queued = 0
         self.committed = 0
@@ -65,9 +65,12 @@ class Committer:
         self._closed = False
         self._syncer = _Syncer(store, self._synced)
 
-    def add(self, sql: str, params: Sequence[Any]) -> None:
-        """Queue one statement for the next transaction (on the loop's thread)."""
-        self._pending.append((sql, params))
+    def add(self, row: tuple[Any, ...]) -> None:
+        """Queue one change (a :func:`._sqlite_log.event` row) for the next transaction.
+
+        On the loop's thread.
+        """
+        self._pending.append(row)
         self.queued += 1
         if self._flush_at is None:
             self._schedule()

@@ -13,7 +13,6 @@ import socket
 import sqlite3
 import threading
 import time
-from collections.abc import Sequence
 from typing import Any
 
 try:
@@ -22,11 +21,12 @@ except ImportError:  # pragma: no cover - Windows: SQLite's own lock alone (it w
     fcntl = None  # type: ignore[assignment]
 
 from .._errors import JournalError, ValidationError
+from ._sqlite_log import EVENTS, INSERT_EVENT, fold
 
 __all__ = ["SCHEMA_VERSION", "Row", "Store"]
 
-#: ``PRAGMA user_version`` of the layout this module writes (version 1 files are upgraded).
-SCHEMA_VERSION = 2
+#: ``PRAGMA user_version`` of the layout this module writes (versions 1 and 2 are upgraded).
+SCHEMA_VERSION = 3
 
 _SCHEMA = (
     "CREATE TABLE meta (name TEXT PRIMARY KEY, value TEXT NOT NULL)",
@@ -55,6 +55,8 @@ _UPGRADE_1 = (
     "ALTER TABLE stages ADD COLUMN external_id TEXT",
     "ALTER TABLE stages ADD COLUMN adopted INTEGER NOT NULL DEFAULT 0",
 )
+# Version 2 -> 3: the change log (:mod:`._sqlite_log`); a version 2 reader would ignore it.
+_UPGRADE_2 = (EVENTS,)
 #: Meta names compared with the opening batch's; the others (batch id, clock offset) are kept.
 CHECKED_META = ("dialect", "stage", "base_url")
 
@@ -171,23 +173,27 @@ class Store:
                 version = conn.execute("PRAGMA user_version").fetchone()[0]
                 tables = conn.execute("SELECT count(*) FROM sqlite_master").fetchone()[0]
                 if version == 0 and tables == 0:
-                    for sql in _SCHEMA:
+                    for sql in (*_SCHEMA, EVENTS):
                         conn.execute(sql)
                     conn.executemany("INSERT INTO meta VALUES (?, ?)", sorted(meta.items()))
                     conn.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
                     stored = dict(meta)
-                elif version not in (1, SCHEMA_VERSION):
+                elif version not in (1, 2, SCHEMA_VERSION):
                     raise JournalError(
                         f"journal {self.path}: layout version {version} is not the supported"
                         f" {SCHEMA_VERSION} (not a kling_async journal, or from another version)"
                     )
                 else:
-                    stored = dict(conn.execute("SELECT name, value FROM meta").fetchall())
-                    _check_meta(self.path, stored, meta)
-                    if version == 1:
-                        for sql in _UPGRADE_1:
-                            conn.execute(sql)
+                    upgrades = (_UPGRADE_1 if version == 1 else ()) + (
+                        _UPGRADE_2 if version <= 2 else ()
+                    )
+                    for sql in (*upgrades, _CHARGES):
+                        conn.execute(sql)
+                    if version != SCHEMA_VERSION:
                         conn.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+                    fold(conn, self.path)  # what the last run changed (meta values too)
+                    stored = dict(conn.execute("SELECT name, value FROM meta").fetchall())
+                    _check_meta(self.path, stored, meta)  # (a refusal rolls all this back)
                     for name in sorted(meta.keys() - stored.keys()):
                         conn.execute("INSERT INTO meta VALUES (?, ?)", (name, meta[name]))
                         stored[name] = meta[name]
@@ -217,27 +223,17 @@ class Store:
             jobs[row[0]][1].append(row)
         return list(jobs.values())
 
-    def apply(self, statements: Sequence[tuple[str, Sequence[Any]]]) -> None:
-        """Run ``statements`` in one transaction (the caller holds :attr:`write_lock`).
+    def apply(self, events: list[tuple[Any, ...]]) -> None:
+        """Append ``events`` (:func:`._sqlite_log.event` rows) to the log in one transaction.
 
-        Runs of one statement go to ``executemany``.  Raises :class:`JournalError`: what the
+        The caller holds :attr:`write_lock`.  Raises :class:`JournalError`: what the
         transaction held is lost, so the journal can no longer vouch for anything.
         """
         conn = self._conn
         try:
             conn.execute("BEGIN IMMEDIATE")
             try:
-                start, count = 0, len(statements)
-                while start < count:
-                    sql = statements[start][0]
-                    end = start + 1
-                    while end < count and statements[end][0] is sql:
-                        end += 1
-                    if end == start + 1:
-                        conn.execute(sql, statements[start][1])
-                    else:
-                        conn.executemany(sql, [params for _, params in statements[start:end]])
-                    start = end
+                conn.executemany(INSERT_EVENT, events)
                 conn.execute("COMMIT")
             except BaseException:
                 if conn.in_transaction:
