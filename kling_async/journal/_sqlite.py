@@ -173,7 +173,6 @@ class Journal(ServerFacts):
         #: Keys with rows in the file (read at open, or written since).
         self._in_file = set(self._jobs)
         self._committer = Committer(store)
-        self._marked = anyio.Event()  # set when a mark waits to be committed
         self._closed = False
 
     @classmethod
@@ -345,28 +344,22 @@ class Journal(ServerFacts):
     def reported(self, key: str) -> None:
         """Mark ``key``'s latest result as taken by the consumer.
 
-        Not waited for: :meth:`commit_marks` commits it within moments (with whatever else is
-        being written then), and :meth:`close` at the latest.
+        Not waited for: the next transaction commits it, within moments (with whatever else
+        is being written then), and :meth:`close` at the latest.
         """
         job = self._jobs.get(key)
         if job is None or job.reported or self._closed:
             return
         job.reported = True
         self._add(log.REPORTED, (key,))
-        self._marked.set()
 
     async def commit_marks(self) -> None:
-        """Commit marks as they come, until cancelled (a task of the batch runs this).
+        """Wait until cancelled (a task of the batch runs this; see :meth:`reported`).
 
-        A failing journal ends it quietly: the batch's next write raises the error.
+        Every change queued is committed by the loop a moment later (:mod:`._sqlite_commit`),
+        marks included: nothing is left for a task of its own (a wake-up per mark saved).
         """
-        while True:
-            await self._marked.wait()
-            self._marked = anyio.Event()
-            try:
-                await self._commit()
-            except JournalError:
-                return
+        await anyio.sleep_forever()
 
     async def close(self) -> None:
         """Commit what is pending and close the file, releasing it (idempotent)."""

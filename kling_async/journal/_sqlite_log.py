@@ -1,11 +1,13 @@
-"""The SQLite journal's change log: a running batch appends its changes as rows of ``events``.
+"""The SQLite journal's change log: a running batch appends its changes to ``events``.
 
 A batch writes each change of a job (its record, a submit's intent, a task id, a result, a
-"taken" mark, a budget charge, a meta value) as one row of ``events``: an operation code and
-its parameters.  Appending rows to one table is the cheapest write SQLite has (no index is
-looked up, the last page of one B-tree changes), and a transaction of many changes is one
-``executemany``; updating ``jobs`` and ``stages`` in place cost three times as much a job
-(benchmarks/README.md, "2026-11-30 (2)").
+"taken" mark, a budget charge, a meta value) as an operation code and its parameters, and each
+transaction appends all of its changes as one row of ``events`` (a JSON array of
+``[op, param, ...]`` arrays).  One row a transaction is the cheapest write SQLite has: no index
+is looked up, one B-tree grows at its end, and the per-row cost (about 5-9 us, a third of a
+journaled job's storage) is paid once for every change of the transaction; updating ``jobs``
+and ``stages`` in place cost several times as much a job (benchmarks/README.md,
+"2026-11-30 (2)").
 
 The log is folded into ``jobs``, ``stages``, ``charges`` and ``meta`` by :func:`fold`: when a
 journal opens (before it is read), and in a copy when a journal is exported.  Each operation
@@ -15,6 +17,7 @@ replays the batch's writes in their order.
 
 from __future__ import annotations
 
+import json
 import sqlite3
 from collections.abc import Sequence
 from typing import Any
@@ -33,6 +36,7 @@ __all__ = [
     "REFUSED",
     "REPORTED",
     "SUBMITTING",
+    "encode",
     "event",
     "fold",
 ]
@@ -55,28 +59,23 @@ _STATEMENTS: tuple[str, ...] = (
     "INSERT OR REPLACE INTO meta VALUES (?, ?)",
 )
 _ARITY = tuple(sql.count("?") for sql in _STATEMENTS)
-_WIDTH = max(_ARITY)
-_PAD = tuple((None,) * (_WIDTH - arity) for arity in range(_WIDTH + 1))
 
-#: The log's table (a rowid table: ``seq`` is the order of the changes).
-EVENTS = (
-    "CREATE TABLE IF NOT EXISTS events (seq INTEGER PRIMARY KEY, op INTEGER NOT NULL, "
-    + ", ".join(f"p{n}" for n in range(1, _WIDTH + 1))
-    + ")"
-)
-#: Appends one :func:`event` row.
-INSERT_EVENT = (
-    "INSERT INTO events (op, "
-    + ", ".join(f"p{n}" for n in range(1, _WIDTH + 1))
-    + ") VALUES (?"
-    + ", ?" * _WIDTH
-    + ")"
-)
+#: The log's table (a rowid table: ``seq`` is the order of the transactions).
+EVENTS = "CREATE TABLE IF NOT EXISTS events (seq INTEGER PRIMARY KEY, changes TEXT NOT NULL)"
+#: Appends one transaction's changes (:func:`encode`).
+INSERT_EVENT = "INSERT INTO events (changes) VALUES (?)"
+
+_ENCODER = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False, allow_nan=False)
 
 
 def event(op: int, params: Sequence[Any]) -> tuple[Any, ...]:
-    """The ``events`` row of operation ``op`` with ``params`` (as :data:`INSERT_EVENT` takes it)."""
-    return (op, *params, *_PAD[len(params)])
+    """The change of operation ``op`` with ``params`` (plain values: str, int, float, None)."""
+    return (op, *params)
+
+
+def encode(changes: Sequence[tuple[Any, ...]]) -> str:
+    """The ``events`` row of ``changes`` (:func:`event` tuples)."""
+    return _ENCODER.encode(changes)
 
 
 def fold(conn: sqlite3.Connection, path: str) -> int:
@@ -85,22 +84,27 @@ def fold(conn: sqlite3.Connection, path: str) -> int:
     Returns how many changes were applied.  Raises :class:`JournalError` for an operation this
     version does not know (a file written by a newer one).
     """
-    rows = conn.execute("SELECT * FROM events ORDER BY seq").fetchall()
-    if not rows:
-        return 0
-    start, count = 0, len(rows)
+    changes: list[list[Any]] = []
+    try:
+        for (text,) in conn.execute("SELECT changes FROM events ORDER BY seq"):
+            changes.extend(json.loads(text))
+    except (TypeError, ValueError) as exc:
+        raise JournalError(f"journal {path}: unreadable change log ({exc})") from None
+    start, count = 0, len(changes)
     while start < count:  # runs of one operation: one executemany each
-        op = rows[start][1]
-        end = start + 1
-        while end < count and rows[end][1] == op:
-            end += 1
+        op = changes[start][0] if isinstance(changes[start], list) and changes[start] else None
         if not (isinstance(op, int) and 0 <= op < len(_STATEMENTS)):
             raise JournalError(
-                f"journal {path}: unknown change {op!r} in its log (written by another version"
-                " of kling_async?)"
+                f"journal {path}: unknown change {changes[start]!r:.80} in its log (written by"
+                " another version of kling_async?)"
             )
-        arity = _ARITY[op]
-        conn.executemany(_STATEMENTS[op], [row[2 : 2 + arity] for row in rows[start:end]])
+        end = start + 1
+        while end < count and changes[end][0] == op:
+            end += 1
+        params = [change[1:] for change in changes[start:end]]
+        if any(len(values) != _ARITY[op] for values in params):
+            raise JournalError(f"journal {path}: malformed change of operation {op} in its log")
+        conn.executemany(_STATEMENTS[op], params)
         start = end
     conn.execute("DELETE FROM events")
     return count

@@ -21,7 +21,7 @@ except ImportError:  # pragma: no cover - Windows: SQLite's own lock alone (it w
     fcntl = None  # type: ignore[assignment]
 
 from .._errors import JournalError, ValidationError
-from ._sqlite_log import EVENTS, INSERT_EVENT, fold
+from ._sqlite_log import EVENTS, INSERT_EVENT, encode, fold
 
 __all__ = ["SCHEMA_VERSION", "Row", "Store"]
 
@@ -224,16 +224,20 @@ class Store:
         return list(jobs.values())
 
     def apply(self, events: list[tuple[Any, ...]]) -> None:
-        """Append ``events`` (:func:`._sqlite_log.event` rows) to the log in one transaction.
+        """Append ``events`` (:func:`._sqlite_log.event` tuples) to the log in one transaction.
 
         The caller holds :attr:`write_lock`.  Raises :class:`JournalError`: what the
         transaction held is lost, so the journal can no longer vouch for anything.
         """
         conn = self._conn
         try:
+            text = encode(events)
+        except (TypeError, ValueError) as exc:  # (a value JSON cannot hold: a bug, but no hang)
+            raise JournalError(f"journal {self.path}: cannot record a change: {exc}") from None
+        try:
             conn.execute("BEGIN IMMEDIATE")
             try:
-                conn.executemany(INSERT_EVENT, events)
+                conn.execute(INSERT_EVENT, (text,))
                 conn.execute("COMMIT")
             except BaseException:
                 if conn.in_transaction:
