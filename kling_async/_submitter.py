@@ -78,6 +78,10 @@ class Submitter:
         self._answered = False  # (the event's state, read without two calls per submit)
         self._canary_taken = False
         self._submits: set[anyio.CancelScope] = set()  # journaled submits on their way
+        # The running backend's own scope class, for the journaled submit's shield: called
+        # directly it skips anyio's per-call backend lookup (half a scope's cost, on every
+        # journaled submit); at worst (another anyio) it is anyio.CancelScope itself.
+        self._shield_class: type[anyio.CancelScope] = anyio.CancelScope
         self._memory = MemoryLedger()
         #: The batch's event sink (:mod:`kling_async.events`), if it has a callback.
         self.on_event: Callable[[Event], None] | None = None
@@ -355,13 +359,19 @@ class Submitter:
         intent is recorded the request runs shielded, and a batch told to stop gives it
         :data:`SUBMIT_GRACE` seconds to be answered (see :meth:`grace`).
         """
-        await resume.journal.submitting(key, step.stage, intent, step.external_id)
+        if self._shield_class is anyio.CancelScope:
+            self._shield_class = type(anyio.CancelScope())
         try:
+            # A batch stopped while the intent is being committed: the commit is waited for
+            # (a shielded wait), then the cancellation comes, and the request never leaves.
+            await resume.journal.submitting(key, step.stage, intent, step.external_id)
             await anyio.lowlevel.checkpoint_if_cancelled()
         except anyio.get_cancelled_exc_class():
-            await resume.journal.refused(key, step.stage)  # never sent
+            # Never sent: say so, or a rerun would take the intent for a submit whose answer
+            # was lost (and, without a way to look it up, fail the job as unknown).
+            await resume.journal.refused(key, step.stage)
             raise
-        scope = anyio.CancelScope(shield=True)
+        scope = self._shield_class(shield=True)
         self._submits.add(scope)
         try:
             with scope:

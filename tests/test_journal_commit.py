@@ -4,17 +4,18 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import sqlite3
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 import anyio
 import pytest
-from helpers import kling_client, text_job
+from helpers import apimodels_client, kling_client, text_job
 
 import kling_async as ka
 from kling_async.dialects.kling import STAGE_ADVANCED_LIP_SYNC, STAGE_LIP_SYNC
-from kling_async.journal._sqlite import CREATED
+from kling_async.journal._sqlite import CREATED, SUBMITTING
 from kling_async.journal._sqlite_commit import Committer
 from kling_async.journal._sqlite_log import JOB, event, fold
 from kling_async.journal._sqlite_store import Store
@@ -60,8 +61,8 @@ async def test_writers_waiting_together_share_one_transaction(tmp_path: Path) ->
         assert committer.committed == 3
         assert committer.synced == 0  # nobody asked for the disk: no fsync
         # Locked to this connection (EXCLUSIVE): read through it, on the loop's thread.
-        rows = store._conn.execute("SELECT p1 FROM events ORDER BY seq").fetchall()
-        assert rows == [("k0",), ("k1",), ("k2",)]
+        [(text,)] = store._conn.execute("SELECT changes FROM events").fetchall()
+        assert [change[1] for change in json.loads(text)] == ["k0", "k1", "k2"]
         await committer.wait(2)  # committed already: no wait, no transaction
         assert store.transactions == 1
     assert on_disk(tmp_path / "j.sqlite") == [("k0",), ("k1",), ("k2",)]
@@ -125,15 +126,23 @@ async def test_a_cancelled_writer_waits_for_its_commit_then_is_cancelled(tmp_pat
 
 
 async def test_a_failed_transaction_fails_every_writer_after_it(tmp_path: Path) -> None:
-    async with committing(tmp_path / "j.sqlite") as (_, committer):
-        committer.add((None,) * 8)  # a row SQLite refuses (its operation may not be NULL)
-        with pytest.raises(ka.JournalError, match="NOT NULL constraint failed"):
+    async with committing(tmp_path / "j.sqlite") as (store, committer):
+        store._conn.execute("DROP TABLE events")  # (SQLite refuses the next transaction)
+        committer.add(job("a"))
+        with pytest.raises(ka.JournalError, match="no such table: events"):
             await committer.wait(1)
         committer.add(job("b"))
-        with pytest.raises(ka.JournalError, match="NOT NULL constraint failed"):
+        with pytest.raises(ka.JournalError, match="no such table: events"):
             await committer.wait(2)  # the journal can no longer vouch for anything
-        with pytest.raises(ka.JournalError, match="NOT NULL constraint failed"):
+        with pytest.raises(ka.JournalError, match="no such table: events"):
             await committer.wait(2, durable=True)
+
+
+async def test_a_change_that_cannot_be_recorded_fails_its_writer(tmp_path: Path) -> None:
+    async with committing(tmp_path / "j.sqlite") as (_, committer):
+        committer.add((0, object()))  # (no JSON value: a bug of ours must fail, not hang)
+        with pytest.raises(ka.JournalError, match="cannot record a change"):
+            await committer.wait(1)
 
 
 async def test_a_failed_sync_fails_the_durable_writer(tmp_path: Path) -> None:
@@ -223,3 +232,43 @@ async def test_a_crash_before_an_answered_task_id_is_on_disk_creates_no_second_t
     else:  # a crash proves nothing: named, never guessed, never sent again
         assert isinstance(again.error, ka.SubmitOutcomeUnknownError)
         assert list(again.error.candidates) == [first.task_id]
+
+
+async def test_a_batch_stopped_while_an_intent_is_committed_never_sends_it(
+    tmp_path: Path,
+) -> None:
+    # The stop arrives while a submit's intent waits for its commit (held off here): the
+    # request must not leave, and the journal must say so, or the rerun takes the intent for a
+    # submit whose answer was lost (apimodels cannot look one up: the job would fail unknown).
+    journal = tmp_path / "am.journal"
+    job = ka.LipSyncJob.from_audio(
+        video_url="https://e.com/v.mp4", audio_url="https://e.com/a.mp3", key="k0"
+    )
+    async with FakeKlingServer(task_duration=0.02) as server:
+        async with apimodels_client(server) as client:
+            with anyio.fail_after(10):
+                async with client.run_batch([job], journal=journal) as batch:
+                    control = batch._batch
+                    await until(lambda: control.resume is not None)
+                    resume = control.resume
+                    assert resume is not None
+                    store = resume.journal._store  # type: ignore[attr-defined]
+                    # Transactions run on this thread: nothing is being written right now.
+                    assert store.write_lock.acquire(blocking=False)
+                    try:
+                        await until(lambda: intents(resume.journal.job("k0")) == [SUBMITTING])
+                        control.cancel()
+                        await anyio.sleep(0.05)  # the runner is cancelled while it waits
+                    finally:
+                        store.write_lock.release()
+            assert server.tasks_created == 0, server.requests  # the request never left
+            async with apimodels_client(server) as client:
+                with anyio.fail_after(10):
+                    [again] = [r async for r in client.run_batch([job], journal=journal)]
+    assert again.ok, again.error  # sent now, once (before the fix: SubmitOutcomeUnknownError)
+    assert server.tasks_created == 2  # identify-face and lip-sync, each once
+
+
+def intents(record: object) -> list[str]:
+    stages = getattr(record, "stages", {})
+    return [stage.status for stage in stages.values()]
