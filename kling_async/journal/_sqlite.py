@@ -8,6 +8,7 @@ that submit, and the job's latest result::
                                 external_ids
     jobs(key, request_hash, video_url, result, final, reported)
     stages(key, stage, status, intent_at, task_id, snapshot, external_id, adopted)
+    events(seq, changes)        what a running batch changed, not yet folded into the above
 
 A stage's ``status`` is ``submitting`` (written, and committed, *before* its request leaves;
 ``intent_at`` is the wall-clock time), ``created`` (the task id is known: committed as soon as
@@ -30,12 +31,14 @@ leaves next), :meth:`Journal.created`, :meth:`Journal.refused`, :meth:`Journal.f
 :meth:`Journal.set_clock_offset` and :meth:`Journal.confirm_external_ids` (not waited for)
 and :meth:`Journal.close`.
 
-The file is SQLite in WAL mode, locked by one batch at a time (:mod:`._sqlite_store`, which
-also commits concurrent writes together).  A submit's intent is committed with
-``synchronous=FULL`` (on disk before its request leaves, power cut included); task ids, results
-and marks with ``NORMAL`` (they survive the process dying; a power cut can lose the last ones,
-and then a rerun looks for the task as after a crash mid-submit, or reports the result again).
-The whole journal is read into memory when it opens: every later lookup is a dictionary access.
+The file is SQLite in WAL mode, locked by one batch at a time (:mod:`._sqlite_store`).  A
+running batch appends its changes to ``events`` (:mod:`._sqlite_log`), which the next open
+folds into the tables before it reads them; concurrent writes share transactions, committed on
+the event loop (:mod:`._sqlite_commit`).  Every commit survives the process dying; a submit's
+intent is also fsynced before its request leaves (power cut included), while task ids, results
+and marks are not (a power cut can lose the last ones, and then a rerun looks for the task as
+after a crash mid-submit, or reports the result again).  The whole journal is read into memory
+when it opens: every later lookup is a dictionary access.
 """
 
 from __future__ import annotations
