@@ -15,7 +15,7 @@ from helpers import apimodels_client, kling_client, text_job
 
 import kling_async as ka
 from kling_async.dialects.kling import STAGE_ADVANCED_LIP_SYNC, STAGE_LIP_SYNC
-from kling_async.journal._sqlite import CREATED, SUBMITTING
+from kling_async.journal._sqlite import CREATED, SUBMITTING, Journal
 from kling_async.journal._sqlite_commit import Committer
 from kling_async.journal._sqlite_log import JOB, event, fold
 from kling_async.journal._sqlite_store import Store
@@ -272,3 +272,18 @@ async def test_a_batch_stopped_while_an_intent_is_committed_never_sends_it(
 def intents(record: object) -> list[str]:
     stages = getattr(record, "stages", {})
     return [stage.status for stage in stages.values()]
+
+
+async def test_a_journal_whose_last_transaction_fails_still_releases_its_file(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "j.sqlite"
+    journal = await Journal.open(path, dialect="kling", stage="lip-sync", base_url="http://x")
+    journal.begin("a", "h", None)
+    journal.reported("a")  # (queued, not waited for)
+    journal._store._conn.execute("DROP TABLE events")  # SQLite refuses the last transaction
+    with pytest.raises(ka.JournalError, match="no such table: events"):
+        await journal.close()
+    # Released all the same: the next batch opens it (its open recreates the missing log).
+    again = await Journal.open(path, dialect="kling", stage="lip-sync", base_url="http://x")
+    await again.close()

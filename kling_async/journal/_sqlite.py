@@ -372,8 +372,10 @@ class Journal(ServerFacts):
         with anyio.CancelScope(shield=True):
             self._committer.close()
             try:
-                await anyio.to_thread.run_sync(self._committer.stop)
-                await anyio.to_thread.run_sync(self._store.close)
+                try:
+                    await anyio.to_thread.run_sync(self._committer.stop)
+                finally:  # (the file is released even when its last transaction failed)
+                    await anyio.to_thread.run_sync(self._store.close)
             except sqlite3.Error as exc:
                 raise journal_error(self.path, exc) from None
 

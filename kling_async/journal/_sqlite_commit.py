@@ -141,12 +141,14 @@ class Committer:
 
     def stop(self) -> None:
         """Commit what is queued and end the sync thread (blocking; after :meth:`close`)."""
-        with self._store.write_lock:
-            statements, self._pending = self._pending, []
-            if statements and self._error is None:
-                self._store.apply(statements)
-                self.committed += len(statements)
-        self._syncer.stop()
+        try:
+            with self._store.write_lock:
+                statements, self._pending = self._pending, []
+                if statements and self._error is None:
+                    self._store.apply(statements)
+                    self.committed += len(statements)
+        finally:
+            self._syncer.stop()  # (a failed last transaction must not leave the thread waiting)
 
     def _schedule(self, *, later: bool = False) -> None:
         loop = self._loop

@@ -55,8 +55,8 @@ _UPGRADE_1 = (
     "ALTER TABLE stages ADD COLUMN external_id TEXT",
     "ALTER TABLE stages ADD COLUMN adopted INTEGER NOT NULL DEFAULT 0",
 )
-# Version 2 -> 3: the change log (:mod:`._sqlite_log`); a version 2 reader would ignore it.
-_UPGRADE_2 = (EVENTS,)
+# Version 2 -> 3: the change log (:mod:`._sqlite_log`, EVENTS), which a version 2 reader would
+# ignore: the version number makes it refuse the file instead.
 #: Meta names compared with the opening batch's; the others (batch id, clock offset) are kept.
 CHECKED_META = ("dialect", "stage", "base_url")
 
@@ -184,10 +184,8 @@ class Store:
                         f" {SCHEMA_VERSION} (not a kling_async journal, or from another version)"
                     )
                 else:
-                    upgrades = (_UPGRADE_1 if version == 1 else ()) + (
-                        _UPGRADE_2 if version <= 2 else ()
-                    )
-                    for sql in (*upgrades, _CHARGES):
+                    # (The log and the charges are created when missing, whatever the version.)
+                    for sql in (*(_UPGRADE_1 if version == 1 else ()), EVENTS, _CHARGES):
                         conn.execute(sql)
                     if version != SCHEMA_VERSION:
                         conn.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
