@@ -106,7 +106,7 @@ class Committer:
             raise cancelled
 
     def flush(self) -> None:
-        """Commit what is queued now, on the calling thread (the loop's, or any at close)."""
+        """Commit what is queued now (on the loop; :meth:`stop` commits the rest at close)."""
         self._flush_at = None
         if not self._pending or self._error is not None or self._closed:
             return
@@ -115,14 +115,12 @@ class Committer:
             self._schedule(later=True)
             return
         try:
-            statements, self._pending = self._pending, []
-            self._store.apply(statements)
+            self._commit_pending()
         except JournalError as exc:
             self._fail(exc)
             return
         finally:
             self._store.write_lock.release()
-        self.committed += len(statements)
         self._last_flush = time.monotonic()
         _settle(self._waiting, self.committed)
         if self._waiting_sync and self._loop is not None:
@@ -143,12 +141,16 @@ class Committer:
         """Commit what is queued and end the sync thread (blocking; after :meth:`close`)."""
         try:
             with self._store.write_lock:
-                statements, self._pending = self._pending, []
-                if statements and self._error is None:
-                    self._store.apply(statements)
-                    self.committed += len(statements)
+                if self._pending and self._error is None:
+                    self._commit_pending()
         finally:
             self._syncer.stop()  # (a failed last transaction must not leave the thread waiting)
+
+    def _commit_pending(self) -> None:
+        """Commit everything queued as one transaction (the caller holds the write lock)."""
+        statements, self._pending = self._pending, []
+        self._store.apply(statements)
+        self.committed += len(statements)
 
     def _schedule(self, *, later: bool = False) -> None:
         loop = self._loop
