@@ -7,6 +7,7 @@ tests/test_journal_workers.py kills worker processes.
 
 from __future__ import annotations
 
+import itertools
 import os
 import socket
 import subprocess
@@ -319,7 +320,16 @@ def test_settings_are_checked_and_the_password_never_shown() -> None:
 async def test_a_worker_that_stops_early_hands_its_jobs_to_the_next(pg_url: str) -> None:
     jobs = [text_job(n, key=f"k{n}") for n in range(30)]
     journal = PostgresJournal(url=pg_url, lease=5.0, renew=1.0, claim_poll=0.02)
-    async with FakeKlingServer(task_duration=0.2) as server:
+    made = itertools.count()
+
+    def duration(_: object) -> float:
+        # The first three tasks end first and the next three run on, so that the worker
+        # surely leaves with tasks running: with 0.2 s for all, the six ended together and a
+        # loaded CI read the status after all of them had (no slot held).
+        n = next(made)
+        return 0.05 if n < 3 else 1.0 if n < 6 else 0.2
+
+    async with FakeKlingServer(task_duration=duration) as server:
         async with kling_client(server, max_in_flight=6) as client:
             first: list[ka.JobResult] = []
             async with client.run_batch(jobs, journal=journal) as results:
