@@ -123,8 +123,9 @@ async def test_a_poller_whose_connection_breaks_gives_the_seat_up_and_jobs_still
                     await anyio.sleep(0.01)
                 with psycopg.connect(pg_url, autocommit=True) as admin:
                     # Until the seat is held (on a loaded machine it may be between holders at
-                    # the first look): then exactly one poller's connection is ended.
-                    while not terminated:
+                    # the first look), while the batches run: then exactly one poller's
+                    # connection is ended (the assertion below says if none ever was).
+                    while not terminated and len(results) < len(jobs):
                         rows = admin.execute(
                             "SELECT pg_terminate_backend(pid), pid FROM pg_stat_activity"
                             " WHERE application_name LIKE 'kling_async poller %'"
