@@ -41,8 +41,13 @@ class PollSeat(Protocol):
     async def lead(self, waiting: Sequence[str]) -> tuple[bool, dict[str, TaskSnapshot]]:
         """Take the seat if free (True: held now), and read the recorded ends of ``waiting``."""
 
-    async def live(self) -> list[tuple[str, str]] | None:
-        """``(task_id, stage)`` of every live task of the batch; None: the seat was lost."""
+    async def live(
+        self, waiting: Sequence[str]
+    ) -> tuple[list[tuple[str, str]], dict[str, TaskSnapshot]] | None:
+        """Every live task of the batch, and the recorded ends of ``waiting``.
+
+        ``(task_id, stage)`` pairs and snapshots by task id; None: the seat was lost.
+        """
 
     async def record(self, states: Sequence[tuple[str, TaskSnapshot]]) -> None:
         """Record terminal snapshots the holder saw, by task id."""
@@ -124,10 +129,18 @@ class SharedTracking:
         except BaseException:
             self._found[:0] = found
             raise
-        live = await self._seat.live()
-        if live is None:
+        read = await self._seat.live(list(self._waiting))
+        if read is None:
             self._resign()
             return
+        live, ended = read
+        for task_id, snapshot in ended.items():
+            # Recorded by the seat's last holder, maybe after this worker took the seat over
+            # (so it is not live, and no poll of this worker's would ever end its wait).
+            watch = self._followed.pop(task_id, None)
+            if watch is not None:
+                self._tracker.unwatch(watch)
+            self._deliver(task_id, snapshot, 0)
         for task_id, stage in live:
             self._follow(task_id, stage)
 

@@ -17,6 +17,7 @@ from pg import PgServer
 
 import kling_async as ka
 from kling_async.journal import PostgresJournal, open_journal
+from kling_async.journal._codec import snapshot_to_json
 from kling_async.journal._pg_poll import seat_key
 from kling_async.testing import FakeKlingServer
 
@@ -97,6 +98,48 @@ async def test_a_callback_still_finishes_a_task_on_a_worker_that_does_not_poll(
                         assert client.deliver_callback(done)
                         got = [r async for r in batch]
         assert status_requests(server) == 0
+    assert [r.key for r in got] == ["k0"] and got[0].ok
+
+
+async def test_an_end_recorded_after_the_seat_changed_hands_reaches_the_new_holder(
+    pg_url: str,
+) -> None:
+    """The seat's last holder records a task's end late, after this worker took the seat over.
+
+    The new holder waits for that task itself: it reads the recorded end (it stops polling a
+    task whose end is recorded), as a worker without the seat does.  It used to wait until the
+    poll timeout: a batch of two workers hung when its poller's connection broke.
+    """
+    journal = PostgresJournal(url=pg_url, lease=5.0, renew=1.0, claim_poll=0.02)
+    async with FakeKlingServer(task_duration=60.0) as server:
+        meta = {"dialect": "kling", "stage": "lip-sync", "base_url": server.url}
+        opened = await open_journal(journal, **meta, max_in_flight=4)
+        key = seat_key(opened.batch_id)
+        await opened.close()
+        holder = psycopg.connect(pg_url, autocommit=True)
+        holder.execute("SELECT pg_advisory_lock(%s)", (key,))  # the last holder's seat
+        async with kling_client(server, poll=POLL) as client:
+            async with client.run_batch([text_job(0, key="k0")], journal=journal) as batch:
+                with anyio.fail_after(5):
+                    while server.tasks_created == 0:  # noqa: ASYNC110
+                        await anyio.sleep(0.01)
+                    holder.close()  # the last holder's connection ends; this worker takes over
+                    with psycopg.connect(pg_url, autocommit=True) as admin:
+                        while not admin.execute(  # noqa: ASYNC110
+                            "SELECT 1 FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid"
+                            " WHERE l.locktype = 'advisory' AND l.granted"
+                            " AND a.application_name LIKE 'kling_async poller %'"
+                        ).fetchall():
+                            await anyio.sleep(0.01)
+                        while status_requests(server) == 0:  # noqa: ASYNC110
+                            await anyio.sleep(0.01)  # it polls the task, as the holder
+                        task_id = next(iter(server.tasks))
+                        done = ka.TaskSnapshot(task_id=task_id, state=ka.TaskState.SUCCEEDED)
+                        admin.execute(
+                            "INSERT INTO kling_task_states (task_id, snapshot) VALUES (%s, %s)",
+                            (task_id, snapshot_to_json(done)),
+                        )
+                    got = [r async for r in batch]
     assert [r.key for r in got] == ["k0"] and got[0].ok
 
 

@@ -29,11 +29,15 @@ __all__ = ["PgPollSeat"]
 #: A machine that vanishes without closing its connection frees the seat within about a minute.
 _KEEPALIVE: dict[str, Any] = {"keepalives": 1, "keepalives_idle": 20, "keepalives_interval": 5}
 
+#: The batch's live tasks (to follow), and the recorded ends of the tasks this worker waits
+#: for: an end the seat's last holder records after this worker took the seat over is no
+#: longer live, so the holder reads it as the workers without the seat do.
 _LIVE = (
-    "SELECT s.task_id, s.stage FROM kling_stages s JOIN kling_jobs j ON j.key = s.key"
+    "SELECT s.task_id, s.stage, NULL FROM kling_stages s JOIN kling_jobs j ON j.key = s.key"
     " WHERE s.status = 'created' AND s.task_id IS NOT NULL AND s.snapshot IS NULL"
     " AND j.state <> 'done'"
     " AND NOT EXISTS (SELECT 1 FROM kling_task_states t WHERE t.task_id = s.task_id)"
+    " UNION ALL SELECT task_id, NULL, snapshot FROM kling_task_states WHERE task_id = ANY(%s)"
 )
 
 
@@ -87,17 +91,28 @@ class PgPollSeat:
         ended = {str(task_id): snapshot_from_json(str(text)) for task_id, text in row[1] or ()}
         return bool(row[0]), ended
 
-    async def live(self) -> list[tuple[str, str]] | None:
-        """Every live task of the batch, read on the seat's connection (None: it broke)."""
+    async def live(
+        self, waiting: Sequence[str]
+    ) -> tuple[list[tuple[str, str]], dict[str, TaskSnapshot]] | None:
+        """Every live task of the batch and the recorded ends of ``waiting``.
+
+        Read on the seat's connection, in one statement; None: it broke.
+        """
         if self._conn is None:
             return None
         try:
-            cur = await self._conn.execute(_LIVE)
+            cur = await self._conn.execute(_LIVE, (list(waiting),))
             rows = await cur.fetchall()
         except psycopg.Error:
             await self.close()
             return None
-        return [(str(task_id), str(stage)) for task_id, stage in rows]
+        live = [(str(task_id), str(stage)) for task_id, stage, text in rows if text is None]
+        ended = {
+            str(task_id): snapshot_from_json(str(text))
+            for task_id, _, text in rows
+            if text is not None
+        }
+        return live, ended
 
     async def record(self, states: Sequence[tuple[str, TaskSnapshot]]) -> None:
         """Record terminal snapshots (a state recorded already stays)."""
