@@ -57,7 +57,8 @@ class PostgresJournal:
     ``claim_poll`` seconds (sooner when one of its own jobs ends); every ``claim_poll`` seconds
     too, the worker that polls the server for all (``kling_async._shared_poll``) looks for new
     tasks to follow, and the others read the recorded ends of their tasks.  A database that
-    cannot be reached for ``connect_timeout`` seconds is a :class:`~kling_async.JournalError`.
+    cannot be reached for ``connect_timeout`` seconds is a :class:`~kling_async.JournalError`;
+    a connection that breaks mid-batch is replaced and its write runs again meanwhile.
     A plain URL passed as ``journal=`` means the defaults.
     """
 

@@ -138,7 +138,8 @@ class PgJournal(ServerFacts):
             )
             await conn.execute(
                 "INSERT INTO kling_workers (id, host, pid, expires_at) VALUES"
-                " (%s, %s, %s, clock_timestamp() + make_interval(secs => %s))",
+                " (%s, %s, %s, clock_timestamp() + make_interval(secs => %s))"
+                " ON CONFLICT (id) DO NOTHING",  # (run again after a lost answer: see Db)
                 (worker, socket.gethostname(), os.getpid(), config.lease),
             )
             return stored
@@ -343,7 +344,9 @@ class PgJournal(ServerFacts):
         while True:
             skipped = self._skip.union(skip)
             got = await self._db.auto(
-                functools.partial(claim_one, worker=self.worker, skip=skipped)
+                functools.partial(claim_one, worker=self.worker, skip=skipped),
+                # A claim whose answer was lost is handed back before claiming again.
+                recover=functools.partial(release_claims, worker=self.worker, keep=self._jobs),
             )
             if got is None:
                 return False
@@ -353,7 +356,9 @@ class PgJournal(ServerFacts):
             if key not in self._known:
                 # Not among this worker's jobs: hand it back (another worker runs it).
                 self._skip.add(key)
-                await self._db.tx(functools.partial(unclaim, key=key, row=got.row))
+                await self._db.tx(
+                    functools.partial(unclaim, key=key, row=got.row, worker=self.worker)
+                )
                 continue
             job = job_from_rows(got.row, got.stages)
             self._jobs[key] = job

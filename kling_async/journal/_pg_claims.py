@@ -208,16 +208,19 @@ async def renew_lease(conn: Conn, *, worker: str, lease: float) -> bool:
     return await cur.fetchone() is not None
 
 
-async def release_claims(conn: Conn, *, worker: str) -> None:
+async def release_claims(conn: Conn, *, worker: str, keep: Collection[str] | None = None) -> None:
     """A worker stops: its unfinished jobs become claimable, and its lease ends now.
 
     A job whose submit never left gives its slot back; one whose task may exist keeps it.
+    With ``keep`` (the jobs the worker knows it holds), only the others are handed back and
+    the lease goes on: a claim committed though its answer was lost (the connection broke)
+    is undone, so that the job does not stay claimed by a worker that does not know it.
     """
     cur = await conn.execute(
         "SELECT j.key, j.slot, EXISTS (SELECT 1 FROM kling_stages s WHERE s.key = j.key"
         " AND s.status <> 'refused') FROM kling_jobs j WHERE j.worker = %s"
-        " AND j.state = 'claimed' FOR UPDATE",
-        (worker,),
+        " AND j.state = 'claimed' AND NOT (j.key = ANY(%s)) FOR UPDATE",
+        (worker, list(keep or ())),
     )
     rows = await cur.fetchall()
     for key, slot, may_have_task in rows:
@@ -227,10 +230,12 @@ async def release_claims(conn: Conn, *, worker: str) -> None:
         )
         if slot and not may_have_task:
             await give_back(conn, ended=False)
-    await conn.execute(
-        "UPDATE kling_workers SET expires_at = LEAST(expires_at, clock_timestamp()) WHERE id = %s",
-        (worker,),
-    )
+    if keep is None:
+        await conn.execute(
+            "UPDATE kling_workers SET expires_at = LEAST(expires_at, clock_timestamp())"
+            " WHERE id = %s",
+            (worker,),
+        )
 
 
 def job_from_rows(row: tuple[Any, ...], stages: list[tuple[Any, ...]]) -> JournalJob:
@@ -239,14 +244,18 @@ def job_from_rows(row: tuple[Any, ...], stages: list[tuple[Any, ...]]) -> Journa
     return job_from_row(((key, request_hash, video_url, result, final, reported), stages))
 
 
-async def unclaim(conn: Conn, *, key: str, row: tuple[Any, ...]) -> None:
-    """Hand back a job just claimed (``row`` as :func:`claim_one` read it), and its new slot."""
+async def unclaim(conn: Conn, *, key: str, row: tuple[Any, ...], worker: str) -> None:
+    """Hand back a job just claimed (``row`` as :func:`claim_one` read it), and its new slot.
+
+    Idempotent: once handed back the job is no longer ``worker``'s, and nothing changes.
+    """
     state, slot = row[3], row[4]
-    await conn.execute(
-        "UPDATE kling_jobs SET state = %s, slot = %s, worker = NULL WHERE key = %s",
-        ("done" if state == "done" else "pending", slot, key),
+    cur = await conn.execute(
+        "UPDATE kling_jobs SET state = %s, slot = %s, worker = NULL"
+        " WHERE key = %s AND worker = %s RETURNING 1",
+        ("done" if state == "done" else "pending", slot, key, worker),
     )
-    if state != "done" and not slot:
+    if await cur.fetchone() is not None and state != "done" and not slot:
         await give_back(conn, ended=False)
 
 

@@ -3,15 +3,25 @@
 Two pools: connections that commit asynchronously (``synchronous_commit=off``: everything but
 a submit's intent) and connections with the server's default, which wait for the disk (the
 intents).  Either way one write is one statement where it can be (see :meth:`Db.one`).
-Every failure becomes a :class:`~kling_async.JournalError` naming the database (without its
-password); once :attr:`Db.broken` is set, nothing more is written.
+
+A connection that breaks (a database server restarted or failed over, a proxy or firewall
+that dropped it) or a transaction the server rolled back (a deadlock) is not the end of the
+batch: the work runs again on another connection, backing off, for up to the journal's
+``connect_timeout``.  That is safe because every write of the journal is idempotent: run again
+after it committed (its answer lost with the connection), it finds its own work done and
+changes nothing.  The one exception, a claim, repairs what a lost answer leaves behind first
+(see ``recover`` in :meth:`Db.auto`).  Past that time, and for any other error, the failure is
+a :class:`~kling_async.JournalError` naming the database (without its password); once
+:attr:`Db.broken` is set, nothing more is written.
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
+import anyio
 import psycopg
 from psycopg_pool import AsyncConnectionPool, PoolTimeout
 
@@ -22,6 +32,17 @@ from ._pg_claims import Conn
 __all__ = ["Db"]
 
 T = TypeVar("T")
+
+logger = logging.getLogger("kling_async")
+
+#: Failures after which the work may run again: the connection broke or could not be had
+#: (the server went away, was restarted, ended the session, ran out of connections), or the
+#: server rolled the transaction back (a deadlock, a serialization failure): psycopg's
+#: ``OperationalError`` and its subclasses (``TransactionRollback`` among them).
+_TRANSIENT = (psycopg.OperationalError, PoolTimeout)
+#: First and longest pause between two attempts (seconds; doubled each time).
+_FIRST_PAUSE = 0.05
+_LONGEST_PAUSE = 1.0
 
 
 class Db:
@@ -38,9 +59,15 @@ class Db:
             open=False,
             kwargs={"autocommit": True},
             configure=_configure,
+            timeout=config.connect_timeout,
         )
         self._durable: AsyncConnectionPool[Any] = AsyncConnectionPool(
-            config.url, min_size=1, max_size=size, open=False, kwargs={"autocommit": True}
+            config.url,
+            min_size=1,
+            max_size=size,
+            open=False,
+            kwargs={"autocommit": True},
+            timeout=config.connect_timeout,
         )
         #: Statements and transactions committed so far.
         self.transactions = 0
@@ -75,42 +102,83 @@ class Db:
         transaction does not hold its row locks while the disk syncs: every claim and every
         finished job updates the one ``kling_account`` row, and waiting for the disk there
         made slot accounting the batch's bottleneck (benchmarks/README.md, "Many workers").
+        The statement must be idempotent (see the module docstring).
         """
-        if self.broken is not None:
-            raise self.broken
-        try:
-            async with (self._durable if durable else self._pool).connection() as conn:
-                cur = await conn.execute(statement, params)
-                row = await cur.fetchone()
-        except (psycopg.Error, PoolTimeout) as exc:
-            raise JournalError(f"journal {self.path}: {reason(exc)}") from None
-        self.transactions += 1
-        assert row is not None  # (every statement here answers one row)
-        return tuple(row)
 
-    async def auto(self, work: Callable[[Conn], Awaitable[T]]) -> T:
-        """Run ``work`` on a connection outside any transaction (each statement its own)."""
-        if self.broken is not None:
-            raise self.broken
-        try:
-            async with self._pool.connection() as conn:
-                result = await work(conn)
-        except (psycopg.Error, PoolTimeout) as exc:
-            raise JournalError(f"journal {self.path}: {reason(exc)}") from None
-        self.transactions += 1
-        return result
+        async def work(conn: Conn) -> tuple[Any, ...]:
+            cur = await conn.execute(statement, params)
+            row = await cur.fetchone()
+            assert row is not None  # (every statement here answers one row)
+            return tuple(row)
+
+        return await self._run(self._durable if durable else self._pool, work, None, False)
+
+    async def auto(
+        self,
+        work: Callable[[Conn], Awaitable[T]],
+        *,
+        recover: Callable[[Conn], Awaitable[None]] | None = None,
+    ) -> T:
+        """Run ``work`` on a connection outside any transaction (each statement its own).
+
+        ``recover`` runs (in a transaction of its own) before each attempt after the first:
+        for work that is not idempotent, it undoes what a first attempt may have committed
+        though its answer was lost.
+        """
+        return await self._run(self._pool, work, recover, False)
 
     async def tx(self, work: Callable[[Conn], Awaitable[T]]) -> T:
-        """Run ``work`` in one transaction (committed asynchronously: see :meth:`one`)."""
-        if self.broken is not None:
-            raise self.broken
-        try:
-            async with self._pool.connection() as conn, conn.transaction():
-                result = await work(conn)
-        except (psycopg.Error, PoolTimeout) as exc:
-            raise JournalError(f"journal {self.path}: {reason(exc)}") from None
-        self.transactions += 1
-        return result
+        """Run idempotent ``work`` in one transaction (committed asynchronously, as :meth:`one`)."""
+        return await self._run(self._pool, work, None, True)
+
+    async def _run(
+        self,
+        pool: AsyncConnectionPool[Any],
+        work: Callable[[Conn], Awaitable[T]],
+        recover: Callable[[Conn], Awaitable[None]] | None,
+        transaction: bool,
+    ) -> T:
+        """Run ``work``, again on another connection after a transient failure (for a while)."""
+        deadline: float | None = None
+        pause = _FIRST_PAUSE
+        while True:
+            if self.broken is not None:
+                raise self.broken
+            try:
+                async with pool.connection() as conn:
+                    if deadline is not None and recover is not None:
+                        async with conn.transaction():
+                            await recover(conn)
+                    if transaction:
+                        async with conn.transaction():
+                            result = await work(conn)
+                    else:
+                        result = await work(conn)
+            except _TRANSIENT as exc:
+                now = anyio.current_time()
+                if isinstance(exc, PoolTimeout):  # (no connection for connect_timeout already)
+                    raise JournalError(f"journal {self.path}: {reason(exc)}") from None
+                if deadline is None:
+                    deadline = now + self._connect_timeout
+                    logger.warning(
+                        "journal %s: %s; trying again for up to %g s",
+                        self.path,
+                        reason(exc),
+                        self._connect_timeout,
+                    )
+                if now >= deadline:
+                    raise JournalError(f"journal {self.path}: {reason(exc)}") from None
+                await anyio.sleep(min(pause, deadline - now))
+                pause = min(pause * 2, _LONGEST_PAUSE)
+                # The pool's idle connections likely broke with this one (a restarted server):
+                # drop them all now rather than meet them one attempt at a time.
+                with anyio.move_on_after(max(0.0, deadline - anyio.current_time())):
+                    await pool.check()
+                continue
+            except psycopg.Error as exc:
+                raise JournalError(f"journal {self.path}: {reason(exc)}") from None
+            self.transactions += 1
+            return result
 
 
 async def _configure(conn: psycopg.AsyncConnection[Any]) -> None:

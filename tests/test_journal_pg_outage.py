@@ -1,0 +1,135 @@
+"""The PostgreSQL journal when its connections break: work runs again, nothing is doubled.
+
+The database ends every connection of the batch (as a restarted or failed-over server, or a
+proxy dropping idle connections, would): each worker's writes run again on new connections,
+and the batch ends with every job once, as if nothing had happened.  A database gone for
+longer than ``connect_timeout`` still stops the batch with :class:`~kling_async.JournalError`.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import anyio
+import psycopg
+import pytest
+from helpers import kling_client, text_job
+from pg import PgServer
+
+import kling_async as ka
+from kling_async.journal import PostgresJournal, SharedBackend, open_journal
+from kling_async.journal._pg_claims import claim_one
+from kling_async.testing import FakeKlingServer
+
+pytestmark = pytest.mark.anyio
+
+POLL = ka.PollPolicy(first_delay=0.02, max_interval=0.04, multiplier=1.5, timeout=30.0)
+META = {"dialect": "kling", "stage": "lip-sync", "base_url": "http://127.0.0.1:1"}
+
+
+def end_connections(url: str, admin_url: str | None = None) -> int:
+    """End every connection to ``url``'s database but the admin's; how many there were."""
+    name = url.rsplit("/", 1)[1]
+    with psycopg.connect(admin_url or url, autocommit=True) as admin:
+        rows = admin.execute(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
+            " WHERE datname = %s AND pid <> pg_backend_pid()",
+            (name,),
+        ).fetchall()
+    return sum(1 for (ended,) in rows if ended)
+
+
+def account(url: str) -> tuple[int, int]:
+    """The account's held slots, and the slots the jobs say they hold."""
+    with psycopg.connect(url) as conn:
+        held = conn.execute("SELECT held FROM kling_account").fetchone()
+        slots = conn.execute("SELECT count(*) FROM kling_jobs WHERE slot").fetchone()
+    assert held is not None and slots is not None
+    return int(held[0]), int(slots[0])
+
+
+async def test_a_batch_rides_through_the_database_ending_its_connections(
+    pg_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Twice mid-batch every connection of two workers is ended: every job still runs once."""
+    journal = PostgresJournal(url=pg_url, lease=5.0, renew=0.5, claim_poll=0.02)
+    jobs = [text_job(n, key=f"k{n}") for n in range(30)]
+    results: list[ka.JobResult] = []
+    ended: list[int] = []
+    caplog.set_level(logging.WARNING, logger="kling_async")
+    async with FakeKlingServer(task_duration=0.1, task_limit=6) as server:
+
+        async def run() -> None:
+            async with kling_client(server, max_in_flight=6, poll=POLL) as client:
+                async for item in client.run_batch(jobs, journal=journal):
+                    results.append(item)
+
+        with anyio.fail_after(60):
+            async with anyio.create_task_group() as group:
+                group.start_soon(run)
+                group.start_soon(run)
+                for mark in (8, 18):
+                    while len(results) < mark:  # noqa: ASYNC110
+                        await anyio.sleep(0.005)
+                    ended.append(end_connections(pg_url))
+    assert min(ended) >= 4  # (both workers' pools and poll seats, at least)
+    assert sorted(r.key for r in results) == sorted(j.key for j in jobs if j.key)
+    assert all(r.ok for r in results), [r.error for r in results if not r.ok]
+    assert server.tasks_created == len(jobs)  # no job submitted twice
+    assert account(pg_url) == (0, 0)  # every slot given back exactly once
+    assert any("trying again" in r.getMessage() for r in caplog.records)
+
+
+async def test_a_claim_whose_answer_was_lost_is_handed_back_before_the_next(
+    pg_url: str,
+) -> None:
+    """A claim committed, its answer lost with the connection: the worker does not know the job.
+
+    Its next claim (on a new connection) hands that job back first, so it is claimed again,
+    by someone who knows it, and its slot is not counted twice.
+    """
+    config = PostgresJournal(url=pg_url, lease=5.0, renew=1.0, claim_poll=0.02)
+    journal = await open_journal(config, **META, max_in_flight=4)
+    assert isinstance(journal, SharedBackend)
+    try:
+        await journal.load([(f"k{n}", f"hash-{n}", None) for n in range(3)])
+        # The lost claim: committed for this worker, on a connection whose answer never came.
+        async with await psycopg.AsyncConnection.connect(pg_url, autocommit=True) as lost:
+            got = await claim_one(lost, worker=journal.worker, skip=())
+        assert got is not None and not isinstance(got, str)
+        assert end_connections(pg_url) >= 2  # the worker's pooled connections break too
+        claimed = []
+        while (key := await journal.claim()) not in (None, False):
+            claimed.append(key)
+        assert sorted(claimed) == ["k0", "k1", "k2"]  # the lost one (k0) among them
+        assert account(pg_url) == (3, 3)  # one slot each, none leaked
+    finally:
+        await journal.close()
+    assert account(pg_url) == (0, 0)
+
+
+async def test_a_database_gone_for_longer_than_connect_timeout_still_stops_the_batch(
+    pg_server: PgServer,
+) -> None:
+    """Connections refused for good (the database closed to them): JournalError in time."""
+    url = pg_server.new_database()
+    journal = PostgresJournal(url=url, lease=5.0, renew=1.0, claim_poll=0.02, connect_timeout=1.0)
+    jobs = [text_job(n, key=f"k{n}") for n in range(6)]
+    seen = 0
+
+    async def consume(client: ka.KlingClient) -> None:
+        nonlocal seen
+        async for _ in client.run_batch(jobs, journal=journal):
+            seen += 1
+            if seen == 1:  # the database refuses connections from now on
+                name = url.rsplit("/", 1)[1]
+                with psycopg.connect(pg_server.url(), autocommit=True) as admin:
+                    admin.execute(f'ALTER DATABASE "{name}" ALLOW_CONNECTIONS false')
+                end_connections(url, admin_url=pg_server.url())
+
+    async with FakeKlingServer(task_duration=0.2) as server:
+        async with kling_client(server, max_in_flight=2, poll=POLL) as client:
+            with anyio.fail_after(30), pytest.raises(ka.JournalError) as info:
+                await consume(client)
+    assert seen < len(jobs)
+    assert url.rsplit("/", 1)[1] in str(info.value)
