@@ -24,7 +24,7 @@ from .._errors import JournalError
 from ._config import PostgresJournal, is_postgres_url, redact
 from ._sqlite import CREATED, JournalJob, job_from_row
 from ._sqlite_log import fold
-from ._sqlite_store import Row, journal_error
+from ._sqlite_store import Row, journal_error, read_rows
 
 __all__ = ["JournalStatus", "WorkerLease", "read_jobs", "read_status"]
 
@@ -127,19 +127,7 @@ def _sqlite_rows(path: Path) -> list[Row]:
             conn.close()
             conn = copy
             fold(conn, str(path))
-        jobs: dict[str, Row] = {}
-        for row in conn.execute(
-            "SELECT key, request_hash, video_url, result, final, reported FROM jobs ORDER BY rowid"
-        ):
-            jobs[row[0]] = (row, [])
-        columns = {row[1] for row in conn.execute("PRAGMA table_info(stages)")}
-        extra = ", external_id, adopted" if "external_id" in columns else ", NULL, 0"
-        for row in conn.execute(
-            f"SELECT key, stage, status, intent_at, task_id, snapshot{extra} FROM stages"
-        ):
-            if row[0] in jobs:
-                jobs[row[0]][1].append(row)
-        return list(jobs.values())
+        return read_rows(conn)
     except sqlite3.Error as exc:
         raise journal_error(str(path), exc) from None
     finally:

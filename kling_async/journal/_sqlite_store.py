@@ -23,7 +23,7 @@ except ImportError:  # pragma: no cover - Windows: SQLite's own lock alone (it w
 from .._errors import JournalError, ValidationError
 from ._sqlite_log import EVENTS, INSERT_EVENT, encode, fold
 
-__all__ = ["SCHEMA_VERSION", "Row", "Store"]
+__all__ = ["SCHEMA_VERSION", "Row", "Store", "read_rows"]
 
 #: ``PRAGMA user_version`` of the layout this module writes (versions 1 and 2 are upgraded).
 SCHEMA_VERSION = 3
@@ -196,7 +196,7 @@ class Store:
                         conn.execute("INSERT INTO meta VALUES (?, ?)", (name, meta[name]))
                         stored[name] = meta[name]
                 conn.execute(_CHARGES)
-                rows = self._read()
+                rows = read_rows(self._conn)
                 self.charges = {
                     key: (float(units), bool(settled))
                     for key, units, settled in conn.execute("SELECT * FROM charges")
@@ -207,19 +207,6 @@ class Store:
                     conn.execute("ROLLBACK")
                 raise
         return stored, rows
-
-    def _read(self) -> list[Row]:
-        jobs: dict[str, Row] = {}
-        for row in self._conn.execute(
-            "SELECT key, request_hash, video_url, result, final, reported FROM jobs"
-        ):
-            jobs[row[0]] = (row, [])
-        for row in self._conn.execute(
-            "SELECT key, stage, status, intent_at, task_id, snapshot, external_id, adopted"
-            " FROM stages"
-        ):
-            jobs[row[0]][1].append(row)
-        return list(jobs.values())
 
     def apply(self, events: list[tuple[Any, ...]]) -> None:
         """Append ``events`` (:func:`._sqlite_log.event` tuples) to the log in one transaction.
@@ -296,3 +283,24 @@ def journal_error(path: str, exc: sqlite3.Error) -> JournalError:
     if "locked" in text or "busy" in text:
         text += " (is another batch using this journal?)"
     return JournalError(f"journal {path}: {text}")
+
+
+def read_rows(conn: sqlite3.Connection) -> list[Row]:
+    """Every job's row and its stages' rows, in the order the jobs were first recorded.
+
+    Reads files of every layout version as they are (a read-only export does not upgrade
+    them): version 1 had no ``external_id`` and ``adopted`` columns.
+    """
+    jobs: dict[str, Row] = {}
+    for row in conn.execute(
+        "SELECT key, request_hash, video_url, result, final, reported FROM jobs ORDER BY rowid"
+    ):
+        jobs[row[0]] = (row, [])
+    columns = {row[1] for row in conn.execute("PRAGMA table_info(stages)")}
+    extra = ", external_id, adopted" if "external_id" in columns else ", NULL, 0"
+    for row in conn.execute(
+        f"SELECT key, stage, status, intent_at, task_id, snapshot{extra} FROM stages"
+    ):
+        if row[0] in jobs:
+            jobs[row[0]][1].append(row)
+    return list(jobs.values())
