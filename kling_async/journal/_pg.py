@@ -256,10 +256,13 @@ class PgJournal(ServerFacts):
             "ended": result.task_id is not None,
             "keep": keep,
         }
-        await self._fenced(job, sql.FINISHED, params)
         if keep:
+            # Kept before the write: the batch may let go of the slot while it is under way
+            # (its follower cancelled as the batch stops), and slot_ended must not miss it.
+            # An early SLOT_ENDED frees the slot first; FINISHED then finds none to keep.
             self._kept.add(result.key)
-        else:
+        await self._fenced(job, sql.FINISHED, params)
+        if not keep:
             self._wake()
 
     def slot_ended(self, key: str) -> None:
@@ -319,6 +322,9 @@ class PgJournal(ServerFacts):
         with anyio.CancelScope(shield=True):
             try:
                 if self._db.broken is None:
+                    # The batch follows no task any more: a slot still kept goes back now.
+                    self._ended.extend(self._kept)
+                    self._kept.clear()
                     await self._flush_marks()
                     await self._db.tx(functools.partial(release_claims, worker=self.worker))
             finally:
@@ -365,6 +371,9 @@ class PgJournal(ServerFacts):
             for stage in job.stages.values():
                 if stage.task_id is not None:
                     self._owners[stage.task_id] = key
+            if got.row[3] == "done" and got.row[4]:
+                # A dead worker's timed-out task kept its slot: nobody follows it now.
+                await self._fenced(job, sql.SLOT_ENDED, {"ended": False})
             if got.row[3] == "done" and job.result is not None:
                 return job.result  # finished by a worker that died before reporting it
             return key
@@ -411,13 +420,20 @@ class PgJournal(ServerFacts):
         freed.set()
 
     async def _fenced(
-        self, job: JournalJob, statement: str, params: dict[str, Any], *, durable: bool = False
+        self,
+        job: JournalJob,
+        statement: str,
+        params: dict[str, Any],
+        *,
+        durable: bool = False,
+        closing: bool = False,
     ) -> tuple[Any, ...]:
         """Run a :mod:`._pg_sql` statement on ``job`` (else raise: it is another worker's).
 
         A job begun outside :meth:`load` is written (and claimed) first, with its first change.
+        ``closing``: a write :meth:`close` makes itself (after the journal closed to the batch).
         """
-        if self._closed:
+        if self._closed and not closing:
             raise JournalError(f"journal {self.path} is closed")
         with anyio.CancelScope(shield=True):  # memory and database must agree
             if not job.stored:
@@ -439,7 +455,8 @@ class PgJournal(ServerFacts):
         meta, self._meta = self._meta, {}
         ended, self._ended = self._ended, []
         for key in ended:
-            await self._fenced(self._jobs[key], sql.SLOT_ENDED, {"ended": True})
+            # (at close too: the slots let go of as the batch ended)
+            await self._fenced(self._jobs[key], sql.SLOT_ENDED, {"ended": True}, closing=True)
         if ended:
             self._wake()
         if not keys and not meta:

@@ -93,15 +93,29 @@ SELECT (SELECT count(*) FROM chosen), upd.*,
 FROM (SELECT 1) one LEFT JOIN upd ON true
 """
 
+#: Nothing claimed: the slots dead workers kept for their timed-out tasks go back to the
+#: account.  Nobody follows those tasks any more (as when a batch stops, see ``_slots``), and
+#: every other worker would wait for those slots for ever.
+_FREE_KEPT = f"""
+WITH {_DEAD},
+freed AS (
+    UPDATE kling_jobs SET slot = false
+    WHERE worker IN (SELECT id FROM dead) AND state = 'done' AND slot
+    RETURNING 1)
+UPDATE kling_account SET held = held - (SELECT count(*) FROM freed)
+WHERE id = 1 AND EXISTS (SELECT 1 FROM freed)
+"""
+
 #: Nothing to claim: is anything left that this worker may yet claim?  Dead workers with
-#: nothing left to take over are marked drained on the way (not looked at again).
+#: nothing left to take over (or to free: ``_FREE_KEPT``) are marked drained on the way (not
+#: looked at again).
 _LEFT = f"""
 WITH {_DEAD},
 drain AS (
     UPDATE kling_workers w SET drained = true
     WHERE id IN (SELECT id FROM dead) AND NOT EXISTS (
         SELECT 1 FROM kling_jobs j WHERE j.worker = w.id
-          AND (j.state = 'claimed' OR (j.state = 'done' AND NOT j.reported))))
+          AND (j.state = 'claimed' OR (j.state = 'done' AND (NOT j.reported OR j.slot)))))
 SELECT EXISTS (
     SELECT 1 FROM kling_jobs WHERE NOT (key = ANY(%(skip)s)) AND (
         state = 'pending' OR (state = 'claimed' AND worker IS DISTINCT FROM %(worker)s)
@@ -123,6 +137,7 @@ async def claim_one(conn: Conn, *, worker: str, skip: Collection[str]) -> Claime
     chosen, job, stages = row[0], row[1:9], row[9]
     if job[0] is not None:
         return Claimed(row=tuple(job), stages=[tuple(stage) for stage in stages or ()])
+    await conn.execute(_FREE_KEPT)
     if chosen:
         return "no-slot"
     cur = await conn.execute(_LEFT, params)
