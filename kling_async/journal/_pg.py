@@ -18,6 +18,7 @@ whose clocks differ agree on who is dead.
 from __future__ import annotations
 
 import functools
+import logging
 import os
 import socket
 import uuid
@@ -56,6 +57,8 @@ from ._sqlite import REFUSED, SUBMITTING, JournalJob, JournalStage
 __all__ = ["PgJournal"]
 
 T = TypeVar("T")
+
+logger = logging.getLogger("kling_async")
 
 
 class PgJournal(ServerFacts):
@@ -292,7 +295,10 @@ class PgJournal(ServerFacts):
     async def commit_marks(self) -> None:
         """Commit marks as they come and renew this worker's lease, until cancelled.
 
-        A failing journal ends it quietly: the batch's next write raises the error.
+        A broken journal (lease lost, a job taken over) ends it quietly: the batch's next write
+        raises the error.  A database out of reach for longer than ``connect_timeout`` does
+        not: the marks are written with the next ones (or at close), and the lease is renewed
+        on, as long as the database comes back before it expires.
         """
         async with anyio.create_task_group() as group:
 
@@ -307,7 +313,11 @@ class PgJournal(ServerFacts):
                 try:
                     await self._flush_marks()
                 except JournalError:
-                    break
+                    if self._db.broken is not None:
+                        break
+                    # (not the lease's end: ending here also ended its renewal, and the
+                    # worker went on running its jobs until others took them over)
+                    logger.warning("journal %s: marks kept for the next write", self.path)
             group.cancel_scope.cancel()
 
     async def close(self) -> None:
@@ -454,6 +464,16 @@ class PgJournal(ServerFacts):
         keys, self._marks = self._marks, []
         meta, self._meta = self._meta, {}
         ended, self._ended = self._ended, []
+        try:
+            await self._write_marks(keys, meta, ended)
+        except BaseException:
+            # Written with the next ones: every write here may run again.
+            self._marks[:0] = keys
+            self._meta = {**meta, **self._meta}
+            self._ended[:0] = ended
+            raise
+
+    async def _write_marks(self, keys: list[str], meta: dict[str, str], ended: list[str]) -> None:
         for key in ended:
             # (at close too: the slots let go of as the batch ended)
             await self._fenced(self._jobs[key], sql.SLOT_ENDED, {"ended": True}, closing=True)
