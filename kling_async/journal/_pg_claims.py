@@ -100,7 +100,8 @@ _FREE_KEPT = f"""
 WITH {_DEAD},
 freed AS (
     UPDATE kling_jobs SET slot = false
-    WHERE worker IN (SELECT id FROM dead) AND state = 'done' AND slot
+    WHERE EXISTS (SELECT 1 FROM dead)  -- (no scan at all while every worker is alive)
+      AND worker IN (SELECT id FROM dead) AND state = 'done' AND slot
     RETURNING 1)
 UPDATE kling_account SET held = held - (SELECT count(*) FROM freed)
 WHERE id = 1 AND EXISTS (SELECT 1 FROM freed)
