@@ -423,3 +423,31 @@ async def test_a_timed_out_task_keeps_its_shared_slot_until_it_ends(pg_url: str)
     assert seen[0][1] == 1  # reported timed out, its task still running: its slot is kept
     assert len(second) == 1 and second[0].born >= slow.born + 0.8 - 0.01  # sent after it ended
     assert account(pg_url)[2] == 0
+
+
+async def test_a_dead_workers_result_met_by_a_worker_without_its_job_stays_takeable(
+    pg_url: str,
+) -> None:
+    """A dead worker's unreported result, claimed first by a worker whose job file lacks it.
+
+    That worker hands it back; the result must stay a dead worker's, for a worker that has
+    the job to report (else nobody ever reports it, in this batch or a rerun).
+    """
+    dead = await worker(pg_url, lease=0.3, renew=0.1)
+    other = await worker(pg_url, lease=0.3, renew=0.1)  # another job file
+    late = await worker(pg_url, lease=0.3, renew=0.1)  # the dead one's job file
+    await dead.load(rows(2, "a"))
+    assert await dead.claim() == "a0"
+    await dead.finished(result("a0"), final=True)  # recorded, never reported
+    await other.load(rows(1, "b"))
+    await anyio.sleep(0.45)  # dead's lease runs out
+    async with anyio.create_task_group() as group:
+        group.start_soon(other.commit_marks)
+        group.start_soon(late.commit_marks)
+        assert await other.claim() == "b0"  # after handing a0 back
+        await late.load(rows(2, "a"))
+        assert await late.claim() == result("a0")
+        group.cancel_scope.cancel()
+    await late.close()
+    await other.close()
+    await dead.close()

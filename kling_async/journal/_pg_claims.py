@@ -52,7 +52,11 @@ _DEAD = """dead AS MATERIALIZED (
 
 @attrs.frozen(kw_only=True)
 class Claimed:
-    """A job row this worker has just claimed, and its stage rows."""
+    """A job row this worker has just claimed, and its stage rows.
+
+    ``row``: key, request_hash, video_url, state and slot before the claim, result, final,
+    reported, and the worker it was claimed from (a dead one's, or None).
+    """
 
     row: tuple[Any, ...]
     stages: list[tuple[Any, ...]]
@@ -64,13 +68,13 @@ class Claimed:
 _CLAIM = f"""
 WITH {_DEAD},
 orphan AS (
-    SELECT key, state, slot FROM kling_jobs
+    SELECT key, state, slot, worker FROM kling_jobs
     WHERE worker IN (SELECT id FROM dead)
       AND (state = 'claimed' OR (state = 'done' AND NOT reported))
       AND NOT (key = ANY(%(skip)s))
     ORDER BY seq LIMIT 1 FOR UPDATE SKIP LOCKED),
 fresh AS (
-    SELECT key, state, slot FROM kling_jobs
+    SELECT key, state, slot, worker FROM kling_jobs
     WHERE state = 'pending' AND NOT (key = ANY(%(skip)s)) AND NOT EXISTS (SELECT 1 FROM orphan)
     ORDER BY slot DESC, seq LIMIT 1 FOR UPDATE SKIP LOCKED),
 chosen AS (SELECT * FROM orphan UNION ALL SELECT * FROM fresh),
@@ -86,7 +90,7 @@ upd AS (
     FROM chosen c
     WHERE j.key = c.key AND (c.state = 'done' OR c.slot OR EXISTS (SELECT 1 FROM acc))
     RETURNING j.key, j.request_hash, j.video_url, c.state, c.slot, j.result, j.final,
-        j.reported)
+        j.reported, c.worker)
 SELECT (SELECT count(*) FROM chosen), upd.*,
     (SELECT json_agg(json_build_array(s.key, s.stage, s.status, s.intent_at, s.task_id,
         s.snapshot, s.external_id, s.adopted)) FROM kling_stages s WHERE s.key = upd.key)
@@ -135,7 +139,7 @@ async def claim_one(conn: Conn, *, worker: str, skip: Collection[str]) -> Claime
     cur = await conn.execute(_CLAIM, params)
     row = await cur.fetchone()
     assert row is not None  # (one row always: the left join)
-    chosen, job, stages = row[0], row[1:9], row[9]
+    chosen, job, stages = row[0], row[1:10], row[10]
     if job[0] is not None:
         return Claimed(row=tuple(job), stages=[tuple(stage) for stage in stages or ()])
     await conn.execute(_FREE_KEPT)
@@ -256,22 +260,29 @@ async def release_claims(conn: Conn, *, worker: str, keep: Collection[str] | Non
 
 def job_from_rows(row: tuple[Any, ...], stages: list[tuple[Any, ...]]) -> JournalJob:
     """A job as :class:`JournalJob` from its PostgreSQL row (two columns more than SQLite's)."""
-    key, request_hash, video_url, _, _, result, final, reported = row
+    key, request_hash, video_url, _, _, result, final, reported = row[:8]
     return job_from_row(((key, request_hash, video_url, result, final, reported), stages))
 
 
 async def unclaim(conn: Conn, *, key: str, row: tuple[Any, ...], worker: str) -> None:
     """Hand back a job just claimed (``row`` as :func:`claim_one` read it), and its new slot.
 
-    Idempotent: once handed back the job is no longer ``worker``'s, and nothing changes.
+    A dead worker's unreported result goes back to that worker (undrained), so that a worker
+    that has the job still takes it over and reports it.  Idempotent: once handed back the
+    job is no longer ``worker``'s, and nothing changes.
     """
-    state, slot = row[3], row[4]
+    state, slot, before = row[3], row[4], row[8]
+    done = state == "done"
     cur = await conn.execute(
-        "UPDATE kling_jobs SET state = %s, slot = %s, worker = NULL"
+        "UPDATE kling_jobs SET state = %s, slot = %s, worker = %s"
         " WHERE key = %s AND worker = %s RETURNING 1",
-        ("done" if state == "done" else "pending", slot, key, worker),
+        ("done" if done else "pending", slot, before if done else None, key, worker),
     )
-    if await cur.fetchone() is not None and state != "done" and not slot:
+    if await cur.fetchone() is None:
+        return
+    if done:
+        await conn.execute("UPDATE kling_workers SET drained = false WHERE id = %s", (before,))
+    elif not slot:
         await give_back(conn, ended=False)
 
 
