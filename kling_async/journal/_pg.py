@@ -60,6 +60,10 @@ T = TypeVar("T")
 
 logger = logging.getLogger("kling_async")
 
+#: Seconds before a renewal that failed is tried again (each try itself retries for up to
+#: ``connect_timeout``, see ``Db``).
+_RENEW_RETRY = 0.1
+
 
 class PgJournal(ServerFacts):
     """A worker's view of a shared PostgreSQL journal; build it with :meth:`open`.
@@ -488,14 +492,19 @@ class PgJournal(ServerFacts):
 
     async def _renew(self) -> None:
         """Renew the lease every ``renew`` seconds; an expired lease breaks the journal."""
+        pause = self._config.renew
         while True:
-            await anyio.sleep(self._config.renew)
+            await anyio.sleep(pause)
 
             work = functools.partial(renew_lease, worker=self.worker, lease=self._config.lease)
             try:
                 renewed = await self._db.tx(work)
             except JournalError:
-                continue  # the database may come back before the lease runs out
+                # The database may come back before the lease runs out: try again soon (a
+                # whole ``renew`` later may be past the lease, the database back long before).
+                pause = min(self._config.renew, _RENEW_RETRY)
+                continue
+            pause = self._config.renew
             if not renewed:
                 self._db.broken = JournalError(
                     f"journal {self.path}: this worker's lease expired (not renewed for"
