@@ -434,8 +434,8 @@ async def test_a_dead_workers_result_met_by_a_worker_without_its_job_stays_takea
     the job to report (else nobody ever reports it, in this batch or a rerun).
     """
     dead = await worker(pg_url, lease=0.3, renew=0.1)
-    other = await worker(pg_url, lease=0.3, renew=0.1)  # another job file
-    late = await worker(pg_url, lease=0.3, renew=0.1)  # the dead one's job file
+    other = await worker(pg_url)  # another job file
+    late = await worker(pg_url)  # the dead one's job file
     await dead.load(rows(2, "a"))
     assert await dead.claim() == "a0"
     await dead.finished(result("a0"), final=True)  # recorded, never reported

@@ -94,7 +94,7 @@ async def test_a_dead_workers_kept_slot_goes_back_to_the_account(
     forever (claim() answering None: no slot).
     """
     dead = await worker(pg_url, lease=0.3, renew=0.1)
-    alive = await worker(pg_url, lease=0.3, renew=0.1)
+    alive = await worker(pg_url)
     await dead.load(rows(2))
     await alive.load(rows(2))
     await start_task(dead, "k0", "t0")
@@ -158,3 +158,47 @@ async def test_a_batch_ending_with_a_timed_out_task_closes_cleanly(pg_url: str) 
                 ]
     assert [(r.key, r.state) for r in results] == [("slow", ka.TaskState.TIMED_OUT)]
     assert held(pg_url) == (0, 0)
+
+
+async def test_a_job_holding_a_slot_is_claimed_while_a_dead_workers_job_waits_for_one(
+    pg_url: str,
+) -> None:
+    """Orphans come first, but not one that needs a slot when none is free.
+
+    A worker stopped early: its job (its task may run) waits, pending, with the account's
+    slot.  Another died after a 1303 had taken its job's slot away (the limit lowered to what
+    is held).  That orphan can get no slot until the pending job runs and ends; the pending job
+    needs none: it must be claimed, or every worker waits for ever.
+    """
+    stopped = await worker(pg_url, max_in_flight=2)
+    dead = await worker(pg_url, max_in_flight=2, lease=0.3, renew=0.1)
+    alive = await worker(pg_url, max_in_flight=2)
+    for journal in (stopped, dead, alive):
+        await journal.load(rows(2))
+    await start_task(stopped, "k0", "t0")
+    assert await dead.claim() == "k1"
+    await dead.submitting("k1", "lip-sync", 2.0)
+    await dead.refused("k1", "lip-sync")
+    await dead.concurrency_refused("k1")  # the account sustains 1: k0's
+    await stopped.close()  # k0 pending, holding its slot: its task may be running
+    assert held(pg_url) == (1, 1)
+    # dead "dies" waiting for a slot again (its lease runs out: 0.3 s).
+    await anyio.sleep(0.45)
+    async with anyio.create_task_group() as group:
+        group.start_soon(alive.commit_marks)
+        with anyio.fail_after(3):
+            while (claim := await alive.claim()) != "k0":
+                assert claim is None, claim
+                await alive.wait_for_slot()
+        await alive.finished(
+            ka.JobResult(key="k0", task_id="t0", state=ka.TaskState.SUCCEEDED), final=True
+        )
+        with anyio.fail_after(3):  # k0's slot is free: now the orphan gets it
+            while (claim := await alive.claim()) != "k1":
+                assert claim is None, claim
+                await alive.wait_for_slot()
+        group.cancel_scope.cancel()
+    await alive.close()
+    assert held(pg_url) == (0, 0)
+    with contextlib.suppress(ka.JournalError):  # (fenced out: its job was taken over)
+        await dead.close()

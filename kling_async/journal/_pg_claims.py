@@ -7,7 +7,8 @@ workers never wait on each other in a circle.
   workers never claim the same job, and neither waits for the other), and in the same
   statement, one transaction, the task slot it needs: ``held + 1`` only where ``held < lim``.
   A job that holds a slot already (its task may be running: its worker died or stopped) is
-  claimed first and needs none.  Jobs of workers whose lease has expired come before new ones.
+  claimed first and needs none.  Jobs of workers whose lease has expired come before new ones
+  (unless one needs a slot and none is free).
 * :func:`load_jobs` records the jobs (idempotent by key); :func:`renew_lease` and
   :func:`release_claims` keep and end a worker's lease; :func:`give_back` frees a slot.
 * The writes on one claimed job (the result gives its slot back, a 1303 lowers the shared
@@ -62,9 +63,10 @@ class Claimed:
     stages: list[tuple[Any, ...]]
 
 
-#: Claim one job in one statement (one round trip): a dead worker's job first, else the first
-#: pending one (one that holds a slot first: its task may be running); a slot from the account
-#: only for a job that needs one and only while ``held < lim``; the job's stages with it.
+#: Claim one job in one statement (one round trip): a dead worker's job first (unless it needs a
+#: slot and none is free), else the first pending one (one that holds a slot first: its task may
+#: be running); a slot from the account only for a job that needs one and only while
+#: ``held < lim``; the job's stages with it.
 _CLAIM = f"""
 WITH {_DEAD},
 orphan AS (
@@ -72,6 +74,9 @@ orphan AS (
     WHERE worker IN (SELECT id FROM dead)
       AND (state = 'claimed' OR (state = 'done' AND NOT reported))
       AND NOT (key = ANY(%(skip)s))
+      -- One that needs a slot while none is free waits, and does not hold up the jobs that
+      -- hold one (their slots may be the ones it waits for).
+      AND (slot OR state = 'done' OR (SELECT held < lim FROM kling_account WHERE id = 1))
     ORDER BY seq LIMIT 1 FOR UPDATE SKIP LOCKED),
 fresh AS (
     SELECT key, state, slot, worker FROM kling_jobs
