@@ -14,6 +14,7 @@ import anyio
 import psycopg
 import pytest
 from helpers import kling_client, text_job
+from pg import PgServer
 
 import kling_async as ka
 from kling_async.journal import PostgresJournal, SharedBackend, open_journal
@@ -202,3 +203,47 @@ async def test_a_job_holding_a_slot_is_claimed_while_a_dead_workers_job_waits_fo
     assert held(pg_url) == (0, 0)
     with contextlib.suppress(ka.JournalError):  # (fenced out: its job was taken over)
         await dead.close()
+
+
+async def test_a_timed_out_result_that_could_not_be_written_leaves_the_slot_with_the_job(
+    pg_server: PgServer,
+) -> None:
+    """The database is out of reach as a task times out: its result is not written.
+
+    The batch stops; at close the job is handed on still holding its slot (its task may run),
+    as any claimed job with a task is: its slot is not given back as a kept one's would be.
+    """
+    url = pg_server.new_database()
+    name = url.rsplit("/", 1)[1]
+    journal = await worker(url, connect_timeout=0.2)
+    await journal.load(rows(1))
+    await start_task(journal, "k0", "t0")
+
+    def allow(yes: bool) -> None:
+        with psycopg.connect(pg_server.url(), autocommit=True) as admin:
+            admin.execute(f'ALTER DATABASE "{name}" ALLOW_CONNECTIONS {str(yes).lower()}')
+
+    try:
+        allow(False)
+        with psycopg.connect(pg_server.url(), autocommit=True) as admin:
+            admin.execute(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = %s",
+                (name,),
+            )
+        with pytest.raises(ka.JournalError):
+            await journal.finished(timed_out("k0", "t0"), final=False)
+        journal.slot_ended("k0")  # the batch stops: its follower lets go
+    finally:
+        allow(True)
+    with anyio.fail_after(10):
+        while True:  # until its connections are back (the pool backs off meanwhile)
+            try:
+                await journal.refresh()
+                break
+            except ka.JournalError:
+                await anyio.sleep(0.05)
+    await journal.close()
+    with psycopg.connect(url) as conn:
+        row = conn.execute("SELECT state, slot FROM kling_jobs WHERE key = 'k0'").fetchone()
+    assert row == ("pending", True)
+    assert held(url) == (1, 1)

@@ -268,7 +268,12 @@ class PgJournal(ServerFacts):
             # (its follower cancelled as the batch stops), and slot_ended must not miss it.
             # An early SLOT_ENDED frees the slot first; FINISHED then finds none to keep.
             self._kept.add(result.key)
-        await self._fenced(job, sql.FINISHED, params)
+        try:
+            await self._fenced(job, sql.FINISHED, params)
+        except BaseException:
+            # Not recorded: the job holds its slot as a claimed job does (close hands it on).
+            self._kept.discard(result.key)
+            raise
         if not keep:
             self._wake()
 
