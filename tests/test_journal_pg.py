@@ -21,6 +21,7 @@ from helpers import FAST_POLL, kling_client, text_job
 
 import kling_async as ka
 from kling_async.journal import PostgresJournal, SharedBackend, open_journal
+from kling_async.journal import _pg_sql as sql
 from kling_async.journal._export import read_jobs, read_status
 from kling_async.testing import FakeKlingServer
 
@@ -451,3 +452,65 @@ async def test_a_dead_workers_result_met_by_a_worker_without_its_job_stays_takea
     await late.close()
     await other.close()
     await dead.close()
+
+
+async def test_a_takeover_sees_the_intent_its_late_worker_committed_as_it_claimed(
+    pg_url: str,
+) -> None:
+    """A worker alive past its lease writes a submit's intent just as another takes its job.
+
+    Its write is fenced by the claim: it commits before the taker locks the job's row, and
+    then the taker must see it (the submit is about to leave: it is looked for, never sent
+    again), or after, and then it is refused.  The taker's claim read the stages in the
+    snapshot its statement began with, and missed an intent committed in between (28% of
+    rounds here, with the dead worker's done jobs slowing the claim's scan): the job's submit
+    went twice.
+    """
+    taker = await worker(pg_url, max_in_flight=1000)
+    filler = 2000  # the late worker's earlier jobs, done and reported
+    async with await psycopg.AsyncConnection.connect(pg_url, autocommit=True) as admin:
+        await admin.execute(
+            "INSERT INTO kling_workers (id, host, pid, expires_at)"
+            " VALUES ('late', 'h', 1, clock_timestamp() - interval '1 s')"
+        )
+        await admin.execute(
+            "INSERT INTO kling_jobs (key, seq, request_hash, state, worker, result, reported,"
+            " final) SELECT 'f' || n, n, 'h', 'done', 'late', '{}', true, true"
+            " FROM generate_series(1, %s) n",
+            (filler,),
+        )
+        async with await psycopg.AsyncConnection.connect(pg_url, autocommit=True) as late:
+            missed = seen = 0
+            for n in range(150):
+                key = f"r{n}"
+                await taker.load([(key, "h", "https://e.com/v.mp4")])
+                await admin.execute(  # the late worker's claim, as claim() leaves it
+                    "UPDATE kling_jobs SET state = 'claimed', worker = 'late', slot = true,"
+                    " seq = %s WHERE key = %s",
+                    (filler + n + 1, key),
+                )
+                await admin.execute("UPDATE kling_account SET held = held + 1")
+                wrote: list[bool] = []
+
+                async def intent(key: str = key, wrote: list[bool] = wrote) -> None:
+                    # The late worker's own write (PgJournal.submitting's statement).
+                    params = {"key": key, "worker": "late", "stage": "lip-sync", "at": 1.0}
+                    cur = await late.execute(sql.SUBMITTING, {**params, "external_id": None})
+                    row = await cur.fetchone()
+                    wrote.append(bool(row and row[0]))
+
+                async with anyio.create_task_group() as group:
+                    group.start_soon(intent)
+                    got = await taker.claim()
+                if got != key:  # its row was locked by the write: the next claim takes it
+                    got = await taker.claim()
+                assert got == key
+                record = taker.job(key)
+                assert record is not None
+                if wrote[0]:
+                    seen += 1
+                    missed += "lip-sync" not in record.stages
+                await taker.finished(result(key, None), final=True)
+    await taker.close()
+    assert seen > 0  # the intent won the race sometimes
+    assert missed == 0, f"{missed} of {seen} intents committed before the takeover were missed"

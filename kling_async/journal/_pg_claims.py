@@ -102,6 +102,12 @@ SELECT (SELECT count(*) FROM chosen), upd.*,
 FROM (SELECT 1) one LEFT JOIN upd ON true
 """
 
+#: A job's stages, as :data:`_CLAIM` reads them.
+_STAGES = """
+SELECT json_agg(json_build_array(s.key, s.stage, s.status, s.intent_at, s.task_id,
+    s.snapshot, s.external_id, s.adopted)) FROM kling_stages s WHERE s.key = %s
+"""
+
 #: Nothing claimed: the slots dead workers kept for their timed-out tasks go back to the
 #: account.  Nobody follows those tasks any more (as when a batch stops, see ``_slots``), and
 #: every other worker would wait for those slots for ever.
@@ -146,6 +152,14 @@ async def claim_one(conn: Conn, *, worker: str, skip: Collection[str]) -> Claime
     assert row is not None  # (one row always: the left join)
     chosen, job, stages = row[0], row[1:10], row[10]
     if job[0] is not None:
+        if job[3] == "claimed":
+            # A dead worker's job: its worker, alive past its lease, may have committed a write
+            # (a submit's intent, about to leave) after this statement's snapshot and before it
+            # locked the row; the stages it read would miss it, and the submit go twice.  Read
+            # after the claim committed, they hold every write its worker can still make.
+            cur = await conn.execute(_STAGES, (job[0],))
+            again = await cur.fetchone()
+            stages = again[0] if again is not None else None
         return Claimed(row=tuple(job), stages=[tuple(stage) for stage in stages or ()])
     await conn.execute(_FREE_KEPT)
     if chosen:
