@@ -514,3 +514,39 @@ async def test_a_takeover_sees_the_intent_its_late_worker_committed_as_it_claime
     await taker.close()
     assert seen > 0  # the intent won the race sometimes
     assert missed == 0, f"{missed} of {seen} intents committed before the takeover were missed"
+
+
+async def test_a_changed_job_is_refused_when_its_intent_commits_during_the_check(
+    pg_url: str,
+) -> None:
+    """A worker loads a changed job just as the job's worker commits its submit's intent.
+
+    The job may have a task now: the change is refused, the intent kept.  The check read the
+    stages before it locked the job, then started the record over, deleting the intent of a
+    submit on its way (that worker's task paid, the job submitted again).
+    """
+    one, two = await worker(pg_url), await worker(pg_url)
+    await one.load(rows(1))
+    assert await one.claim() == "k0"
+    async with await psycopg.AsyncConnection.connect(pg_url) as conn:
+        async with anyio.create_task_group() as group:
+            async with conn.transaction():
+                # one's intent (PgJournal.submitting's statement), committed a moment later.
+                params = {"key": "k0", "worker": one.worker, "stage": "lip-sync", "at": 1.0}  # type: ignore[attr-defined]
+                await conn.execute(sql.SUBMITTING, {**params, "external_id": None})
+                refused: list[BaseException] = []
+
+                async def load_changed() -> None:
+                    try:
+                        await two.load([("k0", "other-hash", None)])
+                    except ka.ValidationError as exc:
+                        refused.append(exc)
+
+                group.start_soon(load_changed)
+                await anyio.sleep(0.3)  # two has checked, and waits for the job's row
+        record = await read_jobs(pg_url)
+    assert refused and "'k0' names another job" in str(refused[0])
+    assert record[0].request_hash == "hash-0"
+    assert record[0].stages["lip-sync"].status == "submitting"
+    await one.close()
+    await two.close()

@@ -216,6 +216,20 @@ async def _check_changed(conn: Conn, wanted: dict[str, tuple[str, str | None]]) 
         new_digest, url = wanted[key]
         if digest == new_digest:
             continue
+        if not may_have_task:
+            # Looked at again once the job is locked, in a statement of its own (a newer
+            # snapshot): its worker may have committed a submit's intent since (it locks the
+            # job's row to write it), and that submit is on its way.
+            cur = await conn.execute(
+                "SELECT slot FROM kling_jobs WHERE key = %s FOR UPDATE", (key,)
+            )
+            held = await cur.fetchone()
+            cur = await conn.execute(
+                "SELECT EXISTS (SELECT 1 FROM kling_stages WHERE key = %s AND status <> 'refused')",
+                (key,),
+            )
+            again = await cur.fetchone()
+            may_have_task = bool(again and again[0])
         if may_have_task:
             raise ValidationError(
                 "key",
@@ -224,8 +238,6 @@ async def _check_changed(conn: Conn, wanted: dict[str, tuple[str, str | None]]) 
                 " changed job a new key, or use a new journal",
             )
         # It never created a task: its record starts over (a slot it held is freed).
-        cur = await conn.execute("SELECT slot FROM kling_jobs WHERE key = %s FOR UPDATE", (key,))
-        held = await cur.fetchone()
         await conn.execute(
             "UPDATE kling_jobs SET request_hash = %s, video_url = %s, state = 'pending',"
             " worker = NULL, result = NULL, final = false, reported = false, slot = false"
