@@ -1,9 +1,11 @@
-"""The PostgreSQL journal's kept slots (a timed-out task's) always go back to the account.
+"""The PostgreSQL journal's task slots: a kept one always goes back, none is waited for in vain.
 
 A task reported ``TIMED_OUT`` keeps its job's slot in ``kling_account`` until its worker sees
 it end or stops following it.  These tests drive the ways that slot could stay held for good
 (every other worker then waits for a slot that never frees): the worker letting go while the
-result is being written, the worker dying (or its lease running out) with the slot kept.
+result is being written, the batch ending, the worker dying (or its lease running out) with the
+slot kept; and a dead worker's job that needs a slot while the slots are held by jobs waiting
+to be claimed.
 """
 
 from __future__ import annotations
