@@ -21,6 +21,7 @@ from helpers import FAST_POLL, kling_client, text_job
 
 import kling_async as ka
 from kling_async.journal import PostgresJournal, SharedBackend, open_journal
+from kling_async.journal import _pg_sql as sql
 from kling_async.journal._export import read_jobs, read_status
 from kling_async.testing import FakeKlingServer
 
@@ -423,3 +424,129 @@ async def test_a_timed_out_task_keeps_its_shared_slot_until_it_ends(pg_url: str)
     assert seen[0][1] == 1  # reported timed out, its task still running: its slot is kept
     assert len(second) == 1 and second[0].born >= slow.born + 0.8 - 0.01  # sent after it ended
     assert account(pg_url)[2] == 0
+
+
+async def test_a_dead_workers_result_met_by_a_worker_without_its_job_stays_takeable(
+    pg_url: str,
+) -> None:
+    """A dead worker's unreported result, claimed first by a worker whose job file lacks it.
+
+    That worker hands it back; the result must stay a dead worker's, for a worker that has
+    the job to report (else nobody ever reports it, in this batch or a rerun).
+    """
+    dead = await worker(pg_url, lease=0.3, renew=0.1)
+    other = await worker(pg_url)  # another job file
+    late = await worker(pg_url)  # the dead one's job file
+    await dead.load(rows(2, "a"))
+    assert await dead.claim() == "a0"
+    await dead.finished(result("a0"), final=True)  # recorded, never reported
+    await other.load(rows(1, "b"))
+    await anyio.sleep(0.45)  # dead's lease runs out
+    async with anyio.create_task_group() as group:
+        group.start_soon(other.commit_marks)
+        group.start_soon(late.commit_marks)
+        assert await other.claim() == "b0"  # after handing a0 back
+        await late.load(rows(2, "a"))
+        assert await late.claim() == result("a0")
+        group.cancel_scope.cancel()
+    await late.close()
+    await other.close()
+    await dead.close()
+
+
+async def test_a_takeover_sees_the_intent_its_late_worker_committed_as_it_claimed(
+    pg_url: str,
+) -> None:
+    """A worker alive past its lease writes a submit's intent just as another takes its job.
+
+    Its write is fenced by the claim: it commits before the taker locks the job's row, and
+    then the taker must see it (the submit is about to leave: it is looked for, never sent
+    again), or after, and then it is refused.  The taker's claim read the stages in the
+    snapshot its statement began with, and missed an intent committed in between (28% of
+    rounds here, with the dead worker's done jobs slowing the claim's scan): the job's submit
+    went twice.
+    """
+    taker = await worker(pg_url, max_in_flight=1000)
+    filler = 2000  # the late worker's earlier jobs, done and reported
+    async with await psycopg.AsyncConnection.connect(pg_url, autocommit=True) as admin:
+        await admin.execute(
+            "INSERT INTO kling_workers (id, host, pid, expires_at)"
+            " VALUES ('late', 'h', 1, clock_timestamp() - interval '1 s')"
+        )
+        await admin.execute(
+            "INSERT INTO kling_jobs (key, seq, request_hash, state, worker, result, reported,"
+            " final) SELECT 'f' || n, n, 'h', 'done', 'late', '{}', true, true"
+            " FROM generate_series(1, %s) n",
+            (filler,),
+        )
+        async with await psycopg.AsyncConnection.connect(pg_url, autocommit=True) as late:
+            missed = seen = 0
+            for n in range(150):
+                key = f"r{n}"
+                await taker.load([(key, "h", "https://e.com/v.mp4")])
+                await admin.execute(  # the late worker's claim, as claim() leaves it
+                    "UPDATE kling_jobs SET state = 'claimed', worker = 'late', slot = true,"
+                    " seq = %s WHERE key = %s",
+                    (filler + n + 1, key),
+                )
+                await admin.execute("UPDATE kling_account SET held = held + 1")
+                wrote: list[bool] = []
+
+                async def intent(key: str = key, wrote: list[bool] = wrote) -> None:
+                    # The late worker's own write (PgJournal.submitting's statement).
+                    params = {"key": key, "worker": "late", "stage": "lip-sync", "at": 1.0}
+                    cur = await late.execute(sql.SUBMITTING, {**params, "external_id": None})
+                    row = await cur.fetchone()
+                    wrote.append(bool(row and row[0]))
+
+                async with anyio.create_task_group() as group:
+                    group.start_soon(intent)
+                    got = await taker.claim()
+                if got != key:  # its row was locked by the write: the next claim takes it
+                    got = await taker.claim()
+                assert got == key
+                record = taker.job(key)
+                assert record is not None
+                if wrote[0]:
+                    seen += 1
+                    missed += "lip-sync" not in record.stages
+                await taker.finished(result(key, None), final=True)
+    await taker.close()
+    assert seen > 0  # the intent won the race sometimes
+    assert missed == 0, f"{missed} of {seen} intents committed before the takeover were missed"
+
+
+async def test_a_changed_job_is_refused_when_its_intent_commits_during_the_check(
+    pg_url: str,
+) -> None:
+    """A worker loads a changed job just as the job's worker commits its submit's intent.
+
+    The job may have a task now: the change is refused, the intent kept.  The check read the
+    stages before it locked the job, then started the record over, deleting the intent of a
+    submit on its way (that worker's task paid, the job submitted again).
+    """
+    one, two = await worker(pg_url), await worker(pg_url)
+    await one.load(rows(1))
+    assert await one.claim() == "k0"
+    async with await psycopg.AsyncConnection.connect(pg_url) as conn:
+        async with anyio.create_task_group() as group:
+            async with conn.transaction():
+                # one's intent (PgJournal.submitting's statement), committed a moment later.
+                params = {"key": "k0", "worker": one.worker, "stage": "lip-sync", "at": 1.0}  # type: ignore[attr-defined]
+                await conn.execute(sql.SUBMITTING, {**params, "external_id": None})
+                refused: list[BaseException] = []
+
+                async def load_changed() -> None:
+                    try:
+                        await two.load([("k0", "other-hash", None)])
+                    except ka.ValidationError as exc:
+                        refused.append(exc)
+
+                group.start_soon(load_changed)
+                await anyio.sleep(0.3)  # two has checked, and waits for the job's row
+        record = await read_jobs(pg_url)
+    assert refused and "'k0' names another job" in str(refused[0])
+    assert record[0].request_hash == "hash-0"
+    assert record[0].stages["lip-sync"].status == "submitting"
+    await one.close()
+    await two.close()

@@ -9,6 +9,7 @@ longer than ``connect_timeout`` still stops the batch with :class:`~kling_async.
 from __future__ import annotations
 
 import logging
+from typing import Any
 
 import anyio
 import psycopg
@@ -133,3 +134,105 @@ async def test_a_database_gone_for_longer_than_connect_timeout_still_stops_the_b
                 await consume(client)
     assert seen < len(jobs)
     assert url.rsplit("/", 1)[1] in str(info.value)
+
+
+async def test_marks_that_fail_in_an_outage_keep_the_lease_and_are_written_later(
+    pg_server: PgServer,
+) -> None:
+    """The database refuses connections for longer than connect_timeout while only marks wait.
+
+    The marks' write fails; the batch (whose jobs are running tasks, not writing) goes on.  The
+    worker must go on renewing its lease (else its jobs would be taken over while it runs
+    them, and it would stop at its next write), and the marks are written once it is back.
+    """
+    url = pg_server.new_database()
+    name = url.rsplit("/", 1)[1]
+    config = PostgresJournal(url=url, lease=3.0, renew=0.1, claim_poll=0.02, connect_timeout=0.2)
+    journal = await open_journal(config, **META, max_in_flight=2)
+    assert isinstance(journal, SharedBackend)
+
+    def allow(yes: bool) -> None:
+        with psycopg.connect(pg_server.url(), autocommit=True) as admin:
+            admin.execute(f'ALTER DATABASE "{name}" ALLOW_CONNECTIONS {str(yes).lower()}')
+
+    try:
+        await journal.load([("k0", "hash-0", None), ("k1", "hash-1", None)])
+        assert await journal.claim() == "k0"
+        await journal.finished(
+            ka.JobResult(key="k0", task_id="t0", state=ka.TaskState.SUCCEEDED), final=True
+        )
+        assert await journal.claim() == "k1"  # still running when the database comes back
+        async with anyio.create_task_group() as group:
+            group.start_soon(journal.commit_marks)
+            allow(False)
+            end_connections(url, admin_url=pg_server.url())
+            journal.reported("k0")
+            await anyio.sleep(0.8)  # the marks' write gave up (connect_timeout 0.2 s)
+            allow(True)
+            await anyio.sleep(3.5)  # longer than the lease
+            with psycopg.connect(url) as conn:
+                row = conn.execute(
+                    "SELECT expires_at > clock_timestamp() FROM kling_workers WHERE id = %s",
+                    (journal.worker,),  # type: ignore[attr-defined]
+                ).fetchone()
+            assert row is not None and row[0], "the lease was not renewed after the outage"
+            group.cancel_scope.cancel()
+        await journal.finished(  # its job is still its own
+            ka.JobResult(key="k1", task_id="t1", state=ka.TaskState.SUCCEEDED), final=True
+        )
+    finally:
+        allow(True)
+        await journal.close()
+    with psycopg.connect(url) as conn:
+        row = conn.execute("SELECT reported FROM kling_jobs WHERE key = 'k0'").fetchone()
+    assert row is not None and row[0], "the mark that failed was lost"
+
+
+async def test_a_lease_outlives_an_outage_shorter_than_the_lease(pg_server: PgServer) -> None:
+    """The database refuses connections for less than the lease: the worker keeps its lease.
+
+    A renewal that failed (after trying for connect_timeout) is tried again soon, not a whole
+    ``renew`` later: that came after the lease had run out, though the database was back long
+    before, and the worker stopped with its jobs taken over.
+    """
+    url = pg_server.new_database()
+    name = url.rsplit("/", 1)[1]
+    config = PostgresJournal(url=url, lease=5.0, renew=3.0, claim_poll=0.02, connect_timeout=0.3)
+    journal = await open_journal(config, **META, max_in_flight=2)
+    assert isinstance(journal, SharedBackend)
+
+    def allow(yes: bool) -> None:
+        with psycopg.connect(pg_server.url(), autocommit=True) as admin:
+            admin.execute(f'ALTER DATABASE "{name}" ALLOW_CONNECTIONS {str(yes).lower()}')
+
+    def expires() -> tuple[Any, bool]:
+        with psycopg.connect(url) as conn:
+            row = conn.execute(
+                "SELECT expires_at, expires_at > clock_timestamp() FROM kling_workers"
+            ).fetchone()
+        assert row is not None
+        return row[0], bool(row[1])
+
+    try:
+        await journal.load([("k0", "hash-0", None)])
+        assert await journal.claim() == "k0"
+        first, _ = expires()
+        async with anyio.create_task_group() as group:
+            group.start_soon(journal.commit_marks)
+            with anyio.fail_after(10):
+                while expires()[0] == first:  # noqa: ASYNC110
+                    await anyio.sleep(0.05)  # renewed: the next renewal comes in 3 s
+            allow(False)
+            end_connections(url, admin_url=pg_server.url())
+            await anyio.sleep(3.4)  # the renewal due meanwhile failed; 1.6 s of lease left
+            allow(True)
+            await anyio.sleep(2.0)  # past the lease the last renewal gave (renewed since)
+            _, alive = expires()
+            assert alive, "the lease ran out though the database was back in time"
+            group.cancel_scope.cancel()
+        await journal.finished(  # its job is still its own
+            ka.JobResult(key="k0", task_id="t0", state=ka.TaskState.SUCCEEDED), final=True
+        )
+    finally:
+        allow(True)
+        await journal.close()

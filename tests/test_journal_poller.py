@@ -180,3 +180,53 @@ async def test_a_poller_whose_connection_breaks_gives_the_seat_up_and_jobs_still
     assert sorted(r.key for r in results) == sorted(j.key for j in jobs if j.key)
     assert all(r.ok for r in results)
     assert server.tasks_created == len(jobs)
+
+
+async def test_a_poller_whose_lease_expired_gives_the_seat_up(pg_url: str) -> None:
+    """The poller's lease runs out while it is alive (paused, cut off): its journal is broken.
+
+    It can record no end any more, so it must not keep the seat: another worker takes it and
+    its tasks end at once.  (It used to hold the seat until its own batch stopped, at the end
+    of its own task: every other worker's tasks waited that long.)
+    """
+    journal = PostgresJournal(url=pg_url, lease=5.0, renew=0.05, claim_poll=0.02)
+    made = iter([4.0])  # the first worker's task runs long; the second worker's do not
+
+    def duration(_: object) -> float:
+        return next(made, 0.1)
+
+    async with FakeKlingServer(task_duration=duration) as server:
+        ended: dict[str, float] = {}
+
+        async def first() -> None:
+            async with kling_client(server, max_in_flight=2, poll=POLL) as client:
+                with pytest.raises(ka.JournalError, match=r"lease expired|no longer"):
+                    async for _ in client.run_batch([text_job(0, key="k0")], journal=journal):
+                        pass
+
+        async def second() -> None:
+            jobs = [text_job(0, key="k0"), text_job(1, key="k1")]
+            async with kling_client(server, max_in_flight=2, poll=POLL) as client:
+                async for item in client.run_batch(jobs, journal=journal):
+                    ended[item.key] = anyio.current_time()
+
+        with anyio.fail_after(20):
+            async with anyio.create_task_group() as group:
+                group.start_soon(first)
+                with psycopg.connect(pg_url, autocommit=True) as admin:
+                    seat = (
+                        "SELECT 1 FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid"
+                        " WHERE l.locktype = 'advisory' AND l.granted"
+                        " AND a.application_name LIKE 'kling_async poller %'"
+                    )
+                    # Until the first worker runs k0 and holds the seat:
+                    while server.tasks_created == 0 or not admin.execute(seat).fetchall():  # noqa: ASYNC110
+                        await anyio.sleep(0.01)
+                    admin.execute(  # its lease runs out (only it has one yet)
+                        "UPDATE kling_workers SET expires_at = clock_timestamp() - interval '1 s'"
+                    )
+                await anyio.sleep(0.3)  # it has found out (it renews every 0.05 s)
+                started = anyio.current_time()
+                group.start_soon(second)
+    assert sorted(ended) == ["k0", "k1"]  # k0 taken over, k1 its own
+    assert ended["k1"] - started < 2.0, ended["k1"] - started  # not after k0's 4 s task

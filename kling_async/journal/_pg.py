@@ -18,6 +18,7 @@ whose clocks differ agree on who is dead.
 from __future__ import annotations
 
 import functools
+import logging
 import os
 import socket
 import uuid
@@ -56,6 +57,12 @@ from ._sqlite import REFUSED, SUBMITTING, JournalJob, JournalStage
 __all__ = ["PgJournal"]
 
 T = TypeVar("T")
+
+logger = logging.getLogger("kling_async")
+
+#: Seconds before a renewal that failed is tried again (each try itself retries for up to
+#: ``connect_timeout``, see ``Db``).
+_RENEW_RETRY = 0.1
 
 
 class PgJournal(ServerFacts):
@@ -256,10 +263,18 @@ class PgJournal(ServerFacts):
             "ended": result.task_id is not None,
             "keep": keep,
         }
-        await self._fenced(job, sql.FINISHED, params)
         if keep:
+            # Kept before the write: the batch may let go of the slot while it is under way
+            # (its follower cancelled as the batch stops), and slot_ended must not miss it.
+            # An early SLOT_ENDED frees the slot first; FINISHED then finds none to keep.
             self._kept.add(result.key)
-        else:
+        try:
+            await self._fenced(job, sql.FINISHED, params)
+        except BaseException:
+            # Not recorded: the job holds its slot as a claimed job does (close hands it on).
+            self._kept.discard(result.key)
+            raise
+        if not keep:
             self._wake()
 
     def slot_ended(self, key: str) -> None:
@@ -289,7 +304,10 @@ class PgJournal(ServerFacts):
     async def commit_marks(self) -> None:
         """Commit marks as they come and renew this worker's lease, until cancelled.
 
-        A failing journal ends it quietly: the batch's next write raises the error.
+        A broken journal (lease lost, a job taken over) ends it quietly: the batch's next write
+        raises the error.  A database out of reach for longer than ``connect_timeout`` does
+        not: the marks are written with the next ones (or at close), and the lease is renewed
+        on, as long as the database comes back before it expires.
         """
         async with anyio.create_task_group() as group:
 
@@ -304,7 +322,11 @@ class PgJournal(ServerFacts):
                 try:
                     await self._flush_marks()
                 except JournalError:
-                    break
+                    if self._db.broken is not None:
+                        break
+                    # (not the lease's end: ending here also ended its renewal, and the
+                    # worker went on running its jobs until others took them over)
+                    logger.warning("journal %s: marks kept for the next write", self.path)
             group.cancel_scope.cancel()
 
     async def close(self) -> None:
@@ -319,6 +341,9 @@ class PgJournal(ServerFacts):
         with anyio.CancelScope(shield=True):
             try:
                 if self._db.broken is None:
+                    # The batch follows no task any more: a slot still kept goes back now.
+                    self._ended.extend(self._kept)
+                    self._kept.clear()
                     await self._flush_marks()
                     await self._db.tx(functools.partial(release_claims, worker=self.worker))
             finally:
@@ -365,6 +390,9 @@ class PgJournal(ServerFacts):
             for stage in job.stages.values():
                 if stage.task_id is not None:
                     self._owners[stage.task_id] = key
+            if got.row[3] == "done" and got.row[4]:
+                # A dead worker's timed-out task kept its slot: nobody follows it now.
+                await self._fenced(job, sql.SLOT_ENDED, {"ended": False})
             if got.row[3] == "done" and job.result is not None:
                 return job.result  # finished by a worker that died before reporting it
             return key
@@ -411,13 +439,20 @@ class PgJournal(ServerFacts):
         freed.set()
 
     async def _fenced(
-        self, job: JournalJob, statement: str, params: dict[str, Any], *, durable: bool = False
+        self,
+        job: JournalJob,
+        statement: str,
+        params: dict[str, Any],
+        *,
+        durable: bool = False,
+        closing: bool = False,
     ) -> tuple[Any, ...]:
         """Run a :mod:`._pg_sql` statement on ``job`` (else raise: it is another worker's).
 
         A job begun outside :meth:`load` is written (and claimed) first, with its first change.
+        ``closing``: a write :meth:`close` makes itself (after the journal closed to the batch).
         """
-        if self._closed:
+        if self._closed and not closing:
             raise JournalError(f"journal {self.path} is closed")
         with anyio.CancelScope(shield=True):  # memory and database must agree
             if not job.stored:
@@ -438,8 +473,19 @@ class PgJournal(ServerFacts):
         keys, self._marks = self._marks, []
         meta, self._meta = self._meta, {}
         ended, self._ended = self._ended, []
+        try:
+            await self._write_marks(keys, meta, ended)
+        except BaseException:
+            # Written with the next ones: every write here may run again.
+            self._marks[:0] = keys
+            self._meta = {**meta, **self._meta}
+            self._ended[:0] = ended
+            raise
+
+    async def _write_marks(self, keys: list[str], meta: dict[str, str], ended: list[str]) -> None:
         for key in ended:
-            await self._fenced(self._jobs[key], sql.SLOT_ENDED, {"ended": True})
+            # (at close too: the slots let go of as the batch ended)
+            await self._fenced(self._jobs[key], sql.SLOT_ENDED, {"ended": True}, closing=True)
         if ended:
             self._wake()
         if not keys and not meta:
@@ -451,14 +497,19 @@ class PgJournal(ServerFacts):
 
     async def _renew(self) -> None:
         """Renew the lease every ``renew`` seconds; an expired lease breaks the journal."""
+        pause = self._config.renew
         while True:
-            await anyio.sleep(self._config.renew)
+            await anyio.sleep(pause)
 
             work = functools.partial(renew_lease, worker=self.worker, lease=self._config.lease)
             try:
                 renewed = await self._db.tx(work)
             except JournalError:
-                continue  # the database may come back before the lease runs out
+                # The database may come back before the lease runs out: try again soon (a
+                # whole ``renew`` later may be past the lease, the database back long before).
+                pause = min(self._config.renew, _RENEW_RETRY)
+                continue
+            pause = self._config.renew
             if not renewed:
                 self._db.broken = JournalError(
                     f"journal {self.path}: this worker's lease expired (not renewed for"

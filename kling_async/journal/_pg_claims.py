@@ -7,7 +7,8 @@ workers never wait on each other in a circle.
   workers never claim the same job, and neither waits for the other), and in the same
   statement, one transaction, the task slot it needs: ``held + 1`` only where ``held < lim``.
   A job that holds a slot already (its task may be running: its worker died or stopped) is
-  claimed first and needs none.  Jobs of workers whose lease has expired come before new ones.
+  claimed first and needs none.  Jobs of workers whose lease has expired come before new ones
+  (unless one needs a slot and none is free).
 * :func:`load_jobs` records the jobs (idempotent by key); :func:`renew_lease` and
   :func:`release_claims` keep and end a worker's lease; :func:`give_back` frees a slot.
 * The writes on one claimed job (the result gives its slot back, a 1303 lowers the shared
@@ -52,25 +53,33 @@ _DEAD = """dead AS MATERIALIZED (
 
 @attrs.frozen(kw_only=True)
 class Claimed:
-    """A job row this worker has just claimed, and its stage rows."""
+    """A job row this worker has just claimed, and its stage rows.
+
+    ``row``: key, request_hash, video_url, state and slot before the claim, result, final,
+    reported, and the worker it was claimed from (a dead one's, or None).
+    """
 
     row: tuple[Any, ...]
     stages: list[tuple[Any, ...]]
 
 
-#: Claim one job in one statement (one round trip): a dead worker's job first, else the first
-#: pending one (one that holds a slot first: its task may be running); a slot from the account
-#: only for a job that needs one and only while ``held < lim``; the job's stages with it.
+#: Claim one job in one statement (one round trip): a dead worker's job first (unless it needs a
+#: slot and none is free), else the first pending one (one that holds a slot first: its task may
+#: be running); a slot from the account only for a job that needs one and only while
+#: ``held < lim``; the job's stages with it.
 _CLAIM = f"""
 WITH {_DEAD},
 orphan AS (
-    SELECT key, state, slot FROM kling_jobs
+    SELECT key, state, slot, worker FROM kling_jobs
     WHERE worker IN (SELECT id FROM dead)
       AND (state = 'claimed' OR (state = 'done' AND NOT reported))
       AND NOT (key = ANY(%(skip)s))
+      -- One that needs a slot while none is free waits, and does not hold up the jobs that
+      -- hold one (their slots may be the ones it waits for).
+      AND (slot OR state = 'done' OR (SELECT held < lim FROM kling_account WHERE id = 1))
     ORDER BY seq LIMIT 1 FOR UPDATE SKIP LOCKED),
 fresh AS (
-    SELECT key, state, slot FROM kling_jobs
+    SELECT key, state, slot, worker FROM kling_jobs
     WHERE state = 'pending' AND NOT (key = ANY(%(skip)s)) AND NOT EXISTS (SELECT 1 FROM orphan)
     ORDER BY slot DESC, seq LIMIT 1 FOR UPDATE SKIP LOCKED),
 chosen AS (SELECT * FROM orphan UNION ALL SELECT * FROM fresh),
@@ -86,22 +95,43 @@ upd AS (
     FROM chosen c
     WHERE j.key = c.key AND (c.state = 'done' OR c.slot OR EXISTS (SELECT 1 FROM acc))
     RETURNING j.key, j.request_hash, j.video_url, c.state, c.slot, j.result, j.final,
-        j.reported)
+        j.reported, c.worker)
 SELECT (SELECT count(*) FROM chosen), upd.*,
     (SELECT json_agg(json_build_array(s.key, s.stage, s.status, s.intent_at, s.task_id,
         s.snapshot, s.external_id, s.adopted)) FROM kling_stages s WHERE s.key = upd.key)
 FROM (SELECT 1) one LEFT JOIN upd ON true
 """
 
+#: A job's stages, as :data:`_CLAIM` reads them.
+_STAGES = """
+SELECT json_agg(json_build_array(s.key, s.stage, s.status, s.intent_at, s.task_id,
+    s.snapshot, s.external_id, s.adopted)) FROM kling_stages s WHERE s.key = %s
+"""
+
+#: Nothing claimed: the slots dead workers kept for their timed-out tasks go back to the
+#: account.  Nobody follows those tasks any more (as when a batch stops, see ``_slots``), and
+#: every other worker would wait for those slots for ever.
+_FREE_KEPT = f"""
+WITH {_DEAD},
+freed AS (
+    UPDATE kling_jobs SET slot = false
+    WHERE EXISTS (SELECT 1 FROM dead)  -- (no scan at all while every worker is alive)
+      AND worker IN (SELECT id FROM dead) AND state = 'done' AND slot
+    RETURNING 1)
+UPDATE kling_account SET held = held - (SELECT count(*) FROM freed)
+WHERE id = 1 AND EXISTS (SELECT 1 FROM freed)
+"""
+
 #: Nothing to claim: is anything left that this worker may yet claim?  Dead workers with
-#: nothing left to take over are marked drained on the way (not looked at again).
+#: nothing left to take over (or to free: ``_FREE_KEPT``) are marked drained on the way (not
+#: looked at again).
 _LEFT = f"""
 WITH {_DEAD},
 drain AS (
     UPDATE kling_workers w SET drained = true
     WHERE id IN (SELECT id FROM dead) AND NOT EXISTS (
         SELECT 1 FROM kling_jobs j WHERE j.worker = w.id
-          AND (j.state = 'claimed' OR (j.state = 'done' AND NOT j.reported))))
+          AND (j.state = 'claimed' OR (j.state = 'done' AND (NOT j.reported OR j.slot)))))
 SELECT EXISTS (
     SELECT 1 FROM kling_jobs WHERE NOT (key = ANY(%(skip)s)) AND (
         state = 'pending' OR (state = 'claimed' AND worker IS DISTINCT FROM %(worker)s)
@@ -120,9 +150,18 @@ async def claim_one(conn: Conn, *, worker: str, skip: Collection[str]) -> Claime
     cur = await conn.execute(_CLAIM, params)
     row = await cur.fetchone()
     assert row is not None  # (one row always: the left join)
-    chosen, job, stages = row[0], row[1:9], row[9]
+    chosen, job, stages = row[0], row[1:10], row[10]
     if job[0] is not None:
+        if job[3] == "claimed":
+            # A dead worker's job: its worker, alive past its lease, may have committed a write
+            # (a submit's intent, about to leave) after this statement's snapshot and before it
+            # locked the row; the stages it read would miss it, and the submit go twice.  Read
+            # after the claim committed, they hold every write its worker can still make.
+            cur = await conn.execute(_STAGES, (job[0],))
+            again = await cur.fetchone()
+            stages = again[0] if again is not None else None
         return Claimed(row=tuple(job), stages=[tuple(stage) for stage in stages or ()])
+    await conn.execute(_FREE_KEPT)
     if chosen:
         return "no-slot"
     cur = await conn.execute(_LEFT, params)
@@ -177,6 +216,20 @@ async def _check_changed(conn: Conn, wanted: dict[str, tuple[str, str | None]]) 
         new_digest, url = wanted[key]
         if digest == new_digest:
             continue
+        if not may_have_task:
+            # Looked at again once the job is locked, in a statement of its own (a newer
+            # snapshot): its worker may have committed a submit's intent since (it locks the
+            # job's row to write it), and that submit is on its way.
+            cur = await conn.execute(
+                "SELECT slot FROM kling_jobs WHERE key = %s FOR UPDATE", (key,)
+            )
+            held = await cur.fetchone()
+            cur = await conn.execute(
+                "SELECT EXISTS (SELECT 1 FROM kling_stages WHERE key = %s AND status <> 'refused')",
+                (key,),
+            )
+            again = await cur.fetchone()
+            may_have_task = bool(again and again[0])
         if may_have_task:
             raise ValidationError(
                 "key",
@@ -185,8 +238,6 @@ async def _check_changed(conn: Conn, wanted: dict[str, tuple[str, str | None]]) 
                 " changed job a new key, or use a new journal",
             )
         # It never created a task: its record starts over (a slot it held is freed).
-        cur = await conn.execute("SELECT slot FROM kling_jobs WHERE key = %s FOR UPDATE", (key,))
-        held = await cur.fetchone()
         await conn.execute(
             "UPDATE kling_jobs SET request_hash = %s, video_url = %s, state = 'pending',"
             " worker = NULL, result = NULL, final = false, reported = false, slot = false"
@@ -240,22 +291,29 @@ async def release_claims(conn: Conn, *, worker: str, keep: Collection[str] | Non
 
 def job_from_rows(row: tuple[Any, ...], stages: list[tuple[Any, ...]]) -> JournalJob:
     """A job as :class:`JournalJob` from its PostgreSQL row (two columns more than SQLite's)."""
-    key, request_hash, video_url, _, _, result, final, reported = row
+    key, request_hash, video_url, _, _, result, final, reported = row[:8]
     return job_from_row(((key, request_hash, video_url, result, final, reported), stages))
 
 
 async def unclaim(conn: Conn, *, key: str, row: tuple[Any, ...], worker: str) -> None:
     """Hand back a job just claimed (``row`` as :func:`claim_one` read it), and its new slot.
 
-    Idempotent: once handed back the job is no longer ``worker``'s, and nothing changes.
+    A dead worker's unreported result goes back to that worker (undrained), so that a worker
+    that has the job still takes it over and reports it.  Idempotent: once handed back the
+    job is no longer ``worker``'s, and nothing changes.
     """
-    state, slot = row[3], row[4]
+    state, slot, before = row[3], row[4], row[8]
+    done = state == "done"
     cur = await conn.execute(
-        "UPDATE kling_jobs SET state = %s, slot = %s, worker = NULL"
+        "UPDATE kling_jobs SET state = %s, slot = %s, worker = %s"
         " WHERE key = %s AND worker = %s RETURNING 1",
-        ("done" if state == "done" else "pending", slot, key, worker),
+        ("done" if done else "pending", slot, before if done else None, key, worker),
     )
-    if await cur.fetchone() is not None and state != "done" and not slot:
+    if await cur.fetchone() is None:
+        return
+    if done:
+        await conn.execute("UPDATE kling_workers SET drained = false WHERE id = %s", (before,))
+    elif not slot:
         await give_back(conn, ended=False)
 
 

@@ -77,11 +77,15 @@ class PgPollSeat:
                 )
             except psycopg.Error:
                 return False, {}
+        # A worker whose journal broke (its lease expired) could record nothing: it reads
+        # the ends of its tasks (its batch stops at its next write) but never takes the seat.
+        lock = "false" if self._db.broken is not None else "pg_try_advisory_lock(%s)"
+        params = (list(waiting),) if self._db.broken is not None else (self._key, list(waiting))
         try:
             cur = await self._conn.execute(
-                "SELECT pg_try_advisory_lock(%s), (SELECT array_agg(ARRAY[task_id, snapshot])"
+                f"SELECT {lock}, (SELECT array_agg(ARRAY[task_id, snapshot])"
                 " FROM kling_task_states WHERE task_id = ANY(%s))",
-                (self._key, list(waiting)),
+                params,
             )
             row = await cur.fetchone()
         except psycopg.Error:
@@ -96,8 +100,11 @@ class PgPollSeat:
     ) -> tuple[list[tuple[str, str]], dict[str, TaskSnapshot]] | None:
         """Every live task of the batch and the recorded ends of ``waiting``.
 
-        Read on the seat's connection, in one statement; None: it broke.
+        Read on the seat's connection, in one statement; None: it broke, or the journal did
+        (the seat is given up: nothing could be recorded).
         """
+        if self._db.broken is not None:
+            await self.close()
         if self._conn is None:
             return None
         try:
@@ -115,7 +122,14 @@ class PgPollSeat:
         return live, ended
 
     async def record(self, states: Sequence[tuple[str, TaskSnapshot]]) -> None:
-        """Record terminal snapshots (a state recorded already stays)."""
+        """Record terminal snapshots (a state recorded already stays).
+
+        With the journal broken (this worker's lease expired) nothing can be: the seat is given
+        up (:meth:`live` then answers None), and the next holder follows those tasks again.
+        """
+        if self._db.broken is not None:
+            await self.close()
+            return
         rows = [(task_id, snapshot_to_json(snapshot)) for task_id, snapshot in states]
 
         async def write(conn: psycopg.AsyncConnection[tuple[Any, ...]]) -> None:
