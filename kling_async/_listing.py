@@ -17,6 +17,7 @@ read), and past ``_MAX_PAGES`` it is queried on its own.
 
 from __future__ import annotations
 
+import logging
 import math
 from collections import deque
 from collections.abc import Callable
@@ -26,7 +27,7 @@ import anyio
 
 from ._backoff import DurationModel
 from ._config import PollPolicy
-from ._errors import KlingError
+from ._errors import KlingError, MalformedResponseError
 from ._http import HttpRequest, HttpResponse
 from ._results import TaskSnapshot
 from ._watch import Watch
@@ -34,6 +35,8 @@ from .dialects import Dialect
 from .events import Event, Polled
 
 __all__ = ["ListPages", "PageHost"]
+
+logger = logging.getLogger("kling_async")
 
 
 class PageHost(Protocol):
@@ -176,6 +179,7 @@ class ListPages:
         # task id -> (snapshot, depth, when its page was asked for: see Tracker.apply)
         found: dict[str, tuple[TaskSnapshot, int, float]] = {}
         read: set[int] = set()
+        bad: dict[str, KlingError] = {}  # task id -> why its row could not be read
         sent = 0
         try:
             while True:
@@ -191,7 +195,9 @@ class ListPages:
                 sent += 1
                 asked = anyio.current_time()
                 response = await tracker.send(request)
-                rows, snapshots = self._dialect.parse_list_page(stage, response, wanted)
+                rows, snapshots, unreadable = self._parse(stage, response, wanted)
+                for task_id, error in unreadable:
+                    bad[task_id] = error
                 read.add(page)
                 self._read_at[stage, page] = anyio.current_time()
                 first = (page - 1) * size
@@ -217,6 +223,10 @@ class ListPages:
                 depths.append(depth)
             if watch.result is None:
                 tracker.apply(watch, snapshot, now, asked)
+        for task_id, error in bad.items():
+            watch = wanted[task_id]
+            if task_id not in found and watch.result is None:
+                self._unlisted(watch, error, now)
         for watch in wanted.values():
             if watch.task_id not in found and 1 + watch.depth // size in read:
                 self._sink(watch, size, now)
@@ -227,6 +237,51 @@ class ListPages:
             # Joined after their page was read: one more refresh answers for them.
             self.plan(stage, late, set())
         self._replan(stage, now)
+
+    def _parse(
+        self, stage: str, response: HttpResponse, wanted: dict[str, Watch]
+    ) -> tuple[int, list[tuple[int, TaskSnapshot]], list[tuple[str, KlingError]]]:
+        """A page's row count, the snapshots of ``wanted`` tasks, and the rows it cannot read.
+
+        One unreadable row (a state word the client does not know, a success without its
+        video) must not fail the page: every other task on it would wait for that task's
+        time-out, and the ones older than it time out themselves.  When the page does not parse
+        as a whole but its envelope does, the rows at fault are found by halving the ids
+        looked for (a few parses of the page per bad row; none on a well-formed page).
+        """
+        dialect = self._dialect
+        try:
+            rows, snapshots = dialect.parse_list_page(stage, response, wanted)
+            return rows, snapshots, []
+        except MalformedResponseError:
+            rows, _ = dialect.parse_list_page(stage, response, ())  # the page's own fault: raised
+        snapshots = []
+        unreadable: list[tuple[str, KlingError]] = []
+        parts = [list(wanted)]
+        while parts:
+            ids = parts.pop()
+            try:
+                snapshots.extend(dialect.parse_list_page(stage, response, set(ids))[1])
+            except MalformedResponseError as exc:
+                if len(ids) == 1:
+                    unreadable.append((ids[0], exc))
+                else:
+                    parts += [ids[: len(ids) // 2], ids[len(ids) // 2 :]]
+        snapshots.sort(key=lambda item: item[0])
+        return rows, snapshots, unreadable
+
+    def _unlisted(self, watch: Watch, error: KlingError, now: float) -> None:
+        """``watch``'s row could not be read: the task is asked about on its own from now on.
+
+        Its own query may well answer it (a list row can be briefer than a task's answer); if
+        not, that query's errors are its own, retried and timed out as any query's.
+        """
+        logger.warning(
+            "task %s: its list row is unreadable (%s); querying it alone", watch.task_id, error
+        )
+        watch.busy = False
+        watch.depth = -1
+        self._tracker.reschedule(watch, now)
 
     def _page_size(self, stage: str, live: int) -> int:
         """How many rows a page of ``stage`` should hold, ``live`` tasks being watched.

@@ -1,0 +1,98 @@
+"""The single-process tracker under answers the fake server cannot give by itself.
+
+A proxy in front of FakeKlingServer rewrites chosen answers (a list row the client cannot read),
+so that the tracker meets them in a real batch.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+
+import aiohttp
+import anyio
+import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestServer
+from helpers import API_KEY, FAST_RETRY, text_job
+
+import kling_async as ka
+from kling_async.testing import FakeKlingServer
+
+pytestmark = pytest.mark.anyio
+
+Rewrite = Callable[[web.Request, bytes, dict[str, object]], None]
+
+
+def proxy_app(target: str, rewrite: Rewrite) -> web.Application:
+    """Forward every request to ``target``; JSON answers pass through ``rewrite`` first."""
+    session: list[aiohttp.ClientSession] = []
+
+    async def forward(request: web.Request) -> web.Response:
+        if not session:
+            session.append(aiohttp.ClientSession())
+        headers = {k: v for k, v in request.headers.items() if k.lower() == "authorization"}
+        body = await request.read()
+        async with session[0].request(
+            request.method,
+            target + request.path_qs,
+            data=body or None,
+            headers={**headers, "Content-Type": "application/json"} if body else headers,
+        ) as answer:
+            raw = await answer.read()
+            status = answer.status
+        try:
+            decoded = json.loads(raw)
+        except ValueError:
+            return web.Response(body=raw, status=status)
+        rewrite(request, body, decoded)
+        return web.json_response(decoded, status=status)
+
+    async def close(app: web.Application) -> None:
+        if session:
+            await session[0].close()
+
+    app = web.Application()
+    app.router.add_route("*", "/{tail:.*}", forward)
+    app.on_cleanup.append(close)
+    return app
+
+
+async def test_one_unreadable_list_row_fails_no_other_task() -> None:
+    """A list row the client cannot read (an unknown state) concerns its own task only.
+
+    The whole page failed to parse, again and again: every task on it waited for the unreadable
+    one's PollPolicy.timeout, and the ones submitted before it timed out, finished and paid for.
+    """
+    garbled: list[str] = []  # the task whose rows are garbled: job k3's
+
+    def garble(request: web.Request, sent: bytes, body: dict[str, object]) -> None:
+        data = body.get("data")
+        if request.method == "POST" and b"clip-3.mp4" in sent and isinstance(data, dict):
+            garbled.append(str(data["task_id"]))
+        if request.method == "GET" and "pageNum" in request.query and isinstance(data, list):
+            for row in data:
+                if isinstance(row, dict) and row.get("task_id") in garbled:
+                    row["task_status"] = "queueing"  # a word the client does not know
+
+    poll = ka.PollPolicy(first_delay=0.01, max_interval=0.05, timeout=3.0)
+    jobs = [text_job(n, key=f"k{n}") for n in range(12)]
+    async with FakeKlingServer(task_duration=0.3) as fake:
+        async with TestServer(proxy_app(fake.url, garble)) as proxy:
+            url = str(proxy.make_url("")).rstrip("/")
+            async with ka.KlingClient.kling(
+                api_key=API_KEY, base_url=url, max_in_flight=12, poll=poll, retry=FAST_RETRY
+            ) as client:
+                with anyio.fail_after(20):
+                    started = anyio.current_time()
+                    results = {r.key: r async for r in client.run_batch(jobs)}
+                    took = anyio.current_time() - started
+    assert garbled and len(results) == 12
+    assert fake.requests["list"] >= 1  # the batch used list queries
+    assert all(r.ok for r in results.values()), [
+        (r.key, r.state.value, str(r.error)) for r in results.values() if not r.ok
+    ]
+    # Its own query answers it well: the garbled row only has it asked on its own.
+    assert results["k3"].task_id == garbled[0]
+    assert fake.requests["query"] >= 1
+    assert took < 2.0  # nobody waited for the time-out
