@@ -228,7 +228,13 @@ class ListPages:
             if task_id not in found and watch.result is None:
                 self._unlisted(watch, error, now)
         for watch in wanted.values():
-            if watch.task_id not in found and 1 + watch.depth // size in read:
+            if watch.task_id in found:
+                continue
+            page = 1 + watch.depth // size
+            if page in read or page > _MAX_PAGES:
+                # Beyond the pages read (a gateway's pages larger than asked for showed it
+                # there, or pages have shrunk since): no read would look for it, and its own
+                # schedule had left it to its page's; it is asked on its own from now on.
                 self._sink(watch, size, now)
         late = [w for w in due if w.result is None and w.busy and w.task_id not in found]
         for watch in late:

@@ -24,8 +24,12 @@ pytestmark = pytest.mark.anyio
 Rewrite = Callable[[web.Request, bytes, dict[str, object]], None]
 
 
-def proxy_app(target: str, rewrite: Rewrite) -> web.Application:
-    """Forward every request to ``target``; JSON answers pass through ``rewrite`` first."""
+def proxy_app(target: str, rewrite: Rewrite, page_size: int | None = None) -> web.Application:
+    """Forward every request to ``target``; JSON answers pass through ``rewrite`` first.
+
+    With ``page_size`` list requests ask for pages of that size, whatever the client asked
+    (a gateway with a page size of its own).
+    """
     session: list[aiohttp.ClientSession] = []
 
     async def forward(request: web.Request) -> web.Response:
@@ -33,9 +37,13 @@ def proxy_app(target: str, rewrite: Rewrite) -> web.Application:
             session.append(aiohttp.ClientSession())
         headers = {k: v for k, v in request.headers.items() if k.lower() == "authorization"}
         body = await request.read()
+        url = target + request.path_qs
+        if page_size is not None and "pageSize" in request.query:
+            url = str(request.rel_url.update_query(pageSize=str(page_size)))
+            url = target + url
         async with session[0].request(
             request.method,
-            target + request.path_qs,
+            url,
             data=body or None,
             headers={**headers, "Content-Type": "application/json"} if body else headers,
         ) as answer:
@@ -96,3 +104,36 @@ async def test_one_unreadable_list_row_fails_no_other_task() -> None:
     assert results["k3"].task_id == garbled[0]
     assert fake.requests["query"] >= 1
     assert took < 2.0  # nobody waited for the time-out
+
+
+def nothing(request: web.Request, sent: bytes, body: dict[str, object]) -> None:
+    """Leave an answer as it is."""
+
+
+async def test_a_task_listed_deeper_than_the_pages_read_is_still_polled() -> None:
+    """A gateway with larger pages than asked for shows a task at a depth beyond page 5.
+
+    No page that deep is read, and the task was on no page-1 schedule either: once the tasks
+    that kept page 1 read had ended, it waited for its time-out although it had ended.
+    """
+    durations = iter([1000.0, *[0.01] * 400])
+    poll = ka.PollPolicy(first_delay=0.01, max_interval=0.05, timeout=10.0)
+    jobs = [text_job(0, key="long"), *(text_job(n, key=f"k{n}") for n in range(1, 200))]
+    results: dict[str | None, ka.JobResult] = {}
+    async with FakeKlingServer(task_duration=lambda rng: next(durations)) as fake:
+        async with TestServer(proxy_app(fake.url, nothing, page_size=500)) as proxy:
+            url = str(proxy.make_url("")).rstrip("/")
+            async with ka.KlingClient.kling(
+                api_key=API_KEY, base_url=url, max_in_flight=3, poll=poll, retry=FAST_RETRY
+            ) as client:
+                with anyio.fail_after(30):
+                    async for result in client.run_batch(jobs):
+                        results[result.key] = result
+                        if len(results) == 199:  # the short ones: 199 tasks newer than it
+                            (long,) = [t for t in fake.tasks.values() if not t.terminal]
+                            fake.finish(long.task_id)
+                            ended = anyio.current_time()
+                    took = anyio.current_time() - ended
+    assert len(results) == 200
+    assert results["long"].ok, results["long"]
+    assert took < 2.0
