@@ -83,7 +83,7 @@ async def test_one_unreadable_list_row_fails_no_other_task() -> None:
                 if isinstance(row, dict) and row.get("task_id") in garbled:
                     row["task_status"] = "queueing"  # a word the client does not know
 
-    poll = ka.PollPolicy(first_delay=0.01, max_interval=0.05, timeout=3.0)
+    poll = ka.PollPolicy(first_delay=0.01, max_interval=0.05, timeout=5.0)
     jobs = [text_job(n, key=f"k{n}") for n in range(12)]
     async with FakeKlingServer(task_duration=0.3) as fake:
         async with TestServer(proxy_app(fake.url, garble)) as proxy:
@@ -103,7 +103,7 @@ async def test_one_unreadable_list_row_fails_no_other_task() -> None:
     # Its own query answers it well: the garbled row only has it asked on its own.
     assert results["k3"].task_id == garbled[0]
     assert fake.requests["query"] >= 1
-    assert took < 2.0  # nobody waited for the time-out
+    assert took < 3.5  # nobody waited for the time-out
 
 
 def nothing(request: web.Request, sent: bytes, body: dict[str, object]) -> None:
@@ -136,4 +136,4 @@ async def test_a_task_listed_deeper_than_the_pages_read_is_still_polled() -> Non
                     took = anyio.current_time() - ended
     assert len(results) == 200
     assert results["long"].ok, results["long"]
-    assert took < 2.0
+    assert took < 3.0  # not its time-out, 10 s after its submit
