@@ -14,7 +14,7 @@ import anyio
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
-from helpers import API_KEY, FAST_RETRY, text_job
+from helpers import API_KEY, FAST_RETRY, kling_client, text_job
 
 import kling_async as ka
 from kling_async.testing import FakeKlingServer
@@ -113,27 +113,30 @@ def nothing(request: web.Request, sent: bytes, body: dict[str, object]) -> None:
 async def test_a_task_listed_deeper_than_the_pages_read_is_still_polled() -> None:
     """A gateway with larger pages than asked for shows a task at a depth beyond page 5.
 
-    No page that deep is read, and the task was on no page-1 schedule either: once the tasks
-    that kept page 1 read had ended, it waited for its time-out although it had ended.
+    No page that deep is read, and the task was on no page-1 schedule either: it waited for its
+    time-out although it had ended.
     """
-    durations = iter([1000.0, *[0.01] * 400])
-    poll = ka.PollPolicy(first_delay=0.01, max_interval=0.05, timeout=10.0)
-    jobs = [text_job(0, key="long"), *(text_job(n, key=f"k{n}") for n in range(1, 200))]
-    results: dict[str | None, ka.JobResult] = {}
+    durations = iter([1000.0, *[0.01] * 199, 0.3])
+    poll = ka.PollPolicy(first_delay=0.01, max_interval=0.05, timeout=6.0)
     async with FakeKlingServer(task_duration=lambda rng: next(durations)) as fake:
+        async with kling_client(fake) as direct:
+            # The long task, then 199 newer ones: it sits at depth 199, on page 7 of 30 rows.
+            ids = [(await direct.submit(text_job(n))).task_id for n in range(201)]
+        long, short = ids[0], ids[-1]
         async with TestServer(proxy_app(fake.url, nothing, page_size=500)) as proxy:
             url = str(proxy.make_url("")).rstrip("/")
             async with ka.KlingClient.kling(
-                api_key=API_KEY, base_url=url, max_in_flight=3, poll=poll, retry=FAST_RETRY
+                api_key=API_KEY, base_url=url, poll=poll, retry=FAST_RETRY
             ) as client:
-                with anyio.fail_after(30):
-                    async for result in client.run_batch(jobs):
-                        results[result.key] = result
-                        if len(results) == 199:  # the short ones: 199 tasks newer than it
-                            (long,) = [t for t in fake.tasks.values() if not t.terminal]
-                            fake.finish(long.task_id)
-                            ended = anyio.current_time()
-                    took = anyio.current_time() - ended
-    assert len(results) == 200
-    assert results["long"].ok, results["long"]
-    assert took < 3.0  # not its time-out, 10 s after its submit
+                with anyio.fail_after(20):
+                    async with client.track([long, short]) as results:
+                        first = await results.__anext__()
+                        assert first.task_id == short and first.ok
+                        await anyio.sleep(0.2)
+                        fake.finish(long)
+                        ended = anyio.current_time()
+                        last = await results.__anext__()
+                        took = anyio.current_time() - ended
+    assert fake.requests["list"] >= 1  # the two were read from a list page first
+    assert last.task_id == long and last.ok, last
+    assert took < 2.0  # not its time-out
