@@ -172,7 +172,8 @@ async def test_breaking_out_stops_the_batch_while_the_caller_still_holds_it() ->
     the iterator's own end stopped the batch, so while it was held the runners went on
     submitting paid tasks (until the pipe's places ran out), missing from those ids.
     """
-    async with FakeKlingServer(task_duration=0.3) as server:
+    durations = iter([0.05, *[2.0] * 100])
+    async with FakeKlingServer(task_duration=lambda rng: next(durations)) as server:
         async with kling_client(server, max_in_flight=5) as client:
             results = client.run_batch(text_job(n) for n in range(100))
             async for _result in results:
