@@ -140,3 +140,50 @@ async def test_a_task_listed_deeper_than_the_pages_read_is_still_polled() -> Non
     assert fake.requests["list"] >= 1  # the two were read from a list page first
     assert last.task_id == long and last.ok, last
     assert took < 2.0  # not its time-out
+
+
+async def test_a_lost_answer_never_adopts_another_jobs_task_by_its_external_id() -> None:
+    """Two jobs given the same external id: the second's refusal is lost on its way back.
+
+    The lookup by external id found the first job's task, and the second job reported it as
+    its own: one video, two results.  That task belongs to another job: the second one's
+    outcome is unknown (it created nothing, or a task no lookup can tell apart).
+    """
+    advanced_submits: list[int] = []
+
+    def lose_second(request: web.Request, sent: bytes, body: dict[str, object]) -> None:
+        if request.method == "POST" and request.path.endswith("/advanced-lip-sync"):
+            advanced_submits.append(1)
+            if len(advanced_submits) == 2:
+                raise web.HTTPGatewayTimeout(text="<html>504 Gateway Time-out</html>")
+
+    jobs = [
+        ka.LipSyncJob.from_audio(
+            video_url="https://example.com/clip.mp4",
+            audio_url=f"https://example.com/line-{key}.mp3",
+            sound_end_time=4000,
+            external_task_id="scene-12-take-3",  # the same, by mistake
+            key=key,
+        )
+        for key in ("first", "second")
+    ]
+    async with FakeKlingServer(task_duration=0.05) as fake:
+        async with TestServer(proxy_app(fake.url, lose_second)) as proxy:
+            url = str(proxy.make_url("")).rstrip("/")
+            async with ka.KlingClient.kling(
+                api_key=API_KEY,
+                base_url=url,
+                advanced=True,
+                max_in_flight=1,
+                poll=ka.PollPolicy(first_delay=0.01, max_interval=0.05, timeout=5.0),
+                retry=FAST_RETRY,
+            ) as client:
+                with anyio.fail_after(20):
+                    results = {r.key: r async for r in client.run_batch(jobs)}
+    assert len(advanced_submits) >= 2  # the second was sent, and its answer lost
+    first, second = results["first"], results["second"]
+    assert first.ok and first.task_id is not None
+    assert second.task_id != first.task_id, second
+    assert not second.ok
+    assert isinstance(second.error, ka.SubmitOutcomeUnknownError), second.error
+    assert "another job owns" in str(second.error)
