@@ -276,6 +276,23 @@ class ListPages:
         snapshots.sort(key=lambda item: item[0])
         return rows, snapshots, unreadable
 
+    def _unlistable(self, stage: str, error: KlingError) -> None:
+        """The server refuses ``stage``'s list query itself: its tasks are queried one by one.
+
+        A refusal (a gateway without the list route, or with page limits of its own: 1201,
+        1202, 404) is about the list request, not about the tasks it was to refresh: failing
+        them had failed every running job of the batch.
+        """
+        logger.warning("list query of %s refused (%s); querying tasks one by one", stage, error)
+        self._listable[stage] = False
+        for key in [k for k in self._due if k[0] == stage]:
+            del self._due[key]
+        now = anyio.current_time()
+        for watch in self._tracker.watched(stage).values():
+            # Those the refresh was for, and those left to a deeper page's turn.
+            watch.busy = False
+            self._tracker.reschedule(watch, now)
+
     def _unlisted(self, watch: Watch, error: KlingError, now: float) -> None:
         """``watch``'s row could not be read: the task is asked about on its own from now on.
 
@@ -356,6 +373,9 @@ class ListPages:
     def _failed(self, stage: str, error: KlingError) -> None:
         tracker = self._tracker
         due, turns = self._pending.pop(stage, ([], set()))
+        if not error.fatal and not error.retryable:
+            self._unlistable(stage, error)
+            return
         for watch in due:
             tracker.query_failed(watch, error)
         if not due and error.fatal:

@@ -187,3 +187,21 @@ async def test_a_lost_answer_never_adopts_another_jobs_task_by_its_external_id()
     assert not second.ok
     assert isinstance(second.error, ka.SubmitOutcomeUnknownError), second.error
     assert "another job owns" in str(second.error)
+
+
+async def test_a_refused_list_query_falls_back_to_single_queries() -> None:
+    """A server that refuses the list query (a gateway without it, or with its own page limits).
+
+    The refusal (1201) was taken for each task's own: every running job of the batch failed
+    with it, its task running on (and paid for).
+    """
+    poll = ka.PollPolicy(first_delay=0.01, max_interval=0.05, timeout=5.0)
+    async with FakeKlingServer(task_duration=0.2) as fake:
+        fake.script("list", status=400, code=1201, message="pageSize: at most 100", times=10**6)
+        async with kling_client(fake, max_in_flight=8, poll=poll) as client:
+            with anyio.fail_after(20):
+                results = [r async for r in client.run_batch(text_job(n) for n in range(20))]
+    assert len(results) == 20
+    assert all(r.ok for r in results), {str(r.error) for r in results if not r.ok}
+    assert 1 <= fake.requests["list"] <= 2  # refused once (or twice, by workers in flight)
+    assert fake.requests["query"] >= 20
