@@ -100,6 +100,8 @@ class PageHost(Protocol):
 
 #: Deepest list page read; tasks sunk below it are queried one by one.
 _MAX_PAGES = 5
+#: The page number, in the schedule of pages, of the moment a failing list query is retried.
+_RELIST = 0
 #: Smallest page read.
 _MIN_PAGE_SIZE = 30
 #: Depths of the last tasks seen ending that size a stage's pages, and how many are needed.
@@ -122,6 +124,7 @@ class ListPages:
         self._due: dict[tuple[str, int], float] = {}  # (stage, page) -> next read by its schedule
         # stage -> (due first-page watches the refresh answers for, pages whose turn it is)
         self._pending: dict[str, tuple[list[Watch], set[int]]] = {}
+        self._failing_since: dict[str, float] = {}  # stage -> first failed read since a good one
 
     def listed(self, stage: str) -> bool:
         """Whether ``stage`` has a list query at all."""
@@ -146,7 +149,9 @@ class ListPages:
         pages = [key for key, when in self._due.items() if when <= now]
         for key in pages:
             del self._due[key]
-        return pages
+            if key[1] == _RELIST:
+                del self._listable[key[0]]  # the list query is tried again (see _failed)
+        return [key for key in pages if key[1] != _RELIST]
 
     def plan(self, stage: str, due: list[Watch], pages: set[int]) -> None:
         """Have ``due`` watches and the ``pages`` whose turn it is refreshed by one worker."""
@@ -214,6 +219,7 @@ class ListPages:
         if tracker.on_event is not None:
             tracker.on_event(Polled(stage=stage, tasks=len(found), requests=sent))
         del self._pending[stage]
+        self._failing_since.pop(stage, None)
         now = anyio.current_time()
         depths = self._finish_depths.setdefault(stage, deque(maxlen=_DEPTH_SAMPLES))
         for task_id, (snapshot, depth, asked) in found.items():
@@ -276,17 +282,20 @@ class ListPages:
         snapshots.sort(key=lambda item: item[0])
         return rows, snapshots, unreadable
 
-    def _unlistable(self, stage: str, error: KlingError) -> None:
-        """The server refuses ``stage``'s list query itself: its tasks are queried one by one.
+    def _unlistable(self, stage: str, error: KlingError, until: float = math.inf) -> None:
+        """``stage``'s list query does not work: its tasks are queried one by one ``until`` then.
 
         A refusal (a gateway without the list route, or with page limits of its own: 1201,
         1202, 404) is about the list request, not about the tasks it was to refresh: failing
-        them had failed every running job of the batch.
+        them had failed every running job of the batch.  A list read failing on for
+        ``max_interval`` (a broken list route answering 5xx) had every task time out.
         """
-        logger.warning("list query of %s refused (%s); querying tasks one by one", stage, error)
+        logger.warning("list query of %s failed (%s); querying tasks one by one", stage, error)
         self._listable[stage] = False
         for key in [k for k in self._due if k[0] == stage]:
             del self._due[key]
+        if until < math.inf:
+            self._schedule(stage, _RELIST, until)
         now = anyio.current_time()
         for watch in self._tracker.watched(stage).values():
             # Those the refresh was for, and those left to a deeper page's turn.
@@ -376,11 +385,18 @@ class ListPages:
         if not error.fatal and not error.retryable:
             self._unlistable(stage, error)
             return
+        now = anyio.current_time()
+        since = self._failing_since.setdefault(stage, now)
+        if not error.fatal and now - since >= self._poll.max_interval:
+            # Failing for a while (a list route broken on its own, or an outage): no task
+            # waits on it any longer; lists are tried again after as long.
+            del self._failing_since[stage]
+            self._unlistable(stage, error, until=now + self._poll.max_interval)
+            return
         for watch in due:
             tracker.query_failed(watch, error)
         if not due and error.fatal:
             tracker.fatal(error)
-        now = anyio.current_time()
         for page in turns:
             # Transient: the page's turn comes again after the shortest interval.
             self._schedule(stage, page, now + self._floor)

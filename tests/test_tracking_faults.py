@@ -205,3 +205,25 @@ async def test_a_refused_list_query_falls_back_to_single_queries() -> None:
     assert all(r.ok for r in results), {str(r.error) for r in results if not r.ok}
     assert 1 <= fake.requests["list"] <= 2  # refused once (or twice, by workers in flight)
     assert fake.requests["query"] >= 20
+
+
+async def test_a_list_route_that_keeps_failing_does_not_time_every_task_out() -> None:
+    """A list query answering 5xx for good while single queries work (a broken list route).
+
+    Each failed read only postponed the tasks it was for, to the next read, which failed too:
+    every task timed out although it had ended.  After failing for ``max_interval`` the tasks
+    are queried one by one, and the list is tried again after as long.
+    """
+    poll = ka.PollPolicy(first_delay=0.01, max_interval=0.1, timeout=5.0)
+    async with FakeKlingServer(task_duration=0.2) as fake:
+        fake.script("list", status=500, code=5000, message="busy", times=10**6)
+        async with kling_client(fake, max_in_flight=8, poll=poll) as client:
+            with anyio.fail_after(20):
+                started = anyio.current_time()
+                results = [r async for r in client.run_batch(text_job(n) for n in range(20))]
+                took = anyio.current_time() - started
+    assert len(results) == 20
+    assert all(r.ok for r in results), {r.state.value for r in results}
+    assert fake.requests["list"] >= 2  # tried, and tried again
+    assert fake.requests["query"] >= 20
+    assert took < 4.0  # not the time-out
