@@ -150,7 +150,7 @@ class ListPages:
         for key in pages:
             del self._due[key]
             if key[1] == _RELIST:
-                del self._listable[key[0]]  # the list query is tried again (see _failed)
+                self._listable.pop(key[0], None)  # the list query is tried again (_failed)
         return [key for key in pages if key[1] != _RELIST]
 
     def plan(self, stage: str, due: list[Watch], pages: set[int]) -> None:
