@@ -13,6 +13,10 @@ the lag short).
 A task found missing from its page has sunk: it waits for the next page's turn instead of
 having that page read at once (chasing every sinking task had cost a deep read per first-page
 read), and past ``_MAX_PAGES`` it is queried on its own.
+
+A list answer concerns the tasks it lists, never more: a row the client cannot read sends its
+task to be queried on its own, a list query the server refuses (or that keeps failing for
+``max_interval``) has the stage's tasks queried one by one (for good, or for as long).
 """
 
 from __future__ import annotations
