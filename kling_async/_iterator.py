@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import contextlib
-from typing import Protocol
+from collections.abc import Coroutine
+from typing import Any, Protocol
 
 import anyio
 import anyio.lowlevel
@@ -79,8 +80,11 @@ class BatchIterator:
         """
         return self._batch.running_task_ids()
 
-    def __aiter__(self) -> BatchIterator:
-        return self
+    def __aiter__(self) -> _Loop:
+        # A loop of its own, which only the ``async for`` holds: leaving the loop (``break``)
+        # drops it at once, also while the caller keeps this iterator by name (to read
+        # ``running_task_ids`` afterwards), which would otherwise keep the batch submitting.
+        return _Loop(self)
 
     async def __anext__(self) -> JobResult:
         batch = self._batch
@@ -135,3 +139,28 @@ class BatchIterator:
             self._batch.cancel()
             self._batch.consumer_done()
             self._pipe.abandon()
+
+
+class _Loop:
+    """One ``async for`` over a :class:`BatchIterator`; its end (however reached) stops the batch.
+
+    Python tells an iterator nothing when a loop over it is left with ``break``: only that the
+    last reference to what ``__aiter__`` returned goes away, which is this object's.  Nothing
+    but the stop happens here: the iterator, still held, marks its last result taken when left
+    with ``async with`` (or ``aclose()``), and lets a journal close when it goes.
+    """
+
+    __slots__ = ("_results",)
+
+    def __init__(self, results: BatchIterator) -> None:
+        self._results = results
+
+    def __aiter__(self) -> _Loop:
+        return self
+
+    def __anext__(self) -> Coroutine[Any, Any, JobResult]:
+        return self._results.__anext__()
+
+    def __del__(self) -> None:
+        with contextlib.suppress(Exception):  # interpreter shutdown
+            self._results._batch.cancel()

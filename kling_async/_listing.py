@@ -13,10 +13,15 @@ the lag short).
 A task found missing from its page has sunk: it waits for the next page's turn instead of
 having that page read at once (chasing every sinking task had cost a deep read per first-page
 read), and past ``_MAX_PAGES`` it is queried on its own.
+
+A list answer concerns the tasks it lists, never more: a row the client cannot read sends its
+task to be queried on its own, a list query the server refuses (or that keeps failing for
+``max_interval``) has the stage's tasks queried one by one (for good, or for as long).
 """
 
 from __future__ import annotations
 
+import logging
 import math
 from collections import deque
 from collections.abc import Callable
@@ -26,7 +31,7 @@ import anyio
 
 from ._backoff import DurationModel
 from ._config import PollPolicy
-from ._errors import KlingError
+from ._errors import KlingError, MalformedResponseError
 from ._http import HttpRequest, HttpResponse
 from ._results import TaskSnapshot
 from ._watch import Watch
@@ -34,6 +39,8 @@ from .dialects import Dialect
 from .events import Event, Polled
 
 __all__ = ["ListPages", "PageHost"]
+
+logger = logging.getLogger("kling_async")
 
 
 class PageHost(Protocol):
@@ -97,6 +104,8 @@ class PageHost(Protocol):
 
 #: Deepest list page read; tasks sunk below it are queried one by one.
 _MAX_PAGES = 5
+#: The page number, in the schedule of pages, of the moment a failing list query is retried.
+_RELIST = 0
 #: Smallest page read.
 _MIN_PAGE_SIZE = 30
 #: Depths of the last tasks seen ending that size a stage's pages, and how many are needed.
@@ -119,6 +128,7 @@ class ListPages:
         self._due: dict[tuple[str, int], float] = {}  # (stage, page) -> next read by its schedule
         # stage -> (due first-page watches the refresh answers for, pages whose turn it is)
         self._pending: dict[str, tuple[list[Watch], set[int]]] = {}
+        self._failing_since: dict[str, float] = {}  # stage -> first failed read since a good one
 
     def listed(self, stage: str) -> bool:
         """Whether ``stage`` has a list query at all."""
@@ -143,7 +153,9 @@ class ListPages:
         pages = [key for key, when in self._due.items() if when <= now]
         for key in pages:
             del self._due[key]
-        return pages
+            if key[1] == _RELIST:
+                self._listable.pop(key[0], None)  # the list query is tried again (_failed)
+        return [key for key in pages if key[1] != _RELIST]
 
     def plan(self, stage: str, due: list[Watch], pages: set[int]) -> None:
         """Have ``due`` watches and the ``pages`` whose turn it is refreshed by one worker."""
@@ -176,6 +188,7 @@ class ListPages:
         # task id -> (snapshot, depth, when its page was asked for: see Tracker.apply)
         found: dict[str, tuple[TaskSnapshot, int, float]] = {}
         read: set[int] = set()
+        bad: dict[str, KlingError] = {}  # task id -> why its row could not be read
         sent = 0
         try:
             while True:
@@ -191,7 +204,9 @@ class ListPages:
                 sent += 1
                 asked = anyio.current_time()
                 response = await tracker.send(request)
-                rows, snapshots = self._dialect.parse_list_page(stage, response, wanted)
+                rows, snapshots, unreadable = self._parse(stage, response, wanted)
+                for task_id, error in unreadable:
+                    bad[task_id] = error
                 read.add(page)
                 self._read_at[stage, page] = anyio.current_time()
                 first = (page - 1) * size
@@ -208,6 +223,7 @@ class ListPages:
         if tracker.on_event is not None:
             tracker.on_event(Polled(stage=stage, tasks=len(found), requests=sent))
         del self._pending[stage]
+        self._failing_since.pop(stage, None)
         now = anyio.current_time()
         depths = self._finish_depths.setdefault(stage, deque(maxlen=_DEPTH_SAMPLES))
         for task_id, (snapshot, depth, asked) in found.items():
@@ -217,8 +233,18 @@ class ListPages:
                 depths.append(depth)
             if watch.result is None:
                 tracker.apply(watch, snapshot, now, asked)
+        for task_id, error in bad.items():
+            watch = wanted[task_id]
+            if task_id not in found and watch.result is None:
+                self._unlisted(watch, error, now)
         for watch in wanted.values():
-            if watch.task_id not in found and 1 + watch.depth // size in read:
+            if watch.task_id in found:
+                continue
+            page = 1 + watch.depth // size
+            if page in read or page > _MAX_PAGES:
+                # Beyond the pages read (a gateway's pages larger than asked for showed it
+                # there, or pages have shrunk since): no read would look for it, and its own
+                # schedule had left it to its page's; it is asked on its own from now on.
                 self._sink(watch, size, now)
         late = [w for w in due if w.result is None and w.busy and w.task_id not in found]
         for watch in late:
@@ -227,6 +253,71 @@ class ListPages:
             # Joined after their page was read: one more refresh answers for them.
             self.plan(stage, late, set())
         self._replan(stage, now)
+
+    def _parse(
+        self, stage: str, response: HttpResponse, wanted: dict[str, Watch]
+    ) -> tuple[int, list[tuple[int, TaskSnapshot]], list[tuple[str, KlingError]]]:
+        """A page's row count, the snapshots of ``wanted`` tasks, and the rows it cannot read.
+
+        One unreadable row (a state word the client does not know, a success without its
+        video) must not fail the page: every other task on it would wait for that task's
+        time-out, and the ones older than it time out themselves.  When the page does not parse
+        as a whole but its envelope does, the rows at fault are found by halving the ids
+        looked for (a few parses of the page per bad row; none on a well-formed page).
+        """
+        dialect = self._dialect
+        try:
+            rows, snapshots = dialect.parse_list_page(stage, response, wanted)
+            return rows, snapshots, []
+        except MalformedResponseError:
+            rows, _ = dialect.parse_list_page(stage, response, ())  # the page's own fault: raised
+        snapshots = []
+        unreadable: list[tuple[str, KlingError]] = []
+        parts = [list(wanted)]
+        while parts:
+            ids = parts.pop()
+            try:
+                snapshots.extend(dialect.parse_list_page(stage, response, set(ids))[1])
+            except MalformedResponseError as exc:
+                if len(ids) == 1:
+                    unreadable.append((ids[0], exc))
+                else:
+                    parts += [ids[: len(ids) // 2], ids[len(ids) // 2 :]]
+        snapshots.sort(key=lambda item: item[0])
+        return rows, snapshots, unreadable
+
+    def _unlistable(self, stage: str, error: KlingError, until: float = math.inf) -> None:
+        """``stage``'s list query does not work: its tasks are queried one by one ``until`` then.
+
+        A refusal (a gateway without the list route, or with page limits of its own: 1201,
+        1202, 404) is about the list request, not about the tasks it was to refresh: failing
+        them had failed every running job of the batch.  A list read failing on for
+        ``max_interval`` (a broken list route answering 5xx) had every task time out.
+        """
+        logger.warning("list query of %s failed (%s); querying tasks one by one", stage, error)
+        self._listable[stage] = False
+        for key in [k for k in self._due if k[0] == stage]:
+            del self._due[key]
+        if until < math.inf:
+            self._schedule(stage, _RELIST, until)
+        now = anyio.current_time()
+        for watch in self._tracker.watched(stage).values():
+            # Those the refresh was for, and those left to a deeper page's turn.
+            watch.busy = False
+            self._tracker.reschedule(watch, now)
+
+    def _unlisted(self, watch: Watch, error: KlingError, now: float) -> None:
+        """``watch``'s row could not be read: the task is asked about on its own from now on.
+
+        Its own query may well answer it (a list row can be briefer than a task's answer); if
+        not, that query's errors are its own, retried and timed out as any query's.
+        """
+        logger.warning(
+            "task %s: its list row is unreadable (%s); querying it alone", watch.task_id, error
+        )
+        watch.busy = False
+        watch.depth = -1
+        self._tracker.reschedule(watch, now)
 
     def _page_size(self, stage: str, live: int) -> int:
         """How many rows a page of ``stage`` should hold, ``live`` tasks being watched.
@@ -295,11 +386,21 @@ class ListPages:
     def _failed(self, stage: str, error: KlingError) -> None:
         tracker = self._tracker
         due, turns = self._pending.pop(stage, ([], set()))
+        if not error.fatal and not error.retryable:
+            self._unlistable(stage, error)
+            return
+        now = anyio.current_time()
+        since = self._failing_since.setdefault(stage, now)
+        if not error.fatal and now - since >= self._poll.max_interval:
+            # Failing for a while (a list route broken on its own, or an outage): no task
+            # waits on it any longer; lists are tried again after as long.
+            del self._failing_since[stage]
+            self._unlistable(stage, error, until=now + self._poll.max_interval)
+            return
         for watch in due:
             tracker.query_failed(watch, error)
         if not due and error.fatal:
             tracker.fatal(error)
-        now = anyio.current_time()
         for page in turns:
             # Transient: the page's turn comes again after the shortest interval.
             self._schedule(stage, page, now + self._floor)

@@ -223,11 +223,20 @@ class Reconciler:
             with anyio.move_on_after(min(left, _CONFIRM_RECHECK)):
                 await self._confirmed.wait()
 
-    async def find_external(self, stage: str, external_id: str) -> TaskSnapshot | _Absent:
+    async def find_external(
+        self,
+        stage: str,
+        external_id: str,
+        key: str | None = None,
+        cause: KlingError | None = None,
+    ) -> TaskSnapshot | _Absent:
         """The task whose external id is ``external_id``, or :data:`ABSENT` when none has it.
 
         The single-task query first, then the list pages.  A query or list error other than
-        "not found" is raised (the answer is then unknown, not absent).
+        "not found" is raised (the answer is then unknown, not absent).  With ``key`` (the job
+        looking), a task that another job owns is never handed over: the same external id was
+        given to two jobs, and the one that created the task keeps it
+        (:class:`SubmitOutcomeUnknownError`, naming ``cause``, for this one).
         """
         request = self._dialect.query_request(stage, external_id)
         try:
@@ -241,6 +250,12 @@ class Reconciler:
             if not listed:
                 return ABSENT
             found = listed[0]
+        if key is not None and self._others(found.task_id, key):
+            detail = (
+                f"external id {external_id} is carried by task {found.task_id}, which another"
+                " job owns (two jobs were given the same external id)"
+            )
+            raise SubmitOutcomeUnknownError(stage, cause=cause, detail=detail)
         self.adopted.add(found.task_id)
         return found
 
@@ -263,7 +278,9 @@ class Reconciler:
         """
         if external_id is not None and self._dialect.external_ids:
             try:
-                found = await self.find_external(stage, external_id)
+                found = await self.find_external(stage, external_id, key, cause)
+            except SubmitOutcomeUnknownError:
+                raise
             except KlingError as exc:
                 if exc.fatal:
                     raise
@@ -376,6 +393,15 @@ class Reconciler:
 
     def _owned(self, task_id: str) -> bool:
         return task_id in self.adopted or self.ledger.owner(task_id) is not None
+
+    def _others(self, task_id: str, key: str) -> bool:
+        """Whether ``task_id`` belongs to a job other than ``key``.
+
+        (A ledger without keys, :class:`MemoryLedger`, records a job's task only once its
+        submit is resolved: a task it knows is then another job's.)
+        """
+        owner = self.ledger.owner(task_id)
+        return owner != key if owner is not None else task_id in self.adopted
 
     async def _pages(self, stage: str, oldest: float) -> tuple[list[list[TaskSnapshot]], bool]:
         """Newest-first list pages until one reaches back past server time ``oldest``.

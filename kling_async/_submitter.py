@@ -289,7 +289,7 @@ class Submitter:
             cause=error,
         )
         if found is ABSENT and isinstance(error, APIError) and not isinstance(error, ServerError):
-            found = await self._refused_external(step, error)
+            found = await self._refused_external(step, error, owner)
         if found is ABSENT:
             return None
         if resume is not None:
@@ -298,7 +298,7 @@ class Submitter:
             self._memory.created(owner, found.task_id)
         return found
 
-    async def _refused_external(self, step: Submit, error: APIError) -> TaskSnapshot:
+    async def _refused_external(self, step: Submit, error: APIError, key: str) -> TaskSnapshot:
         """A resend carrying an external id was refused, and no task carried the id yet.
 
         A duplicate external id proves an earlier send created the task: it may just not be
@@ -309,7 +309,7 @@ class Submitter:
         assert step.external_id is not None
         for attempt in range(_RELOOKUPS):
             await anyio.sleep(min(self._retry.max_delay, self._retry.base_delay * 2.0**attempt))
-            found = await self.reconciler.find_external(step.stage, step.external_id)
+            found = await self.reconciler.find_external(step.stage, step.external_id, key, error)
             if found is not ABSENT:
                 return found
         detail = f"external id {step.external_id} refused ({error}) but carried by no task"

@@ -165,6 +165,28 @@ async def test_breaking_out_leaves_nothing_running(caplog: pytest.LogCaptureFixt
     assert "batch ended" in caplog.text
 
 
+async def test_breaking_out_stops_the_batch_while_the_caller_still_holds_it() -> None:
+    """``results = client.run_batch(...)``, ``async for ... in results: break``: stopped too.
+
+    The README reads ``results.running_task_ids`` after such a loop, which needs the name.  Only
+    the iterator's own end stopped the batch, so while it was held the runners went on
+    submitting paid tasks (until the pipe's places ran out), missing from those ids.
+    """
+    durations = iter([0.05, *[2.0] * 100])
+    async with FakeKlingServer(task_duration=lambda rng: next(durations)) as server:
+        async with kling_client(server, max_in_flight=5) as client:
+            results = client.run_batch(text_job(n) for n in range(100))
+            async for _result in results:
+                break
+            running = set(results.running_task_ids)
+            unfinished = {i for i, task in server.tasks.items() if not task.terminal}
+            created = server.tasks_created
+            await anyio.sleep(0.3)
+            assert server.tasks_created == created  # nothing more is submitted
+            assert our_tasks() == []
+            assert running and unfinished <= running  # every task still running, named
+
+
 async def test_leaving_on_a_result_finds_no_newer_submit() -> None:
     # The runner that hands a result over lets the consumer run before it submits another job:
     # a consumer that leaves on that result stops the batch with nothing more sent.
