@@ -50,9 +50,10 @@ async def test_a_sunk_task_is_found_on_its_page_without_chasing_it() -> None:
     pages = server.list_pages
     assert pages[2] >= 1  # it was found there: no query of its own was needed once it sank
     # While it is the only live task (the batch's first submit, before the others are answered:
-    # longer than its 10 ms first look on a loaded machine) one query of its own costs the same
-    # as a page; chasing it once sunk would be a query every 10 ms, about a hundred.
-    assert server.requests["query"] <= 3
+    # longer than its 10 ms first look on a loaded machine, a few looks under heavy load) one
+    # query of its own costs the same as a page; chasing it once sunk would be a query every
+    # 10 ms, about a hundred.
+    assert server.requests["query"] <= 12
     # Page 2 waits for its own turn (every 0.2 s over the long task's 1.2 s), instead of being
     # read each time the sunk task would have been due (every 10 ms, like page 1: ~100 reads).
     assert pages[2] <= 1.2 / 0.2 + 2, pages
