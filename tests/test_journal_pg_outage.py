@@ -40,6 +40,13 @@ def end_connections(url: str, admin_url: str | None = None) -> int:
     return sum(1 for (ended,) in rows if ended)
 
 
+def allow_connections(pg_server: PgServer, url: str, yes: bool) -> None:
+    """Open or close ``url``'s database to new connections (as a server down for good would)."""
+    name = url.rsplit("/", 1)[1]
+    with psycopg.connect(pg_server.url(), autocommit=True) as admin:
+        admin.execute(f'ALTER DATABASE "{name}" ALLOW_CONNECTIONS {str(yes).lower()}')
+
+
 def account(url: str) -> tuple[int, int]:
     """The account's held slots, and the slots the jobs say they hold."""
     with psycopg.connect(url) as conn:
@@ -123,9 +130,7 @@ async def test_a_database_gone_for_longer_than_connect_timeout_still_stops_the_b
         async for _ in client.run_batch(jobs, journal=journal):
             seen += 1
             if seen == 1:  # the database refuses connections from now on
-                name = url.rsplit("/", 1)[1]
-                with psycopg.connect(pg_server.url(), autocommit=True) as admin:
-                    admin.execute(f'ALTER DATABASE "{name}" ALLOW_CONNECTIONS false')
+                allow_connections(pg_server, url, False)
                 end_connections(url, admin_url=pg_server.url())
 
     async with FakeKlingServer(task_duration=0.2) as server:
@@ -146,14 +151,9 @@ async def test_marks_that_fail_in_an_outage_keep_the_lease_and_are_written_later
     them, and it would stop at its next write), and the marks are written once it is back.
     """
     url = pg_server.new_database()
-    name = url.rsplit("/", 1)[1]
     config = PostgresJournal(url=url, lease=3.0, renew=0.1, claim_poll=0.02, connect_timeout=0.2)
     journal = await open_journal(config, **META, max_in_flight=2)
     assert isinstance(journal, SharedBackend)
-
-    def allow(yes: bool) -> None:
-        with psycopg.connect(pg_server.url(), autocommit=True) as admin:
-            admin.execute(f'ALTER DATABASE "{name}" ALLOW_CONNECTIONS {str(yes).lower()}')
 
     try:
         await journal.load([("k0", "hash-0", None), ("k1", "hash-1", None)])
@@ -164,11 +164,11 @@ async def test_marks_that_fail_in_an_outage_keep_the_lease_and_are_written_later
         assert await journal.claim() == "k1"  # still running when the database comes back
         async with anyio.create_task_group() as group:
             group.start_soon(journal.commit_marks)
-            allow(False)
+            allow_connections(pg_server, url, False)
             end_connections(url, admin_url=pg_server.url())
             journal.reported("k0")
             await anyio.sleep(0.8)  # the marks' write gave up (connect_timeout 0.2 s)
-            allow(True)
+            allow_connections(pg_server, url, True)
             await anyio.sleep(3.5)  # longer than the lease
             with psycopg.connect(url) as conn:
                 row = conn.execute(
@@ -181,7 +181,7 @@ async def test_marks_that_fail_in_an_outage_keep_the_lease_and_are_written_later
             ka.JobResult(key="k1", task_id="t1", state=ka.TaskState.SUCCEEDED), final=True
         )
     finally:
-        allow(True)
+        allow_connections(pg_server, url, True)
         await journal.close()
     with psycopg.connect(url) as conn:
         row = conn.execute("SELECT reported FROM kling_jobs WHERE key = 'k0'").fetchone()
@@ -196,14 +196,9 @@ async def test_a_lease_outlives_an_outage_shorter_than_the_lease(pg_server: PgSe
     before, and the worker stopped with its jobs taken over.
     """
     url = pg_server.new_database()
-    name = url.rsplit("/", 1)[1]
     config = PostgresJournal(url=url, lease=5.0, renew=3.0, claim_poll=0.02, connect_timeout=0.3)
     journal = await open_journal(config, **META, max_in_flight=2)
     assert isinstance(journal, SharedBackend)
-
-    def allow(yes: bool) -> None:
-        with psycopg.connect(pg_server.url(), autocommit=True) as admin:
-            admin.execute(f'ALTER DATABASE "{name}" ALLOW_CONNECTIONS {str(yes).lower()}')
 
     def expires() -> tuple[Any, bool]:
         with psycopg.connect(url) as conn:
@@ -222,10 +217,10 @@ async def test_a_lease_outlives_an_outage_shorter_than_the_lease(pg_server: PgSe
             with anyio.fail_after(10):
                 while expires()[0] == first:  # noqa: ASYNC110
                     await anyio.sleep(0.05)  # renewed: the next renewal comes in 3 s
-            allow(False)
+            allow_connections(pg_server, url, False)
             end_connections(url, admin_url=pg_server.url())
             await anyio.sleep(3.4)  # the renewal due meanwhile failed; 1.6 s of lease left
-            allow(True)
+            allow_connections(pg_server, url, True)
             await anyio.sleep(2.0)  # past the lease the last renewal gave (renewed since)
             _, alive = expires()
             assert alive, "the lease ran out though the database was back in time"
@@ -234,5 +229,5 @@ async def test_a_lease_outlives_an_outage_shorter_than_the_lease(pg_server: PgSe
             ka.JobResult(key="k0", task_id="t0", state=ka.TaskState.SUCCEEDED), final=True
         )
     finally:
-        allow(True)
+        allow_connections(pg_server, url, True)
         await journal.close()

@@ -58,6 +58,17 @@ async def run_workers(url: str, count: int) -> tuple[int, list[int], list[list[k
     return total, sent, results
 
 
+async def seat_taken(journal: PostgresJournal, server: FakeKlingServer) -> psycopg.Connection[Any]:
+    """A connection holding the poll seat of ``journal``'s batch, as another worker would."""
+    meta = {"dialect": "kling", "stage": "lip-sync", "base_url": server.url}
+    opened = await open_journal(journal, **meta, max_in_flight=4)
+    key = seat_key(opened.batch_id)
+    await opened.close()
+    holder = psycopg.connect(journal.url, autocommit=True)
+    holder.execute("SELECT pg_advisory_lock(%s)", (key,))
+    return holder
+
+
 def tracker_requests(batch: Any) -> int:
     """Status requests the worker's own tracker sent (the batch behind the iterator)."""
     return int(batch._batch.tracker.requests)
@@ -80,12 +91,7 @@ async def test_a_callback_still_finishes_a_task_on_a_worker_that_does_not_poll(
     """Seat taken by someone else: the worker polls nothing, and a callback ends its task."""
     journal = PostgresJournal(url=pg_url, lease=5.0, renew=1.0, claim_poll=0.02)
     async with FakeKlingServer(task_duration=60.0) as server:
-        meta = {"dialect": "kling", "stage": "lip-sync", "base_url": server.url}
-        opened = await open_journal(journal, **meta, max_in_flight=4)
-        key = seat_key(opened.batch_id)
-        await opened.close()
-        with psycopg.connect(pg_url, autocommit=True) as other:
-            other.execute("SELECT pg_advisory_lock(%s)", (key,))  # another worker's seat
+        with await seat_taken(journal, server):  # by another worker
             async with kling_client(server, poll=POLL) as client:
                 async with client.run_batch([text_job(0, key="k0")], journal=journal) as batch:
                     with anyio.fail_after(5):
@@ -112,12 +118,7 @@ async def test_an_end_recorded_after_the_seat_changed_hands_reaches_the_new_hold
     """
     journal = PostgresJournal(url=pg_url, lease=5.0, renew=1.0, claim_poll=0.02)
     async with FakeKlingServer(task_duration=60.0) as server:
-        meta = {"dialect": "kling", "stage": "lip-sync", "base_url": server.url}
-        opened = await open_journal(journal, **meta, max_in_flight=4)
-        key = seat_key(opened.batch_id)
-        await opened.close()
-        holder = psycopg.connect(pg_url, autocommit=True)
-        holder.execute("SELECT pg_advisory_lock(%s)", (key,))  # the last holder's seat
+        holder = await seat_taken(journal, server)  # the last holder's seat
         async with kling_client(server, poll=POLL) as client:
             async with client.run_batch([text_job(0, key="k0")], journal=journal) as batch:
                 with anyio.fail_after(5):
