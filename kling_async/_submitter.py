@@ -187,7 +187,14 @@ class Submitter:
                 if patience <= 0 or not await slot.acquire_within(patience):
                     raise slot_wait_error(self._retry.max_slot_wait, self._blocking()) from None
                 if resume is not None and key is not None:
-                    await resume.regain_slot(key)  # a shared journal: the account's slot too
+                    # A shared journal: the account's slot too, within the same patience (the
+                    # other workers' tasks may hold every slot for longer than anyone waits).
+                    left = self._retry.max_slot_wait - (anyio.current_time() - waiting_since)
+                    with anyio.move_on_after(max(left, 0.0)):
+                        await resume.regain_slot(key)
+                        continue
+                    slot.release()
+                    raise slot_wait_error(self._retry.max_slot_wait, self._blocking()) from None
                 continue
             except RateLimitError as exc:
                 # 1302 after the requester's own retries: still not a reason to fail a job

@@ -249,3 +249,31 @@ async def test_a_timed_out_result_that_could_not_be_written_leaves_the_slot_with
         row = conn.execute("SELECT state, slot FROM kling_jobs WHERE key = 'k0'").fetchone()
     assert row == ("pending", True)
     assert held(url) == (1, 1)
+
+
+async def test_a_job_refused_with_1303_waits_for_a_shared_slot_at_most_max_slot_wait(
+    pg_url: str,
+) -> None:
+    """After a 1303 the job waits for a slot of the account again, and at most ``max_slot_wait``.
+
+    Here the account never frees one (another worker's task holds it): the job ends as a value
+    (the slot-wait error, as without a journal), where it used to wait without end.
+    """
+    journal = PostgresJournal(url=pg_url, lease=5.0, renew=1.0, claim_poll=0.02)
+    retry = ka.RetryPolicy(
+        max_attempts=6, base_delay=0.005, max_delay=0.05, concurrency_delay=0.01, max_slot_wait=0.5
+    )
+    async with FakeKlingServer(task_duration=0.1) as server:
+        meta = {"dialect": "kling", "stage": "lip-sync", "base_url": server.url}
+        await (await open_journal(journal, **meta, max_in_flight=2)).close()
+        with psycopg.connect(pg_url, autocommit=True) as other:
+            other.execute("UPDATE kling_account SET held = 1")  # another worker's running task
+        server.script("submit", code=1303)
+        async with kling_client(server, max_in_flight=2, retry=retry) as client:
+            with anyio.fail_after(10):
+                got = [r async for r in client.run_batch([text_job(0, key="k0")], journal=journal)]
+    assert [r.key for r in got] == ["k0"]
+    assert isinstance(got[0].error, ka.ConcurrencyLimitError), (dict(server.requests), held(pg_url))
+    assert "max_slot_wait" in str(got[0].error)
+    assert server.tasks_created == 0
+    assert held(pg_url) == (1, 0)  # only the other worker's slot is held
