@@ -63,6 +63,11 @@ class Claimed:
     stages: list[tuple[Any, ...]]
 
 
+#: One job's stages as a JSON array of rows (``{key}``: the job's key, a column or a parameter).
+_STAGES_OF = """SELECT json_agg(json_build_array(s.key, s.stage, s.status, s.intent_at,
+    s.task_id, s.snapshot, s.external_id, s.adopted)) FROM kling_stages s WHERE s.key = {key}"""
+
+
 #: Claim one job in one statement (one round trip): a dead worker's job first (unless it needs a
 #: slot and none is free), else the first pending one (one that holds a slot first: its task may
 #: be running); a slot from the account only for a job that needs one and only while
@@ -96,17 +101,12 @@ upd AS (
     WHERE j.key = c.key AND (c.state = 'done' OR c.slot OR EXISTS (SELECT 1 FROM acc))
     RETURNING j.key, j.request_hash, j.video_url, c.state, c.slot, j.result, j.final,
         j.reported, c.worker)
-SELECT (SELECT count(*) FROM chosen), upd.*,
-    (SELECT json_agg(json_build_array(s.key, s.stage, s.status, s.intent_at, s.task_id,
-        s.snapshot, s.external_id, s.adopted)) FROM kling_stages s WHERE s.key = upd.key)
+SELECT (SELECT count(*) FROM chosen), upd.*, ({_STAGES_OF.format(key="upd.key")})
 FROM (SELECT 1) one LEFT JOIN upd ON true
 """
 
-#: A job's stages, as :data:`_CLAIM` reads them.
-_STAGES = """
-SELECT json_agg(json_build_array(s.key, s.stage, s.status, s.intent_at, s.task_id,
-    s.snapshot, s.external_id, s.adopted)) FROM kling_stages s WHERE s.key = %s
-"""
+#: A job's stages, read again after its claim (see :func:`claim_one`).
+_STAGES = _STAGES_OF.format(key="%s")
 
 #: Nothing claimed: the slots dead workers kept for their timed-out tasks go back to the
 #: account.  Nobody follows those tasks any more (as when a batch stops, see ``_slots``), and

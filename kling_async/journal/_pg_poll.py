@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import os
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 import psycopg
@@ -39,6 +39,11 @@ _LIVE = (
     " AND NOT EXISTS (SELECT 1 FROM kling_task_states t WHERE t.task_id = s.task_id)"
     " UNION ALL SELECT task_id, NULL, snapshot FROM kling_task_states WHERE task_id = ANY(%s)"
 )
+
+
+def _ends(rows: Iterable[Sequence[Any]]) -> dict[str, TaskSnapshot]:
+    """Recorded task ends by task id, from ``(task_id, snapshot JSON)`` rows."""
+    return {str(task_id): snapshot_from_json(str(text)) for task_id, text in rows}
 
 
 def seat_key(batch_id: str) -> int:
@@ -92,8 +97,7 @@ class PgPollSeat:
             await self.close()
             return False, {}
         assert row is not None
-        ended = {str(task_id): snapshot_from_json(str(text)) for task_id, text in row[1] or ()}
-        return bool(row[0]), ended
+        return bool(row[0]), _ends(row[1] or ())
 
     async def live(
         self, waiting: Sequence[str]
@@ -114,12 +118,7 @@ class PgPollSeat:
             await self.close()
             return None
         live = [(str(task_id), str(stage)) for task_id, stage, text in rows if text is None]
-        ended = {
-            str(task_id): snapshot_from_json(str(text))
-            for task_id, _, text in rows
-            if text is not None
-        }
-        return live, ended
+        return live, _ends((task_id, text) for task_id, _, text in rows if text is not None)
 
     async def record(self, states: Sequence[tuple[str, TaskSnapshot]]) -> None:
         """Record terminal snapshots (a state recorded already stays).

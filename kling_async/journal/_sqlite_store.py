@@ -173,7 +173,7 @@ class Store:
                 version = conn.execute("PRAGMA user_version").fetchone()[0]
                 tables = conn.execute("SELECT count(*) FROM sqlite_master").fetchone()[0]
                 if version == 0 and tables == 0:
-                    for sql in (*_SCHEMA, EVENTS):
+                    for sql in (*_SCHEMA, EVENTS, _CHARGES):
                         conn.execute(sql)
                     conn.executemany("INSERT INTO meta VALUES (?, ?)", sorted(meta.items()))
                     conn.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
@@ -195,8 +195,7 @@ class Store:
                     for name in sorted(meta.keys() - stored.keys()):
                         conn.execute("INSERT INTO meta VALUES (?, ?)", (name, meta[name]))
                         stored[name] = meta[name]
-                conn.execute(_CHARGES)
-                rows = read_rows(self._conn)
+                rows = read_rows(conn)
                 self.charges = {
                     key: (float(units), bool(settled))
                     for key, units, settled in conn.execute("SELECT * FROM charges")
