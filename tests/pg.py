@@ -28,6 +28,10 @@ import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from kling_async.journal import SharedBackend
 
 #: Environment variable naming a directory with ``initdb``/``pg_ctl`` in it (optional).
 BIN_ENV = "KLING_TEST_PG_BIN"
@@ -156,6 +160,30 @@ class PgServer:
         if self.port:
             self._run(str(self.bin / "pg_ctl"), "-D", str(self.data), "-m", "immediate", "stop")
         shutil.rmtree(self.dir, ignore_errors=True)
+
+
+async def journal_worker(url: str, max_in_flight: int = 4, **settings: float) -> SharedBackend:
+    """A worker's shared journal on ``url`` for a fake batch: short leases, or ``settings``."""
+    from kling_async.journal import PostgresJournal, SharedBackend, open_journal
+
+    config = PostgresJournal(
+        url=url, **{"lease": 5.0, "renew": 1.0, "claim_poll": 0.02, **settings}
+    )
+    meta = {"dialect": "kling", "stage": "lip-sync", "base_url": "http://127.0.0.1:1"}
+    journal = await open_journal(config, **meta, max_in_flight=max_in_flight)
+    assert isinstance(journal, SharedBackend)
+    return journal
+
+
+def slots_held(url: str) -> tuple[int, int]:
+    """A journal's task slots: those its account counts held, and those its jobs say they hold."""
+    import psycopg
+
+    with psycopg.connect(url) as conn:
+        account = conn.execute("SELECT held FROM kling_account").fetchone()
+        jobs = conn.execute("SELECT count(*) FROM kling_jobs WHERE slot").fetchone()
+    assert account is not None and jobs is not None
+    return int(account[0]), int(jobs[0])
 
 
 def running_server() -> Iterator[PgServer]:

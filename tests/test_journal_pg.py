@@ -18,23 +18,15 @@ import anyio
 import psycopg
 import pytest
 from helpers import FAST_POLL, kling_client, text_job
+from pg import journal_worker as worker
 
 import kling_async as ka
-from kling_async.journal import PostgresJournal, SharedBackend, open_journal
+from kling_async.journal import PostgresJournal, SharedBackend
 from kling_async.journal import _pg_sql as sql
 from kling_async.journal._export import read_jobs, read_status
 from kling_async.testing import FakeKlingServer
 
 pytestmark = pytest.mark.anyio
-
-META = {"dialect": "kling", "stage": "lip-sync", "base_url": "http://127.0.0.1:1"}
-
-
-async def worker(url: str, max_in_flight: int = 4, **lease: float) -> SharedBackend:
-    config = PostgresJournal(url=url, **{"lease": 5.0, "renew": 1.0, "claim_poll": 0.02, **lease})
-    journal = await open_journal(config, **META, max_in_flight=max_in_flight)
-    assert isinstance(journal, SharedBackend)
-    return journal
 
 
 def rows(count: int, prefix: str = "k") -> list[tuple[str, str, str | None]]:

@@ -15,17 +15,16 @@ import anyio
 import psycopg
 import pytest
 from helpers import kling_client, text_job
-from pg import PgServer
+from pg import PgServer, journal_worker, slots_held
 
 import kling_async as ka
-from kling_async.journal import PostgresJournal, SharedBackend, open_journal
+from kling_async.journal import PostgresJournal
 from kling_async.journal._pg_claims import claim_one
 from kling_async.testing import FakeKlingServer
 
 pytestmark = pytest.mark.anyio
 
 POLL = ka.PollPolicy(first_delay=0.02, max_interval=0.04, multiplier=1.5, timeout=30.0)
-META = {"dialect": "kling", "stage": "lip-sync", "base_url": "http://127.0.0.1:1"}
 
 
 def end_connections(url: str, admin_url: str | None = None) -> int:
@@ -45,15 +44,6 @@ def allow_connections(pg_server: PgServer, url: str, yes: bool) -> None:
     name = url.rsplit("/", 1)[1]
     with psycopg.connect(pg_server.url(), autocommit=True) as admin:
         admin.execute(f'ALTER DATABASE "{name}" ALLOW_CONNECTIONS {str(yes).lower()}')
-
-
-def account(url: str) -> tuple[int, int]:
-    """The account's held slots, and the slots the jobs say they hold."""
-    with psycopg.connect(url) as conn:
-        held = conn.execute("SELECT held FROM kling_account").fetchone()
-        slots = conn.execute("SELECT count(*) FROM kling_jobs WHERE slot").fetchone()
-    assert held is not None and slots is not None
-    return int(held[0]), int(slots[0])
 
 
 async def test_a_batch_rides_through_the_database_ending_its_connections(
@@ -84,7 +74,7 @@ async def test_a_batch_rides_through_the_database_ending_its_connections(
     assert sorted(r.key for r in results) == sorted(j.key for j in jobs if j.key)
     assert all(r.ok for r in results), [r.error for r in results if not r.ok]
     assert server.tasks_created == len(jobs)  # no job submitted twice
-    assert account(pg_url) == (0, 0)  # every slot given back exactly once
+    assert slots_held(pg_url) == (0, 0)  # every slot given back exactly once
     assert any("trying again" in r.getMessage() for r in caplog.records)
 
 
@@ -96,9 +86,7 @@ async def test_a_claim_whose_answer_was_lost_is_handed_back_before_the_next(
     Its next claim (on a new connection) hands that job back first, so it is claimed again,
     by someone who knows it, and its slot is not counted twice.
     """
-    config = PostgresJournal(url=pg_url, lease=5.0, renew=1.0, claim_poll=0.02)
-    journal = await open_journal(config, **META, max_in_flight=4)
-    assert isinstance(journal, SharedBackend)
+    journal = await journal_worker(pg_url)
     try:
         await journal.load([(f"k{n}", f"hash-{n}", None) for n in range(3)])
         # The lost claim: committed for this worker, on a connection whose answer never came.
@@ -110,10 +98,10 @@ async def test_a_claim_whose_answer_was_lost_is_handed_back_before_the_next(
         while (key := await journal.claim()) not in (None, False):
             claimed.append(key)
         assert sorted(claimed) == ["k0", "k1", "k2"]  # the lost one (k0) among them
-        assert account(pg_url) == (3, 3)  # one slot each, none leaked
+        assert slots_held(pg_url) == (3, 3)  # one slot each, none leaked
     finally:
         await journal.close()
-    assert account(pg_url) == (0, 0)
+    assert slots_held(pg_url) == (0, 0)
 
 
 async def test_a_database_gone_for_longer_than_connect_timeout_still_stops_the_batch(
@@ -151,9 +139,7 @@ async def test_marks_that_fail_in_an_outage_keep_the_lease_and_are_written_later
     them, and it would stop at its next write), and the marks are written once it is back.
     """
     url = pg_server.new_database()
-    config = PostgresJournal(url=url, lease=3.0, renew=0.1, claim_poll=0.02, connect_timeout=0.2)
-    journal = await open_journal(config, **META, max_in_flight=2)
-    assert isinstance(journal, SharedBackend)
+    journal = await journal_worker(url, 2, lease=3.0, renew=0.1, connect_timeout=0.2)
 
     try:
         await journal.load([("k0", "hash-0", None), ("k1", "hash-1", None)])
@@ -196,9 +182,7 @@ async def test_a_lease_outlives_an_outage_shorter_than_the_lease(pg_server: PgSe
     before, and the worker stopped with its jobs taken over.
     """
     url = pg_server.new_database()
-    config = PostgresJournal(url=url, lease=5.0, renew=3.0, claim_poll=0.02, connect_timeout=0.3)
-    journal = await open_journal(config, **META, max_in_flight=2)
-    assert isinstance(journal, SharedBackend)
+    journal = await journal_worker(url, 2, lease=5.0, renew=3.0, connect_timeout=0.3)
 
     def expires() -> tuple[Any, bool]:
         with psycopg.connect(url) as conn:

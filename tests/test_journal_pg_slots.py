@@ -16,7 +16,7 @@ import anyio
 import psycopg
 import pytest
 from helpers import kling_client, text_job
-from pg import PgServer
+from pg import PgServer, journal_worker, slots_held
 
 import kling_async as ka
 from kling_async.journal import PostgresJournal, SharedBackend, open_journal
@@ -24,27 +24,9 @@ from kling_async.testing import FakeKlingServer
 
 pytestmark = pytest.mark.anyio
 
-META = {"dialect": "kling", "stage": "lip-sync", "base_url": "http://127.0.0.1:1"}
-
-
-async def worker(url: str, max_in_flight: int = 1, **lease: float) -> SharedBackend:
-    config = PostgresJournal(url=url, **{"lease": 5.0, "renew": 1.0, "claim_poll": 0.02, **lease})
-    journal = await open_journal(config, **META, max_in_flight=max_in_flight)
-    assert isinstance(journal, SharedBackend)
-    return journal
-
 
 def rows(count: int) -> list[tuple[str, str, str | None]]:
     return [(f"k{n}", f"hash-{n}", f"https://e.com/{n}.mp4") for n in range(count)]
-
-
-def held(url: str) -> tuple[int, int]:
-    """The account's held slots, and the slots the jobs say they hold."""
-    with psycopg.connect(url) as conn:
-        account = conn.execute("SELECT held FROM kling_account").fetchone()
-        jobs = conn.execute("SELECT count(*) FROM kling_jobs WHERE slot").fetchone()
-    assert account is not None and jobs is not None
-    return int(account[0]), int(jobs[0])
 
 
 def timed_out(key: str, task_id: str) -> ka.JobResult:
@@ -63,7 +45,7 @@ async def test_a_kept_slot_let_go_while_its_result_is_written_goes_back(pg_url: 
     (A batch stopped just as a task timed out cancels the follower at once.)  Its slot must
     still go back: it was kept by nobody once the write committed.
     """
-    journal = await worker(pg_url)
+    journal = await journal_worker(pg_url, 1)
     await journal.load(rows(1))
     await start_task(journal, "k0", "t0")
     written = anyio.Event()
@@ -84,7 +66,7 @@ async def test_a_kept_slot_let_go_while_its_result_is_written_goes_back(pg_url: 
             with anyio.fail_after(5):
                 await written.wait()
     await journal.close()
-    assert held(pg_url) == (0, 0)
+    assert slots_held(pg_url) == (0, 0)
 
 
 @pytest.mark.parametrize("reported", [True, False])
@@ -96,13 +78,13 @@ async def test_a_dead_workers_kept_slot_goes_back_to_the_account(
     Nobody follows that task any more: its slot must go back, or the other workers wait for it
     forever (claim() answering None: no slot).
     """
-    dead = await worker(pg_url, lease=0.3, renew=0.1)
-    alive = await worker(pg_url)
+    dead = await journal_worker(pg_url, 1, lease=0.3, renew=0.1)
+    alive = await journal_worker(pg_url, 1)
     await dead.load(rows(2))
     await alive.load(rows(2))
     await start_task(dead, "k0", "t0")
     await dead.finished(timed_out("k0", "t0"), final=False)
-    assert held(pg_url) == (1, 1)
+    assert slots_held(pg_url) == (1, 1)
     if reported:
         async with anyio.create_task_group() as group:
             group.start_soon(dead.commit_marks)
@@ -130,10 +112,10 @@ async def test_a_dead_workers_kept_slot_goes_back_to_the_account(
     # An unreported result is the taker's to report (once), a reported one is nobody's.
     assert [r.key for r in got if isinstance(r, ka.JobResult)] == ([] if reported else ["k0"])
     await alive.close()
-    assert held(pg_url) == (0, 0)
+    assert slots_held(pg_url) == (0, 0)
     with contextlib.suppress(ka.JournalError):  # (fenced out where its job was taken over)
         await dead.close()
-    assert held(pg_url) == (0, 0)
+    assert slots_held(pg_url) == (0, 0)
 
 
 async def reported_in_db(url: str, key: str) -> bool:
@@ -160,7 +142,7 @@ async def test_a_batch_ending_with_a_timed_out_task_closes_cleanly(pg_url: str) 
                     r async for r in client.run_batch([text_job(0, key="slow")], journal=journal)
                 ]
     assert [(r.key, r.state) for r in results] == [("slow", ka.TaskState.TIMED_OUT)]
-    assert held(pg_url) == (0, 0)
+    assert slots_held(pg_url) == (0, 0)
 
 
 async def test_a_job_holding_a_slot_is_claimed_while_a_dead_workers_job_waits_for_one(
@@ -173,9 +155,9 @@ async def test_a_job_holding_a_slot_is_claimed_while_a_dead_workers_job_waits_fo
     is held).  That orphan can get no slot until the pending job runs and ends; the pending job
     needs none: it must be claimed, or every worker waits for ever.
     """
-    stopped = await worker(pg_url, max_in_flight=2)
-    dead = await worker(pg_url, max_in_flight=2, lease=0.3, renew=0.1)
-    alive = await worker(pg_url, max_in_flight=2)
+    stopped = await journal_worker(pg_url, max_in_flight=2)
+    dead = await journal_worker(pg_url, max_in_flight=2, lease=0.3, renew=0.1)
+    alive = await journal_worker(pg_url, max_in_flight=2)
     for journal in (stopped, dead, alive):
         await journal.load(rows(2))
     await start_task(stopped, "k0", "t0")
@@ -184,7 +166,7 @@ async def test_a_job_holding_a_slot_is_claimed_while_a_dead_workers_job_waits_fo
     await dead.refused("k1", "lip-sync")
     await dead.concurrency_refused("k1")  # the account sustains 1: k0's
     await stopped.close()  # k0 pending, holding its slot: its task may be running
-    assert held(pg_url) == (1, 1)
+    assert slots_held(pg_url) == (1, 1)
     # dead "dies" waiting for a slot again (its lease runs out: 0.3 s).
     await anyio.sleep(0.45)
     async with anyio.create_task_group() as group:
@@ -202,7 +184,7 @@ async def test_a_job_holding_a_slot_is_claimed_while_a_dead_workers_job_waits_fo
                 await alive.wait_for_slot()
         group.cancel_scope.cancel()
     await alive.close()
-    assert held(pg_url) == (0, 0)
+    assert slots_held(pg_url) == (0, 0)
     with contextlib.suppress(ka.JournalError):  # (fenced out: its job was taken over)
         await dead.close()
 
@@ -217,7 +199,7 @@ async def test_a_timed_out_result_that_could_not_be_written_leaves_the_slot_with
     """
     url = pg_server.new_database()
     name = url.rsplit("/", 1)[1]
-    journal = await worker(url, connect_timeout=0.2)
+    journal = await journal_worker(url, 1, connect_timeout=0.2)
     await journal.load(rows(1))
     await start_task(journal, "k0", "t0")
 
@@ -248,7 +230,7 @@ async def test_a_timed_out_result_that_could_not_be_written_leaves_the_slot_with
     with psycopg.connect(url) as conn:
         row = conn.execute("SELECT state, slot FROM kling_jobs WHERE key = 'k0'").fetchone()
     assert row == ("pending", True)
-    assert held(url) == (1, 1)
+    assert slots_held(url) == (1, 1)
 
 
 async def test_a_job_refused_with_1303_waits_for_a_shared_slot_at_most_max_slot_wait(
@@ -273,7 +255,7 @@ async def test_a_job_refused_with_1303_waits_for_a_shared_slot_at_most_max_slot_
             with anyio.fail_after(10):
                 got = [r async for r in client.run_batch([text_job(0, key="k0")], journal=journal)]
     assert [r.key for r in got] == ["k0"]
-    assert isinstance(got[0].error, ka.ConcurrencyLimitError), (dict(server.requests), held(pg_url))
+    assert isinstance(got[0].error, ka.ConcurrencyLimitError), got[0].error
     assert "max_slot_wait" in str(got[0].error)
     assert server.tasks_created == 0
-    assert held(pg_url) == (1, 0)  # only the other worker's slot is held
+    assert slots_held(pg_url) == (1, 0)  # only the other worker's slot is held
