@@ -356,18 +356,27 @@ class Batch:
                 # Recorded before it is handed on: a crash after this reports it from here.
                 await resume.finished(result)
             except KlingError as exc:
+                # The journal failed (a full disk): the batch stops, but this result is known
+                # and paid for.  Handed over all the same, as it is (no download: the batch is
+                # stopping), before the stop, which lets nothing more through; unrecorded, a
+                # rerun reports it again (at least once, never lost).
+                self._hand_over(result)
                 self._abort(exc)
                 return
         if self._download_to is not None or self._scope.cancel_called:
             await self._report(result)
         else:  # what _report does then, without a coroutine per job
-            self.counts["succeeded" if result.ok else "failed"] += 1
-            self.units += result.units or 0.0
-            if self._emit is not None:
-                self._emit.finished(result)
-            self.pipe.put(result)
+            self._hand_over(result)
         if task_id is None:  # failed before any submit was answered: maybe without a yield
             await anyio.lowlevel.checkpoint()
+
+    def _hand_over(self, result: JobResult) -> None:
+        """Count ``result`` and put it in the pipe (its place was reserved), as it is."""
+        self.counts["succeeded" if result.ok else "failed"] += 1
+        self.units += result.units or 0.0
+        if self._emit is not None:
+            self._emit.finished(result)
+        self.pipe.put(result)
 
     async def _report(self, result: JobResult) -> None:
         """Save the video where asked, count the result and hand it to the consumer."""

@@ -113,8 +113,14 @@ class BatchLock:
                         " runs one batch at a time: wait for it to end, or use another file"
                     ) from None
                 time.sleep(0.01)
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"{me}\n".encode(), 0)
+        try:
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"{me}\n".encode(), 0)
+        except OSError as exc:
+            # A full disk (or a file size limit): say which file, and let go of the lock, or
+            # this very process could never open the journal again ("in use").
+            os.close(fd)
+            raise JournalError(f"journal {path}: cannot write {name}: {exc.strerror}") from None
         self._fd = fd
 
     def release(self) -> None:
