@@ -287,3 +287,22 @@ async def test_a_journal_whose_last_transaction_fails_still_releases_its_file(
     # Released all the same: the next batch opens it (its open recreates the missing log).
     again = await Journal.open(path, dialect="kling", stage="lip-sync", base_url="http://x")
     await again.close()
+
+
+async def test_a_failed_transaction_nobody_waited_for_fails_the_close(tmp_path: Path) -> None:
+    # Marks, charges and answered task ids are not waited for: when only their transaction
+    # fails, no writer hears of it, and the batch must not end as if its journal were current
+    # (before the fix close() returned quietly and a rerun reported those results again).
+    path = tmp_path / "j.sqlite"
+    journal = await Journal.open(path, dialect="kling", stage="lip-sync", base_url="http://x")
+    journal.begin("a", "h", None)
+    journal.charge("a", 1.5, False)  # (queued, not waited for)
+    journal._store._conn.execute("DROP TABLE events")  # SQLite refuses that transaction
+    committer = journal._committer
+    with anyio.fail_after(5):  # (the loop commits it a moment later: it fails)
+        await until(lambda: committer.committed > 0 or committer._error is not None)
+    assert committer._error is not None
+    with pytest.raises(ka.JournalError, match="no such table: events"):
+        await journal.close()
+    again = await Journal.open(path, dialect="kling", stage="lip-sync", base_url="http://x")
+    await again.close()  # released all the same

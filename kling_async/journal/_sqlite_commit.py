@@ -61,6 +61,7 @@ class Committer:
         self._waiting: deque[tuple[int, asyncio.Future[None]]] = deque()  # for a commit
         self._waiting_sync: deque[tuple[int, asyncio.Future[None]]] = deque()  # for an fsync
         self._error: JournalError | None = None
+        self._error_told = False  # whether a writer was given the error (else close raises it)
         self._checkpointed = 0  # store.transactions at the last checkpoint asked for
         self._closed = False
         self._syncer = _Syncer(store, self._synced)
@@ -85,6 +86,7 @@ class Committer:
         cancelled: BaseException | None = None
         while True:
             if self._error is not None:
+                self._error_told = True
                 raise self._error
             if (self.synced if durable else self.committed) >= wanted:
                 break  # (a cancelled writer whose commit came meanwhile: nobody settles it now)
@@ -138,13 +140,21 @@ class Committer:
             self._flush_at = None
 
     def stop(self) -> None:
-        """Commit what is queued and end the sync thread (blocking; after :meth:`close`)."""
+        """Commit what is queued and end the sync thread (blocking; after :meth:`close`).
+
+        Raises the :class:`JournalError` of a transaction that failed when no writer waited
+        for it (only marks, charges or task ids not waited for were lost): a batch must not
+        end as if its journal were up to date.
+        """
         try:
             with self._store.write_lock:
                 if self._pending and self._error is None:
                     self._commit_pending()
         finally:
             self._syncer.stop()  # (a failed last transaction must not leave the thread waiting)
+        if self._error is not None and not self._error_told:
+            self._error_told = True
+            raise self._error
 
     def _commit_pending(self) -> None:
         """Commit everything queued as one transaction (the caller holds the write lock)."""
@@ -177,6 +187,7 @@ class Committer:
                 _, done = queue.popleft()
                 if not done.done():
                     done.set_exception(error)
+                    self._error_told = True
 
 
 def _settle(queue: deque[tuple[int, asyncio.Future[None]]], upto: int) -> None:
