@@ -35,6 +35,7 @@ from kling_async.journal._codec import (
     snapshot_from_json,
     snapshot_to_json,
 )
+from kling_async.journal._export import read_jobs
 from kling_async.journal._sqlite import Journal
 from kling_async.journal._sqlite_log import fold
 from kling_async.testing import FakeKlingServer, FaultPlan
@@ -285,6 +286,42 @@ async def test_files_that_are_no_journal_are_refused(tmp_path: Path) -> None:
         await open_journal(other)
     with pytest.raises(ka.JournalError):
         await open_journal(tmp_path / "no-such-dir" / "j.sqlite")
+
+
+@pytest.mark.parametrize(
+    "damage",
+    [
+        "UPDATE jobs SET result = '{\"key\": \"a\"}'",  # a result without its state
+        "UPDATE stages SET snapshot = '{\"task_id\": \"t\", \"state\": \"odd\"}'",
+        "INSERT OR REPLACE INTO meta VALUES ('clock_offset', 'soon')",
+    ],
+    ids=["result", "snapshot", "meta"],
+)
+async def test_a_damaged_record_is_one_clear_error_and_leaves_the_file_free(
+    tmp_path: Path, damage: str
+) -> None:
+    path = tmp_path / "dub.journal"
+    journal = await open_journal(path)
+    journal.begin("a", "h", None)
+    await journal.submitting("a", "lip-sync", 1.0)
+    done = ka.TaskState.SUCCEEDED
+    await journal.created("a", "lip-sync", "t1", ka.TaskSnapshot(task_id="t1", state=done))
+    await journal.finished(ka.JobResult(key="a", task_id="t1", state=done), final=True)
+    await journal.close()
+    with contextlib.closing(sqlite3.connect(path)) as conn:
+        fold(conn, str(path))
+        conn.execute(damage)
+        conn.commit()
+    for _ in range(2):
+        started = anyio.current_time()
+        # Before the fix: a damaged snapshot raised cattrs' own error, naming no file, and
+        # every damage kept the file locked: the second open waited, then said "in use".
+        with pytest.raises(ka.JournalError, match=rf"journal {path}: unreadable record"):
+            await open_journal(path, lock_timeout=2.0)
+        assert anyio.current_time() - started < 1.0
+    if "meta" not in damage:  # (what kling-async results reads: the records, not the meta)
+        with pytest.raises(ka.JournalError, match=rf"journal {path}: unreadable record"):
+            await read_jobs(path)
 
 
 # -- resuming in-process -----------------------------------------------------------------------

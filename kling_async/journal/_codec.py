@@ -28,6 +28,7 @@ from .._jobs import LipSyncJob
 from .._results import BalanceDeduction, JobResult, TaskSnapshot, TaskState, returned_fields
 
 __all__ = [
+    "UNREADABLE",
     "error_from_json",
     "error_to_json",
     "request_hash",
@@ -36,6 +37,16 @@ __all__ = [
     "snapshot_from_json",
     "snapshot_to_json",
 ]
+
+#: What decoding a damaged record (a job's result, a snapshot, a meta value) raises: the
+#: journal turns these into a :class:`JournalError` naming its file.
+UNREADABLE: tuple[type[Exception], ...] = (
+    ValueError,
+    KeyError,
+    TypeError,
+    AttributeError,
+    cattrs.BaseValidationError,
+)
 
 # Bumped if the hashed form of a job ever changes, so old journals refuse instead of mismatching.
 _HASH_VERSION = "kling_async.job.v1"

@@ -21,6 +21,7 @@ import anyio
 import attrs
 
 from .._errors import JournalError
+from ._codec import UNREADABLE
 from ._config import PostgresJournal, is_postgres_url, redact
 from ._sqlite import CREATED, JournalJob, job_from_row
 from ._sqlite_log import fold
@@ -85,7 +86,7 @@ async def read_jobs(target: str | os.PathLike[str] | PostgresJournal) -> list[Jo
         rows = await anyio.to_thread.run_sync(_sqlite_rows, Path(target))
     try:
         return [job_from_row(row) for row in rows]
-    except (ValueError, KeyError, TypeError) as exc:
+    except UNREADABLE as exc:
         name = _target_name(target)
         raise JournalError(f"journal {name}: unreadable record ({exc!r:.200})") from None
 

@@ -56,6 +56,7 @@ from .._identity import new_batch_id
 from .._results import JobResult, TaskSnapshot
 from . import _sqlite_log as log
 from ._codec import (
+    UNREADABLE,
     result_from_json,
     result_to_json,
     snapshot_from_json,
@@ -213,13 +214,21 @@ class Journal(ServerFacts):
 
         try:
             store, stored, rows = await anyio.to_thread.run_sync(setup)
-            return cls(store, rows, stored)
         except ValidationError:
             raise
         except sqlite3.Error as exc:
             raise journal_error(name, exc) from None
-        except (ValueError, KeyError, TypeError) as exc:  # a record this version cannot read
+        except UNREADABLE as exc:  # a change this version cannot read
             raise JournalError(f"journal {name}: unreadable record ({exc!r:.200})") from None
+        try:
+            return cls(store, rows, stored)
+        except BaseException as exc:
+            # Let the file go, or this very process could never open it again ("in use").
+            with anyio.CancelScope(shield=True):
+                await anyio.to_thread.run_sync(store.close)
+            if isinstance(exc, UNREADABLE):  # a record this version cannot read
+                raise JournalError(f"journal {name}: unreadable record ({exc!r:.200})") from None
+            raise
 
     @property
     def transactions(self) -> int:
