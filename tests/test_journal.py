@@ -291,8 +291,8 @@ async def test_files_that_are_no_journal_are_refused(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     "damage",
     [
-        "UPDATE jobs SET result = '{\"key\": \"a\"}'",  # a result without its state
-        "UPDATE stages SET snapshot = '{\"task_id\": \"t\", \"state\": \"odd\"}'",
+        'UPDATE jobs SET result = \'{"key": "a"}\'',  # a result without its state
+        'UPDATE stages SET snapshot = \'{"task_id": "t", "state": "odd"}\'',
         "INSERT OR REPLACE INTO meta VALUES ('clock_offset', 'soon')",
     ],
     ids=["result", "snapshot", "meta"],
