@@ -185,9 +185,10 @@ class Reconciler:
         self._confirmed = anyio.Event()
         #: Called once the server has shown that it keeps external ids (a journal keeps that).
         self.on_confirm: Callable[[], None] | None = None
-        #: Whether submits other than the one being resolved are on their way (their answers
-        #: may yet confirm external ids); the batch's submitter sets it.
-        self.others_sending: Callable[[], bool] = lambda: False
+        #: How many submits of the batch are on their way or about to be (their answers may yet
+        #: confirm external ids), the one being resolved included when it was sent in this run;
+        #: the batch's submitter sets it.
+        self.sending: Callable[[], int] = lambda: 0
 
     # -- exactly, by external id ---------------------------------------------------------
 
@@ -207,16 +208,17 @@ class Reconciler:
         """Whether :meth:`confirm_external` was called."""
         return self._confirmed.is_set()
 
-    async def _await_confirmation(self) -> None:
+    async def _await_confirmation(self, counted: bool) -> None:
         """Wait while other submits of the batch may still show that external ids are kept.
 
         Not a fixed time: under load the batch's other answers may take longer than any
         guess, and a lone job must not wait for answers that will never come.  The wait ends
-        once confirmed, once no other submit is on its way (:attr:`others_sending`), or after
-        :attr:`confirm_wait` seconds.
+        once confirmed, once no other submit is on its way (:attr:`sending`, less the one being
+        resolved when ``counted``), or after :attr:`confirm_wait` seconds.
         """
         deadline = anyio.current_time() + self.confirm_wait
-        while not self.external_confirmed and self.others_sending():
+        own = 1 if counted else 0
+        while not self.external_confirmed and self.sending() > own:
             left = deadline - anyio.current_time()
             if left <= 0:
                 return
@@ -269,12 +271,14 @@ class Reconciler:
         intent_at: float,
         answered_at: float | None,
         cause: KlingError | None,
+        counted: bool = True,
     ) -> TaskSnapshot | _Absent:
         """What became of job ``key``'s unclear ``stage`` submit: its task, or :data:`ABSENT`.
 
         :data:`ABSENT` only with an external id (nothing carries it: the submit may go again
         with it).  Otherwise raises :class:`SubmitOutcomeUnknownError` naming the candidates,
-        or the fatal error a lookup met.
+        or the fatal error a lookup met.  ``counted``: the submit is one :attr:`sending`
+        counts (False: an earlier run's, resolved before this run sends anything for it).
         """
         if external_id is not None and self._dialect.external_ids:
             try:
@@ -289,7 +293,7 @@ class Reconciler:
             if found is not ABSENT:
                 logger.info("%s: found task %s by its external id", key, found.task_id)
                 return found
-            await self._await_confirmation()
+            await self._await_confirmation(counted)
             if not self.external_confirmed:
                 detail = (
                     f"no task carries external id {external_id}, but this server has not shown"

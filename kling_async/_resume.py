@@ -242,6 +242,9 @@ class Resume:
                     intent_at=known.intent_at,
                     answered_at=None,
                     cause=None,
+                    # Not one of this run's submits on their way (they are what may yet show
+                    # that external ids are kept): every one of those is another job's.
+                    counted=False,
                 )
             except SubmitOutcomeUnknownError:
                 if not self._resubmit_unknown:

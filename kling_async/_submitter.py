@@ -97,7 +97,7 @@ class Submitter:
             confirm_wait=max(2 * client.retry.max_delay, CONFIRM_WAIT),
         )
         self._creating = 0  # jobs inside create(): submits on their way or about to be
-        self.reconciler.others_sending = lambda: self._creating > 1
+        self.reconciler.sending = lambda: self._creating
 
     def grace(self) -> None:
         """The batch stops: journaled submits on their way get :data:`SUBMIT_GRACE` seconds."""

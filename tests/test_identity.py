@@ -192,6 +192,27 @@ async def test_an_unclear_first_submit_waits_for_the_others_answers_however_slow
     assert server.tasks_created == 4
 
 
+async def test_a_rerun_resolving_an_earlier_unclear_submit_waits_for_its_own_answers(
+    tmp_path: Path,
+) -> None:
+    # The first run's only submit met a 502 before any answer had shown that external ids are
+    # kept: unknown.  The rerun looks it up before sending anything for it, while one other
+    # job's (slow) submit is on its way, whose echo confirms the ids: the job is sent again,
+    # once.  Before the fix the rerun waited only while two others were on their way.
+    journal = tmp_path / "fr.journal"
+    async with FakeKlingServer(task_duration=0.02) as server:
+        async with advanced_client(server) as client:
+            server.script("advanced-submit", status=502, code=5000)
+            (lost,) = await run(client, [dub_job(0)], journal=journal)
+            server.faults = FaultPlan(create_delay=0.3)
+            results = await run(client, [dub_job(0), dub_job(1)], journal=journal)
+    assert isinstance(lost.error, ka.SubmitOutcomeUnknownError), lost.error
+    assert sorted(r.key for r in results) == ["fr-0", "fr-1"]
+    assert all(r.ok and not r.adopted for r in results), [str(r.error) for r in results]
+    assert server.tasks_created == 2
+    assert server.requests["advanced-submit"] == 1 + 2
+
+
 async def test_someone_elses_task_with_my_external_id_is_not_taken() -> None:
     async with FakeKlingServer(task_duration=0.02) as server:
         async with advanced_client(server) as client:
