@@ -324,6 +324,23 @@ async def test_a_damaged_record_is_one_clear_error_and_leaves_the_file_free(
             await read_jobs(path)
 
 
+async def test_a_journal_of_a_newer_layout_is_refused_also_by_its_readers(tmp_path: Path) -> None:
+    path = tmp_path / "dub.journal"
+    journal = await open_journal(path)
+    journal.begin("a", "h", None)
+    await journal.finished(
+        ka.JobResult(key="a", task_id="t1", state=ka.TaskState.SUCCEEDED), final=True
+    )
+    await journal.close()
+    with contextlib.closing(sqlite3.connect(path)) as conn:
+        conn.execute("PRAGMA user_version = 4")  # what a newer kling_async may write
+    with pytest.raises(ka.JournalError, match=rf"journal {path}: layout version 4"):
+        await open_journal(path)
+    # kling-async results / status read it too (before the fix: as if it were this version's).
+    with pytest.raises(ka.JournalError, match=rf"journal {path}: layout version 4 is newer"):
+        await read_jobs(path)
+
+
 # -- resuming in-process -----------------------------------------------------------------------
 
 

@@ -25,7 +25,7 @@ from ._codec import UNREADABLE
 from ._config import PostgresJournal, is_postgres_url, redact
 from ._sqlite import CREATED, JournalJob, job_from_row
 from ._sqlite_log import fold
-from ._sqlite_store import Row, journal_error, read_rows
+from ._sqlite_store import SCHEMA_VERSION, Row, journal_error, read_rows
 
 __all__ = ["JournalStatus", "WorkerLease", "read_jobs", "read_status"]
 
@@ -120,6 +120,12 @@ def _sqlite_rows(path: Path) -> list[Row]:
     except sqlite3.Error as exc:
         raise journal_error(str(path), exc) from None
     try:
+        version = conn.execute("PRAGMA user_version").fetchone()[0]
+        if version > SCHEMA_VERSION:  # (its records may not mean what this version reads)
+            raise JournalError(
+                f"journal {path}: layout version {version} is newer than the supported"
+                f" {SCHEMA_VERSION} (written by a newer kling_async: read it with that one)"
+            )
         if conn.execute("SELECT 1 FROM sqlite_master WHERE name = 'events'").fetchone():
             # The last run's changes are in the log until the journal opens again: fold them
             # into a copy (the file itself is read-only here).
