@@ -294,8 +294,9 @@ async def test_files_that_are_no_journal_are_refused(tmp_path: Path) -> None:
         'UPDATE jobs SET result = \'{"key": "a"}\'',  # a result without its state
         'UPDATE stages SET snapshot = \'{"task_id": "t", "state": "odd"}\'',
         "INSERT OR REPLACE INTO meta VALUES ('clock_offset', 'soon')",
+        "INSERT INTO events (changes) VALUES ('[[6, \"a\"], []]')",  # a change without its op
     ],
-    ids=["result", "snapshot", "meta"],
+    ids=["result", "snapshot", "meta", "log"],
 )
 async def test_a_damaged_record_is_one_clear_error_and_leaves_the_file_free(
     tmp_path: Path, damage: str
@@ -312,15 +313,17 @@ async def test_a_damaged_record_is_one_clear_error_and_leaves_the_file_free(
         fold(conn, str(path))
         conn.execute(damage)
         conn.commit()
+    wanted = rf"journal {path}: (unreadable record|unknown change)"
     for _ in range(2):
         started = anyio.current_time()
-        # Before the fix: a damaged snapshot raised cattrs' own error, naming no file, and
-        # every damage kept the file locked: the second open waited, then said "in use".
-        with pytest.raises(ka.JournalError, match=rf"journal {path}: unreadable record"):
+        # Before the fix: a damaged snapshot raised cattrs' own error, a damaged log an
+        # IndexError, naming no file, and a damaged record kept the file locked: the second
+        # open waited, then said "in use".
+        with pytest.raises(ka.JournalError, match=wanted):
             await open_journal(path, lock_timeout=2.0)
         assert anyio.current_time() - started < 1.0
     if "meta" not in damage:  # (what kling-async results reads: the records, not the meta)
-        with pytest.raises(ka.JournalError, match=rf"journal {path}: unreadable record"):
+        with pytest.raises(ka.JournalError, match=wanted):
             await read_jobs(path)
 
 

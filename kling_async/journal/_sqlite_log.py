@@ -92,14 +92,14 @@ def fold(conn: sqlite3.Connection, path: str) -> int:
         raise JournalError(f"journal {path}: unreadable change log ({exc})") from None
     start, count = 0, len(changes)
     while start < count:  # runs of one operation: one executemany each
-        op = changes[start][0] if isinstance(changes[start], list) and changes[start] else None
+        op = _op(changes[start])
         if not (isinstance(op, int) and 0 <= op < len(_STATEMENTS)):
             raise JournalError(
                 f"journal {path}: unknown change {changes[start]!r:.80} in its log (written by"
                 " another version of kling_async?)"
             )
         end = start + 1
-        while end < count and changes[end][0] == op:
+        while end < count and _op(changes[end]) == op:
             end += 1
         params = [change[1:] for change in changes[start:end]]
         if any(len(values) != _ARITY[op] for values in params):
@@ -108,3 +108,8 @@ def fold(conn: sqlite3.Connection, path: str) -> int:
         start = end
     conn.execute("DELETE FROM events")
     return count
+
+
+def _op(change: object) -> object:
+    """The operation code of one logged change (None for something that is no change)."""
+    return change[0] if isinstance(change, list) and change else None
