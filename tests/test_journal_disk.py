@@ -144,3 +144,43 @@ def test_results_whose_commit_fails_on_a_full_disk_are_still_handed_over(tmp_pat
     assert sorted(outcome["got"] + outcome["running"]) == outcome["created"]
     assert len(outcome["got"]) >= 1
     assert rerun == {"again": [f"k{n}" for n in range(6)], "created": 6}  # nothing paid twice
+
+
+# Records three jobs, closes (their changes stay in the log until the next open folds them),
+# then opens again with room for the lock file only: the fold cannot be written.  Then once
+# more with room: prints each outcome.
+FOLD_ON_A_FULL_DISK = """
+    import resource, sys
+    import anyio
+    from kling_async.journal._sqlite import Journal
+
+    META = dict(dialect="kling", stage="lip-sync", base_url="http://127.0.0.1:1")
+
+    async def main() -> None:
+        journal = await Journal.open(sys.argv[1], **META)
+        for key in ("a", "b", "c"):
+            journal.begin(key, "h", None)
+            await journal.submitting(key, "lip-sync", 1.0)
+            await journal.created(key, "lip-sync", f"task-{key}", adopted=True)
+        await journal.close()
+        resource.setrlimit(resource.RLIMIT_FSIZE, (64, resource.RLIM_INFINITY))
+        try:
+            await Journal.open(sys.argv[1], **META)
+        except Exception as exc:
+            print(f"{type(exc).__name__}: {exc}")
+        resource.setrlimit(resource.RLIMIT_FSIZE, (resource.RLIM_INFINITY,) * 2)
+        journal = await Journal.open(sys.argv[1], **META)
+        print(sorted(journal.owner(f"task-{key}") or "?" for key in ("a", "b", "c")))
+        await journal.close()
+
+    anyio.run(main)
+"""
+
+
+def test_a_fold_that_cannot_be_written_is_one_clear_error_and_loses_nothing(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "dub.journal"
+    failed, after = run_script(FOLD_ON_A_FULL_DISK, str(path))
+    assert failed.startswith(f"JournalError: journal {path}: "), failed
+    assert after == "['a', 'b', 'c']"  # the failed fold was rolled back: every task is known
