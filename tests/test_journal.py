@@ -327,6 +327,32 @@ async def test_a_damaged_record_is_one_clear_error_and_leaves_the_file_free(
             await read_jobs(path)
 
 
+@pytest.mark.skipif(
+    sys.platform == "win32" or os.geteuid() == 0, reason="needs file permissions that bind"
+)
+@pytest.mark.parametrize("what", ["file", "folder"])
+async def test_a_journal_that_cannot_be_written_says_it_is_read_only(
+    tmp_path: Path, what: str
+) -> None:
+    folder = tmp_path / "jobs"
+    folder.mkdir()
+    path = folder / "dub.journal"
+    journal = await open_journal(path)
+    journal.begin("a", "h", None)
+    await journal.submitting("a", "lip-sync", 1.0)
+    await journal.close()
+    target = path if what == "file" else folder
+    target.chmod(0o444 if what == "file" else 0o555)
+    try:
+        # Before the fix: "disk I/O error" (a read-only file) or "attempt to write a readonly
+        # database" (a read-only folder): nothing said which, or that it was no disk fault.
+        with pytest.raises(ka.JournalError, match=rf"\({target} is read-only: a batch writes"):
+            await open_journal(path)
+    finally:
+        folder.chmod(0o755)
+        path.chmod(0o644)
+
+
 async def test_a_journal_of_a_newer_layout_is_refused_also_by_its_readers(tmp_path: Path) -> None:
     path = tmp_path / "dub.journal"
     journal = await open_journal(path)

@@ -217,7 +217,7 @@ class Journal(ServerFacts):
         except ValidationError:
             raise
         except sqlite3.Error as exc:
-            raise journal_error(name, exc) from None
+            raise journal_error(name, exc, writing=True) from None
         except UNREADABLE as exc:  # a change this version cannot read
             raise JournalError(f"journal {name}: unreadable record ({exc!r:.200})") from None
         try:
@@ -323,7 +323,8 @@ class Journal(ServerFacts):
         #   request leaves) and its result (committed before the consumer gets it).  So no
         #   later stage and no reported result is ever on disk without this task id.
         # - A failed commit breaks the store: the next write anyone waits for raises the
-        #   JournalError, which stops the batch, as this one's would have.
+        #   JournalError, which stops the batch, as this one's would have (and if nobody
+        #   waits for another write, close() raises it).
 
     def _set_meta(self, name: str, value: str) -> None:
         if not self._closed:

@@ -282,12 +282,27 @@ def _check_meta(path: str, stored: dict[str, str], wanted: dict[str, str]) -> No
             )
 
 
-def journal_error(path: str, exc: sqlite3.Error) -> JournalError:
-    """The :class:`JournalError` for SQLite's ``exc`` on the journal at ``path``."""
+def journal_error(path: str, exc: sqlite3.Error, *, writing: bool = False) -> JournalError:
+    """The :class:`JournalError` for SQLite's ``exc`` on the journal at ``path``.
+
+    ``writing``: the journal was being opened for a batch, which writes it.
+    """
     text = str(exc)
     if "locked" in text or "busy" in text:
         text += " (is another batch using this journal?)"
+    elif writing and (readonly := _read_only(path)):
+        # SQLite opens a file it cannot write read-only, then fails on the first write with
+        # "disk I/O error" or "attempt to write a readonly database": say what is wrong.
+        text += f" ({readonly} is read-only: a batch writes its journal)"
     return JournalError(f"journal {path}: {text}")
+
+
+def _read_only(path: str) -> str | None:
+    """The journal file, or its folder, when this process may not write it (else None)."""
+    if os.path.exists(path) and not os.access(path, os.W_OK):
+        return path
+    folder = os.path.dirname(os.path.abspath(path))
+    return folder if os.path.isdir(folder) and not os.access(folder, os.W_OK) else None
 
 
 def read_rows(conn: sqlite3.Connection) -> list[Row]:
