@@ -259,3 +259,22 @@ async def test_a_job_refused_with_1303_waits_for_a_shared_slot_at_most_max_slot_
     assert "max_slot_wait" in str(got[0].error)
     assert server.tasks_created == 0
     assert slots_held(pg_url) == (1, 0)  # only the other worker's slot is held
+
+
+async def test_a_worker_whose_only_slot_a_timed_out_task_keeps_ends_when_no_job_is_left(
+    pg_url: str,
+) -> None:
+    """One slot, kept by the last job's timed-out task: the batch ends, it does not wait for
+    a slot (max_slot_wait) before it learns that nothing is left to claim.
+    """
+    poll = ka.PollPolicy(first_delay=0.01, max_interval=0.05, multiplier=1.0, timeout=0.2)
+    retry = ka.RetryPolicy(max_attempts=3, base_delay=0.005, max_delay=0.05, max_slot_wait=60)
+    journal = PostgresJournal(url=pg_url, lease=5.0, renew=1.0, claim_poll=0.02)
+    async with FakeKlingServer(task_duration=60.0) as server:
+        async with kling_client(server, max_in_flight=1, poll=poll, retry=retry) as client:
+            with anyio.fail_after(5):
+                results = [
+                    r async for r in client.run_batch([text_job(0, key="slow")], journal=journal)
+                ]
+    assert [(r.key, r.state) for r in results] == [("slow", ka.TaskState.TIMED_OUT)]
+    assert slots_held(pg_url) == (0, 0)
