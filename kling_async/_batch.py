@@ -46,7 +46,7 @@ from ._tracking import track_all
 from ._watch import Watch
 from .events import Event
 from .journal import PostgresJournal, SharedBackend
-from .journal._claims import ClaimSource, SharedSlotHold
+from .journal._claims import ClaimSource, SharedSlotHold, Slotless
 
 __all__ = ["Batch", "BatchIterator"]
 
@@ -235,7 +235,9 @@ class Batch:
         source: JobSource | ClaimSource = JobSource(self._jobs or (), self.resume)
         if self.resume is not None and isinstance(self.resume.journal, SharedBackend):
             # Many workers, one batch: run whichever jobs this worker claims.
-            source = ClaimSource(self.resume.journal, self._jobs or ())
+            source = ClaimSource(
+                self.resume.journal, self._jobs or (), self._client.retry.max_slot_wait
+            )
         for _ in range(self._slots.capacity):
             group.start_soon(self._runner, source)
 
@@ -266,7 +268,11 @@ class Batch:
             except BaseException:
                 self._unslot(held)
                 raise
-            if not held and isinstance(item, tuple):
+            if isinstance(item, Slotless):
+                # No slot of the account for max_slot_wait: it ends unsubmitted (_run_job).
+                self._unslot(held)
+                held, item = False, (item.key, item.job)
+            elif not held and isinstance(item, tuple):
                 # A job that waits in vain for max_slot_wait ends as a value (_run_job).
                 held = await self._slots.acquire_within(self._client.retry.max_slot_wait)
             if item is None:

@@ -94,6 +94,7 @@ class PgJournal(ServerFacts):
         self._known: set[str] = set()  # keys this worker can run (it loaded them)
         self._skip: set[str] = set()  # keys it cannot (another worker's job file)
         self._kept: set[str] = set()  # timed-out jobs whose slot is kept (see finished)
+        self._slotless: set[str] = set()  # jobs claimed without a slot (claim's without_slot)
         self._freed = anyio.Event()  # set (and replaced) when a job of this worker ends
         self._closed = False
 
@@ -325,16 +326,20 @@ class PgJournal(ServerFacts):
         self._known.update(key for key, _, _ in jobs)
         await self._db.tx(functools.partial(load_jobs, jobs=jobs))
 
-    async def claim(self, skip: Sequence[str] = ()) -> Claim:
+    async def claim(self, skip: Sequence[str] = (), *, without_slot: bool = False) -> Claim:
         """The next job for this worker, as :data:`~kling_async.journal.Claim` says.
 
         Its key, a dead worker's unreported result, None (nothing to claim now: wait and ask
-        again) or False (every job is done).
+        again) or False (every job is done).  ``without_slot``: a pending job is claimed even
+        when no task slot is free, without one (see :meth:`holds_slot`).
         """
         while True:
             skipped = self._skip.union(skip)
+            claim = functools.partial(
+                claim_one, worker=self.worker, skip=skipped, without_slot=without_slot
+            )
             got = await self._db.auto(
-                functools.partial(claim_one, worker=self.worker, skip=skipped),
+                claim,
                 # A claim whose answer was lost is handed back before claiming again.
                 recover=functools.partial(release_claims, worker=self.worker, keep=self._jobs),
             )
@@ -352,6 +357,8 @@ class PgJournal(ServerFacts):
                 continue
             job = job_from_rows(got.row, got.stages)
             self._jobs[key] = job
+            if not got.slot:
+                self._slotless.add(key)
             for stage in job.stages.values():
                 if stage.task_id is not None:
                     self._owners[stage.task_id] = key
@@ -361,6 +368,10 @@ class PgJournal(ServerFacts):
             if got.row[3] == "done" and job.result is not None:
                 return job.result  # finished by a worker that died before reporting it
             return key
+
+    def holds_slot(self, key: str) -> bool:
+        """Whether this worker's claim of ``key`` came with a task slot (or held one already)."""
+        return key not in self._slotless
 
     async def concurrency_refused(self, key: str) -> None:
         """A 1303 for ``key``: lower the shared limit and free the job's slot."""
