@@ -231,9 +231,21 @@ async def _check_changed(conn: Conn, wanted: dict[str, tuple[str, str | None]]) 
             # snapshot): its worker may have committed a submit's intent since (it locks the
             # job's row to write it), and that submit is on its way.
             cur = await conn.execute(
-                "SELECT slot FROM kling_jobs WHERE key = %s FOR UPDATE", (key,)
+                "SELECT slot, state = 'claimed' AND worker IN (SELECT id FROM kling_workers"
+                " WHERE expires_at >= clock_timestamp()) FROM kling_jobs WHERE key = %s"
+                " FOR UPDATE",
+                (key,),
             )
             held = await cur.fetchone()
+            if held is not None and held[1]:
+                # Its worker may submit it any moment: starting over would stop that worker
+                # (its next write finds the job no longer its own) and lose its other jobs' pace.
+                raise ValidationError(
+                    "key",
+                    f"{key!r} names another job than the one this journal recorded under it"
+                    " (its request differs), and a live worker is running that one now; give"
+                    " the changed job a new key, or load it once that worker is done",
+                )
             cur = await conn.execute(
                 "SELECT EXISTS (SELECT 1 FROM kling_stages WHERE key = %s AND status <> 'refused')",
                 (key,),
