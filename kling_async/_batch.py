@@ -46,7 +46,7 @@ from ._tracking import track_all
 from ._watch import Watch
 from .events import Event
 from .journal import PostgresJournal, SharedBackend
-from .journal._claims import ClaimSource, SharedSlotHold
+from .journal._claims import ClaimSource, SharedSlotHold, Slotless
 
 __all__ = ["Batch", "BatchIterator"]
 
@@ -110,7 +110,9 @@ class Batch:
         self._submitter = Submitter(client, self._slots, self._abort, blocking=self.blocking)
         self._batch_id = new_batch_id()  # (with a journal, the journal's own is used)
         # Timed-out tasks still holding their slots, followed until they end.
-        self._stuck = StuckTasks(self._slots, self._get_task, client.poll.max_interval)
+        self._stuck = StuckTasks(
+            self._slots, self._get_task, client.poll.max_interval, client.retry.max_attempts
+        )
         self._named = 0
         self._shared: SharedTracking | None = None  # one poller for all workers of a journal
         check_callback(on_event)
@@ -233,7 +235,9 @@ class Batch:
         source: JobSource | ClaimSource = JobSource(self._jobs or (), self.resume)
         if self.resume is not None and isinstance(self.resume.journal, SharedBackend):
             # Many workers, one batch: run whichever jobs this worker claims.
-            source = ClaimSource(self.resume.journal, self._jobs or ())
+            source = ClaimSource(
+                self.resume.journal, self._jobs or (), self._client.retry.max_slot_wait
+            )
         for _ in range(self._slots.capacity):
             group.start_soon(self._runner, source)
 
@@ -248,10 +252,11 @@ class Batch:
             # (The non-waiting forms first: a coroutine call each saved, per job.)
             if not self.pipe.try_reserve():
                 await self.pipe.reserve()
+            # Every slot taken: the next job is read before the wait for one, so that a batch
+            # whose last tasks timed out (keeping their slots) ends as soon as no job is left,
+            # not after max_slot_wait.  (A shared journal's claim waits for a slot of the
+            # account itself.)
             held = self._slots.try_acquire()
-            if not held:
-                # A job that waits in vain for max_slot_wait ends as a value (_run_job).
-                held = await self._slots.acquire_within(self._client.retry.max_slot_wait)
             try:
                 item = source.next_nowait()
                 if item is False:
@@ -263,6 +268,13 @@ class Batch:
             except BaseException:
                 self._unslot(held)
                 raise
+            if isinstance(item, Slotless):
+                # No slot of the account for max_slot_wait: it ends unsubmitted (_run_job).
+                self._unslot(held)
+                held, item = False, (item.key, item.job)
+            elif not held and isinstance(item, tuple):
+                # A job that waits in vain for max_slot_wait ends as a value (_run_job).
+                held = await self._slots.acquire_within(self._client.retry.max_slot_wait)
             if item is None:
                 self._unslot(held)
                 self.pipe.unreserve()

@@ -16,7 +16,7 @@ from collections.abc import Awaitable, Callable, Iterable
 import anyio
 from anyio.abc import TaskGroup
 
-from ._errors import ConcurrencyLimitError, KlingError
+from ._errors import ConcurrencyLimitError, KlingError, NotFoundError
 from ._results import TaskSnapshot
 
 __all__ = ["SlotHold", "StuckTasks", "TaskSlots", "slot_wait_error"]
@@ -161,7 +161,9 @@ class StuckTasks:
     Such a task still counts against the account's task limit: giving its slot back would only
     earn 1303 refusals.  Each is looked at every ``interval`` seconds (``get_task(task_id,
     stage=...)``) in ``group`` (the batch's, while it runs); its slot is released once it has
-    ended, or when the batch stops.
+    ended, once the server has answered ``not_found`` times in a row that it knows no such task
+    (it no longer counts against the limit either; if it still did, the next submit's 1303
+    says so, and the jobs wait for a slot as after any 1303), or when the batch stops.
     """
 
     def __init__(
@@ -169,10 +171,12 @@ class StuckTasks:
         slots: TaskSlots,
         get_task: Callable[..., Awaitable[TaskSnapshot]],
         interval: float,
+        not_found: int,
     ) -> None:
         self._slots = slots
         self._get_task = get_task
         self._interval = interval
+        self._not_found = not_found
         #: Where followers run (None while the batch does not run: no slot is kept then).
         self.group: TaskGroup | None = None
         #: Ids of the tasks followed now.
@@ -187,15 +191,28 @@ class StuckTasks:
         return True
 
     async def _follow(self, task_id: str, stage: str, slot: SlotHold) -> None:
+        missing = 0  # "no such task" answers in a row
         try:
             while True:
                 await anyio.sleep(self._interval)
                 try:
                     snapshot = await self._get_task(task_id, stage=stage)
+                except NotFoundError:
+                    missing += 1
+                    if missing >= self._not_found:
+                        logger.warning(
+                            "task %s, reported timed out, is unknown to the server now: its"
+                            " slot is free",
+                            task_id,
+                        )
+                        return
+                    continue
                 except KlingError as exc:
                     if exc.fatal:
                         return
+                    missing = 0
                     continue
+                missing = 0
                 if snapshot.state.is_terminal:
                     logger.info("task %s, reported timed out, has ended: its slot is free", task_id)
                     self._slots.finished()

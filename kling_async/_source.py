@@ -1,7 +1,8 @@
 """Reading a batch's jobs: lazily, one at a time, keyed, and checked against the journal.
 
 Several runners (one per task slot, :mod:`._batch`) share one :class:`JobSource`.  A job is read
-only when a runner holds a slot for it, so a million-job generator is never read far ahead.
+only when a runner holds a slot for it or waits for one (one job a runner at most), so a
+million-job generator is never read far ahead.
 """
 
 from __future__ import annotations

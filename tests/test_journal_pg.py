@@ -542,3 +542,24 @@ async def test_a_changed_job_is_refused_when_its_intent_commits_during_the_check
     assert record[0].stages["lip-sync"].status == "submitting"
     await one.close()
     await two.close()
+
+
+async def test_a_changed_job_that_a_live_worker_runs_is_refused_not_started_over(
+    pg_url: str,
+) -> None:
+    """A worker loads a changed job that another, live, worker has claimed but not submitted.
+
+    Starting it over took the job from that worker: its next write (the submit's intent) found
+    the job no longer its own, and the whole worker stopped.  Now the load is refused, and the
+    running worker goes on.
+    """
+    one, two = await worker(pg_url), await worker(pg_url)
+    await one.load(rows(2))
+    assert await one.claim() == "k0"  # claimed, nothing submitted yet
+    with pytest.raises(ka.ValidationError, match="a live worker is running that one"):
+        await two.load([("k0", "other-hash", None), rows(2)[1]])
+    await one.submitting("k0", "lip-sync", 1.0)  # still its job
+    jobs = {job.key: job for job in await read_jobs(pg_url)}
+    assert jobs["k0"].request_hash == "hash-0"
+    await one.close()
+    await two.close()

@@ -259,3 +259,55 @@ async def test_a_job_refused_with_1303_waits_for_a_shared_slot_at_most_max_slot_
     assert "max_slot_wait" in str(got[0].error)
     assert server.tasks_created == 0
     assert slots_held(pg_url) == (1, 0)  # only the other worker's slot is held
+
+
+async def test_a_worker_whose_only_slot_a_timed_out_task_keeps_ends_when_no_job_is_left(
+    pg_url: str,
+) -> None:
+    """One slot, kept by the last job's timed-out task: the batch ends, it does not wait for
+    a slot (max_slot_wait) before it learns that nothing is left to claim.
+    """
+    poll = ka.PollPolicy(first_delay=0.01, max_interval=0.05, multiplier=1.0, timeout=0.2)
+    retry = ka.RetryPolicy(max_attempts=3, base_delay=0.005, max_delay=0.05, max_slot_wait=60)
+    journal = PostgresJournal(url=pg_url, lease=5.0, renew=1.0, claim_poll=0.02)
+    async with FakeKlingServer(task_duration=60.0) as server:
+        async with kling_client(server, max_in_flight=1, poll=poll, retry=retry) as client:
+            with anyio.fail_after(5):
+                results = [
+                    r async for r in client.run_batch([text_job(0, key="slow")], journal=journal)
+                ]
+    assert [(r.key, r.state) for r in results] == [("slow", ka.TaskState.TIMED_OUT)]
+    assert slots_held(pg_url) == (0, 0)
+
+
+async def test_stuck_tasks_filling_the_account_end_the_waiting_jobs(pg_url: str) -> None:
+    """Timed-out tasks keep every slot of the account: the jobs left end after max_slot_wait.
+
+    As without a shared journal (tests/test_slot_wait.py): each ends unsubmitted as a
+    ConcurrencyLimitError result, together rather than one max_slot_wait each, and the batch
+    completes (before, claims waited for a slot for ever).  They stay unfinished for a rerun.
+    """
+    poll = ka.PollPolicy(first_delay=0.01, max_interval=0.03, timeout=0.2)
+    retry = ka.RetryPolicy(
+        max_attempts=3, base_delay=0.005, max_delay=0.05, concurrency_delay=0.01, max_slot_wait=0.4
+    )
+    journal = PostgresJournal(url=pg_url, lease=5.0, renew=1.0, claim_poll=0.02)
+    jobs = [text_job(n, key=f"k{n}") for n in range(5)]
+    async with FakeKlingServer(task_duration=600, task_limit=2) as server:
+        async with kling_client(server, max_in_flight=2, poll=poll, retry=retry) as client:
+            started = anyio.current_time()
+            with anyio.fail_after(8):
+                results = [r async for r in client.run_batch(jobs, journal=journal)]
+            took = anyio.current_time() - started
+    assert len(results) == 5
+    timed_out = [r for r in results if r.state is ka.TaskState.TIMED_OUT]
+    starved = [r for r in results if isinstance(r.error, ka.ConcurrencyLimitError)]
+    assert len(timed_out) == 2 and len(starved) == 3
+    assert all(r.task_id is None for r in starved)
+    assert server.tasks_created == 2  # nothing was sent for the starved jobs
+    assert server.requests["limited"] == 0
+    assert took < 3.0  # together, not one max_slot_wait each
+    assert slots_held(pg_url) == (0, 0)
+    with psycopg.connect(pg_url, autocommit=True) as conn:
+        rows = conn.execute("SELECT key FROM kling_jobs WHERE NOT final ORDER BY key").fetchall()
+    assert {key for (key,) in rows} >= {r.key for r in starved}  # a rerun runs them

@@ -96,3 +96,47 @@ async def test_other_clients_holding_the_account_end_the_wait_without_ids() -> N
         assert result.error.blocking_task_ids == ()
         assert "other clients" in str(result.error)
     assert server.tasks_created == 1
+
+
+@pytest.mark.parametrize("journal", [False, True])
+async def test_a_timed_out_task_the_server_no_longer_knows_frees_its_slot(
+    tmp_path: Path, journal: bool
+) -> None:
+    # A stuck task purged by the server answers 1203 "not found" to every look: after
+    # RetryPolicy.max_attempts such answers in a row its slot is free, and the next job runs
+    # (before, it was followed until the batch ended and the next job waited max_slot_wait).
+    retry = ka.RetryPolicy(
+        max_attempts=3, base_delay=0.005, max_delay=0.05, concurrency_delay=0.01, max_slot_wait=30
+    )
+    jobs = [text_job(n, key=f"k{n}") for n in range(2)]
+    options = {"journal": tmp_path / "j"} if journal else {}
+    async with FakeKlingServer(task_duration=600, task_limit=1) as server:
+        async with kling_client(server, max_in_flight=1, poll=SHORT_POLL, retry=retry) as client:
+            results = []
+            with anyio.fail_after(5):
+                async for result in client.run_batch(jobs, **options):
+                    results.append(result)
+                    if len(results) == 1:
+                        assert result.state is ka.TaskState.TIMED_OUT
+                        server.forget(result.task_id or "")
+    assert [r.state for r in results] == [ka.TaskState.TIMED_OUT] * 2
+    assert server.tasks_created == 2
+    assert server.requests["limited"] == 0
+
+
+@pytest.mark.parametrize("journal", [False, True])
+async def test_a_batch_whose_last_tasks_time_out_ends_without_waiting_for_their_slots(
+    tmp_path: Path, journal: bool
+) -> None:
+    # Every slot is kept by a timed-out task and no job is left: the batch ends (before, each
+    # runner waited max_slot_wait for a slot before it read that no job was left).
+    retry = ka.RetryPolicy(
+        max_attempts=3, base_delay=0.005, max_delay=0.05, concurrency_delay=0.01, max_slot_wait=60
+    )
+    jobs = [text_job(n, key=f"k{n}") for n in range(2)]
+    options = {"journal": tmp_path / "j"} if journal else {}
+    async with FakeKlingServer(task_duration=600) as server:
+        async with kling_client(server, max_in_flight=2, poll=SHORT_POLL, retry=retry) as client:
+            results = await run(client, jobs, **options)  # (within its 10 s fail_after)
+    assert [r.state for r in results] == [ka.TaskState.TIMED_OUT] * 2
+    assert server.tasks_created == 2

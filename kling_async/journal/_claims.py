@@ -6,12 +6,18 @@ the journal (idempotent: every worker loads the same jobs) and then hands out wh
 journal lets this worker claim, until every job of the batch is done, by any worker.  A worker
 with nothing to claim waits and looks again, so that it can take over the jobs of a worker that
 dies; it ends when the whole batch is done.
+
+When nothing could be claimed for ``RetryPolicy.max_slot_wait`` because no task slot of the
+account was free (timed-out tasks keep theirs until they end; other clients may hold the
+rest), the next pending job is claimed without a slot and handed out as :class:`Slotless`:
+it ends as a ``ConcurrencyLimitError`` result, as a job of a batch without a shared journal
+does, and so do the jobs after it while no slot frees.  The batch completes; a rerun runs them.
 """
 
 from __future__ import annotations
 
 from collections.abc import AsyncIterable, Iterable
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 import anyio
 
@@ -22,7 +28,14 @@ from .._slots import SlotHold, TaskSlots
 from ._codec import request_hash
 from ._contract import SharedBackend
 
-__all__ = ["ClaimSource", "SharedSlotHold"]
+__all__ = ["ClaimSource", "SharedSlotHold", "Slotless"]
+
+
+class Slotless(NamedTuple):
+    """A job claimed without a task slot after ``max_slot_wait``: it must not be submitted."""
+
+    key: str
+    job: LipSyncJob
 
 
 class ClaimSource:
@@ -32,19 +45,28 @@ class ClaimSource:
     again.
     """
 
-    def __init__(self, journal: SharedBackend, jobs: Iterable[Any] | AsyncIterable[Any]) -> None:
+    def __init__(
+        self,
+        journal: SharedBackend,
+        jobs: Iterable[Any] | AsyncIterable[Any],
+        max_slot_wait: float = float("inf"),
+    ) -> None:
         self._journal = journal
         self._input = jobs
+        self._max_slot_wait = max_slot_wait
         self._jobs: dict[str, LipSyncJob] | None = None
         self._lock = anyio.Lock()
         self._done = False
+        self._unclaimed_since: float | None = None  # since when nothing could be claimed
 
     def next_nowait(self) -> Literal[False]:
         """Always False: claiming needs the database (see :meth:`next`)."""
         return False
 
-    async def next(self) -> tuple[str, Any] | JobResult | None:
+    async def next(self) -> tuple[str, Any] | Slotless | JobResult | None:
         """``(key, job)`` to run, a dead worker's unreported result, or None: batch done.
+
+        Or :class:`Slotless`: a job to end unsubmitted (no slot was free for ``max_slot_wait``).
 
         None comes once every job of the batch is done, by any worker.  Raises
         :class:`~kling_async.ValidationError` (before anything is claimed) for a duplicate key,
@@ -56,14 +78,21 @@ class ClaimSource:
             if self._jobs is None:
                 self._jobs = await self._load()
             while True:
-                got = await self._journal.claim()
+                since = self._unclaimed_since
+                starved = since is not None and anyio.current_time() - since >= self._max_slot_wait
+                got = await self._journal.claim(without_slot=starved)
                 if got is False:
                     self._done = True
                     return None
                 if isinstance(got, JobResult):
                     return got
                 if isinstance(got, str):
+                    if not self._journal.holds_slot(got):
+                        return Slotless(got, self._jobs[got])  # (the wait goes on for the next)
+                    self._unclaimed_since = None
                     return got, self._jobs[got]
+                if since is None:
+                    self._unclaimed_since = anyio.current_time()
                 await self._journal.wait_for_slot()
 
     async def _load(self) -> dict[str, LipSyncJob]:

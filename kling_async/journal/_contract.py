@@ -121,8 +121,15 @@ class SharedBackend(JournalBackend, Protocol):
         that may have created a task.
         """
 
-    async def claim(self, skip: Sequence[str] = ()) -> Claim:
-        """Claim the next job (and, unless it holds one already, a task slot) for this worker."""
+    async def claim(self, skip: Sequence[str] = (), *, without_slot: bool = False) -> Claim:
+        """Claim the next job (and, unless it holds one already, a task slot) for this worker.
+
+        ``without_slot``: when no slot is free, a pending job is claimed without one (it has
+        waited ``RetryPolicy.max_slot_wait`` in vain, and ends as a result saying so).
+        """
+
+    def holds_slot(self, key: str) -> bool:
+        """Whether this worker's claim of ``key`` holds a task slot (False: ``without_slot``)."""
 
     async def concurrency_refused(self, key: str) -> None:
         """The server answered 1303 to ``key``'s submit: lower the shared limit, free its slot."""

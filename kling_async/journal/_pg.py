@@ -18,7 +18,6 @@ whose clocks differ agree on who is dead.
 from __future__ import annotations
 
 import functools
-import logging
 import os
 import socket
 import uuid
@@ -44,12 +43,11 @@ from ._pg_claims import (
     parse_offset,
     read_stages,
     release_claims,
-    renew_lease,
     store_begun,
     unclaim,
-    write_marks,
 )
 from ._pg_conn import Db
+from ._pg_marks import MarkWriter
 from ._pg_poll import PgPollSeat
 from ._pg_schema import prepare
 from ._sqlite import REFUSED, SUBMITTING, JournalJob, JournalStage
@@ -57,12 +55,6 @@ from ._sqlite import REFUSED, SUBMITTING, JournalJob, JournalStage
 __all__ = ["PgJournal"]
 
 T = TypeVar("T")
-
-logger = logging.getLogger("kling_async")
-
-#: Seconds before a renewal that failed is tried again (each try itself retries for up to
-#: ``connect_timeout``, see ``Db``).
-_RENEW_RETRY = 0.1
 
 
 class PgJournal(ServerFacts):
@@ -91,20 +83,18 @@ class PgJournal(ServerFacts):
         self.clock_offset = parse_offset(meta.get("clock_offset"))
         #: Whether a worker saw the server echo an external id.
         self.external_ids_confirmed = meta.get("external_ids") == "confirmed"
-        self._meta: dict[str, str] = {}  # meta to write with the next marks
         self._db = db
         self._config = config
         self.path = redact(config.url)
         self.worker = worker
+        self._writer = MarkWriter(db, config, worker, self.path, self._end_slots)
         self._jobs: dict[str, JournalJob] = {}  # the jobs this worker claimed (or began)
         self._owners: dict[str, str] = {}  # task id -> job key, every worker's (refresh())
         self._others: list[tuple[str, str, str | None, float]] = []  # unresolved submits
         self._known: set[str] = set()  # keys this worker can run (it loaded them)
         self._skip: set[str] = set()  # keys it cannot (another worker's job file)
-        self._marks: list[str] = []
         self._kept: set[str] = set()  # timed-out jobs whose slot is kept (see finished)
-        self._ended: list[str] = []  # ...and whose slot is to go back now
-        self._marked = anyio.Event()
+        self._slotless: set[str] = set()  # jobs claimed without a slot (claim's without_slot)
         self._freed = anyio.Event()  # set (and replaced) when a job of this worker ends
         self._closed = False
 
@@ -284,13 +274,11 @@ class PgJournal(ServerFacts):
         """
         if key in self._kept and not self._closed:
             self._kept.discard(key)
-            self._ended.append(key)
-            self._marked.set()
+            self._writer.end_slots([key])
 
     def _set_meta(self, name: str, value: str) -> None:
         if not self._closed:
-            self._meta[name] = value
-            self._marked.set()
+            self._writer.set_meta(name, value)
 
     def reported(self, key: str) -> None:
         """Mark ``key``'s result as taken by the consumer (:meth:`commit_marks` commits it)."""
@@ -298,36 +286,14 @@ class PgJournal(ServerFacts):
         if job is None or job.reported or self._closed:
             return
         job.reported = True
-        self._marks.append(key)
-        self._marked.set()
+        self._writer.mark(key)
 
     async def commit_marks(self) -> None:
         """Commit marks as they come and renew this worker's lease, until cancelled.
 
-        A broken journal (lease lost, a job taken over) ends it quietly: the batch's next write
-        raises the error.  A database out of reach for longer than ``connect_timeout`` does
-        not: the marks are written with the next ones (or at close), and the lease is renewed
-        on, as long as the database comes back before it expires.
+        See :meth:`._pg_marks.MarkWriter.run`: an outage shorter than the lease loses nothing.
         """
-        async with anyio.create_task_group() as group:
-
-            async def renew() -> None:
-                await self._renew()
-                group.cancel_scope.cancel()  # the lease is lost: nothing more to do here
-
-            group.start_soon(renew)
-            while True:
-                await self._marked.wait()
-                self._marked = anyio.Event()
-                try:
-                    await self._flush_marks()
-                except JournalError:
-                    if self._db.broken is not None:
-                        break
-                    # (not the lease's end: ending here also ended its renewal, and the
-                    # worker went on running its jobs until others took them over)
-                    logger.warning("journal %s: marks kept for the next write", self.path)
-            group.cancel_scope.cancel()
+        await self._writer.run()
 
     async def close(self) -> None:
         """Commit marks, hand back the jobs this worker claimed but did not finish, end its lease.
@@ -342,9 +308,9 @@ class PgJournal(ServerFacts):
             try:
                 if self._db.broken is None:
                     # The batch follows no task any more: a slot still kept goes back now.
-                    self._ended.extend(self._kept)
+                    self._writer.end_slots(self._kept)
                     self._kept.clear()
-                    await self._flush_marks()
+                    await self._writer.flush()
                     await self._db.tx(functools.partial(release_claims, worker=self.worker))
             finally:
                 await self._db.close()
@@ -360,16 +326,20 @@ class PgJournal(ServerFacts):
         self._known.update(key for key, _, _ in jobs)
         await self._db.tx(functools.partial(load_jobs, jobs=jobs))
 
-    async def claim(self, skip: Sequence[str] = ()) -> Claim:
+    async def claim(self, skip: Sequence[str] = (), *, without_slot: bool = False) -> Claim:
         """The next job for this worker, as :data:`~kling_async.journal.Claim` says.
 
         Its key, a dead worker's unreported result, None (nothing to claim now: wait and ask
-        again) or False (every job is done).
+        again) or False (every job is done).  ``without_slot``: a pending job is claimed even
+        when no task slot is free, without one (see :meth:`holds_slot`).
         """
         while True:
             skipped = self._skip.union(skip)
+            claim = functools.partial(
+                claim_one, worker=self.worker, skip=skipped, without_slot=without_slot
+            )
             got = await self._db.auto(
-                functools.partial(claim_one, worker=self.worker, skip=skipped),
+                claim,
                 # A claim whose answer was lost is handed back before claiming again.
                 recover=functools.partial(release_claims, worker=self.worker, keep=self._jobs),
             )
@@ -387,6 +357,8 @@ class PgJournal(ServerFacts):
                 continue
             job = job_from_rows(got.row, got.stages)
             self._jobs[key] = job
+            if not got.slot:
+                self._slotless.add(key)
             for stage in job.stages.values():
                 if stage.task_id is not None:
                     self._owners[stage.task_id] = key
@@ -396,6 +368,10 @@ class PgJournal(ServerFacts):
             if got.row[3] == "done" and job.result is not None:
                 return job.result  # finished by a worker that died before reporting it
             return key
+
+    def holds_slot(self, key: str) -> bool:
+        """Whether this worker's claim of ``key`` came with a task slot (or held one already)."""
+        return key not in self._slotless
 
     async def concurrency_refused(self, key: str) -> None:
         """A 1303 for ``key``: lower the shared limit and free the job's slot."""
@@ -469,50 +445,8 @@ class PgJournal(ServerFacts):
             raise self._db.broken
         return row
 
-    async def _flush_marks(self) -> None:
-        keys, self._marks = self._marks, []
-        meta, self._meta = self._meta, {}
-        ended, self._ended = self._ended, []
-        try:
-            await self._write_marks(keys, meta, ended)
-        except BaseException:
-            # Written with the next ones: every write here may run again.
-            self._marks[:0] = keys
-            self._meta = {**meta, **self._meta}
-            self._ended[:0] = ended
-            raise
-
-    async def _write_marks(self, keys: list[str], meta: dict[str, str], ended: list[str]) -> None:
-        for key in ended:
-            # (at close too: the slots let go of as the batch ended)
+    async def _end_slots(self, keys: list[str]) -> None:
+        """Give the kept slots of ``keys`` back to the account (at close too)."""
+        for key in keys:
             await self._fenced(self._jobs[key], sql.SLOT_ENDED, {"ended": True}, closing=True)
-        if ended:
-            self._wake()
-        if not keys and not meta:
-            return
-
-        work = functools.partial(write_marks, keys=keys, meta=meta, worker=self.worker)
-        with anyio.CancelScope(shield=True):
-            await self._db.tx(work)
-
-    async def _renew(self) -> None:
-        """Renew the lease every ``renew`` seconds; an expired lease breaks the journal."""
-        pause = self._config.renew
-        while True:
-            await anyio.sleep(pause)
-
-            work = functools.partial(renew_lease, worker=self.worker, lease=self._config.lease)
-            try:
-                renewed = await self._db.tx(work)
-            except JournalError:
-                # The database may come back before the lease runs out: try again soon (a
-                # whole ``renew`` later may be past the lease, the database back long before).
-                pause = min(self._config.renew, _RENEW_RETRY)
-                continue
-            pause = self._config.renew
-            if not renewed:
-                self._db.broken = JournalError(
-                    f"journal {self.path}: this worker's lease expired (not renewed for"
-                    f" {self._config.lease:g} s); its jobs may be another worker's now"
-                )
-                return
+        self._wake()

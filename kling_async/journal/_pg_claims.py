@@ -56,11 +56,13 @@ class Claimed:
     """A job row this worker has just claimed, and its stage rows.
 
     ``row``: key, request_hash, video_url, state and slot before the claim, result, final,
-    reported, and the worker it was claimed from (a dead one's, or None).
+    reported, and the worker it was claimed from (a dead one's, or None).  ``slot``: whether
+    the job holds a task slot of the account now.
     """
 
     row: tuple[Any, ...]
     stages: list[tuple[Any, ...]]
+    slot: bool = True
 
 
 #: One job's stages as a JSON array of rows (``{key}``: the job's key, a column or a parameter).
@@ -71,7 +73,8 @@ _STAGES_OF = """SELECT json_agg(json_build_array(s.key, s.stage, s.status, s.int
 #: Claim one job in one statement (one round trip): a dead worker's job first (unless it needs a
 #: slot and none is free), else the first pending one (one that holds a slot first: its task may
 #: be running); a slot from the account only for a job that needs one and only while
-#: ``held < lim``; the job's stages with it.
+#: ``held < lim``; the job's stages with it.  ``without_slot``: a pending job that needs a slot
+#: while none is free is claimed anyway, without one (it has waited ``max_slot_wait`` in vain).
 _CLAIM = f"""
 WITH {_DEAD},
 orphan AS (
@@ -96,11 +99,13 @@ acc AS (
 upd AS (
     UPDATE kling_jobs j SET worker = %(worker)s, touched_at = clock_timestamp(),
         state = CASE WHEN c.state = 'done' THEN 'done' ELSE 'claimed' END,
-        slot = CASE WHEN c.state = 'done' THEN c.slot ELSE true END
+        slot = CASE WHEN c.state = 'done' THEN c.slot
+            ELSE c.slot OR EXISTS (SELECT 1 FROM acc) END
     FROM chosen c
-    WHERE j.key = c.key AND (c.state = 'done' OR c.slot OR EXISTS (SELECT 1 FROM acc))
+    WHERE j.key = c.key AND (c.state = 'done' OR c.slot OR EXISTS (SELECT 1 FROM acc)
+        OR (%(without_slot)s AND c.state = 'pending'))
     RETURNING j.key, j.request_hash, j.video_url, c.state, c.slot, j.result, j.final,
-        j.reported, c.worker)
+        j.reported, c.worker, j.slot)
 SELECT (SELECT count(*) FROM chosen), upd.*, ({_STAGES_OF.format(key="upd.key")})
 FROM (SELECT 1) one LEFT JOIN upd ON true
 """
@@ -139,18 +144,21 @@ SELECT EXISTS (
 """
 
 
-async def claim_one(conn: Conn, *, worker: str, skip: Collection[str]) -> Claimed | str | None:
+async def claim_one(
+    conn: Conn, *, worker: str, skip: Collection[str], without_slot: bool = False
+) -> Claimed | str | None:
     """Claim a job for ``worker`` (autocommit: one statement, one transaction).
 
     Returns the claim, ``"no-slot"``, ``"none"`` (nothing left to claim now) or None (every
     job is done, or claimed by this worker).  Keys in ``skip`` (jobs this worker cannot run)
-    are left alone.
+    are left alone.  ``without_slot``: see :data:`_CLAIM` (the claim's :attr:`Claimed.slot`
+    says whether it holds one).
     """
-    params = {"worker": worker, "skip": list(skip)}
+    params = {"worker": worker, "skip": list(skip), "without_slot": without_slot}
     cur = await conn.execute(_CLAIM, params)
     row = await cur.fetchone()
     assert row is not None  # (one row always: the left join)
-    chosen, job, stages = row[0], row[1:10], row[10]
+    chosen, job, slot, stages = row[0], row[1:10], row[10], row[11]
     if job[0] is not None:
         if job[3] == "claimed":
             # A dead worker's job: its worker, alive past its lease, may have committed a write
@@ -160,7 +168,9 @@ async def claim_one(conn: Conn, *, worker: str, skip: Collection[str]) -> Claime
             cur = await conn.execute(_STAGES, (job[0],))
             again = await cur.fetchone()
             stages = again[0] if again is not None else None
-        return Claimed(row=tuple(job), stages=[tuple(stage) for stage in stages or ()])
+        return Claimed(
+            row=tuple(job), stages=[tuple(stage) for stage in stages or ()], slot=bool(slot)
+        )
     await conn.execute(_FREE_KEPT)
     if chosen:
         return "no-slot"
@@ -221,9 +231,21 @@ async def _check_changed(conn: Conn, wanted: dict[str, tuple[str, str | None]]) 
             # snapshot): its worker may have committed a submit's intent since (it locks the
             # job's row to write it), and that submit is on its way.
             cur = await conn.execute(
-                "SELECT slot FROM kling_jobs WHERE key = %s FOR UPDATE", (key,)
+                "SELECT slot, state = 'claimed' AND worker IN (SELECT id FROM kling_workers"
+                " WHERE expires_at >= clock_timestamp()) FROM kling_jobs WHERE key = %s"
+                " FOR UPDATE",
+                (key,),
             )
             held = await cur.fetchone()
+            if held is not None and held[1]:
+                # Its worker may submit it any moment: starting over would stop that worker
+                # (its next write finds the job no longer its own) and lose its other jobs' pace.
+                raise ValidationError(
+                    "key",
+                    f"{key!r} names another job than the one this journal recorded under it"
+                    " (its request differs), and a live worker is running that one now; give"
+                    " the changed job a new key, or load it once that worker is done",
+                )
             cur = await conn.execute(
                 "SELECT EXISTS (SELECT 1 FROM kling_stages WHERE key = %s AND status <> 'refused')",
                 (key,),

@@ -167,7 +167,7 @@ class FakeKlingServer:
     @property
     def tasks_created(self) -> int:
         """How many tasks were created in all."""
-        return len(self._account.tasks)
+        return len(self._account.tasks) + self._account.forgotten
 
     @property
     def running(self) -> int:
@@ -212,6 +212,14 @@ class FakeKlingServer:
     ) -> FakeTask:
         """End a task now as ``"succeed"`` or ``"failed"`` (with ``reason``)."""
         return self._account.finish(task_id, state, reason)
+
+    def forget(self, task_id: str) -> FakeTask:
+        """Remove a task as if the server had purged it.
+
+        Queries answer 1203 "task not found", list queries leave it out, and a running task no
+        longer counts against the task limit (its external id stays taken).
+        """
+        return self._account.forget(task_id)
 
     async def start(self) -> None:
         """Bind the port and serve until :meth:`close`."""

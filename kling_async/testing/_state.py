@@ -258,6 +258,8 @@ class Account:
         #: Advanced lip-sync tasks by their ``external_task_id`` (unique per account).
         self.external_ids: dict[str, str] = {}
         self.max_running_seen = 0
+        #: Tasks removed by :meth:`forget` (still counted as created).
+        self.forgotten = 0
         #: List pages read, by page number (benchmarks and tests look at deep reads).
         self.list_pages: collections.Counter[int] = collections.Counter()
         #: List pages read, by the page size asked for.
@@ -339,6 +341,19 @@ class Account:
         task.planned_reason = (reason or "task failed") if state == "failed" else None
         self._running.discard(task_id)
         self.on_change(task)
+        return task
+
+    def forget(self, task_id: str) -> FakeTask:
+        """Remove a task as a server that purged it would: unknown to queries and lists.
+
+        A running task stops counting against the task limit; its external id stays taken.
+        """
+        task = self.tasks.pop(task_id)
+        self.forgotten += 1
+        self._running.discard(task_id)
+        for ids in self._order.values():
+            if task_id in ids:
+                ids.remove(task_id)
         return task
 
     def newest_first(self, dialect: Dialect, stage: Stage, skip: int, count: int) -> list[FakeTask]:
