@@ -19,6 +19,7 @@ from cattrs.gen import make_dict_structure_fn
 
 from .._errors import MalformedResponseError
 from .._results import BalanceDeduction, Face, Returned, TaskSnapshot, TaskState
+from ._base import lenient_number
 
 __all__ = [
     "identify_face_snapshot",
@@ -299,20 +300,6 @@ def make_returned(
 
 
 _NOTHING = Returned()
-
-
-def lenient_number(value: object) -> float | None:
-    """A finite number sent as a number or a numeric string, else None (a figure, not a key)."""
-    if type(value) in _NUMBER:
-        number = float(value)  # type: ignore[arg-type]
-    elif type(value) is str:
-        try:
-            number = float(value)
-        except ValueError:
-            return None
-    else:
-        return None
-    return number if math.isfinite(number) else None
 
 
 def _balance(raw: object) -> BalanceDeduction | None:
