@@ -610,3 +610,13 @@ def test_callback_figures_sent_as_strings_are_read() -> None:
     assert snapshot.video_urls == ("https://r2.apimodels.app/videos/x.mp4",)
     assert snapshot.returned is not None and snapshot.returned.video_duration == 8.0
     assert snapshot.updated_at == 1705123500.0
+
+
+def test_identify_face_with_null_face_list_finds_no_face() -> None:
+    """``face_list: null`` is no face: the job fails at once, naming that; the completed
+    identify-face answer was unreadable, and the job waited for its time-out."""
+    body = sample("query_identify_face_completed")
+    body["data"]["faceData"]["face_list"] = None
+    snapshot = dialect.parse_query("identify-face", body["data"]["taskId"], answer_of(body))
+    assert snapshot.state is TaskState.SUCCEEDED and snapshot.faces == ()
+    assert snapshot.session_id == body["data"]["faceData"]["session_id"]

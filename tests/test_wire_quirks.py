@@ -13,7 +13,7 @@ from helpers import API_KEY, FAST_RETRY
 from test_tracking_faults import proxy_app
 
 import kling_async as ka
-from kling_async.testing import FakeKlingServer
+from kling_async.testing import FakeKlingServer, FaultPlan
 
 pytestmark = pytest.mark.anyio
 
@@ -61,3 +61,77 @@ async def test_apimodels_figures_sent_as_strings_do_not_lose_the_video() -> None
         assert result.video_url is not None
         assert result.video_duration == 5.0
     assert "videoDuration" in rewritten and "completeTime" in rewritten
+
+
+def _null_videos(request: web.Request, sent: bytes, body: dict[str, object]) -> None:
+    """Every task object answered carries ``task_result: {"videos": null}`` unless finished."""
+    data = body.get("data")
+    for row in data if isinstance(data, list) else [data]:
+        if isinstance(row, dict) and row.get("task_status") in (
+            "submitted",
+            "processing",
+            "failed",
+        ):
+            row["task_result"] = {"videos": None}
+
+
+@pytest.mark.parametrize("list_queries", [True, False])
+async def test_failed_tasks_with_null_videos_fail_at_once(list_queries: bool) -> None:
+    """A failed task answered with ``videos: null`` (an empty list as Go servers write it) ends
+    its job as failed with the server's reason; its answers were unreadable, and every such
+    job waited for its time-out (holding its task slot) to end as timed out."""
+    poll = ka.PollPolicy(
+        first_delay=0.01, max_interval=0.05, timeout=3.0, list_queries=list_queries
+    )
+    jobs = [
+        ka.LipSyncJob.from_text(
+            video_url=f"https://example.com/clip-{n}.mp4", text="hi", voice_id="v1", key=f"k{n}"
+        )
+        for n in range(4)
+    ]
+    faults = FaultPlan(task_failure_rate=1.0)
+    async with FakeKlingServer(task_duration=0.05, faults=faults) as fake:
+        async with TestServer(proxy_app(fake.url, _null_videos)) as proxy:
+            url = str(proxy.make_url("")).rstrip("/")
+            async with ka.KlingClient.kling(
+                api_key=API_KEY, base_url=url, poll=poll, retry=FAST_RETRY
+            ) as client:
+                with anyio.fail_after(20):
+                    started = anyio.current_time()
+                    results = [r async for r in client.run_batch(jobs)]
+                    took = anyio.current_time() - started
+    assert len(results) == 4
+    for result in results:
+        assert result.state is ka.TaskState.FAILED, (result.key, result.state, result.error)
+        assert isinstance(result.error, ka.TaskFailedError) and str(result.error)
+    assert took < 2.5  # nobody waited for the time-out
+
+
+async def test_identify_face_with_null_face_data_fails_the_job_without_lip_sync() -> None:
+    """Official advanced lip-sync: ``face_data: null`` is a video without faces.  The job fails
+    naming that, and no lip-sync task is created (it was an unreadable answer to a submit)."""
+
+    def no_faces(request: web.Request, sent: bytes, body: dict[str, object]) -> None:
+        data = body.get("data")
+        if request.path.endswith("/identify-face") and isinstance(data, dict):
+            data["face_data"] = None
+
+    job = ka.LipSyncJob.from_audio(
+        video_url="https://example.com/clip-1.mp4",
+        audio_url="https://example.com/line-1.mp3",
+        sound_end_time=3000,
+        key="k1",
+    )
+    async with FakeKlingServer(task_duration=0.05) as fake:
+        async with TestServer(proxy_app(fake.url, no_faces)) as proxy:
+            url = str(proxy.make_url("")).rstrip("/")
+            async with ka.KlingClient.kling(
+                api_key=API_KEY, base_url=url, poll=POLL, retry=FAST_RETRY, advanced=True
+            ) as client:
+                with anyio.fail_after(20):
+                    results = [r async for r in client.run_batch([job])]
+    (result,) = results
+    assert result.state is ka.TaskState.FAILED, (result.state, result.error)
+    assert "0 faces" in str(result.error)
+    assert fake.requests["identify-face"] == 1
+    assert fake.requests["advanced-submit"] == 0

@@ -105,7 +105,7 @@ class _Face:
 @attrs.frozen(kw_only=True)
 class _FaceData:
     session_id: str
-    face_list: list[_Face] = attrs.Factory(list)
+    face_list: list[_Face] | None = None  # null: no faces, as an empty list
 
 
 @attrs.frozen(kw_only=True)
@@ -392,7 +392,7 @@ def to_snapshot(
     duration = lenient_number(task.videoDuration)
     faces = tuple(
         Face(face_id=face.face_id, image_url=face.face_reference)
-        for face in (face_data.face_list if face_data else ())
+        for face in ((face_data.face_list or ()) if face_data else ())
     )
     return TaskSnapshot(
         task_id=task_id,

@@ -47,7 +47,9 @@ _STATES: dict[str, TaskState] = {
 
 @attrs.frozen
 class _Video:
-    url: str
+    # A null url (a failed or unfinished task's placeholder) is no video; a success without
+    # one is refused in task_snapshot.
+    url: str | None = None
     id: str | None = None
     # Read leniently (see lenient_number, make_returned): a garbled figure or extra must not
     # lose a finished video.
@@ -57,7 +59,9 @@ class _Video:
 
 @attrs.frozen
 class _TaskResult:
-    videos: list[_Video] = attrs.Factory(list)
+    # JSON null where a list is expected (as Go servers write an empty slice) is an empty list,
+    # here and in every list field below: a failed task without videos must read as failed.
+    videos: list[_Video] | None = None
 
 
 @attrs.frozen
@@ -97,7 +101,7 @@ class _FaceData:
 @attrs.frozen
 class _IdentifyFace:
     session_id: str
-    face_data: list[_FaceData] = attrs.Factory(list)
+    face_data: list[_FaceData] | None = None  # null: no faces, as an empty list
 
 
 def _structure_str(value: object, _: object) -> str:
@@ -316,7 +320,7 @@ def _balance(raw: object) -> BalanceDeduction | None:
 def _strict_task(raw: object, *, where: str, status: int | None) -> _Flat:
     """The same fields through the cattrs converter, with its detailed error messages."""
     task = structure(raw, _Task, where=where, status=status)
-    videos = task.task_result.videos if task.task_result else []
+    videos = (task.task_result.videos or []) if task.task_result else []
     info = task.task_info or _TaskInfo()
     parent = info.parent_video
     return _Flat(
@@ -391,7 +395,7 @@ def identify_face_snapshot(raw: object, *, where: str, status: int | None) -> Ta
             start_ms=face.start_time,
             end_ms=face.end_time,
         )
-        for face in answer.face_data
+        for face in answer.face_data or ()
     )
     return TaskSnapshot(
         task_id=answer.session_id,
