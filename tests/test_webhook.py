@@ -169,6 +169,24 @@ async def test_official_failure_and_envelope_form() -> None:
     assert got["t-enveloped"].ok
 
 
+async def test_envelope_with_its_code_as_a_string_is_a_callback() -> None:
+    """A gateway that sends every business code as a string wraps callbacks so too: ``"0"``.
+
+    Such callbacks were refused (400) and lost (official callbacks are not retried): their
+    tasks ended only at the next safety poll, minutes later.  An error code is still refused.
+    """
+    async with hooks() as h:
+        results = await h.track("t-string-code", "t-error-code")
+        task = json.loads(official("t-string-code"))
+        envelope = {"code": "0", "message": "SUCCEED", "data": [task]}
+        assert (await h.post(json.dumps(envelope).encode()))[0] == 200
+        refused = {"code": "1303", "data": json.loads(official("t-error-code"))}
+        assert (await h.post(json.dumps(refused).encode()))[0] == 400
+        got = await results.wait(1)
+        await results.nothing_yet()
+    assert got["t-string-code"].ok and "t-error-code" not in got
+
+
 async def test_apimodels_envelopes_with_json_string_fields() -> None:
     async with hooks(apimodels_client) as h:
         results = await h.track("clx7lipsync00001", "clx7lipsync00003")

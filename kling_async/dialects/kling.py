@@ -19,7 +19,7 @@ from urllib.parse import quote
 
 import attrs
 
-from .._errors import MalformedResponseError, ValidationError
+from .._errors import SUCCESS_CODES, MalformedResponseError, ValidationError, business_code
 from .._http import HttpRequest, HttpResponse, normalize_prefix
 from .._jobs import LipSyncJob
 from .._results import Face, TaskSnapshot, TaskState
@@ -342,7 +342,8 @@ class KlingDialect:
             raise MalformedResponseError(f"callback body is not JSON: {exc}") from None
         if isinstance(raw, Mapping) and "task_id" not in raw and "data" in raw:
             code = raw.get("code")
-            if code not in (None, 0):
+            # A code sent as a string ("0"), as some gateways send every code, is a success too.
+            if code is not None and business_code(code) not in SUCCESS_CODES:
                 raise MalformedResponseError(f"callback envelope carries code {code!r:.20}")
             raw = raw["data"]
             if isinstance(raw, list) and len(raw) == 1:
