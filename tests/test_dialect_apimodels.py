@@ -620,3 +620,10 @@ def test_identify_face_with_null_face_list_finds_no_face() -> None:
     snapshot = dialect.parse_query("identify-face", body["data"]["taskId"], answer_of(body))
     assert snapshot.state is TaskState.SUCCEEDED and snapshot.faces == ()
     assert snapshot.session_id == body["data"]["faceData"]["session_id"]
+
+
+def test_parse_submit_with_an_empty_task_id_is_malformed() -> None:
+    body = sample("create_identify_face")
+    body["data"]["taskId"] = ""
+    with pytest.raises(MalformedResponseError, match="taskId is missing"):
+        dialect.parse_submit("identify-face", answer_of(body))

@@ -773,3 +773,19 @@ def test_new_form_callback_with_null_lists() -> None:
         "policy",
         None,
     )
+
+
+@pytest.mark.parametrize("empty", ["", "  "])
+def test_an_empty_task_id_is_malformed(empty: str) -> None:
+    """An empty id names no task: a submit so answered is unclear, never a task to poll."""
+    dialect = KlingDialect()
+    body = sample("submit.json")
+    body["data"]["task_id"] = empty
+    with pytest.raises(ka.MalformedResponseError, match=r"data\.task_id is empty"):
+        dialect.parse_submit(STAGE_LIP_SYNC, answer(body))
+    task = sample("query_failed.json")["data"]
+    task["task_id"] = empty
+    with pytest.raises(ka.MalformedResponseError, match="task_id is empty"):
+        dialect.parse_callback(json.dumps(task).encode())
+    with pytest.raises(ka.MalformedResponseError, match=r"callback\.id is empty"):
+        dialect.parse_callback(json.dumps({"id": empty, "status": "submitted"}).encode())

@@ -135,3 +135,55 @@ async def test_identify_face_with_null_face_data_fails_the_job_without_lip_sync(
     assert "0 faces" in str(result.error)
     assert fake.requests["identify-face"] == 1
     assert fake.requests["advanced-submit"] == 0
+
+
+def _blank_ids(request: web.Request, sent: bytes, body: dict[str, object]) -> None:
+    """Submit answers name their new task with an empty id."""
+    data = body.get("data")
+    if request.method == "POST" and isinstance(data, dict):
+        for field in ("task_id", "taskId"):
+            if field in data:
+                data[field] = ""
+
+
+async def test_a_submit_answered_with_an_empty_task_id_is_looked_for() -> None:
+    """A submit answered "code 0" with an empty ``task_id`` created a task it does not name.
+
+    The empty id was tracked: its query could not even be built, and the ValidationError
+    escaped from the batch's task group, ending the whole batch with an ExceptionGroup and no
+    task ids of what it had paid for.  Now the answer is unclear and the task is looked for.
+    """
+    jobs = [
+        ka.LipSyncJob.from_text(
+            video_url=f"https://example.com/clip-{n}.mp4", text="hi", voice_id="v1", key=f"k{n}"
+        )
+        for n in range(2)
+    ]
+    async with FakeKlingServer(task_duration=0.05) as fake:
+        async with TestServer(proxy_app(fake.url, _blank_ids)) as proxy:
+            url = str(proxy.make_url("")).rstrip("/")
+            async with ka.KlingClient.kling(
+                api_key=API_KEY, base_url=url, poll=POLL, retry=FAST_RETRY
+            ) as client:
+                with anyio.fail_after(20):
+                    results = [r async for r in client.run_batch(jobs)]
+    assert len(results) == 2
+    for result in results:
+        assert result.ok and result.adopted, (result.key, result.state, str(result.error))
+    assert fake.tasks_created == 2  # found, never paid twice
+    assert len({r.task_id for r in results}) == 2
+
+
+async def test_an_apimodels_create_answered_with_an_empty_task_id_ends_its_job_only() -> None:
+    """apimodels has no list to look in: the job ends "outcome unknown", as a value."""
+    async with FakeKlingServer(task_duration=0.05) as fake:
+        async with TestServer(proxy_app(fake.url, _blank_ids)) as proxy:
+            url = str(proxy.make_url("")).rstrip("/")
+            async with ka.KlingClient.apimodels(
+                api_key=API_KEY, base_url=url, poll=POLL, retry=FAST_RETRY
+            ) as client:
+                with anyio.fail_after(20):
+                    results = [r async for r in client.run_batch([_apimodels_job(1)])]
+    (result,) = results
+    assert isinstance(result.error, ka.SubmitOutcomeUnknownError), repr(result.error)
+    assert fake.tasks_created == 1  # not sent again blindly

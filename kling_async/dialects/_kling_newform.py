@@ -56,6 +56,8 @@ def new_form_snapshot(raw: object, *, where: str) -> TaskSnapshot:
     Units are the ``amount`` of ``unit`` charges; a ``cash`` charge is a balance deduction.
     """
     body = structure(raw, _NewForm, where=where, status=None)
+    if not body.id.strip():
+        raise MalformedResponseError(f"{where}.id is empty")
     state = map_state(body.status, where=where, status=None)
     outputs, billing = body.outputs or [], body.billing or []
     videos = [out for out in outputs if out.url and out.type in (None, "video")]

@@ -127,7 +127,8 @@ class ApimodelsDialect:
         """The new task's snapshot (``pending`` is SUBMITTED, as is an answer with no state)."""
         what, status = "create answer", response.status
         task = parse_task(decode_envelope(response).get("data"), what=what, status=status)
-        if task.taskId is None:
+        if task.taskId is None or not task.taskId.strip():
+            # An empty id names no task to poll: the submit's outcome is unclear, not a task.
             raise MalformedResponseError(f"apimodels {what}: data.taskId is missing", status=status)
         # The task exists once it has an id; a missing state must not lose a billed task.
         return to_snapshot(
