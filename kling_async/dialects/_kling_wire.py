@@ -355,10 +355,6 @@ def task_snapshot(
     only mean the task was just submitted); without it a missing status is malformed.
     """
     task = _fast_task(raw) or _strict_task(raw, where=where, status=status)
-    if not task.task_id.strip():
-        # A task that cannot be named cannot be tracked: a submit so answered is unclear (its
-        # task is looked for), never a task to poll at an empty path.
-        raise MalformedResponseError(f"{where}.task_id is empty", status=status)
     if task.task_status is not None:
         state = map_state(task.task_status, where=where, status=status)
     elif default_state is not None:
