@@ -34,13 +34,14 @@ class HttpRequest:
     """A request to send: ``path`` is relative to the base URL and already carries any prefix.
 
     ``idempotent`` is False for requests that create (and bill) a task: the client never repeats
-    those unless the server certainly created nothing.
+    those unless the server certainly created nothing.  The body stays out of the repr: it
+    carries the callback URL, whose token is a secret, and megabytes of base64 audio.
     """
 
     method: Method
     path: str
     params: tuple[tuple[str, str], ...] = ()
-    json: object = None
+    json: object = attrs.field(default=None, repr=False)
     idempotent: bool = True
 
     def url(self, base_url: str) -> str:
