@@ -77,8 +77,10 @@ class HttpResponse:
                 # Decoding here skips its encoding sniffing, with the same result.
                 return json.loads(body.decode("utf-8", "surrogatepass"))
             return json.loads(body)
-        except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
-            # RecursionError: a pathologically nested body must not escape as a non-KlingError.
+        except (ValueError, RecursionError) as exc:
+            # RecursionError: a pathologically nested body must not escape as a non-KlingError;
+            # ValueError (beside JSONDecodeError and UnicodeDecodeError, its subclasses): a
+            # number of more than 4300 digits, which Python refuses to convert.
             raise MalformedResponseError(
                 f"HTTP {self.status} answer is not JSON: {exc}", status=self.status
             ) from None

@@ -130,6 +130,14 @@ def test_a_submits_repr_shows_neither_its_callback_token_nor_its_audio() -> None
     assert "/v1/videos/lip-sync" in shown
 
 
+def test_a_number_of_more_than_4300_digits_is_malformed_not_a_value_error() -> None:
+    """Python refuses to convert such a number with a plain ValueError, which escaped every
+    parse of an answer (a batch's task group ended with it)."""
+    body = b'{"code": 0, "data": {"task_id": "1", "created_at": 1' + b"0" * 5000 + b"}}"
+    with pytest.raises(MalformedResponseError, match="not JSON"):
+        HttpResponse(status=200, body=body).json()
+
+
 def test_request_defaults_and_frozen() -> None:
     request = HttpRequest(method="GET", path="/v1/videos/lip-sync/1")
     assert (request.params, request.json, request.idempotent) == ((), None, True)

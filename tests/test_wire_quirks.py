@@ -5,6 +5,7 @@ where lists are expected).
 
 from __future__ import annotations
 
+import aiohttp
 import anyio
 import pytest
 from aiohttp import web
@@ -187,3 +188,55 @@ async def test_an_apimodels_create_answered_with_an_empty_task_id_ends_its_job_o
     (result,) = results
     assert isinstance(result.error, ka.SubmitOutcomeUnknownError), repr(result.error)
     assert fake.tasks_created == 1  # not sent again blindly
+
+
+async def test_an_answer_with_a_number_python_cannot_convert_fails_no_batch() -> None:
+    """A query answer holding a number of more than 4300 digits (a broken gateway) made
+    ``json.loads`` raise a plain ValueError, which ended the whole batch with an ExceptionGroup.
+    It is a malformed answer now: queried again, and the job ends well."""
+    spoilt: list[int] = []
+    session: list[aiohttp.ClientSession] = []
+
+    async def forward(request: web.Request) -> web.Response:
+        if not session:
+            session.append(aiohttp.ClientSession())
+        sent = await request.read()
+        async with session[0].request(
+            request.method,
+            fake_url[0] + request.path_qs,
+            data=sent or None,
+            headers={"Authorization": request.headers["Authorization"]}
+            | ({"Content-Type": "application/json"} if sent else {}),
+        ) as answer:
+            raw, status = await answer.read(), answer.status
+        if request.method == "GET" and len(spoilt) < 2:
+            spoilt.append(status)
+            raw = raw.replace(b'"created_at":', b'"created_at":1' + b"0" * 5000 + b', "x":', 1)
+        return web.Response(body=raw, status=status, content_type="application/json")
+
+    async def close(app: web.Application) -> None:
+        if session:
+            await session[0].close()
+
+    app = web.Application()
+    app.router.add_route("*", "/{tail:.*}", forward)
+    app.on_cleanup.append(close)
+    fake_url: list[str] = []
+    jobs = [
+        ka.LipSyncJob.from_text(
+            video_url=f"https://example.com/clip-{n}.mp4", text="hi", voice_id="v1", key=f"k{n}"
+        )
+        for n in range(2)
+    ]
+    async with FakeKlingServer(task_duration=0.05) as fake:
+        fake_url.append(fake.url)
+        async with TestServer(app) as proxy:
+            url = str(proxy.make_url("")).rstrip("/")
+            async with ka.KlingClient.kling(
+                api_key=API_KEY, base_url=url, poll=POLL, retry=FAST_RETRY
+            ) as client:
+                with anyio.fail_after(20):
+                    results = [r async for r in client.run_batch(jobs)]
+    assert len(spoilt) == 2
+    assert all(r.ok for r in results), [(r.key, str(r.error)) for r in results]
+    assert fake.tasks_created == 2

@@ -233,7 +233,7 @@ def _object_hook(
         if json_text and isinstance(value, str):
             try:
                 value = json.loads(value)
-            except (json.JSONDecodeError, RecursionError) as exc:
+            except (ValueError, RecursionError) as exc:
                 raise _WireTypeError(f"is a string but not valid JSON ({exc})") from None
             if value is None:
                 return None
