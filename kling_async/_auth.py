@@ -75,13 +75,16 @@ class KlingJwt:
     The scheme is in docs/protocol.md, JWT auth.
 
     A token is minted on first use, cached and minted again ``renew_margin`` seconds before it
-    expires.  ``nbf`` lies 5 s in the past so that a server clock slightly behind ours accepts it.
+    expires.  ``nbf`` lies 5 s in the past so that a server clock slightly behind ours accepts it;
+    after a refusal (:meth:`refresh`) tokens date it back ``refused_skew`` seconds instead.
     """
 
-    __slots__ = ("_access_key", "_expires", "_secret_key", "_token")
+    __slots__ = ("_access_key", "_expires", "_secret_key", "_skew", "_token")
 
     lifetime = 1800.0
     not_before_skew = 5.0
+    #: How far back ``nbf`` lies in tokens minted after a refusal (see :meth:`refresh`).
+    refused_skew = 300.0
     renew_margin = 300.0
 
     def __init__(self, access_key: str, secret_key: str) -> None:
@@ -89,6 +92,7 @@ class KlingJwt:
         self._secret_key = _check_secret("secret_key", secret_key)
         self._token: str | None = None
         self._expires = 0.0
+        self._skew = self.not_before_skew
 
     def authorization(self, now: float) -> str:
         """A valid token's header value, minting a new token when the cached one is near expiry."""
@@ -101,9 +105,15 @@ class KlingJwt:
         """Drop the cached token; the next request carries a fresh one.
 
         The official API is reported to refuse correct tokens now and then with "signature
-        invalid"; a fresh token and one retry fixes it (docs/protocol.md, JWT auth).
+        invalid"; a fresh token and one retry fixes it (docs/protocol.md, JWT auth).  Minted in
+        the same second with the same claims, the "fresh" token would be the refused one, byte
+        for byte; and a server clock more than 5 s behind ours refuses every token as not yet
+        valid (1003).  So from now on ``nbf`` lies ``refused_skew`` seconds back: the next token
+        differs from the refused one, and a server clock up to that much behind accepts it (an
+        earlier ``nbf`` only widens the token's start; it still expires ``lifetime`` from now).
         """
         self._token = None
+        self._skew = self.refused_skew
         return True
 
     def _mint(self, now: float) -> str:
@@ -112,7 +122,7 @@ class KlingJwt:
         claims = {
             "iss": self._access_key,
             "exp": int(now + self.lifetime),
-            "nbf": int(now - self.not_before_skew),
+            "nbf": int(now - self._skew),
         }
         return jwt.encode(claims, self._secret_key, algorithm="HS256", headers={"typ": "JWT"})
 

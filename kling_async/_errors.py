@@ -65,6 +65,7 @@ __all__ = [
     "TransportError",
     "TransportTimeout",
     "ValidationError",
+    "business_code",
     "created_nothing",
     "error_from_response",
 ]
@@ -405,7 +406,7 @@ def error_from_response(
     and fatal (1100-1102, 1304) codes, and some gateways send errors with HTTP 200.
     """
     fields: Mapping[str, object] = body if isinstance(body, Mapping) else {}
-    code = _as_code(fields.get("code"))
+    code = business_code(fields.get("code"))
     ok_status = 200 <= status < 300
     if ok_status and (code is None or code in SUCCESS_CODES):
         return None
@@ -423,8 +424,11 @@ def error_from_response(
     )
 
 
-def _as_code(raw: object) -> int | None:
-    # Some gateways send the business code as a string ("1303"): accept both forms.
+def business_code(raw: object) -> int | None:
+    """A body's business ``code`` as a number, or None when it is not one.
+
+    Some gateways send the code as a string ("1303"): both forms are accepted.
+    """
     if isinstance(raw, int) and not isinstance(raw, bool):
         return raw
     if isinstance(raw, str) and raw.strip().lstrip("-").isdigit():

@@ -34,13 +34,14 @@ class HttpRequest:
     """A request to send: ``path`` is relative to the base URL and already carries any prefix.
 
     ``idempotent`` is False for requests that create (and bill) a task: the client never repeats
-    those unless the server certainly created nothing.
+    those unless the server certainly created nothing.  The body stays out of the repr: it
+    carries the callback URL, whose token is a secret, and megabytes of base64 audio.
     """
 
     method: Method
     path: str
     params: tuple[tuple[str, str], ...] = ()
-    json: object = None
+    json: object = attrs.field(default=None, repr=False)
     idempotent: bool = True
 
     def url(self, base_url: str) -> str:
@@ -76,8 +77,10 @@ class HttpResponse:
                 # Decoding here skips its encoding sniffing, with the same result.
                 return json.loads(body.decode("utf-8", "surrogatepass"))
             return json.loads(body)
-        except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
-            # RecursionError: a pathologically nested body must not escape as a non-KlingError.
+        except (ValueError, RecursionError) as exc:
+            # RecursionError: a pathologically nested body must not escape as a non-KlingError;
+            # ValueError (beside JSONDecodeError and UnicodeDecodeError, its subclasses): a
+            # number of more than 4300 digits, which Python refuses to convert.
             raise MalformedResponseError(
                 f"HTTP {self.status} answer is not JSON: {exc}", status=self.status
             ) from None

@@ -254,6 +254,49 @@ async def test_a_refused_token_is_reminted_and_retried_once() -> None:
     assert server.tasks_created == 1
 
 
+async def test_a_clock_ahead_of_the_servers_is_cured_by_the_reminted_token() -> None:
+    """Our clock 20 s ahead of the server's: the token's ``nbf`` (now - 5 s) lies in the server's
+    future, 1003 "not yet valid".  The refused token was "re-minted" in the same second into the
+    very same bytes, refused again, and the AuthenticationError stopped every batch at its first
+    request.  A token minted after a refusal dates ``nbf`` back further: it differs, and it holds.
+    """
+    import time
+
+    async with FakeKlingServer(task_duration=0.01) as server:
+        client = ka.KlingClient.kling(
+            access_key="ak-sandbox",
+            secret_key="sk-sandbox-secret-for-hs256-tokens",
+            base_url=server.url,
+            retry=ka.RetryPolicy(max_attempts=1),
+            clock=lambda: time.time() + 20,
+        )
+        async with client:
+            snap = await client.submit(text_job(1))
+            done = await wait_terminal(client, snap.task_id)
+    assert done.state is ka.TaskState.SUCCEEDED
+    assert server.requests["submit"] == 2  # refused once (1003), then accepted
+    assert server.tasks_created == 1
+
+
+def test_a_token_minted_after_a_refusal_differs_and_dates_nbf_back() -> None:
+    import jwt
+
+    from kling_async._auth import KlingJwt
+
+    minter = KlingJwt("ak-sandbox", "sk-sandbox-secret-for-hs256-tokens")
+    first = minter.authorization(1_781_080_794.2)
+    assert minter.authorization(1_781_080_794.9) == first  # cached
+    assert minter.refresh() is True
+    second = minter.authorization(1_781_080_794.9)  # the same second
+    assert second != first
+    claims = [
+        jwt.decode(token.split()[1], options={"verify_signature": False})
+        for token in (first, second)
+    ]
+    assert claims[0] == {"iss": "ak-sandbox", "exp": 1_781_082_594, "nbf": 1_781_080_789}
+    assert claims[1] == {"iss": "ak-sandbox", "exp": 1_781_082_594, "nbf": 1_781_080_494}
+
+
 async def test_a_static_key_refusal_is_not_retried() -> None:
     async with FakeKlingServer() as server, kling_client(server) as client:
         server.script("submit", status=401, code=1004, message="token expired")

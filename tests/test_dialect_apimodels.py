@@ -577,3 +577,53 @@ def test_completed_callback_without_result_is_malformed() -> None:
 def test_unreadable_callback_bodies(body: bytes) -> None:
     with pytest.raises(MalformedResponseError):
         dialect.parse_callback(body)
+
+
+@pytest.mark.parametrize(
+    ("duration", "expected"),
+    [(8, 8.0), ("8.04", 8.04), ("8", 8.0), ("eight", None), (None, None), ([8], None)],
+)
+def test_video_duration_is_read_leniently(duration: object, expected: float | None) -> None:
+    """A figure beside the result never makes a completed (paid-for) task unreadable."""
+    body = sample("query_advanced_lip_sync_completed")
+    body["data"]["videoDuration"] = duration
+    snapshot = dialect.parse_query("advanced-lip-sync", "clx7lipsync00001", answer_of(body))
+    assert snapshot.state is TaskState.SUCCEEDED and snapshot.video_urls
+    got = snapshot.returned.video_duration if snapshot.returned else None
+    assert got == expected
+
+
+def test_times_sent_as_numeric_strings_are_read() -> None:
+    body = sample("query_advanced_lip_sync_completed")
+    body["data"].update(createTime="1705123450000", completeTime="1705123500000.0")
+    snapshot = dialect.parse_query("advanced-lip-sync", "clx7lipsync00001", answer_of(body))
+    assert (snapshot.created_at, snapshot.updated_at) == (1705123450.0, 1705123500.0)
+
+
+def test_callback_figures_sent_as_strings_are_read() -> None:
+    body = sample("callback_completed")
+    body["data"]["resultJson"] = json.dumps(
+        {"resultUrls": ["https://r2.apimodels.app/videos/x.mp4"], "videoDuration": "8.0"}
+    )
+    body["data"]["completeTime"] = "1705123500000"
+    snapshot = dialect.parse_callback(json.dumps(body).encode())
+    assert snapshot.video_urls == ("https://r2.apimodels.app/videos/x.mp4",)
+    assert snapshot.returned is not None and snapshot.returned.video_duration == 8.0
+    assert snapshot.updated_at == 1705123500.0
+
+
+def test_identify_face_with_null_face_list_finds_no_face() -> None:
+    """``face_list: null`` is no face: the job fails at once, naming that; the completed
+    identify-face answer was unreadable, and the job waited for its time-out."""
+    body = sample("query_identify_face_completed")
+    body["data"]["faceData"]["face_list"] = None
+    snapshot = dialect.parse_query("identify-face", body["data"]["taskId"], answer_of(body))
+    assert snapshot.state is TaskState.SUCCEEDED and snapshot.faces == ()
+    assert snapshot.session_id == body["data"]["faceData"]["session_id"]
+
+
+def test_parse_submit_with_an_empty_task_id_is_malformed() -> None:
+    body = sample("create_identify_face")
+    body["data"]["taskId"] = ""
+    with pytest.raises(MalformedResponseError, match="taskId is missing"):
+        dialect.parse_submit("identify-face", answer_of(body))

@@ -705,3 +705,87 @@ def test_bad_callbacks_are_malformed(body: bytes) -> None:
     with pytest.raises(ka.MalformedResponseError) as info:
         KlingDialect().parse_callback(body)
     assert info.value.status is None
+
+
+# -- nulls where lists are expected ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "result",
+    [{"videos": None}, {"videos": [{"id": None, "url": None}]}, {"videos": [{"url": ""}]}],
+)
+def test_a_failed_task_without_videos_reads_as_failed(result: object) -> None:
+    """A failed task whose ``videos`` is null (an empty list as Go servers write it), or holds a
+    placeholder without a URL, is failed: it was unreadable, and its job waited for the time-out.
+    """
+    body = sample("query_failed.json")
+    body["data"]["task_result"] = result
+    task_id = body["data"]["task_id"]
+    for parse in (
+        lambda: KlingDialect().parse_query(STAGE_LIP_SYNC, task_id, answer(body)),
+        lambda: KlingDialect().parse_list(STAGE_LIP_SYNC, answer({**body, "data": [body["data"]]}))[
+            0
+        ],
+        lambda: KlingDialect().parse_callback(json.dumps(body["data"]).encode()),
+    ):
+        snapshot = parse()
+        assert snapshot.state is ka.TaskState.FAILED
+        assert snapshot.message == "there is no human in the video"
+        assert snapshot.video_urls == ()
+
+
+def test_a_running_task_with_null_videos_is_running() -> None:
+    body = sample("query_failed.json")
+    body["data"].update(task_status="processing", task_result={"videos": None})
+    snapshot = KlingDialect().parse_query(STAGE_LIP_SYNC, body["data"]["task_id"], answer(body))
+    assert snapshot.state is ka.TaskState.PROCESSING
+
+
+def test_a_success_with_null_videos_is_still_malformed() -> None:
+    body = sample("query_failed.json")
+    body["data"].update(task_status="succeed", task_result={"videos": None})
+    with pytest.raises(ka.MalformedResponseError, match="succeeded without"):
+        KlingDialect().parse_query(STAGE_LIP_SYNC, body["data"]["task_id"], answer(body))
+
+
+def test_identify_face_with_null_face_data_finds_no_face() -> None:
+    """``face_data: null`` is a video without faces: the job fails naming that, before a
+    lip-sync task; it was a malformed answer to a submit that may have been billed."""
+    body = sample("identify_face.json")
+    body["data"]["face_data"] = None
+    dialect = KlingDialect(advanced=True)
+    job = ka.LipSyncJob.from_audio(video_url=VIDEO, audio_url=AUDIO, sound_end_time=4000)
+    flow = dialect.flow(job)
+    next(flow)
+    found = dialect.parse_submit(STAGE_IDENTIFY_FACE, answer(body))
+    assert found.faces == () and found.session_id == "858401628226748502"
+    with pytest.raises(StopIteration) as stopped:
+        flow.send(found)
+    ended = stopped.value.value
+    assert ended.state is ka.TaskState.FAILED and "0 faces" in (ended.message or "")
+
+
+def test_new_form_callback_with_null_lists() -> None:
+    body = {"id": "t1", "status": "failed", "message": "policy", "outputs": None, "billing": None}
+    snapshot = KlingDialect().parse_callback(json.dumps(body).encode())
+    assert (snapshot.state, snapshot.message, snapshot.units) == (
+        ka.TaskState.FAILED,
+        "policy",
+        None,
+    )
+
+
+@pytest.mark.parametrize("empty", ["", "  "])
+def test_an_empty_task_id_is_malformed(empty: str) -> None:
+    """An empty id names no task: a submit so answered is unclear, never a task to poll."""
+    dialect = KlingDialect()
+    body = sample("submit.json")
+    body["data"]["task_id"] = empty
+    with pytest.raises(ka.MalformedResponseError, match=r"data\.task_id is empty"):
+        dialect.parse_submit(STAGE_LIP_SYNC, answer(body))
+    task = sample("query_failed.json")["data"]
+    task["task_id"] = empty
+    with pytest.raises(ka.MalformedResponseError, match="task_id is empty"):
+        dialect.parse_callback(json.dumps(task).encode())
+    with pytest.raises(ka.MalformedResponseError, match=r"callback\.id is empty"):
+        dialect.parse_callback(json.dumps({"id": empty, "status": "submitted"}).encode())

@@ -114,6 +114,30 @@ def test_request_without_params_has_no_query() -> None:
     assert request.idempotent is False
 
 
+def test_a_submits_repr_shows_neither_its_callback_token_nor_its_audio() -> None:
+    """A submit's body carries the callback URL (its token is a secret) and base64 audio."""
+    import kling_async as ka
+    from kling_async.dialects import KlingDialect
+
+    job = ka.LipSyncJob.from_audio(
+        video_url="https://example.com/clip.mp4", audio_file=b"ID3" + bytes(range(200))
+    )
+    hook = "https://hooks.example.com/kling-callback/s3cr3t-t0ken-0123456789"
+    submit = next(KlingDialect().flow(job, callback_url=hook))
+    assert submit.request.json["callback_url"] == hook  # type: ignore[index]
+    shown = repr(submit)
+    assert "s3cr3t-t0ken" not in shown and "audio_file" not in shown
+    assert "/v1/videos/lip-sync" in shown
+
+
+def test_a_number_of_more_than_4300_digits_is_malformed_not_a_value_error() -> None:
+    """Python refuses to convert such a number with a plain ValueError, which escaped every
+    parse of an answer (a batch's task group ended with it)."""
+    body = b'{"code": 0, "data": {"task_id": "1", "created_at": 1' + b"0" * 5000 + b"}}"
+    with pytest.raises(MalformedResponseError, match="not JSON"):
+        HttpResponse(status=200, body=body).json()
+
+
 def test_request_defaults_and_frozen() -> None:
     request = HttpRequest(method="GET", path="/v1/videos/lip-sync/1")
     assert (request.params, request.json, request.idempotent) == ((), None, True)

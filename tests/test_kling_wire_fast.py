@@ -103,7 +103,8 @@ def test_an_id_sent_as_a_number_takes_the_strict_path() -> None:
 
 
 def test_an_odd_answer_still_gets_the_strict_paths_message() -> None:
-    raw = {"task_id": "t1", "task_status": "succeed", "task_result": {"videos": [{"id": "v"}]}}
+    videos = [{"id": "v", "url": ["https://x/a.mp4"]}]
+    raw = {"task_id": "t1", "task_status": "succeed", "task_result": {"videos": videos}}
     assert _fast_task(raw) is None
     with pytest.raises(MalformedResponseError, match=r"data\.task_result\.videos\[0\]\.url"):
         task_snapshot(raw, where="data", status=200)

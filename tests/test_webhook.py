@@ -17,7 +17,7 @@ from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 from anyio.abc import TaskGroup
 from helpers import FAST_POLL, apimodels_client, audio_job, kling_client, text_job
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 import kling_async as ka
@@ -167,6 +167,35 @@ async def test_official_failure_and_envelope_form() -> None:
     assert got["t-failed"].state is ka.TaskState.FAILED
     assert str(got["t-failed"].error) == "there is no human in the video"
     assert got["t-enveloped"].ok
+
+
+async def test_envelope_with_its_code_as_a_string_is_a_callback() -> None:
+    """A gateway that sends every business code as a string wraps callbacks so too: ``"0"``.
+
+    Such callbacks were refused (400) and lost (official callbacks are not retried): their
+    tasks ended only at the next safety poll, minutes later.  An error code is still refused.
+    """
+    async with hooks() as h:
+        results = await h.track("t-string-code", "t-error-code")
+        task = json.loads(official("t-string-code"))
+        envelope = {"code": "0", "message": "SUCCEED", "data": [task]}
+        assert (await h.post(json.dumps(envelope).encode()))[0] == 200
+        refused = {"code": "1303", "data": json.loads(official("t-error-code"))}
+        assert (await h.post(json.dumps(refused).encode()))[0] == 400
+        got = await results.wait(1)
+        await results.nothing_yet()
+    assert got["t-string-code"].ok and "t-error-code" not in got
+
+
+async def test_a_number_python_cannot_convert_is_a_400_not_a_500() -> None:
+    """JSON with a number of more than 4300 digits makes ``json.loads`` raise a plain ValueError
+    (not a JSONDecodeError): it escaped the receiver as an HTTP 500 with a traceback."""
+    huge = b'{"task_id": "t-huge", "task_status": "succeed", "created_at": 1' + b"0" * 5000 + b"}"
+    async with hooks() as h:
+        results = await h.track("t-huge")
+        assert await h.post(huge) == (400, "not a callback")
+        await results.nothing_yet()
+    assert h.receiver.counts["malformed"] == 1
 
 
 async def test_apimodels_envelopes_with_json_string_fields() -> None:
@@ -531,6 +560,8 @@ async def test_tokens_urls_and_secrecy() -> None:
         ).map(lambda value: json.dumps(value).encode()),
     )
 )
+@example(body=b'{"task_id": "1", "task_status": "succeed", "created_at": 1' + b"0" * 5000 + b"}")
+@example(body=b'{"code": 200, "data": {"taskId": "1", "costTime": 9' + b"9" * 4400 + b"}}")
 def test_any_body_is_a_verdict_never_a_crash(body: bytes) -> None:
     for make in (ka.KlingClient.kling, ka.KlingClient.apimodels):
         client = make(api_key="sk", base_url="http://127.0.0.1:9")

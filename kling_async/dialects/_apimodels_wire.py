@@ -22,6 +22,7 @@ from cattrs.gen import make_dict_structure_fn
 
 from .._errors import MalformedResponseError
 from .._results import Face, Returned, TaskSnapshot, TaskState
+from ._base import lenient_number
 
 __all__ = [
     "ADVANCED_LIP_SYNC",
@@ -104,7 +105,7 @@ class _Face:
 @attrs.frozen(kw_only=True)
 class _FaceData:
     session_id: str
-    face_list: list[_Face] = attrs.Factory(list)
+    face_list: list[_Face] | None = None  # null: no faces, as an empty list
 
 
 @attrs.frozen(kw_only=True)
@@ -116,7 +117,9 @@ class WireTask:
     model: str | None = None
     faceData: _FaceData | None = None
     resultUrls: list[str] | None = None
-    videoDuration: float | None = None
+    # A figure beside the result, read leniently (to_snapshot): "8.04" or garbage must not make
+    # a completed, paid-for task unreadable (docs/protocol.md, apimodels.app).
+    videoDuration: Any = None
     failMsg: str | None = None
     failCode: _Code = None
     createTime: float | None = None
@@ -134,7 +137,7 @@ class _Result:
     # The decoded ``resultJson`` of a callback.
     resultUrls: list[str] | None = None
     faceData: _FaceData | None = None
-    videoDuration: float | None = None
+    videoDuration: Any = None  # read leniently, as WireTask's
 
 
 @attrs.frozen(kw_only=True)
@@ -172,9 +175,13 @@ def _exact(kind: type[_T], what: str) -> Callable[[object, object], _T]:
 
 
 def _number(value: object, _: object) -> float:
-    if isinstance(value, (int, float)) and not isinstance(value, bool):
-        return float(value)
-    raise _WireTypeError("expected a number")
+    # Millisecond times.  A numeric string ("1705123450000") is read as the official format's
+    # converter reads it (some upstreams send figures as strings); anything else, True or
+    # "nan" included, is a protocol break.
+    found = lenient_number(value)
+    if found is None:
+        raise _WireTypeError("expected a number")
+    return found
 
 
 def _code(value: object, _: object) -> str | int | None:
@@ -226,7 +233,7 @@ def _object_hook(
         if json_text and isinstance(value, str):
             try:
                 value = json.loads(value)
-            except (json.JSONDecodeError, RecursionError) as exc:
+            except (ValueError, RecursionError) as exc:
                 raise _WireTypeError(f"is a string but not valid JSON ({exc})") from None
             if value is None:
                 return None
@@ -382,9 +389,10 @@ def to_snapshot(
                 f"apimodels {what}: completed lip-sync task has no resultUrls", status=status
             )
     face_data = task.faceData
+    duration = lenient_number(task.videoDuration)
     faces = tuple(
         Face(face_id=face.face_id, image_url=face.face_reference)
-        for face in (face_data.face_list if face_data else ())
+        for face in ((face_data.face_list or ()) if face_data else ())
     )
     return TaskSnapshot(
         task_id=task_id,
@@ -397,7 +405,5 @@ def to_snapshot(
         parent_video_url=parent_video_url,
         session_id=face_data.session_id if face_data else None,
         faces=faces,
-        returned=None
-        if task.videoDuration is None
-        else Returned(video_duration=task.videoDuration),
+        returned=None if duration is None else Returned(video_duration=duration),
     )

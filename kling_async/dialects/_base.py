@@ -16,6 +16,7 @@ A dialect is pure protocol: it turns a :class:`LipSyncJob` into requests and ans
 from __future__ import annotations
 
 import base64
+import math
 from collections.abc import Container, Generator, Mapping, Sequence
 from typing import Protocol
 
@@ -33,6 +34,7 @@ __all__ = [
     "audio_base64",
     "choose_face",
     "decode_envelope",
+    "lenient_number",
     "overlap_problem",
     "sound_source",
 ]
@@ -148,6 +150,24 @@ def decode_envelope(response: HttpResponse) -> Mapping[str, object]:
             f"HTTP {response.status} answer is not a JSON object", status=response.status
         )
     return body
+
+
+def lenient_number(value: object) -> float | None:
+    """A finite number sent as a number or a numeric string, else None (a figure, not a key).
+
+    For figures an answer reports beside its result (a video's duration, a cost): one sent as a
+    string, or garbled, must not make a finished task's answer unreadable.
+    """
+    if type(value) in (int, float):
+        number = float(value)  # type: ignore[arg-type]
+    elif type(value) is str:
+        try:
+            number = float(value)
+        except ValueError:
+            return None
+    else:
+        return None
+    return number if math.isfinite(number) else None
 
 
 def audio_base64(job: LipSyncJob) -> str:

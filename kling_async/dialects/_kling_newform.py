@@ -44,8 +44,9 @@ class _NewForm:
     create_time: float | None = None
     update_time: float | None = None
     external_id: str | None = None
-    outputs: list[_Output] = attrs.Factory(list)
-    billing: list[_Charge] = attrs.Factory(list)
+    # null is an empty list (docs/protocol.md, Callbacks: the test callback has no outputs).
+    outputs: list[_Output] | None = None
+    billing: list[_Charge] | None = None
 
 
 def new_form_snapshot(raw: object, *, where: str) -> TaskSnapshot:
@@ -55,12 +56,15 @@ def new_form_snapshot(raw: object, *, where: str) -> TaskSnapshot:
     Units are the ``amount`` of ``unit`` charges; a ``cash`` charge is a balance deduction.
     """
     body = structure(raw, _NewForm, where=where, status=None)
+    if not body.id.strip():
+        raise MalformedResponseError(f"{where}.id is empty")
     state = map_state(body.status, where=where, status=None)
-    videos = [out for out in body.outputs if out.url and out.type in (None, "video")]
+    outputs, billing = body.outputs or [], body.billing or []
+    videos = [out for out in outputs if out.url and out.type in (None, "video")]
     if state is TaskState.SUCCEEDED and not videos:
         raise MalformedResponseError(f"{where}: task {body.id} succeeded without outputs[].url")
-    units = _total(c.amount for c in body.billing if c.charge_type == "unit")
-    cash = [c for c in body.billing if c.charge_type == "cash"]
+    units = _total(c.amount for c in billing if c.charge_type == "unit")
+    cash = [c for c in billing if c.charge_type == "cash"]
     balance = None
     if cash:
         balance = {"quota": _total(c.amount for c in cash)}

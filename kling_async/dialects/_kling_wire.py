@@ -19,6 +19,7 @@ from cattrs.gen import make_dict_structure_fn
 
 from .._errors import MalformedResponseError
 from .._results import BalanceDeduction, Face, Returned, TaskSnapshot, TaskState
+from ._base import lenient_number
 
 __all__ = [
     "identify_face_snapshot",
@@ -46,7 +47,9 @@ _STATES: dict[str, TaskState] = {
 
 @attrs.frozen
 class _Video:
-    url: str
+    # A null url (a failed or unfinished task's placeholder) is no video; a success without
+    # one is refused in task_snapshot.
+    url: str | None = None
     id: str | None = None
     # Read leniently (see lenient_number, make_returned): a garbled figure or extra must not
     # lose a finished video.
@@ -56,7 +59,9 @@ class _Video:
 
 @attrs.frozen
 class _TaskResult:
-    videos: list[_Video] = attrs.Factory(list)
+    # JSON null where a list is expected (as Go servers write an empty slice) is an empty list,
+    # here and in every list field below: a failed task without videos must read as failed.
+    videos: list[_Video] | None = None
 
 
 @attrs.frozen
@@ -96,7 +101,7 @@ class _FaceData:
 @attrs.frozen
 class _IdentifyFace:
     session_id: str
-    face_data: list[_FaceData] = attrs.Factory(list)
+    face_data: list[_FaceData] | None = None  # null: no faces, as an empty list
 
 
 def _structure_str(value: object, _: object) -> str:
@@ -301,20 +306,6 @@ def make_returned(
 _NOTHING = Returned()
 
 
-def lenient_number(value: object) -> float | None:
-    """A finite number sent as a number or a numeric string, else None (a figure, not a key)."""
-    if type(value) in _NUMBER:
-        number = float(value)  # type: ignore[arg-type]
-    elif type(value) is str:
-        try:
-            number = float(value)
-        except ValueError:
-            return None
-    else:
-        return None
-    return number if math.isfinite(number) else None
-
-
 def _balance(raw: object) -> BalanceDeduction | None:
     """``final_balance_deduction`` (``{quota, list_price}``), present only on cash payments."""
     if type(raw) is not dict:
@@ -329,7 +320,7 @@ def _balance(raw: object) -> BalanceDeduction | None:
 def _strict_task(raw: object, *, where: str, status: int | None) -> _Flat:
     """The same fields through the cattrs converter, with its detailed error messages."""
     task = structure(raw, _Task, where=where, status=status)
-    videos = task.task_result.videos if task.task_result else []
+    videos = (task.task_result.videos or []) if task.task_result else []
     info = task.task_info or _TaskInfo()
     parent = info.parent_video
     return _Flat(
@@ -404,7 +395,7 @@ def identify_face_snapshot(raw: object, *, where: str, status: int | None) -> Ta
             start_ms=face.start_time,
             end_ms=face.end_time,
         )
-        for face in answer.face_data
+        for face in answer.face_data or ()
     )
     return TaskSnapshot(
         task_id=answer.session_id,

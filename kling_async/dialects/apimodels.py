@@ -127,7 +127,8 @@ class ApimodelsDialect:
         """The new task's snapshot (``pending`` is SUBMITTED, as is an answer with no state)."""
         what, status = "create answer", response.status
         task = parse_task(decode_envelope(response).get("data"), what=what, status=status)
-        if task.taskId is None:
+        if task.taskId is None or not task.taskId.strip():
+            # An empty id names no task to poll: the submit's outcome is unclear, not a task.
             raise MalformedResponseError(f"apimodels {what}: data.taskId is missing", status=status)
         # The task exists once it has an id; a missing state must not lose a billed task.
         return to_snapshot(
@@ -183,7 +184,7 @@ class ApimodelsDialect:
         """
         try:
             decoded = json.loads(body)
-        except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+        except (ValueError, RecursionError) as exc:  # (ValueError: a 5000-digit number too)
             raise MalformedResponseError(f"apimodels callback is not JSON: {exc}") from None
         if not isinstance(decoded, Mapping):
             raise MalformedResponseError("apimodels callback is not a JSON object")

@@ -19,7 +19,7 @@ from urllib.parse import quote
 
 import attrs
 
-from .._errors import MalformedResponseError, ValidationError
+from .._errors import SUCCESS_CODES, MalformedResponseError, ValidationError, business_code
 from .._http import HttpRequest, HttpResponse, normalize_prefix
 from .._jobs import LipSyncJob
 from .._results import Face, TaskSnapshot, TaskState
@@ -224,8 +224,12 @@ class KlingDialect:
             return identify_face_snapshot(data, where="data", status=response.status)
         if isinstance(data, list) and len(data) == 1:
             data = data[0]  # a list-shaped single answer (docs/protocol.md, Query one)
-        return task_snapshot(
-            data, where="data", status=response.status, default_state=TaskState.SUBMITTED
+        return _named(
+            task_snapshot(
+                data, where="data", status=response.status, default_state=TaskState.SUBMITTED
+            ),
+            "data",
+            response.status,
         )
 
     # -- tracking -------------------------------------------------------------------------------
@@ -338,18 +342,19 @@ class KlingDialect:
         """
         try:
             raw = json.loads(body)
-        except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+        except (ValueError, RecursionError) as exc:  # (ValueError: a 5000-digit number too)
             raise MalformedResponseError(f"callback body is not JSON: {exc}") from None
         if isinstance(raw, Mapping) and "task_id" not in raw and "data" in raw:
             code = raw.get("code")
-            if code not in (None, 0):
+            # A code sent as a string ("0"), as some gateways send every code, is a success too.
+            if code is not None and business_code(code) not in SUCCESS_CODES:
                 raise MalformedResponseError(f"callback envelope carries code {code!r:.20}")
             raw = raw["data"]
             if isinstance(raw, list) and len(raw) == 1:
                 raw = raw[0]
         if isinstance(raw, Mapping) and "task_id" not in raw and "id" in raw and "status" in raw:
             return new_form_snapshot(raw, where="callback")
-        return task_snapshot(raw, where="callback", status=None)
+        return _named(task_snapshot(raw, where="callback", status=None), "callback", None)
 
     def _path(self, path: str) -> str:
         return self.prefix + path
@@ -359,6 +364,17 @@ def _check_stage(stage: str) -> str:
     if stage not in _STAGES:
         raise ValidationError("stage", f"must be one of {', '.join(_STAGES)}")
     return stage
+
+
+def _named(snapshot: TaskSnapshot, where: str, status: int | None) -> TaskSnapshot:
+    """``snapshot``, unless its task id is empty: a task that cannot be named cannot be tracked.
+
+    A submit so answered is unclear (its task is looked for), never a task to poll at an empty
+    path.  (A list row with an empty id is left alone: no task followed has that id.)
+    """
+    if not snapshot.task_id.strip():
+        raise MalformedResponseError(f"{where}.task_id is empty", status=status)
+    return snapshot
 
 
 def _check_range(field: str, value: int, highest: int) -> None:
