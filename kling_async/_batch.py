@@ -297,6 +297,7 @@ class Batch:
         task_id: str | None = None
         submitted_at: float | None = None
         polls = 0
+        earlier: float | None = None  # units the steps before the last one cost (identify-face)
         resume = self.resume if isinstance(job, LipSyncJob) else None
         kept = False  # the slot stays held by a timed-out task (see StuckTasks)
         try:
@@ -338,7 +339,11 @@ class Batch:
                 except StopIteration as stop:
                     final: TaskSnapshot = stop.value
                     break
+                if terminal.units is not None:  # a step gone past: its charge is the job's too
+                    earlier = (earlier or 0.0) + terminal.units
             result = self._result(key, final, submitted_at, polls)
+            if earlier is not None:
+                result = attrs.evolve(result, units=(result.units or 0.0) + earlier)
             if result.state is TaskState.TIMED_OUT and task_id is not None:
                 kept = self._stuck.follow(task_id, step.stage, slot)
         except KlingError as exc:
@@ -353,6 +358,7 @@ class Batch:
                 submitted_at=submitted_at,
                 finished_at=self._client.clock(),
                 polls=polls,
+                units=earlier,  # (a later step failed: the earlier ones were paid)
             )
         finally:
             if not kept:

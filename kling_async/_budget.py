@@ -164,16 +164,20 @@ class BudgetLedger:
         held = self._held.get(key)
         if held is None:
             return  # never reserved: refused by the budget, or invalid
+        ended = result.state is TaskState.SUCCEEDED or (
+            result.state is TaskState.FAILED
+            and not isinstance(result.error, SubmitOutcomeUnknownError)
+        )
+        if not ended:
+            # May still run (timed out, cancelled, outcome unknown): stays reserved, even when
+            # an earlier step's charge (identify-face) is known.
+            return
         if result.units is not None:
-            actual = result.units
+            actual = result.units  # (a two-step job's: both steps' charges)
         elif result.state is TaskState.SUCCEEDED:
             actual = held  # the server said nothing: the estimate stands
-        elif result.state is TaskState.FAILED and not isinstance(
-            result.error, SubmitOutcomeUnknownError
-        ):
-            actual = 0.0  # a failed task, or a submit that created nothing
         else:
-            return  # may still run (timed out, cancelled, outcome unknown): stays reserved
+            actual = 0.0  # a failed task, or a submit that created nothing
         del self._held[key]
         self._settled[key] = actual
         self._spent += actual

@@ -200,3 +200,20 @@ def test_unknown_lengths_reserve_the_longest_audio() -> None:
         two_step.reserve("a", job(1, sound_end_time=None))
     with pytest.raises(ka.ValidationError, match="budget"):
         BudgetLedger(5.0, identify_face=False)  # type: ignore[arg-type]
+
+
+@pytest.mark.anyio
+async def test_an_identify_face_charge_counts_for_its_job_and_the_budget() -> None:
+    # The official flow's first step, identify-face, says what it cost: the job's units (and
+    # the batch's, and the budget's) include it, also when the lip-sync step then fails.
+    async with FakeKlingServer(task_duration=0.01, identify_face_units=0.05) as server:
+        server.script("advanced-submit", status=400, code=1201, message="bad face", times=1)
+        async with kling_client(server, max_in_flight=1, advanced=True) as client:
+            batch = client.run_batch([job(1), job(2)], budget=ka.Budget(units=3.0))
+            results = {r.key: r async for r in batch}
+            progress = batch.progress
+    failed, ok = results["k1"], results["k2"]
+    assert isinstance(failed.error, ka.InvalidRequestError)  # the lip-sync step was refused
+    assert failed.units == pytest.approx(0.05)  # the identify-face call was paid
+    assert ok.ok and ok.units == pytest.approx(1.0 + 0.05)  # 7 s: two started 5 s steps
+    assert progress.units == pytest.approx(1.1)

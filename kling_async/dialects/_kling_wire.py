@@ -102,6 +102,7 @@ class _FaceData:
 class _IdentifyFace:
     session_id: str
     face_data: list[_FaceData] | None = None  # null: no faces, as an empty list
+    final_unit_deduction: Any = None  # what the call cost, when the answer says
 
 
 def _structure_str(value: object, _: object) -> str:
@@ -402,4 +403,5 @@ def identify_face_snapshot(raw: object, *, where: str, status: int | None) -> Ta
         state=TaskState.SUCCEEDED,
         session_id=answer.session_id,
         faces=faces,
+        returned=make_returned(None, None, None, answer.final_unit_deduction, None),
     )

@@ -266,4 +266,7 @@ class OfficialRoutes:
             }
             for face in session.faces
         ]
-        return official_ok({"session_id": session.session_id, "face_data": faces}, request_id)
+        data: dict[str, object] = {"session_id": session.session_id, "face_data": faces}
+        if self._account.identify_face_units is not None:
+            data["final_unit_deduction"] = f"{self._account.identify_face_units:g}"
+        return official_ok(data, request_id)

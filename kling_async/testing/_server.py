@@ -63,6 +63,8 @@ class FakeKlingServer:
     ``processing_after`` defaults to half of each task's duration; ``port=0`` picks a free
     port; ``callback_timeout`` bounds each callback delivery, in seconds.  With
     ``webhook_secret`` (``"whsec_..."``) every callback is signed as Kling signs them.
+    ``identify_face_units``: what an official identify-face answer says the call cost
+    (``final_unit_deduction``); by default it says nothing, as the documented answer.
     """
 
     def __init__(
@@ -80,6 +82,7 @@ class FakeKlingServer:
         port: int = 0,
         callback_timeout: float = 2.0,
         webhook_secret: str | None = None,
+        identify_face_units: float | None = None,
     ) -> None:
         if task_limit is not None and task_limit < 0:
             raise ValueError(
@@ -104,6 +107,7 @@ class FakeKlingServer:
             task_limit=task_limit,
             failure_rate=faults.task_failure_rate,
         )
+        self._account.identify_face_units = identify_face_units
         self._gate = Gate(
             credentials=Credentials(api_keys, jwt_credentials),
             rng=rng,

@@ -252,6 +252,8 @@ class Account:
         self.task_limit = task_limit
         #: Share of tasks that fail with a content-policy reason (``FaultPlan``).
         self.failure_rate = failure_rate
+        #: What an official identify-face answer says it cost (None: it says nothing).
+        self.identify_face_units: float | None = None
         self.base_url = ""
         self.tasks: dict[str, FakeTask] = {}
         self.sessions: dict[str, FaceSession] = {}
