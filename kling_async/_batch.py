@@ -107,6 +107,9 @@ class Batch:
         self._fatal: KlingError | None = None
         self._crash: BaseException | None = None
         self._live: dict[str, str] = {}  # task id -> job key, for tasks not yet reported
+        # Keys of successes whose video could not be saved: left unreported in the journal, so
+        # that a rerun (the disk freed, the folder back) saves them instead of skipping them.
+        self._unsaved: set[str] = set()
         self._submitter = Submitter(client, self._slots, self._abort, blocking=self.blocking)
         self._batch_id = new_batch_id()  # (with a journal, the journal's own is used)
         # Timed-out tasks still holding their slots, followed until they end.
@@ -373,6 +376,8 @@ class Batch:
         """Save the video where asked, count the result and hand it to the consumer."""
         if self._saver is not None and result.ok and result.path is None:
             result = await self._saver.save(result, self._emit)
+            if result.error is not None:
+                self._unsaved.add(result.key)
         self.counts["succeeded" if result.ok else "failed"] += 1
         self.units += result.units or 0.0
         if self._scope.cancel_called:
@@ -462,8 +467,11 @@ class Batch:
             raise crash
 
     def delivered(self, key: str) -> None:
-        """The consumer is done with ``key``'s result: a rerun will not report it again."""
-        if self.resume is not None:
+        """The consumer is done with ``key``'s result: a rerun will not report it again.
+
+        Unless its video could not be saved: then a rerun reports it again and saves it.
+        """
+        if self.resume is not None and key not in self._unsaved:
             self.resume.journal.reported(key)
 
     def consumer_done(self) -> None:

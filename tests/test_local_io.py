@@ -52,3 +52,36 @@ async def test_a_download_folder_gone_in_mid_run_is_one_warning_and_no_lost_resu
     assert all(isinstance(r.error, ka.DownloadError) for r in failed)  # a kind of it
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert len(warnings) == 1 and str(folder) in warnings[0]
+
+
+@pytest.mark.anyio
+async def test_a_rerun_with_the_journal_saves_the_videos_a_local_failure_left_unsaved(
+    tmp_path: Path,
+) -> None:
+    folder, journal = tmp_path / "videos", tmp_path / "dub.journal"
+    jobs = [text_job(n) for n in range(5)]
+    first: list[ka.JobResult] = []
+    async with FakeKlingServer(task_duration=0.02) as server:
+        async with kling_client(server, max_in_flight=2) as client:
+            batch = client.run_batch(jobs, download_to=folder, journal=journal)
+            async for result in batch:
+                first.append(result)
+                if len(first) == 1:  # the disk "fills up": nothing more can be saved there
+                    folder.rename(tmp_path / "moved")
+                    folder.write_text("in the way")
+        unsaved = {r.key for r in first if r.path is None}
+        assert len(unsaved) >= 3 and all(r.ok for r in first)
+        assert all(isinstance(r.error, ka.LocalWriteError) for r in first if r.key in unsaved)
+        created = server.tasks_created
+        # Space freed, folder back: the same batch again saves what was not saved, and only
+        # that, without a new task.
+        folder.unlink()
+        (tmp_path / "moved").rename(folder)
+        async with kling_client(server, max_in_flight=2) as client:
+            again = [r async for r in client.run_batch(jobs, download_to=folder, journal=journal)]
+            # A third run has nothing left to report.
+            third = [r async for r in client.run_batch(jobs, download_to=folder, journal=journal)]
+        assert server.tasks_created == created and third == []
+    assert {r.key for r in again} == unsaved
+    assert all(r.ok and r.error is None and r.path is not None for r in again)
+    assert sorted(p.name for p in folder.glob("*.mp4")) == [f"{n}.mp4" for n in range(5)]
