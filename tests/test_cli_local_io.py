@@ -1,0 +1,94 @@
+"""The command line under real local I/O faults: a file-size limit (EFBIG, as a full disk fails a
+write part-way) on the results file, stdout that cannot be written (/dev/full)."""
+
+from __future__ import annotations
+
+import json
+import resource
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from test_cli import _env, results, text_job, write_jsonl
+
+pytestmark = pytest.mark.skipif(
+    sys.platform == "win32" or not Path("/dev/full").exists(), reason="POSIX limits, /dev/full"
+)
+
+
+def _limit_file_size(limit: int) -> None:
+    # In the child: writes past `limit` bytes fail with EFBIG (SIGXFSZ ignored, as a full disk
+    # fails them with ENOSPC) once what fits has been written.
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+
+def cli_limited(
+    limit: int, *args: str, stdout: int | None = None
+) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "kling_async", *args],
+        stdout=subprocess.PIPE if stdout is None else stdout,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=_env(),
+        timeout=60,
+        check=False,
+        preexec_fn=lambda: _limit_file_size(limit),
+    )
+
+
+def test_a_results_file_cut_by_a_full_disk_keeps_whole_lines_for_the_rerun(
+    tmp_path: Path,
+) -> None:
+    jobs = write_jsonl(tmp_path / "jobs.jsonl", *(text_job(n, key=f"k{n}") for n in range(3)))
+    out = tmp_path / "r.jsonl"
+    # Room for two result lines (about 450 bytes each) and part of a third.
+    full = cli_limited(1000, "run", str(jobs), "--out", str(out), "--sandbox", "-q")
+    assert full.returncode == 2, full.stderr
+    (error,) = full.stderr.strip().splitlines()
+    assert error.startswith(f"kling-async: error: cannot write results to {out}: File too large")
+    (shown,) = (json.loads(line) for line in full.stdout.splitlines())
+    assert shown["ok"] and shown["task_id"] and f"({shown['key']}'s line is on stdout)" in error
+    # Only whole lines stay: the half line the limit let through was cut off again.
+    assert out.read_bytes().endswith(b"\n")
+    kept = results(out)
+    assert len(kept) == 2 and shown["key"] not in {line["key"] for line in kept}
+    # The rerun (no journal: every job again) appends whole lines after whole lines.
+    again = cli_limited(1 << 30, "run", str(jobs), "--out", str(out), "--sandbox", "-q")
+    assert again.returncode == 0, again.stderr
+    assert sorted(line["key"] for line in results(out)[2:]) == ["k0", "k1", "k2"]
+    assert len(results(out)) == 5
+
+
+def test_half_a_line_left_by_a_crash_is_not_glued_to_the_next_runs_first_line(
+    tmp_path: Path,
+) -> None:
+    jobs = write_jsonl(tmp_path / "jobs.jsonl", text_job(1, key="only"))
+    out = tmp_path / "r.jsonl"
+    out.write_text('{"key": "a", "ok": true}\n{"key": "cut sho', encoding="utf-8")
+    done = cli_limited(1 << 30, "run", str(jobs), "--out", str(out), "--sandbox", "-q")
+    assert done.returncode == 0, done.stderr
+    lines = out.read_text(encoding="utf-8").splitlines()
+    assert lines[:2] == ['{"key": "a", "ok": true}', '{"key": "cut sho']
+    assert [json.loads(line)["key"] for line in lines[2:]] == ["only"]
+
+
+def test_results_that_neither_the_file_nor_stdout_take_name_the_file_and_the_task(
+    tmp_path: Path,
+) -> None:
+    jobs = write_jsonl(tmp_path / "jobs.jsonl", text_job(1, key="k1"))
+    out = tmp_path / "r.jsonl"
+    with open("/dev/full", "w") as full_stdout:
+        done = cli_limited(
+            10, "run", str(jobs), "--out", str(out), "--sandbox", "-q", stdout=full_stdout.fileno()
+        )
+    assert done.returncode == 2, done.stderr
+    (error,) = done.stderr.strip().splitlines()
+    assert error.startswith(f"kling-async: error: cannot write results to {out}: File too large")
+    assert "(k1's task: " in error and "kling-async status" in error
+    task_id = error.split("(k1's task: ")[1].split(";")[0]
+    assert task_id.isdigit()
+    assert out.read_bytes() == b""
