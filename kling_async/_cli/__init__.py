@@ -4,7 +4,7 @@
 ``status`` looks tasks up; ``estimate`` says what a job file will cost; ``fake-server`` serves
 the sandbox.  Exit status: 0 when every job
 succeeded, 1 when some failed, 2 for usage errors and fatal account errors (bad key, no
-balance), 130 when interrupted.
+balance), 130 when interrupted (143 when terminated).
 """
 
 from __future__ import annotations
@@ -36,7 +36,8 @@ EPILOG = """\
 Keys come from --api-key or the environment: KLING_API_KEY (a Bearer key, every dialect), or
 KLING_ACCESS_KEY + KLING_SECRET_KEY (the official API's JWT). Exit status: 0 when every job
 succeeded (with --journal: every job of the journal, earlier runs' included), 1 when some
-failed, 2 on usage, local file or fatal account errors, 130 when interrupted (Ctrl-C).
+failed, 2 on usage, local file or fatal account errors, 130 when interrupted (Ctrl-C), 143 when
+stopped by SIGTERM (both clean stops).
 First run: kling-async run examples/jobs.jsonl --out results.jsonl --sandbox"""
 
 
@@ -317,9 +318,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         status: int = args.handler(args)
     except CliError as exc:
         return _fail(str(exc))
-    except KeyboardInterrupt:
-        print(f"{PROG}: interrupted", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as exc:
+        from ._interrupt import exit_status, stop_word  # (anyio: imported by the command)
+
+        print(f"{PROG}: {stop_word(exc)}", file=sys.stderr)
+        return exit_status(exc)
     except KlingError as exc:
         if args.verbose:
             traceback.print_exc()

@@ -92,7 +92,8 @@ def run_command(args: argparse.Namespace) -> int:
         except BaseException as exc:
             progress.close(summary=False)  # the error says what happened, not the counts
             _stopped(run, exc)
-            _summary_json(args, tally, 130 if isinstance(exc, KeyboardInterrupt) else 2, run)
+            stopped = _interrupt.exit_status(exc) if isinstance(exc, KeyboardInterrupt) else 2
+            _summary_json(args, tally, stopped, run)
             raise
         progress.close()
     failed = tally.failed + len(found.problems)
