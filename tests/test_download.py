@@ -307,6 +307,43 @@ async def test_too_many_bytes_is_a_size_mismatch(
     assert listing(tmp_path) == []
 
 
+async def test_a_resume_answered_from_a_file_of_another_size_starts_over(
+    host_factory: HostFactory, client: ka.KlingClient, tmp_path: Path
+) -> None:
+    # The host's file changed between the attempts: its tail does not go after our bytes.
+    other = bytes(reversed(BODY)) + b"longer"
+
+    async def handler(request: web.Request, n: int) -> web.StreamResponse:
+        if n == 0:
+            return await cut(request, BODY, 100_000)
+        start = start_of(request)
+        headers = {"Content-Range": f"bytes {start}-{len(other) - 1}/{len(other)}"}
+        return web.Response(status=206, body=other[start:], headers=headers)
+
+    host = await host_factory(handler)
+    path = await client.download(result(host.url(), "changed"), tmp_path)
+    assert path.read_bytes() == other  # the new file whole, not two files spliced
+    assert "Range" not in host.headers[-1]
+
+
+async def test_an_empty_body_is_no_video(
+    host_factory: HostFactory, client: ka.KlingClient, tmp_path: Path
+) -> None:
+    async def handler(request: web.Request, n: int) -> web.StreamResponse:
+        if n == 0:
+            return web.Response(body=b"", content_type="video/mp4")  # Content-Length: 0
+        return await whole(request, n)
+
+    host = await host_factory(handler)
+    path = await client.download(result(host.url(), "late"), tmp_path)
+    assert path.read_bytes() == BODY and len(host.headers) == 2
+    always = await host_factory(lambda request, n: handler(request, 0))
+    with pytest.raises(ka.DownloadError, match="empty body") as caught:
+        await client.download(result(always.url(), "never"), tmp_path)
+    assert caught.value.retryable and listing(tmp_path) == ["late.mp4"]
+    assert len(always.headers) == FAST_RETRY.max_attempts
+
+
 async def test_expired_url_is_not_retried(
     host_factory: HostFactory, client: ka.KlingClient, tmp_path: Path
 ) -> None:
