@@ -408,8 +408,14 @@ def writable_folder(directory: Path) -> None:
 
 
 def _discard(file: IO[bytes], part: Path) -> None:
-    file.close()
-    part.unlink(missing_ok=True)
+    try:
+        # After a failed write (a full disk) the buffer still holds bytes, and closing fails
+        # to write them again; the file is closed all the same.
+        file.close()
+    except OSError:
+        pass
+    finally:
+        part.unlink(missing_ok=True)  # the partial file's space is given back
 
 
 def _already_saved(directory: Path, name: str, size: int, head: bytes) -> Path | None:

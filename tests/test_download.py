@@ -3,7 +3,9 @@ written here for what a CDN may do (ignore Range, drop the connection, lie about
 
 from __future__ import annotations
 
+import json
 import os
+import sys
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
@@ -372,6 +374,34 @@ async def test_server_errors_are_retried(
     host = await host_factory(handler)
     path = await client.download(result(host.url(), "flaky"), tmp_path)
     assert path.read_bytes() == BODY and len(host.headers) == 3
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="POSIX file-size limit")
+async def test_a_full_disk_is_one_line_naming_the_folder_and_leaves_no_partial_file(
+    host_factory: HostFactory, tmp_path: Path
+) -> None:
+    async def trickle(request: web.Request, n: int) -> web.StreamResponse:
+        # Small pieces, as a slow link brings them: the write that fails is a buffered one.
+        response = web.StreamResponse(headers={"Content-Length": str(len(BODY))})
+        await response.prepare(request)
+        for start in range(0, len(BODY), 1000):
+            await response.write(BODY[start : start + 1000])
+            await anyio.sleep(0.001)
+        return response
+
+    host = await host_factory(trickle)
+    folder = tmp_path / "videos"
+    folder.mkdir()
+    # The disk "fills up" 100 kB into the video (past the first 64 KiB, written at once).
+    worker = Path(__file__).with_name("limited_download.py")
+    done = await anyio.run_process(
+        [sys.executable, str(worker), host.url(), str(folder), "100000"], check=False
+    )
+    assert done.returncode == 0, done.stderr.decode()
+    outcome = json.loads(done.stdout)
+    assert outcome["error_type"] == "LocalWriteError"
+    assert outcome["error"] == f"cannot save t1.mp4 in {folder}: File too large"
+    assert listing(folder) == []  # the space the partial file took is given back
 
 
 async def test_downloads_at_once_are_bounded(host_factory, tmp_path: Path) -> None:
