@@ -92,3 +92,31 @@ def test_results_that_neither_the_file_nor_stdout_take_name_the_file_and_the_tas
     task_id = error.split("(k1's task: ")[1].split(";")[0]
     assert task_id.isdigit()
     assert out.read_bytes() == b""
+
+
+def test_files_that_are_one_are_refused_before_anything_runs(tmp_path: Path) -> None:
+    jobs = write_jsonl(tmp_path / "jobs.jsonl", *(text_job(n, key=f"k{n}") for n in range(3)))
+    before = jobs.read_bytes()
+    journal = tmp_path / "dub.journal"
+    journal.write_bytes(b"")
+    (tmp_path / "link.jsonl").symlink_to(jobs)
+    clashes = [
+        (["--out", str(jobs)], "--out", "JOBS"),  # results would be read back as jobs
+        (["--out", str(tmp_path / "link.jsonl")], "--out", "JOBS"),
+        (["--out", str(tmp_path / "r.jsonl"), "--journal", str(jobs)], "--journal", "JOBS"),
+        (
+            [
+                *("--out", str(tmp_path / "r.jsonl"), "--journal", str(journal)),
+                *("--summary-json", str(tmp_path / "." / "dub.journal")),
+            ],
+            "--summary-json",
+            "--journal",
+        ),
+        (["--out", str(journal), "--journal", str(journal)], "--journal", "--out"),
+    ]
+    for options, option, other in clashes:
+        done = cli_limited(1 << 30, "run", str(jobs), "--sandbox", *options)
+        assert done.returncode == 2, done.stderr
+        (line,) = done.stderr.strip().splitlines()  # no sandbox line: it never started
+        assert line.startswith(f"kling-async: error: {option} ") and f"same file as {other}" in line
+    assert jobs.read_bytes() == before and journal.read_bytes() == b""

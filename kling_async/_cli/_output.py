@@ -178,12 +178,27 @@ def _ends_a_line(path: str) -> bool:
 
 
 def check_paths(
-    out: str, download: str | None, journal: str | None, summary: str | None = None
+    out: str,
+    download: str | None,
+    journal: str | None,
+    summary: str | None = None,
+    jobs: str | None = None,
 ) -> int:
     """Raise :class:`CliError` for a path the run could not write; return --out's line count.
 
-    Nothing is created but the download folder (which the run would create anyway).
+    Nothing is created but the download folder (which the run would create anyway).  Two of
+    the files (and the job file ``jobs``) may not be one: results appended to the job file are
+    read back as jobs without end, and a results or summary file written over the journal
+    destroys it (a rerun would then pay for every job again).
     """
+    _distinct(
+        {
+            "JOBS": jobs,
+            "--out": out if out != "-" else None,
+            "--journal": journal if journal is not None and "://" not in journal else None,
+            "--summary-json": summary,
+        }
+    )
     lines = 0
     if out != "-":
         target = Path(out)
@@ -214,6 +229,30 @@ def check_paths(
         # SQLite writes its -wal and -shm files beside the journal.
         _check_folder(target.parent, f"--journal {journal}")
     return lines
+
+
+def _distinct(paths: dict[str, str | None]) -> None:
+    """Raise :class:`CliError` when two of ``paths`` (option -> path) name the same file."""
+    seen: list[tuple[str, str, Path]] = []
+    for option, path in paths.items():
+        if path is None:
+            continue
+        where = Path(path)
+        for other, other_path, other_where in seen:
+            if _same_file(where, other_where):
+                raise CliError(
+                    f"{option} {path} is the same file as {other} {other_path}: give each its own"
+                )
+        seen.append((option, path, where))
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    try:
+        if a.exists() and b.exists():
+            return os.path.samefile(a, b)  # (links and different spellings alike)
+        return a.resolve() == b.resolve()
+    except OSError:
+        return False
 
 
 def _check_folder(folder: Path, what: str) -> None:
