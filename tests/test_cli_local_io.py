@@ -120,3 +120,33 @@ def test_files_that_are_one_are_refused_before_anything_runs(tmp_path: Path) -> 
         (line,) = done.stderr.strip().splitlines()  # no sandbox line: it never started
         assert line.startswith(f"kling-async: error: {option} ") and f"same file as {other}" in line
     assert jobs.read_bytes() == before and journal.read_bytes() == b""
+
+
+def test_results_export_never_overwrites_the_journal_nor_leaves_a_cut_file(
+    tmp_path: Path,
+) -> None:
+    # 100 jobs: an export of about 50 kB.
+    jobs = write_jsonl(tmp_path / "jobs.jsonl", *(text_job(n, key=f"k{n}") for n in range(100)))
+    journal, out = tmp_path / "dub.journal", tmp_path / "r.jsonl"
+    run = ("run", str(jobs), "--out", str(out), "--sandbox", "--journal", str(journal), "-q")
+    assert cli_limited(1 << 30, *run).returncode == 0
+    before = journal.read_bytes()
+    onto = cli_limited(1 << 30, "results", "--journal", str(journal), "--out", str(journal))
+    assert onto.returncode == 2
+    (line,) = onto.stderr.strip().splitlines()
+    assert line == f"kling-async: error: --out {journal} is the journal itself: " + (
+        "give the export its own file"
+    )
+    assert journal.read_bytes() == before
+    # A full disk in mid-export: one line naming the file, and no file cut short.  (Room for
+    # SQLite's 32 KiB shared-memory file, which reading the journal writes.)
+    export = tmp_path / "all.jsonl"
+    full = cli_limited(40_000, "results", "--journal", str(journal), "--out", str(export))
+    assert full.returncode == 2
+    (line,) = full.stderr.strip().splitlines()
+    assert line == f"kling-async: error: cannot write {export}: File too large"
+    assert not export.exists()
+    # The journal still holds the batch: the same run again has nothing left to do.
+    again = cli_limited(1 << 30, *run)
+    assert again.returncode == 0, again.stderr
+    assert len(results(out)) == 100

@@ -31,6 +31,7 @@ __all__ = [
     "count_note",
     "open_out",
     "result_line",
+    "same_file",
 ]
 
 
@@ -239,17 +240,18 @@ def _distinct(paths: dict[str, str | None]) -> None:
             continue
         where = Path(path)
         for other, other_path, other_where in seen:
-            if _same_file(where, other_where):
+            if same_file(where, other_where):
                 raise CliError(
                     f"{option} {path} is the same file as {other} {other_path}: give each its own"
                 )
         seen.append((option, path, where))
 
 
-def _same_file(a: Path, b: Path) -> bool:
+def same_file(a: Path, b: Path) -> bool:
+    """Whether ``a`` and ``b`` name one file (links and different spellings alike)."""
     try:
         if a.exists() and b.exists():
-            return os.path.samefile(a, b)  # (links and different spellings alike)
+            return os.path.samefile(a, b)
         return a.resolve() == b.resolve()
     except OSError:
         return False
