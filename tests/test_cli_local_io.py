@@ -150,3 +150,29 @@ def test_results_export_never_overwrites_the_journal_nor_leaves_a_cut_file(
     again = cli_limited(1 << 30, *run)
     assert again.returncode == 0, again.stderr
     assert len(results(out)) == 100
+
+
+def test_a_stderr_that_fails_does_not_stop_the_run(tmp_path: Path) -> None:
+    jobs = write_jsonl(tmp_path / "jobs.jsonl", *(text_job(n, key=f"k{n}") for n in range(3)))
+    out, summary = tmp_path / "r.jsonl", tmp_path / "s.json"
+    command = [sys.executable, "-m", "kling_async", "run", str(jobs), "--out", str(out)]
+    command += ["--sandbox", "--summary-json", str(summary)]
+    # The reader of stderr (a log shipper, `| head -1`) goes away after the first line.
+    with subprocess.Popen(command, env=_env(), stderr=subprocess.PIPE) as process:
+        assert process.stderr is not None
+        assert process.stderr.readline().startswith(b"kling-async: sandbox server at ")
+        process.stderr.close()
+        assert process.wait(timeout=60) == 0
+    assert sorted(line["key"] for line in results(out)) == ["k0", "k1", "k2"]
+    assert json.loads(summary.read_text())["exit_status"] == 0
+    # stderr on a full disk from the start: the same.
+    with open("/dev/full", "w") as full:
+        done = subprocess.run(
+            [*command, "--out", str(tmp_path / "again.jsonl")],
+            env=_env(),
+            stderr=full,
+            timeout=60,
+            check=False,
+        )
+    assert done.returncode == 0
+    assert len(results(tmp_path / "again.jsonl")) == 3

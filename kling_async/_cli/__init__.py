@@ -15,13 +15,13 @@ import math
 import sys
 import traceback
 from collections.abc import Callable, Sequence
-from typing import Any, NoReturn, TypeVar
+from typing import Any, NoReturn, TextIO, TypeVar, cast
 
 from .._errors import AuthenticationError, KlingError
 from ._connect import CliError, add_connection_options
 from ._estimate import add_estimate_options
 from ._journal_args import add_results_command, add_status_journal_option
-from ._logs import LOG_FORMATS, configure_logging
+from ._logs import LOG_FORMATS, TolerantStream, configure_logging
 from ._sandbox import TASK_LIMIT
 
 # Start-up: building the parser imports only argparse and the light modules above, so that
@@ -313,6 +313,17 @@ def _fail(message: str) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; returns the exit status."""
     args = build_parser().parse_args(argv)
+    stderr = sys.stderr
+    # What goes to stderr is for a human: a stderr that fails (a closed pipe, a full disk
+    # under the log) must not stop a run in the middle.
+    sys.stderr = cast(TextIO, TolerantStream(stderr))
+    try:
+        return _main(args)
+    finally:
+        sys.stderr = stderr
+
+
+def _main(args: argparse.Namespace) -> int:
     configure_logging(PROG, verbose=args.verbose, log_format=args.log_format)
     try:
         status: int = args.handler(args)
