@@ -10,8 +10,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+import anyio
 import pytest
 from test_cli import _env, results, text_job, write_jsonl
+
+from kling_async.testing import FakeKlingServer
 
 pytestmark = pytest.mark.skipif(
     sys.platform == "win32" or not Path("/dev/full").exists(), reason="POSIX limits, /dev/full"
@@ -176,3 +179,41 @@ def test_a_stderr_that_fails_does_not_stop_the_run(tmp_path: Path) -> None:
         )
     assert done.returncode == 0
     assert len(results(tmp_path / "again.jsonl")) == 3
+
+
+@pytest.mark.anyio
+async def test_videos_a_full_download_folder_left_unsaved_are_saved_by_the_rerun(
+    tmp_path: Path,
+) -> None:
+    jobs = write_jsonl(tmp_path / "jobs.jsonl", *(text_job(n, key=f"k{n}") for n in range(6)))
+    out, journal, videos = tmp_path / "r.jsonl", tmp_path / "dub.journal", tmp_path / "v"
+    env = _env(KLING_API_KEY="sk-sandbox")
+    async with FakeKlingServer(task_duration=0.2) as server:  # (its videos outlive a run)
+        command = [sys.executable, "-m", "kling_async", "run", str(jobs), "--out", str(out)]
+        command += ["--base-url", server.url, "--first-poll", "0.02", "--max-in-flight", "1"]
+        command += ["--journal", str(journal), "--download", str(videos), "-q"]
+        async with await anyio.open_process(command, env=env) as process:
+            for _ in range(1500):  # (30 s at most)
+                if out.exists() and out.read_text().count("\n") >= 1:
+                    break
+                await anyio.sleep(0.02)
+            else:
+                pytest.fail("no result within 30 s")
+            videos.rename(tmp_path / "kept")  # nothing can be saved there any more
+            videos.write_text("in the way")
+            with anyio.fail_after(30):
+                assert await process.wait() == 1  # videos not saved are failures
+        first = results(out)
+        unsaved = {line["key"] for line in first if line["path"] is None}
+        assert len(unsaved) >= 4 and all(line["ok"] for line in first)
+        created = server.tasks_created
+        # Space back: the same command saves them (no new task), and only then exits 0.
+        videos.unlink()
+        (tmp_path / "kept").rename(videos)
+        again = await anyio.run_process(command, env=env, check=False)
+        assert again.returncode == 0, again.stderr.decode()
+        assert server.tasks_created == created
+    second = results(out)[len(first) :]
+    assert {line["key"] for line in second} == unsaved
+    assert all(line["path"] and line["error"] is None for line in second)
+    assert sorted(p.name for p in videos.iterdir()) == [f"k{n}.mp4" for n in range(6)]
