@@ -107,6 +107,11 @@ class Batch:
         self._fatal: KlingError | None = None
         self._crash: BaseException | None = None
         self._live: dict[str, str] = {}  # task id -> job key, for tasks not yet reported
+        # Keys of successes whose video could not be saved: left unreported in the journal, so
+        # that a rerun (the disk freed, the folder back) saves them instead of skipping them.
+        self._unsaved: set[str] = set()
+        # Task id -> job key of ended tasks whose video is being saved: not reported yet either.
+        self._saving: dict[str, str] = {}
         self._submitter = Submitter(client, self._slots, self._abort, blocking=self.blocking)
         self._batch_id = new_batch_id()  # (with a journal, the journal's own is used)
         # Timed-out tasks still holding their slots, followed until they end.
@@ -137,8 +142,8 @@ class Batch:
         return BatchIterator(self, self.pipe)
 
     def running_task_ids(self) -> tuple[str, ...]:
-        """Tasks submitted and not yet reported (after a stop: still running, paid for)."""
-        return tuple(self._live)
+        """Tasks submitted and not yet reported (after a stop: paid for), videos being saved too."""
+        return (*self._live, *filter(None, self._saving))
 
     def progress(self) -> BatchProgress:
         """Counts of the batch so far (what a progress display shows)."""
@@ -398,8 +403,13 @@ class Batch:
 
     async def _report(self, result: JobResult) -> None:
         """Save the video where asked, count the result and hand it to the consumer."""
+        saving = ""  # the task id of the video being saved (named if the batch stops meanwhile)
         if self._saver is not None and result.ok and result.path is None:
+            saving = result.task_id or ""
+            self._saving[saving] = result.key
             result = await self._saver.save(result, self._emit)
+            if result.error is not None:
+                self._unsaved.add(result.key)
         self.counts["succeeded" if result.ok else "failed"] += 1
         self.units += result.units or 0.0
         if self._scope.cancel_called:
@@ -413,6 +423,7 @@ class Batch:
         if self._emit is not None:
             self._emit.finished(result)
         self.pipe.put(result)
+        self._saving.pop(saving, None)
 
     async def _track_all(self, task_ids: list[str]) -> None:
         """Track tasks created elsewhere (:func:`~._tracking.track_all`), reporting each end."""
@@ -471,7 +482,7 @@ class Batch:
         log_batch_end(
             what,
             self.counts,
-            live=self._live,
+            live={**self._live, **self._saving},
             all_reported=(
                 resume.all_reported() if resume is not None and self._fatal is None else None
             ),
@@ -482,15 +493,15 @@ class Batch:
     def outcome(self) -> None:
         """Raise what stopped the batch, if anything did (called once the stream has ended)."""
         if self._fatal is not None:
-            self._fatal.submitted_task_ids = tuple(self._live)
+            self._fatal.submitted_task_ids = self.running_task_ids()
             raise self._fatal
         crash = self._crash
         if crash is not None and not isinstance(crash, anyio.get_cancelled_exc_class()):
             raise crash
 
     def delivered(self, key: str) -> None:
-        """The consumer is done with ``key``'s result: a rerun will not report it again."""
-        if self.resume is not None:
+        """The consumer is done with ``key``'s result: a rerun reports it again only if unsaved."""
+        if self.resume is not None and key not in self._unsaved:
             self.resume.journal.reported(key)
 
     def consumer_done(self) -> None:

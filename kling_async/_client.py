@@ -350,15 +350,15 @@ class KlingClient:
         ``download_to`` (a directory) saves each successful video there before its result is
         reported (:meth:`download`); ``JobResult.path`` says where.  A download that fails
         leaves the result ``ok`` (the video exists, its URL still works) with ``path`` None and
-        ``error`` set to the :class:`~kling_async.DownloadError`.
+        ``error`` set to the :class:`~kling_async.DownloadError` (a folder that cannot be
+        written at all is a :class:`~kling_async.ValidationError` before any request); with a
+        journal such a result is not marked reported, so that a rerun saves its video.
 
         ``budget`` (a :class:`~kling_async.Budget`) caps what the batch spends, in units: each
         job's estimate (:func:`~kling_async.estimate`) is reserved before its first submit, and
         once the next reservation would pass the cap, submitting stops and the remaining jobs
         end with :class:`~kling_async.BudgetExceededError`.  What a task actually cost replaces
         its reservation when it ends; with a journal the spend carries over to reruns.
-        ``error`` set to the :class:`~kling_async.DownloadError` (a folder that cannot be
-        written at all is a :class:`~kling_async.ValidationError` before any request).
 
         ``on_event`` is called with what happens as it happens: typed records from
         :mod:`kling_async.events` (a plain or an ``async`` function; see that module).

@@ -6,8 +6,10 @@ and apimodels.app), so a batch saves each video while its URL still works.  A do
 * streams into a hidden temporary file in the target directory, then links it to its final
   name in one step, so a crash never leaves a half-written file under a real name;
 * resumes with a ``Range`` request after a dropped connection, where the server honours ranges
-  (``206`` whose ``Content-Range`` starts where the file ends); a server that answers ``200``
-  instead is read again from the start;
+  (``206`` whose ``Content-Range`` starts where the file ends, with the total announced before);
+  a server that answers ``200`` instead, or a range of a file of another size, is read again
+  from the start;
+* takes an empty body for a failure (no video is zero bytes), retried as a dropped connection;
 * checks the size against ``Content-Length`` / the ``Content-Range`` total, retrying on a
   mismatch and failing with :class:`DownloadError` when it persists;
 * never sends credentials: the video host is a CDN, not the API (see :meth:`Transport.stream`);
@@ -265,6 +267,9 @@ class Downloader:
                 return  # the previous attempt had everything; only its ending was in doubt
             await self._start(answer, progress, url)
             await self._receive(answer, progress, url)
+        if not progress.written:
+            # No video is zero bytes: an empty answer is a host's failure, never a file to save.
+            raise DownloadError(f"{_shown(url)}: empty body", url=_shown(url), retryable=True)
         if progress.total is not None and progress.written != progress.total:
             raise DownloadError(
                 f"{_shown(url)}: got {progress.written} of {progress.total} bytes",
@@ -284,8 +289,11 @@ class Downloader:
             progress.total = _length(answer)
         elif status == 206:
             match = _CONTENT_RANGE.match(answer.headers.get("content-range", ""))
-            if match is None or int(match.group(1)) != progress.written:
-                # A range we did not ask for: start over without ranges.
+            total = None if match is None or match.group(3) == "*" else int(match.group(3))
+            # Bytes of another file than those we have: its size changed since.
+            resized = progress.written and total is not None and progress.total not in (None, total)
+            if match is None or int(match.group(1)) != progress.written or resized:
+                # A range we did not ask for, or of another file: start over without ranges.
                 progress.use_ranges = False
                 raise DownloadError(
                     f"{shown}: unexpected Content-Range {answer.headers.get('content-range')!r}",
@@ -293,8 +301,7 @@ class Downloader:
                     status=status,
                     retryable=True,
                 )
-            total = match.group(3)
-            progress.total = int(total) if total != "*" else None
+            progress.total = total
         else:
             if status == 416:
                 progress.use_ranges = False  # the file on the server is not what we resumed
@@ -401,8 +408,14 @@ def writable_folder(directory: Path) -> None:
 
 
 def _discard(file: IO[bytes], part: Path) -> None:
-    file.close()
-    part.unlink(missing_ok=True)
+    try:
+        # After a failed write (a full disk) the buffer still holds bytes, and closing fails
+        # to write them again; the file is closed all the same.
+        file.close()
+    except OSError:
+        pass
+    finally:
+        part.unlink(missing_ok=True)  # the partial file's space is given back
 
 
 def _already_saved(directory: Path, name: str, size: int, head: bytes) -> Path | None:

@@ -12,18 +12,22 @@ from pathlib import Path
 import pytest
 from test_cli import EXAMPLES, _env, cli, results, text_job, write_jsonl
 
+from kling_async.testing import video_bytes
+
 POSIX = pytest.mark.skipif(sys.platform == "win32", reason="POSIX signals and /dev/full")
 
 
-def interrupt_after(command: list[str], out: Path, lines: int) -> tuple[int, str]:
-    """Run ``command``; Ctrl-C it once ``out`` has ``lines`` lines; its status and stderr."""
+def interrupt_after(
+    command: list[str], out: Path, lines: int, sig: int = signal.SIGINT
+) -> tuple[int, str]:
+    """Run ``command``; Ctrl-C (``sig``) it once ``out`` has ``lines`` lines; status, stderr."""
     env = _env(KLING_ASYNC_SANDBOX_DURATION="0.3")
     with subprocess.Popen(command, env=env, stderr=subprocess.PIPE, text=True) as process:
         deadline = time.monotonic() + 20
         while not (out.exists() and out.read_text().count("\n") >= lines):
             assert time.monotonic() < deadline and process.poll() is None
             time.sleep(0.05)
-        process.send_signal(signal.SIGINT)
+        process.send_signal(sig)
         _, stderr = process.communicate(timeout=20)
     return process.returncode, stderr
 
@@ -48,6 +52,26 @@ def test_ctrl_c_without_a_journal_names_the_paid_tasks_still_running(tmp_path: P
         assert "--journal" in note
     else:
         assert notes == []
+
+
+@POSIX
+def test_sigterm_stops_a_run_as_cleanly_as_ctrl_c(tmp_path: Path) -> None:
+    out, summary, videos = tmp_path / "results.jsonl", tmp_path / "s.json", tmp_path / "v"
+    command = run_command("--out", str(out), "--sandbox", "--max-in-flight", "3")
+    command += ["--summary-json", str(summary), "--download", str(videos)]
+    status, stderr = interrupt_after(command, out, 2, signal.SIGTERM)
+    assert status == 143, stderr
+    assert stderr.strip().splitlines()[-1] == "kling-async: terminated"
+    stopped = json.loads(summary.read_text())
+    assert stopped["exit_status"] == 143
+    running = stopped["running_task_ids"]
+    if running:  # the paid tasks left running are named (no journal keeps them)
+        assert "(paid for) will not be reported: " + " ".join(running) in stderr
+    saved = results(out)
+    assert 2 <= len(saved) < 20 and all(line["ok"] for line in saved)
+    # Every video reported is whole, and no partial download is left behind.
+    assert all(Path(line["path"]).read_bytes() == video_bytes(line["task_id"]) for line in saved)
+    assert [p.name for p in videos.iterdir() if p.name.startswith(".")] == []
 
 
 @POSIX

@@ -3,7 +3,9 @@ written here for what a CDN may do (ignore Range, drop the connection, lie about
 
 from __future__ import annotations
 
+import json
 import os
+import sys
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
@@ -307,6 +309,43 @@ async def test_too_many_bytes_is_a_size_mismatch(
     assert listing(tmp_path) == []
 
 
+async def test_a_resume_answered_from_a_file_of_another_size_starts_over(
+    host_factory: HostFactory, client: ka.KlingClient, tmp_path: Path
+) -> None:
+    # The host's file changed between the attempts: its tail does not go after our bytes.
+    other = bytes(reversed(BODY)) + b"longer"
+
+    async def handler(request: web.Request, n: int) -> web.StreamResponse:
+        if n == 0:
+            return await cut(request, BODY, 100_000)
+        start = start_of(request)
+        headers = {"Content-Range": f"bytes {start}-{len(other) - 1}/{len(other)}"}
+        return web.Response(status=206, body=other[start:], headers=headers)
+
+    host = await host_factory(handler)
+    path = await client.download(result(host.url(), "changed"), tmp_path)
+    assert path.read_bytes() == other  # the new file whole, not two files spliced
+    assert "Range" not in host.headers[-1]
+
+
+async def test_an_empty_body_is_no_video(
+    host_factory: HostFactory, client: ka.KlingClient, tmp_path: Path
+) -> None:
+    async def handler(request: web.Request, n: int) -> web.StreamResponse:
+        if n == 0:
+            return web.Response(body=b"", content_type="video/mp4")  # Content-Length: 0
+        return await whole(request, n)
+
+    host = await host_factory(handler)
+    path = await client.download(result(host.url(), "late"), tmp_path)
+    assert path.read_bytes() == BODY and len(host.headers) == 2
+    always = await host_factory(lambda request, n: handler(request, 0))
+    with pytest.raises(ka.DownloadError, match="empty body") as caught:
+        await client.download(result(always.url(), "never"), tmp_path)
+    assert caught.value.retryable and listing(tmp_path) == ["late.mp4"]
+    assert len(always.headers) == FAST_RETRY.max_attempts
+
+
 async def test_expired_url_is_not_retried(
     host_factory: HostFactory, client: ka.KlingClient, tmp_path: Path
 ) -> None:
@@ -335,6 +374,34 @@ async def test_server_errors_are_retried(
     host = await host_factory(handler)
     path = await client.download(result(host.url(), "flaky"), tmp_path)
     assert path.read_bytes() == BODY and len(host.headers) == 3
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="POSIX file-size limit")
+async def test_a_full_disk_is_one_line_naming_the_folder_and_leaves_no_partial_file(
+    host_factory: HostFactory, tmp_path: Path
+) -> None:
+    async def trickle(request: web.Request, n: int) -> web.StreamResponse:
+        # Small pieces, as a slow link brings them: the write that fails is a buffered one.
+        response = web.StreamResponse(headers={"Content-Length": str(len(BODY))})
+        await response.prepare(request)
+        for start in range(0, len(BODY), 1000):
+            await response.write(BODY[start : start + 1000])
+            await anyio.sleep(0.001)
+        return response
+
+    host = await host_factory(trickle)
+    folder = tmp_path / "videos"
+    folder.mkdir()
+    # The disk "fills up" 100 kB into the video (past the first 64 KiB, written at once).
+    worker = Path(__file__).with_name("limited_download.py")
+    done = await anyio.run_process(
+        [sys.executable, str(worker), host.url(), str(folder), "100000"], check=False
+    )
+    assert done.returncode == 0, done.stderr.decode()
+    outcome = json.loads(done.stdout)
+    assert outcome["error_type"] == "LocalWriteError"
+    assert outcome["error"] == f"cannot save t1.mp4 in {folder}: File too large"
+    assert listing(folder) == []  # the space the partial file took is given back
 
 
 async def test_downloads_at_once_are_bounded(host_factory, tmp_path: Path) -> None:

@@ -4,7 +4,7 @@
 ``status`` looks tasks up; ``estimate`` says what a job file will cost; ``fake-server`` serves
 the sandbox.  Exit status: 0 when every job
 succeeded, 1 when some failed, 2 for usage errors and fatal account errors (bad key, no
-balance), 130 when interrupted.
+balance), 130 when interrupted (143 when terminated).
 """
 
 from __future__ import annotations
@@ -15,13 +15,13 @@ import math
 import sys
 import traceback
 from collections.abc import Callable, Sequence
-from typing import Any, NoReturn, TypeVar
+from typing import Any, NoReturn, TextIO, TypeVar, cast
 
 from .._errors import AuthenticationError, KlingError
 from ._connect import CliError, add_connection_options
 from ._estimate import add_estimate_options
 from ._journal_args import add_results_command, add_status_journal_option
-from ._logs import LOG_FORMATS, configure_logging
+from ._logs import LOG_FORMATS, TolerantStream, configure_logging
 from ._sandbox import TASK_LIMIT
 
 # Start-up: building the parser imports only argparse and the light modules above, so that
@@ -36,7 +36,8 @@ EPILOG = """\
 Keys come from --api-key or the environment: KLING_API_KEY (a Bearer key, every dialect), or
 KLING_ACCESS_KEY + KLING_SECRET_KEY (the official API's JWT). Exit status: 0 when every job
 succeeded (with --journal: every job of the journal, earlier runs' included), 1 when some
-failed, 2 on usage, local file or fatal account errors, 130 when interrupted (Ctrl-C).
+failed, 2 on usage, local file or fatal account errors, 130 when interrupted (Ctrl-C), 143 when
+stopped by SIGTERM (both clean stops).
 First run: kling-async run examples/jobs.jsonl --out results.jsonl --sandbox"""
 
 
@@ -312,14 +313,27 @@ def _fail(message: str) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; returns the exit status."""
     args = build_parser().parse_args(argv)
+    stderr = sys.stderr
+    # What goes to stderr is for a human: a stderr that fails (a closed pipe, a full disk
+    # under the log) must not stop a run in the middle.
+    sys.stderr = cast(TextIO, TolerantStream(stderr))
+    try:
+        return _main(args)
+    finally:
+        sys.stderr = stderr
+
+
+def _main(args: argparse.Namespace) -> int:
     configure_logging(PROG, verbose=args.verbose, log_format=args.log_format)
     try:
         status: int = args.handler(args)
     except CliError as exc:
         return _fail(str(exc))
-    except KeyboardInterrupt:
-        print(f"{PROG}: interrupted", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as exc:
+        from ._interrupt import exit_status, stop_word  # (anyio: imported by the command)
+
+        print(f"{PROG}: {stop_word(exc)}", file=sys.stderr)
+        return exit_status(exc)
     except KlingError as exc:
         if args.verbose:
             traceback.print_exc()

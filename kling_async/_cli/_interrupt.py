@@ -7,6 +7,11 @@ and exit status 1 instead of "interrupted" and 130).  :func:`run` therefore take
 with a signal receiver in the loop: the work is cancelled (its ``finally`` blocks and context
 managers run as usual) and :class:`Interrupted` is raised once it has stopped.  A second Ctrl-C
 while the work winds down is Python's own ``KeyboardInterrupt``.
+
+SIGTERM (what ``kill``, ``timeout``, systemd and container runtimes send to stop a process) is
+taken the same way: without it the process would die on the spot, leaving paid tasks that no
+journal records unnamed and no ``--summary-json``.  Its exit status is 143 (128 + 15), as a
+shell reports a process SIGTERM ended; a second SIGTERM while winding down ends it at once.
 """
 
 from __future__ import annotations
@@ -19,21 +24,34 @@ import anyio
 
 from . import _loop
 
-__all__ = ["Interrupted", "run"]
+__all__ = ["Interrupted", "exit_status", "run", "stop_word"]
 
 T = TypeVar("T")
 
 
 class Interrupted(KeyboardInterrupt):
-    """Ctrl-C stopped the work; raised once it has unwound."""
+    """Ctrl-C (or SIGTERM: ``signum``) stopped the work; raised once it has unwound."""
+
+    def __init__(self, signum: int = signal.SIGINT) -> None:
+        super().__init__()
+        self.signum = signum
+
+
+def exit_status(interrupt: KeyboardInterrupt) -> int:
+    """The exit status of a run stopped by ``interrupt``: 130 for Ctrl-C, 143 for SIGTERM."""
+    return 128 + int(getattr(interrupt, "signum", signal.SIGINT))
+
+
+def stop_word(interrupt: KeyboardInterrupt) -> str:
+    """What a stop by ``interrupt`` is called: ``"interrupted"`` or ``"terminated"``."""
+    return "terminated" if exit_status(interrupt) == 128 + signal.SIGTERM else "interrupted"
 
 
 def run(func: Callable[..., Awaitable[T]], *args: Any) -> T:
     """``func(*args)`` on the command's loop (:mod:`._loop`); :class:`Interrupted` on Ctrl-C."""
-    interrupted = False
+    interrupted: int | None = None  # the signal that stopped the work
 
     async def main() -> T:
-        nonlocal interrupted
         done: list[T] = []
         failed: list[Exception] = []
         async with anyio.create_task_group() as group:
@@ -41,9 +59,9 @@ def run(func: Callable[..., Awaitable[T]], *args: Any) -> T:
             async def watch() -> None:
                 nonlocal interrupted
                 try:
-                    with anyio.open_signal_receiver(signal.SIGINT) as signals:
-                        async for _ in signals:
-                            interrupted = True
+                    with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+                        async for signum in signals:
+                            interrupted = signum
                             group.cancel_scope.cancel()
                             return
                 except NotImplementedError:  # Windows: anyio.run's own Ctrl-C handling stays
@@ -60,8 +78,8 @@ def run(func: Callable[..., Awaitable[T]], *args: Any) -> T:
                 group.cancel_scope.cancel()  # the watcher is done too
         if failed:
             raise failed[0]
-        if interrupted or not done:
-            raise Interrupted
+        if interrupted is not None or not done:
+            raise Interrupted(interrupted or signal.SIGINT)
         return done[0]
 
     return _loop.run(main)

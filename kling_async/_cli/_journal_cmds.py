@@ -9,9 +9,11 @@ and for a shared journal the account's slots and the workers with their leases.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import json
 import sys
+from pathlib import Path
 from typing import Any, TextIO
 
 import anyio
@@ -20,6 +22,7 @@ from .._results import JobResult, TaskState
 from ..journal import check_target
 from ..journal._export import JournalStatus, job_state, read_jobs, read_status
 from ._connect import CliError
+from ._output import same_file
 from ._run import result_line
 
 __all__ = ["journal_status_command", "results_command"]
@@ -35,13 +38,24 @@ def _target(text: str) -> str:
 
 def results_command(args: argparse.Namespace) -> int:
     """Print one line per job of the journal; 0 (the export itself worked)."""
-    jobs = anyio.run(read_jobs, _target(args.journal))
+    journal = _target(args.journal)
+    if args.out != "-" and "://" not in journal and same_file(Path(args.out), Path(journal)):
+        # Opened for writing, the journal would be emptied: its tasks paid for again.
+        raise CliError(f"--out {args.out} is the journal itself: give the export its own file")
+    jobs = anyio.run(read_jobs, journal)
     lines = [_line(job.key, job.result, job_state(job), job) for job in jobs]
     if args.out == "-":
         _write(sys.stdout, lines, args.format)
-    else:
+        return 0
+    try:
         with open(args.out, "w", encoding="utf-8", newline="") as out:
             _write(out, lines, args.format)
+    except OSError as exc:
+        # (A full disk): no file cut short that looks like the whole export.
+        with contextlib.suppress(OSError):
+            if Path(args.out).is_file():
+                Path(args.out).unlink()
+        raise CliError(f"cannot write {args.out}: {exc.strerror or exc}") from None
     return 0
 
 

@@ -10,8 +10,9 @@ from __future__ import annotations
 import json
 import logging
 from datetime import datetime, timezone
+from typing import Any, TextIO
 
-__all__ = ["LOG_FORMATS", "JsonFormatter", "configure_logging"]
+__all__ = ["LOG_FORMATS", "JsonFormatter", "TolerantStream", "configure_logging"]
 
 LOG_FORMATS = ("text", "json")
 
@@ -53,3 +54,36 @@ def configure_logging(prog: str, *, verbose: bool, log_format: str = "text") -> 
     logger.setLevel(logging.DEBUG if verbose else logging.WARNING)
     logger.addHandler(handler)
     logger.propagate = False
+
+
+class TolerantStream:
+    """A stream (stderr) that falls silent once it cannot be written, instead of raising.
+
+    Progress lines, notes and log records are for a human: a closed pipe (a log shipper that
+    died, ``| head``) or a full disk under the log must not stop a batch of paid tasks in the
+    middle, nor keep its results file, summary and exit status from being written.
+    """
+
+    def __init__(self, stream: TextIO) -> None:
+        self.stream = stream
+        self.broken = False
+
+    def write(self, text: str) -> int:
+        """Write ``text``; once a write has failed, drop it."""
+        if not self.broken:
+            try:
+                return self.stream.write(text)
+            except (OSError, ValueError):  # (ValueError: the stream was closed)
+                self.broken = True
+        return len(text)
+
+    def flush(self) -> None:
+        """Flush, unless the stream is broken."""
+        if not self.broken:
+            try:
+                self.stream.flush()
+            except (OSError, ValueError):
+                self.broken = True
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.stream, name)

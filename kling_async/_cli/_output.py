@@ -3,18 +3,23 @@
 :func:`check_paths` looks at every local path a run will write before anything is sent (and
 before the sandbox starts), so that a typo costs nothing.  :class:`ResultWriter` appends one JSON
 line per result; when a write fails in mid-run (a full disk) it raises :class:`OutputError`
-naming the path, after printing the line on stdout so that the paid result is not lost.
+naming the path, after printing the line on stdout so that the paid result is not lost.  A
+results file never keeps half a line: a failed write is cut off again, and a file that ends
+in one anyway (a crash in mid-write) gets a line break before the next run appends, so that
+no result line of that run is glued to it.
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
+import os
+import stat
 import sys
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any, Protocol
 
 from .._results import JobResult, returned_fields
 from ._connect import CliError
@@ -26,6 +31,7 @@ __all__ = [
     "count_note",
     "open_out",
     "result_line",
+    "same_file",
 ]
 
 
@@ -56,11 +62,67 @@ def result_line(result: JobResult, line: int | None = None) -> dict[str, Any]:
     }
 
 
-class ResultWriter:
-    """Appends one JSON line per result and flushes it, so a crash keeps what was done."""
+class LineSink(Protocol):
+    """Where result lines go: the results file, or stdout."""
 
-    def __init__(self, stream: TextIO, lines: dict[str, int], shown: str) -> None:
-        self.stream = stream
+    #: Whether the lines go to stdout (then a failed line cannot be shown there instead).
+    is_stdout: bool
+
+    def write_line(self, text: str) -> None:
+        """Write ``text`` (one line, with its line break) whole, or raise :class:`OSError`."""
+
+
+class _Stdout:
+    is_stdout = True
+
+    def write_line(self, text: str) -> None:
+        sys.stdout.write(text)
+        sys.stdout.flush()
+
+
+class _AppendFile:
+    """A results file opened for appending, written one whole line at a time, unbuffered."""
+
+    is_stdout = False
+
+    def __init__(self, path: str) -> None:
+        flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | getattr(os, "O_BINARY", 0)
+        self._fd = os.open(path, flags, 0o666)
+        # A pipe or a device has no end to cut back to, nor a last line to finish.
+        self._regular = stat.S_ISREG(os.fstat(self._fd).st_mode)
+        if self._regular and not _ends_a_line(path):
+            try:
+                self._write(b"\n")  # half a line left by a crash: it stays one line of its own
+            except OSError:
+                os.close(self._fd)
+                raise
+
+    def write_line(self, text: str) -> None:
+        start = os.lseek(self._fd, 0, os.SEEK_END) if self._regular else None
+        try:
+            self._write(text.encode("utf-8"))
+        except OSError:
+            # No half line left behind (a full disk takes what fits): the next run appends
+            # whole lines after whole lines.
+            if start is not None:
+                with contextlib.suppress(OSError):
+                    os.ftruncate(self._fd, start)
+            raise
+
+    def _write(self, data: bytes) -> None:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(self._fd, view) :]
+
+    def close(self) -> None:
+        os.close(self._fd)
+
+
+class ResultWriter:
+    """Appends one JSON line per result, written through at once, so a crash keeps what was done."""
+
+    def __init__(self, sink: LineSink, lines: dict[str, int], shown: str) -> None:
+        self.sink = sink
         self.lines = lines
         self.shown = shown
         self.written = 0
@@ -70,43 +132,74 @@ class ResultWriter:
         record = result_line(result, line if line is not None else self.lines.get(result.key))
         text = json.dumps(record, ensure_ascii=False) + "\n"
         try:
-            self.stream.write(text)
-            self.stream.flush()
+            self.sink.write_line(text)
         except OSError as exc:
-            if self.stream is not sys.stdout:
-                print(text, end="", flush=True)  # the paid result reaches the screen at least
+            shown = False
+            if not self.sink.is_stdout:
+                # The paid result reaches the screen at least (when stdout can take it).
+                with contextlib.suppress(OSError):
+                    print(text, end="", flush=True)
+                    shown = True
+            if shown:
+                where = f" ({result.key}'s line is on stdout)"
+            else:  # the task id at least, on stderr: a paid result is found again by it
+                where = f" ({result.key}'s task: {result.task_id}; see `kling-async status`)"
             raise OutputError(
-                f"cannot write results to {self.shown}: {exc.strerror or exc}"
-                + ("" if self.stream is sys.stdout else f" ({result.key}'s line is on stdout)")
+                f"cannot write results to {self.shown}: {exc.strerror or exc}{where}"
             ) from None
         self.written += 1
 
 
 @contextlib.contextmanager
-def open_out(path: str) -> Iterator[TextIO]:
-    """The results stream: stdout for ``-``, else ``path`` opened for appending."""
+def open_out(path: str) -> Iterator[LineSink]:
+    """Where results go: stdout for ``-``, else ``path`` opened for appending."""
     if path == "-":
-        yield sys.stdout
+        yield _Stdout()
         return
     try:
-        # Not a `with` here: an OSError while writing is no "cannot open".
-        stream = Path(path).open("a", encoding="utf-8")  # noqa: SIM115
+        sink = _AppendFile(path)
     except OSError as exc:
         raise CliError(f"cannot open {path} for results: {exc.strerror or exc}") from None
     try:
-        yield stream
+        yield sink
     finally:
-        with contextlib.suppress(OSError):  # a full disk fails the last flush again
-            stream.close()
+        sink.close()
+
+
+def _ends_a_line(path: str) -> bool:
+    """Whether the file at ``path`` is empty or ends with a line break (unreadable: say yes)."""
+    try:
+        with open(path, "rb") as existing:
+            if existing.seek(0, os.SEEK_END) == 0:
+                return True
+            existing.seek(-1, os.SEEK_END)
+            return existing.read(1) == b"\n"
+    except OSError:
+        return True
 
 
 def check_paths(
-    out: str, download: str | None, journal: str | None, summary: str | None = None
+    out: str,
+    download: str | None,
+    journal: str | None,
+    summary: str | None = None,
+    jobs: str | None = None,
 ) -> int:
     """Raise :class:`CliError` for a path the run could not write; return --out's line count.
 
-    Nothing is created but the download folder (which the run would create anyway).
+    Nothing is created but the download folder (which the run would create anyway).  Two of
+    the files (and the job file ``jobs``) may not be one: results appended to the job file are
+    read back as jobs without end, and a results or summary file written over the journal
+    destroys it (a rerun would then pay for every job again).
     """
+    _distinct(
+        {
+            "JOBS": jobs,
+            "--out": out if out != "-" else None,
+            "--journal": journal if journal is not None and "://" not in journal else None,
+            "--summary-json": summary,
+        }
+    )
     lines = 0
     if out != "-":
         target = Path(out)
@@ -137,6 +230,31 @@ def check_paths(
         # SQLite writes its -wal and -shm files beside the journal.
         _check_folder(target.parent, f"--journal {journal}")
     return lines
+
+
+def _distinct(paths: dict[str, str | None]) -> None:
+    """Raise :class:`CliError` when two of ``paths`` (option -> path) name the same file."""
+    seen: list[tuple[str, str, Path]] = []
+    for option, path in paths.items():
+        if path is None:
+            continue
+        where = Path(path)
+        for other, other_path, other_where in seen:
+            if same_file(where, other_where):
+                raise CliError(
+                    f"{option} {path} is the same file as {other} {other_path}: give each its own"
+                )
+        seen.append((option, path, where))
+
+
+def same_file(a: Path, b: Path) -> bool:
+    """Whether ``a`` and ``b`` name one file (links and different spellings alike)."""
+    try:
+        if a.exists() and b.exists():
+            return os.path.samefile(a, b)
+        return a.resolve() == b.resolve()
+    except OSError:
+        return False
 
 
 def _check_folder(folder: Path, what: str) -> None:

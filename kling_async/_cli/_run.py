@@ -14,6 +14,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import anyio
+import anyio.lowlevel
 import attrs
 
 from .._budget import Budget
@@ -74,7 +75,7 @@ def run_command(args: argparse.Namespace) -> int:
     # Keys first: a missing key should not wait for a long file to be checked; then every path
     # the run writes, before anything is sent or started.
     creds = sandbox_credentials() if args.sandbox else credentials(args, os.environ)
-    lines = check_paths(args.out, args.download, args.journal, args.summary_json)
+    lines = check_paths(args.out, args.download, args.journal, args.summary_json, args.jobs)
     found = survey(jobs)
     if found.problems:
         _report_problems(jobs, found, args.skip_invalid)
@@ -92,7 +93,8 @@ def run_command(args: argparse.Namespace) -> int:
         except BaseException as exc:
             progress.close(summary=False)  # the error says what happened, not the counts
             _stopped(run, exc)
-            _summary_json(args, tally, 130 if isinstance(exc, KeyboardInterrupt) else 2, run)
+            stopped = _interrupt.exit_status(exc) if isinstance(exc, KeyboardInterrupt) else 2
+            _summary_json(args, tally, stopped, run)
             raise
         progress.close()
     failed = tally.failed + len(found.problems)
@@ -261,6 +263,8 @@ class _Run:
                     refused = self._refused(record, job)
                     self.progress.job_finished(refused)
                     self._write(refused, record.line)
+                    # A yield each: a file gone bad in mid-run must not keep Ctrl-C waiting.
+                    await anyio.lowlevel.checkpoint()
                     continue
                 yield job
         finally:
