@@ -45,6 +45,15 @@ def kling_client(server: FakeKlingServer, **options: Any) -> ka.KlingClient:
     return ka.KlingClient.kling(api_key=API_KEY, base_url=server.url, **options)
 
 
+#: The fake server's sandbox JWT credentials (``ka.KlingClient.kling(**JWT, ...)``).
+JWT = {"access_key": "ak-sandbox", "secret_key": "sk-sandbox-secret-for-hs256-tokens"}
+
+
+def jwt_client(server: FakeKlingServer, **options: Any) -> ka.KlingClient:
+    """An official client of ``server`` signing its requests with the sandbox JWT credentials."""
+    return ka.KlingClient.kling(**{**JWT, **options}, base_url=server.url)
+
+
 def dmx_client(server: FakeKlingServer, **options: Any) -> ka.KlingClient:
     options.setdefault("poll", FAST_POLL)
     options.setdefault("retry", FAST_RETRY)

@@ -17,6 +17,7 @@ from helpers import (
     apimodels_client,
     audio_job,
     dmx_client,
+    jwt_client,
     kling_client,
     requests_sent,
     text_job,
@@ -307,12 +308,7 @@ async def test_leaving_a_track_stops_following_every_task() -> None:
 
 async def test_jwt_batch() -> None:
     async with FakeKlingServer(task_duration=0.01) as server:
-        client = ka.KlingClient.kling(
-            access_key="ak-sandbox",
-            secret_key="sk-sandbox-secret-for-hs256-tokens",
-            base_url=server.url,
-            poll=FAST_POLL,
-        )
+        client = jwt_client(server, poll=FAST_POLL)
         async with client:
             results = await collect(client, [text_job(n) for n in range(10)])
     assert all(r.ok for r in results)

@@ -16,6 +16,7 @@ from helpers import (
     apimodels_client,
     audio_job,
     dmx_client,
+    jwt_client,
     kling_client,
     requests_sent,
     text_job,
@@ -59,13 +60,7 @@ async def test_dmxapi_keeps_the_kling_prefix() -> None:
 
 async def test_jwt_credentials_are_accepted() -> None:
     async with FakeKlingServer(task_duration=0.02) as server:
-        client = ka.KlingClient.kling(
-            access_key="ak-sandbox",
-            secret_key="sk-sandbox-secret-for-hs256-tokens",
-            base_url=server.url,
-            poll=FAST_POLL,
-            retry=FAST_RETRY,
-        )
+        client = jwt_client(server, poll=FAST_POLL, retry=FAST_RETRY)
         async with client:
             snap = await client.submit(text_job(1))
             done = await wait_terminal(client, snap.task_id)
@@ -187,11 +182,7 @@ async def test_caller_owned_session_is_left_open() -> None:
 async def test_secrets_stay_out_of_reprs_and_logs(caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.DEBUG, logger="kling_async")
     async with FakeKlingServer(task_duration=0.01) as server:
-        client = ka.KlingClient.kling(
-            access_key="ak-sandbox",
-            secret_key="sk-sandbox-secret-for-hs256-tokens",
-            base_url=server.url,
-        )
+        client = jwt_client(server)
         async with client:
             await client.submit(text_job(1))
         text = repr(client) + repr(client._requester.transport._credentials) + caplog.text
@@ -236,12 +227,7 @@ async def test_a_refused_token_is_reminted_and_retried_once() -> None:
     # The official API now and then refuses a correct token ("signature invalid", 1004):
     # a fresh JWT and one retry fix it (docs/protocol.md, JWT auth).
     async with FakeKlingServer(task_duration=0.01) as server:
-        client = ka.KlingClient.kling(
-            access_key="ak-sandbox",
-            secret_key="sk-sandbox-secret-for-hs256-tokens",
-            base_url=server.url,
-            retry=ka.RetryPolicy(max_attempts=1),
-        )
+        client = jwt_client(server, retry=ka.RetryPolicy(max_attempts=1))
         async with client:
             server.script("submit", status=401, code=1004, message="signature invalid")
             snap = await client.submit(text_job(1))
@@ -263,12 +249,8 @@ async def test_a_clock_ahead_of_the_servers_is_cured_by_the_reminted_token() -> 
     import time
 
     async with FakeKlingServer(task_duration=0.01) as server:
-        client = ka.KlingClient.kling(
-            access_key="ak-sandbox",
-            secret_key="sk-sandbox-secret-for-hs256-tokens",
-            base_url=server.url,
-            retry=ka.RetryPolicy(max_attempts=1),
-            clock=lambda: time.time() + 20,
+        client = jwt_client(
+            server, retry=ka.RetryPolicy(max_attempts=1), clock=lambda: time.time() + 20
         )
         async with client:
             snap = await client.submit(text_job(1))

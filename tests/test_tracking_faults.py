@@ -6,64 +6,17 @@ so that the tracker meets them in a real batch.
 
 from __future__ import annotations
 
-import json
-from collections.abc import Callable
-
-import aiohttp
 import anyio
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 from helpers import API_KEY, FAST_RETRY, kling_client, text_job
+from proxy import proxy_app
 
 import kling_async as ka
 from kling_async.testing import FakeKlingServer
 
 pytestmark = pytest.mark.anyio
-
-Rewrite = Callable[[web.Request, bytes, dict[str, object]], None]
-
-
-def proxy_app(target: str, rewrite: Rewrite, page_size: int | None = None) -> web.Application:
-    """Forward every request to ``target``; JSON answers pass through ``rewrite`` first.
-
-    With ``page_size`` list requests ask for pages of that size, whatever the client asked
-    (a gateway with a page size of its own).
-    """
-    session: list[aiohttp.ClientSession] = []
-
-    async def forward(request: web.Request) -> web.Response:
-        if not session:
-            session.append(aiohttp.ClientSession())
-        headers = {k: v for k, v in request.headers.items() if k.lower() == "authorization"}
-        body = await request.read()
-        url = target + request.path_qs
-        if page_size is not None and "pageSize" in request.query:
-            url = str(request.rel_url.update_query(pageSize=str(page_size)))
-            url = target + url
-        async with session[0].request(
-            request.method,
-            url,
-            data=body or None,
-            headers={**headers, "Content-Type": "application/json"} if body else headers,
-        ) as answer:
-            raw = await answer.read()
-            status = answer.status
-        try:
-            decoded = json.loads(raw)
-        except ValueError:
-            return web.Response(body=raw, status=status)
-        rewrite(request, body, decoded)
-        return web.json_response(decoded, status=status)
-
-    async def close(app: web.Application) -> None:
-        if session:
-            await session[0].close()
-
-    app = web.Application()
-    app.router.add_route("*", "/{tail:.*}", forward)
-    app.on_cleanup.append(close)
-    return app
 
 
 async def test_one_unreadable_list_row_fails_no_other_task() -> None:

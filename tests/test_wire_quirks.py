@@ -5,13 +5,10 @@ where lists are expected).
 
 from __future__ import annotations
 
-import aiohttp
 import anyio
 import pytest
 from aiohttp import web
-from aiohttp.test_utils import TestServer
-from helpers import API_KEY, FAST_RETRY
-from test_tracking_faults import proxy_app
+from proxy import proxy_app, run_through
 
 import kling_async as ka
 from kling_async.testing import FakeKlingServer, FaultPlan
@@ -49,13 +46,9 @@ async def test_apimodels_figures_sent_as_strings_do_not_lose_the_video() -> None
 
     jobs = [_apimodels_job(n) for n in range(3)]
     async with FakeKlingServer(task_duration=0.05) as fake:
-        async with TestServer(proxy_app(fake.url, stringify)) as proxy:
-            url = str(proxy.make_url("")).rstrip("/")
-            async with ka.KlingClient.apimodels(
-                api_key=API_KEY, base_url=url, poll=POLL, retry=FAST_RETRY
-            ) as client:
-                with anyio.fail_after(20):
-                    results = {r.key: r async for r in client.run_batch(jobs)}
+        app = proxy_app(fake.url, stringify)
+        got = await run_through(fake, app, jobs, make=ka.KlingClient.apimodels, poll=POLL)
+    results = {r.key: r for r in got}
     assert len(results) == 3
     for result in results.values():
         assert result.ok, (result.key, result.state.value, str(result.error))
@@ -92,15 +85,9 @@ async def test_failed_tasks_with_null_videos_fail_at_once(list_queries: bool) ->
     ]
     faults = FaultPlan(task_failure_rate=1.0)
     async with FakeKlingServer(task_duration=0.05, faults=faults) as fake:
-        async with TestServer(proxy_app(fake.url, _null_videos)) as proxy:
-            url = str(proxy.make_url("")).rstrip("/")
-            async with ka.KlingClient.kling(
-                api_key=API_KEY, base_url=url, poll=poll, retry=FAST_RETRY
-            ) as client:
-                with anyio.fail_after(20):
-                    started = anyio.current_time()
-                    results = [r async for r in client.run_batch(jobs)]
-                    took = anyio.current_time() - started
+        started = anyio.current_time()
+        results = await run_through(fake, proxy_app(fake.url, _null_videos), jobs, poll=poll)
+        took = anyio.current_time() - started
     assert len(results) == 4
     for result in results:
         assert result.state is ka.TaskState.FAILED, (result.key, result.state, result.error)
@@ -124,13 +111,8 @@ async def test_identify_face_with_null_face_data_fails_the_job_without_lip_sync(
         key="k1",
     )
     async with FakeKlingServer(task_duration=0.05) as fake:
-        async with TestServer(proxy_app(fake.url, no_faces)) as proxy:
-            url = str(proxy.make_url("")).rstrip("/")
-            async with ka.KlingClient.kling(
-                api_key=API_KEY, base_url=url, poll=POLL, retry=FAST_RETRY, advanced=True
-            ) as client:
-                with anyio.fail_after(20):
-                    results = [r async for r in client.run_batch([job])]
+        app = proxy_app(fake.url, no_faces)
+        results = await run_through(fake, app, [job], poll=POLL, advanced=True)
     (result,) = results
     assert result.state is ka.TaskState.FAILED, (result.state, result.error)
     assert "0 faces" in str(result.error)
@@ -161,13 +143,7 @@ async def test_a_submit_answered_with_an_empty_task_id_is_looked_for() -> None:
         for n in range(2)
     ]
     async with FakeKlingServer(task_duration=0.05) as fake:
-        async with TestServer(proxy_app(fake.url, _blank_ids)) as proxy:
-            url = str(proxy.make_url("")).rstrip("/")
-            async with ka.KlingClient.kling(
-                api_key=API_KEY, base_url=url, poll=POLL, retry=FAST_RETRY
-            ) as client:
-                with anyio.fail_after(20):
-                    results = [r async for r in client.run_batch(jobs)]
+        results = await run_through(fake, proxy_app(fake.url, _blank_ids), jobs, poll=POLL)
     assert len(results) == 2
     for result in results:
         assert result.ok and result.adopted, (result.key, result.state, str(result.error))
@@ -178,13 +154,9 @@ async def test_a_submit_answered_with_an_empty_task_id_is_looked_for() -> None:
 async def test_an_apimodels_create_answered_with_an_empty_task_id_ends_its_job_only() -> None:
     """apimodels has no list to look in: the job ends "outcome unknown", as a value."""
     async with FakeKlingServer(task_duration=0.05) as fake:
-        async with TestServer(proxy_app(fake.url, _blank_ids)) as proxy:
-            url = str(proxy.make_url("")).rstrip("/")
-            async with ka.KlingClient.apimodels(
-                api_key=API_KEY, base_url=url, poll=POLL, retry=FAST_RETRY
-            ) as client:
-                with anyio.fail_after(20):
-                    results = [r async for r in client.run_batch([_apimodels_job(1)])]
+        app = proxy_app(fake.url, _blank_ids)
+        jobs = [_apimodels_job(1)]
+        results = await run_through(fake, app, jobs, make=ka.KlingClient.apimodels, poll=POLL)
     (result,) = results
     assert isinstance(result.error, ka.SubmitOutcomeUnknownError), repr(result.error)
     assert fake.tasks_created == 1  # not sent again blindly
@@ -195,33 +167,13 @@ async def test_an_answer_with_a_number_python_cannot_convert_fails_no_batch() ->
     ``json.loads`` raise a plain ValueError, which ended the whole batch with an ExceptionGroup.
     It is a malformed answer now: queried again, and the job ends well."""
     spoilt: list[int] = []
-    session: list[aiohttp.ClientSession] = []
 
-    async def forward(request: web.Request) -> web.Response:
-        if not session:
-            session.append(aiohttp.ClientSession())
-        sent = await request.read()
-        async with session[0].request(
-            request.method,
-            fake_url[0] + request.path_qs,
-            data=sent or None,
-            headers={"Authorization": request.headers["Authorization"]}
-            | ({"Content-Type": "application/json"} if sent else {}),
-        ) as answer:
-            raw, status = await answer.read(), answer.status
+    def huge_number(request: web.Request, raw: bytes) -> bytes:
         if request.method == "GET" and len(spoilt) < 2:
-            spoilt.append(status)
-            raw = raw.replace(b'"created_at":', b'"created_at":1' + b"0" * 5000 + b', "x":', 1)
-        return web.Response(body=raw, status=status, content_type="application/json")
+            spoilt.append(1)
+            return raw.replace(b'"created_at":', b'"created_at":1' + b"0" * 5000 + b', "x":', 1)
+        return raw
 
-    async def close(app: web.Application) -> None:
-        if session:
-            await session[0].close()
-
-    app = web.Application()
-    app.router.add_route("*", "/{tail:.*}", forward)
-    app.on_cleanup.append(close)
-    fake_url: list[str] = []
     jobs = [
         ka.LipSyncJob.from_text(
             video_url=f"https://example.com/clip-{n}.mp4", text="hi", voice_id="v1", key=f"k{n}"
@@ -229,14 +181,7 @@ async def test_an_answer_with_a_number_python_cannot_convert_fails_no_batch() ->
         for n in range(2)
     ]
     async with FakeKlingServer(task_duration=0.05) as fake:
-        fake_url.append(fake.url)
-        async with TestServer(app) as proxy:
-            url = str(proxy.make_url("")).rstrip("/")
-            async with ka.KlingClient.kling(
-                api_key=API_KEY, base_url=url, poll=POLL, retry=FAST_RETRY
-            ) as client:
-                with anyio.fail_after(20):
-                    results = [r async for r in client.run_batch(jobs)]
+        results = await run_through(fake, proxy_app(fake.url, raw=huge_number), jobs, poll=POLL)
     assert len(spoilt) == 2
     assert all(r.ok for r in results), [(r.key, str(r.error)) for r in results]
     assert fake.tasks_created == 2
