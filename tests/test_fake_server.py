@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import io
 import json
 import socket
 import time
 import warnings
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -366,10 +367,17 @@ async def receiver() -> AsyncIterator[tuple[str, list[Any]]]:
         yield str(hook_server.make_url("/hook")), received
 
 
-def closed_port() -> int:
+@contextlib.contextmanager
+def refusing_port() -> Iterator[int]:
+    """A loopback port that refuses connections while the block runs.
+
+    Bound, never listening: a port merely closed again could be picked as the source port of
+    the very connection made to it, which then connects to itself (TCP simultaneous open) and
+    hangs until its time-out instead of being refused (seen once in CI).
+    """
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+        yield int(sock.getsockname()[1])
 
 
 async def wait_for(predicate: Callable[[], bool], seconds: float = 2.0) -> None:
@@ -380,20 +388,24 @@ async def wait_for(predicate: Callable[[], bool], seconds: float = 2.0) -> None:
 
 
 async def test_official_callbacks() -> None:
-    async with receiver() as (hook, received), running(task_duration=0.1) as (server, http):
-        body = {**text_body(), "callback_url": hook}
-        _status, answer = await call(http, "POST", server.url + "/kling" + LIP_SYNC, body)
-        task_id = answer["data"]["task_id"]
-        dead = {**text_body(), "callback_url": f"http://127.0.0.1:{closed_port()}/hook"}
-        assert (await call(http, "POST", server.url + LIP_SYNC, dead))[0] == 200
-        await wait_for(lambda: len(server.callbacks_sent) == 4)
-        assert [c["task_status"] for c in received] == ["processing", "succeed"]
-        assert received[1]["task_id"] == task_id
-        assert received[1]["task_result"]["videos"][0]["url"].endswith(f"/{task_id}.mp4")
-        assert server.callbacks_sent.count((hook, 200)) == 2
-        assert {outcome for url, outcome in server.callbacks_sent if url != hook} == {
-            "ClientConnectorError"
-        }
+    with refusing_port() as refusing:
+        async with receiver() as (hook, received), running(task_duration=0.1) as (server, http):
+            body = {**text_body(), "callback_url": hook}
+            _status, answer = await call(http, "POST", server.url + "/kling" + LIP_SYNC, body)
+            task_id = answer["data"]["task_id"]
+            dead = {**text_body(), "callback_url": f"http://127.0.0.1:{refusing}/hook"}
+            assert (await call(http, "POST", server.url + LIP_SYNC, dead))[0] == 200
+            with anyio.move_on_after(5):  # (4 deliveries take about 0.1 s; what came if not)
+                while len(server.callbacks_sent) < 4:  # noqa: ASYNC110
+                    await asyncio.sleep(0.01)
+            assert len(server.callbacks_sent) == 4, server.callbacks_sent
+            assert [c["task_status"] for c in received] == ["processing", "succeed"]
+            assert received[1]["task_id"] == task_id
+            assert received[1]["task_result"]["videos"][0]["url"].endswith(f"/{task_id}.mp4")
+            assert server.callbacks_sent.count((hook, 200)) == 2
+            assert {outcome for url, outcome in server.callbacks_sent if url != hook} == {
+                "ClientConnectorError"
+            }
 
 
 async def test_forced_finish_reports_each_state_once() -> None:
