@@ -27,7 +27,7 @@ import anyio.lowlevel
 
 from ._backoff import DurationModel, poll_delay, retry_delay
 from ._config import PollPolicy, RetryPolicy
-from ._errors import KlingError, NotFoundError
+from ._errors import KlingError
 from ._http import HttpRequest, HttpResponse
 from ._listing import ListPages
 from ._requester import Requester
@@ -341,9 +341,11 @@ class Tracker:
         if error.fatal:
             self._on_fatal(error)
             return
-        transient = error.retryable or (
-            isinstance(error, NotFoundError) and watch.errors < self._retry.max_attempts
-        )
+        # A query creates nothing, and its task exists and may well succeed: any refusal short
+        # of a fatal one is asked again, RetryPolicy.max_attempts times in all, before the job
+        # fails with it (not found: the server may not show a new task yet; an unexpected code:
+        # a gateway in trouble).  Failing at once lost the video of a task that went on.
+        transient = error.retryable or watch.errors < self._retry.max_attempts
         if not transient:
             watch.ended = -(anyio.current_time() - watch.started)
             self._finish(watch, _failed(watch.task_id, error))

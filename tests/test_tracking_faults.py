@@ -180,3 +180,21 @@ async def test_a_list_route_that_keeps_failing_does_not_time_every_task_out() ->
     assert fake.requests["list"] >= 2  # tried, and tried again
     assert fake.requests["query"] >= 20
     assert took < 4.0  # not the time-out
+
+
+@pytest.mark.parametrize("code", [1999, 1201])
+async def test_a_query_refused_with_an_unexpected_code_is_asked_again(code: int) -> None:
+    """A status query answered with a code the client does not expect there (an unknown one, or
+    a parameter error from a gateway in trouble) failed the job at once, though its task was
+    created and paid for and went on to succeed: a video lost.  It is asked again, as long as
+    RetryPolicy.max_attempts allows, and the job ends with the video."""
+    poll = ka.PollPolicy(first_delay=0.01, max_interval=0.03, list_queries=False, timeout=5.0)
+    async with FakeKlingServer(task_duration=0.05) as server:
+        server.script("query", status=400, code=code, message="unexpected", times=3)
+        async with kling_client(server, poll=poll) as client:
+            with anyio.fail_after(10):
+                results = [r async for r in client.run_batch([text_job(1)])]
+    (result,) = results
+    assert result.ok, (result.state, result.error)
+    assert server.tasks_created == 1
+    assert server.requests["query"] >= 4
