@@ -143,7 +143,7 @@ class Batch:
 
     def running_task_ids(self) -> tuple[str, ...]:
         """Tasks submitted and not yet reported (after a stop: paid for), videos being saved too."""
-        return (*self._live, *filter(None, self._saving))
+        return (*self._live, *self._saving)
 
     def progress(self) -> BatchProgress:
         """Counts of the batch so far (what a progress display shows)."""
@@ -403,10 +403,11 @@ class Batch:
 
     async def _report(self, result: JobResult) -> None:
         """Save the video where asked, count the result and hand it to the consumer."""
-        saving = ""  # the task id of the video being saved (named if the batch stops meanwhile)
+        saving = None  # the task id of the video being saved (named if the batch stops meanwhile)
         if self._saver is not None and result.ok and result.path is None:
-            saving = result.task_id or ""
-            self._saving[saving] = result.key
+            saving = result.task_id
+            if saving is not None:
+                self._saving[saving] = result.key
             result = await self._saver.save(result, self._emit)
             if result.error is not None:
                 self._unsaved.add(result.key)
@@ -423,7 +424,8 @@ class Batch:
         if self._emit is not None:
             self._emit.finished(result)
         self.pipe.put(result)
-        self._saving.pop(saving, None)
+        if saving is not None:
+            self._saving.pop(saving, None)
 
     async def _track_all(self, task_ids: list[str]) -> None:
         """Track tasks created elsewhere (:func:`~._tracking.track_all`), reporting each end."""

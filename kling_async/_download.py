@@ -19,6 +19,7 @@ and apimodels.app), so a batch saves each video while its URL still works.  A do
 
 from __future__ import annotations
 
+import contextlib
 import filecmp
 import logging
 import os
@@ -408,14 +409,11 @@ def writable_folder(directory: Path) -> None:
 
 
 def _discard(file: IO[bytes], part: Path) -> None:
-    try:
-        # After a failed write (a full disk) the buffer still holds bytes, and closing fails
-        # to write them again; the file is closed all the same.
+    # After a failed write (a full disk) the buffer still holds bytes, and closing fails to
+    # write them again; the file is closed all the same.
+    with contextlib.suppress(OSError):
         file.close()
-    except OSError:
-        pass
-    finally:
-        part.unlink(missing_ok=True)  # the partial file's space is given back
+    part.unlink(missing_ok=True)  # the partial file's space is given back
 
 
 def _already_saved(directory: Path, name: str, size: int, head: bytes) -> Path | None:

@@ -23,7 +23,7 @@ import attrs
 import cattrs
 
 from .. import _errors
-from .._errors import KlingError
+from .._errors import JournalError, KlingError
 from .._jobs import LipSyncJob
 from .._results import BalanceDeduction, JobResult, TaskSnapshot, TaskState, returned_fields
 
@@ -36,6 +36,7 @@ __all__ = [
     "result_to_json",
     "snapshot_from_json",
     "snapshot_to_json",
+    "unreadable",
 ]
 
 #: What decoding a damaged record (a job's result, a snapshot, a meta value) raises: the
@@ -47,6 +48,12 @@ UNREADABLE: tuple[type[Exception], ...] = (
     AttributeError,
     cattrs.BaseValidationError,
 )
+
+
+def unreadable(name: str, exc: BaseException) -> JournalError:
+    """The :class:`JournalError` for a record of the journal ``name`` that raised ``exc``."""
+    return JournalError(f"journal {name}: unreadable record ({exc!r:.200})")
+
 
 # Bumped if the hashed form of a job ever changes, so old journals refuse instead of mismatching.
 _HASH_VERSION = "kling_async.job.v1"

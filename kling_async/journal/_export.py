@@ -21,7 +21,7 @@ import anyio
 import attrs
 
 from .._errors import JournalError
-from ._codec import UNREADABLE
+from ._codec import UNREADABLE, unreadable
 from ._config import PostgresJournal, is_postgres_url, redact
 from ._sqlite import CREATED, JournalJob, job_from_row
 from ._sqlite_log import fold
@@ -87,8 +87,7 @@ async def read_jobs(target: str | os.PathLike[str] | PostgresJournal) -> list[Jo
     try:
         return [job_from_row(row) for row in rows]
     except UNREADABLE as exc:
-        name = _target_name(target)
-        raise JournalError(f"journal {name}: unreadable record ({exc!r:.200})") from None
+        raise unreadable(_target_name(target), exc) from None
 
 
 async def read_status(target: str | os.PathLike[str] | PostgresJournal) -> JournalStatus:

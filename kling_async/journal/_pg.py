@@ -357,7 +357,9 @@ class PgJournal(ServerFacts):
                 continue
             job = job_from_rows(got.row, got.stages)
             self._jobs[key] = job
-            if not got.slot:
+            if got.slot:
+                self._slotless.discard(key)
+            else:
                 self._slotless.add(key)
             for stage in job.stages.values():
                 if stage.task_id is not None:

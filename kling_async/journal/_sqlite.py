@@ -61,6 +61,7 @@ from ._codec import (
     result_to_json,
     snapshot_from_json,
     snapshot_to_json,
+    unreadable,
 )
 from ._facts import ServerFacts
 from ._sqlite_commit import Committer
@@ -219,7 +220,7 @@ class Journal(ServerFacts):
         except sqlite3.Error as exc:
             raise journal_error(name, exc, writing=True) from None
         except UNREADABLE as exc:  # a change this version cannot read
-            raise JournalError(f"journal {name}: unreadable record ({exc!r:.200})") from None
+            raise unreadable(name, exc) from None
         try:
             return cls(store, rows, stored)
         except BaseException as exc:
@@ -227,7 +228,7 @@ class Journal(ServerFacts):
             with anyio.CancelScope(shield=True):
                 await anyio.to_thread.run_sync(store.close)
             if isinstance(exc, UNREADABLE):  # a record this version cannot read
-                raise JournalError(f"journal {name}: unreadable record ({exc!r:.200})") from None
+                raise unreadable(name, exc) from None
             raise
 
     @property
