@@ -270,6 +270,7 @@ async def test_http_500_fault_comes_before_acting() -> None:
             assert r.content_type == "text/html"
         assert server.tasks_created == 0
         assert server.requests["faulted"] == 1
+        assert server.faults_hit == {"http_500": 1}
 
 
 async def test_faults_change_mid_run_and_queries_break_after_acting() -> None:
@@ -285,12 +286,14 @@ async def test_faults_change_mid_run_and_queries_break_after_acting() -> None:
                 with pytest.raises(json.JSONDecodeError):
                     json.loads(await r.read())
         assert server.tasks_created == 1
+        assert server.faults_hit == {"malformed_json": 2}
         server.faults = FaultPlan(query_error_rate=1.0)
         status, answer = await call(http, "GET", f"{server.url}{LIP_SYNC}/{task_id}")
         assert (status, answer["code"]) == (500, 5000)
         status, answer = await call(http, "GET", f"{server.url}{APIMODELS}?task_id=x")
         assert (status, answer["code"]) == (500, 500)
         await submit(server, http)  # submits are no queries
+        assert server.faults_hit == {"malformed_json": 2, "query_error": 2}
 
 
 async def test_data_as_list() -> None:

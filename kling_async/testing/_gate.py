@@ -106,6 +106,8 @@ class Gate:
     ) -> None:
         self.credentials = credentials
         self.requests: collections.Counter[str] = collections.Counter()
+        #: Injected faults that struck, by FaultPlan knob (``http_500_rate``...).
+        self.faults_hit: collections.Counter[str] = collections.Counter()
         self.account_error: int | None = None
         self._rng = rng
         self._request_id = request_id
@@ -143,12 +145,12 @@ class Gate:
                     request_id=request_id,
                     as_http_200=self.faults.errors_as_http_200,
                 )
-            if route in CREATES_TASK and self._strikes(self.faults.lost_answer_rate):
+            if route in CREATES_TASK and self._strikes(self.faults.lost_answer_rate, "lost_answer"):
                 # After acting: the task exists, its answer broke in transit.
                 self.requests["faulted"] += 1
                 body = response.body
                 return truncated_json(body if isinstance(body, bytes) else b"{}")
-            if kind == "query" and self._strikes(self.faults.malformed_json_rate):
+            if kind == "query" and self._strikes(self.faults.malformed_json_rate, "malformed_json"):
                 # After acting: the query was answered, then its answer broke in transit.
                 self.requests["faulted"] += 1
                 body = response.body
@@ -163,23 +165,26 @@ class Gate:
         queue = self._scripts.get(route)
         if queue:
             raise queue.popleft()
-        if self._strikes(self.faults.http_500_rate):
+        if self._strikes(self.faults.http_500_rate, "http_500"):
             return html_500()
-        if route in CREATES_TASK and self._strikes(self.faults.bad_gateway_rate):
+        if route in CREATES_TASK and self._strikes(self.faults.bad_gateway_rate, "bad_gateway"):
             return html_502()
         self.credentials.check(request.headers.get("Authorization"), allow_jwt=dialect == "kling")
         if self.account_error is not None:
             raise Refusal(self.account_error)
-        if kind == "query" and self._strikes(self.faults.query_error_rate):
+        if kind == "query" and self._strikes(self.faults.query_error_rate, "query_error"):
             return refusal_response(
                 Refusal(5000), dialect, request_id=request_id, as_http_200=False
             )
-        if kind == "submit" and self._strikes(self.faults.malformed_json_rate):
+        if kind == "submit" and self._strikes(self.faults.malformed_json_rate, "malformed_json"):
             # Nothing was created: the answer breaks before the route acts.
             return truncated_json(b'{"code": 0, "message": "SUCCEED", "data": {"task_id": "1')
         return None
 
-    def _strikes(self, rate: float) -> bool:
+    def _strikes(self, rate: float, fault: str) -> bool:
         # Draw only for knobs that are on: with every fault off, the generator serves task
         # durations and failures alone, so those stay the same from run to run.
-        return rate > 0.0 and self._rng.random() < rate
+        if rate > 0.0 and self._rng.random() < rate:
+            self.faults_hit[fault] += 1
+            return True
+        return False

@@ -154,6 +154,16 @@ class FakeKlingServer:
         return self._gate.requests
 
     @property
+    def faults_hit(self) -> collections.Counter[str]:
+        """Injected faults that struck, by kind: ``http_500``, ``bad_gateway``, ``query_error``,
+        ``malformed_json`` and ``lost_answer`` (the :class:`FaultPlan` knobs without ``_rate``).
+
+        Tasks failed by ``task_failure_rate`` are those whose ``reason`` is
+        :data:`CONTENT_POLICY_REASON`.
+        """
+        return self._gate.faults_hit
+
+    @property
     def list_pages(self) -> collections.Counter[int]:
         """List-query pages read, by page number (all stages and dialects together)."""
         return self._account.list_pages

@@ -1,0 +1,674 @@
+"""A seeded fault soak: batches under random faults and kills, checked against the server's record.
+
+    python tests/soak.py --seed 1 --rounds 30 --jobs 300            # SQLite journal
+    python tests/soak.py --seed 1 --rounds 10 --jobs 300 --backend pg
+
+Each round draws, from ``--seed`` and the round number alone (so a failing round can be run
+again with the same numbers), a fault plan for a :class:`~kling_async.testing.FakeKlingServer`
+(HTML 500s, proxy 502s, answers lost after acting, malformed JSON, 5000s on queries, task
+failures, slow answers), task durations, the dialect (official advanced lip-sync, whose
+submits carry external task ids, or basic lip-sync, whose lost submits can only be adopted
+provably), whether jobs share videos, the batch's ``max_in_flight`` and the account's limit.
+
+The server runs in its own process.  ``sqlite``: one worker process (the ``kling-async run``
+command or a small script, drawn per round) runs the batch on a SQLite journal, is SIGKILLed
+0-3 times at random moments and rerun on the same journal until a run completes (sometimes
+with ``--resubmit-unknown``; then sometimes once more with ``--retry-failed``).  ``pg``: 2-3
+workers share a PostgreSQL journal (a throw-away server, tests/pg.py), one is SIGKILLed at a
+random moment, sometimes replaced.
+
+Then the promises are checked against every task the server created (it writes them out
+when it stops): nothing lost (every job was reported by some run), nothing paid twice (at most
+one task per job, unless ``retry_failed`` ran a failed job again or ``resubmit_unknown`` sent
+an unclear submit again), no result that is not the job's own (each reported task was created
+from that job's request, and says what the server says of it), no endless wait (each run ends
+within ``--bound`` seconds).  A violation prints the seed, the round and the evidence, keeps
+the round's files and exits with status 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import collections
+import contextlib
+import json
+import math
+import os
+import random
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, Any
+
+HERE = Path(__file__).resolve()
+#: A job's own mark in its request (the text of a basic job, the audio URL of an advanced one).
+MARK = re.compile(r"soak-line-(\d+)\b")
+KILL_EXIT = -signal.SIGKILL
+#: Keys of the FakeKlingServer's fault counter, and the task failures counted from its tasks.
+FAULT_KINDS = ("http_500", "bad_gateway", "lost_answer", "malformed_json", "query_error")
+
+
+# -- the round's random draws -------------------------------------------------------------------
+
+
+@dataclass
+class Plan:
+    """Everything a round does, drawn from (seed, round)."""
+
+    seed: int
+    round: int
+    jobs: int
+    backend: str
+    advanced: bool
+    shared_videos: bool
+    faults: dict[str, float]
+    median: float
+    task_limit: int | None
+    in_flight: int
+    runner: str  # "cli" or "script" (sqlite); always "script" for pg
+    kills: list[float]  # sqlite: SIGKILL moments of the runs, seconds after each start
+    resubmit_unknown: list[bool]  # sqlite: per run (the first run never)
+    retry_failed: bool  # sqlite: one more run with retry_failed once done
+    workers: int  # pg
+    victim_at: float | None  # pg: when one worker is killed
+    replace: bool  # pg: start a new worker after the kill
+
+    def describe(self) -> str:
+        faults = ", ".join(f"{k}={v:g}" for k, v in self.faults.items() if v) or "none"
+        shape = "advanced" if self.advanced else "basic"
+        text = (
+            f"{self.backend} {shape}{' shared-videos' if self.shared_videos else ''} "
+            f"jobs={self.jobs} in_flight={self.in_flight} limit={self.task_limit} "
+            f"median={self.median:.3f}s faults: {faults}"
+        )
+        if self.backend == "sqlite":
+            text += (
+                f"; runner={self.runner} kills at {[round(k, 2) for k in self.kills]}"
+                f" resubmit_unknown={self.resubmit_unknown} retry_failed={self.retry_failed}"
+            )
+        else:
+            text += f"; workers={self.workers} kill at {self.victim_at} replace={self.replace}"
+        return text
+
+
+def draw(seed: int, number: int, jobs: int, backend: str) -> Plan:
+    """The round's plan: the same (seed, number, jobs, backend) always gives the same plan."""
+    rng = random.Random(f"soak-{seed}-{number}")
+
+    def rate(top: float) -> float:
+        return round(rng.uniform(0.0, top), 3) if rng.random() < 0.6 else 0.0
+
+    faults = {
+        "http_500_rate": rate(0.08),
+        "bad_gateway_rate": rate(0.08),
+        "lost_answer_rate": rate(0.1),
+        "malformed_json_rate": rate(0.06),
+        "query_error_rate": rate(0.1),
+        "task_failure_rate": rate(0.15),
+        "answer_delay": round(rng.uniform(0.0, 0.15), 3) if rng.random() < 0.3 else 0.0,
+    }
+    in_flight = rng.choice([4, 8, 16, 32])
+    limit = rng.choice([None, None, in_flight, max(2, in_flight // 2)])
+    kills = [rng.uniform(0.1, 2.5) for _ in range(rng.randint(0, 3))]
+    return Plan(
+        seed=seed,
+        round=number,
+        jobs=jobs,
+        backend=backend,
+        advanced=rng.random() < 0.6,
+        shared_videos=rng.random() < 0.3,
+        faults=faults,
+        median=rng.uniform(0.03, 0.4),
+        task_limit=limit,
+        in_flight=in_flight,
+        runner="script" if backend == "pg" else rng.choice(["cli", "script"]),
+        kills=kills,
+        resubmit_unknown=[False] + [rng.random() < 0.3 for _ in kills],
+        retry_failed=backend == "sqlite" and rng.random() < 0.3,
+        workers=rng.choice([2, 3]),
+        victim_at=rng.uniform(0.2, 2.5) if backend == "pg" else None,
+        replace=rng.random() < 0.5,
+    )
+
+
+def job_lines(plan: Plan) -> list[dict[str, Any]]:
+    """The batch's jobs as job-file lines (``kling-async run``'s format, the script's too)."""
+    lines = []
+    for n in range(plan.jobs):
+        clip = n // 2 if plan.shared_videos else n
+        line: dict[str, Any] = {
+            "key": f"job-{n}",
+            "video_url": f"https://example.com/soak-{plan.seed}-{plan.round}-{clip}.mp4",
+        }
+        if plan.advanced:
+            line["audio_url"] = f"https://example.com/soak-line-{n}.mp3"
+            line["sound_end_time"] = 3000
+        else:
+            line.update(text=f"soak-line-{n} said", voice_id="girlfriend_1_speech02")
+            line["voice_language"] = "en"
+        lines.append(line)
+    return lines
+
+
+# -- child processes: the server, and the script worker ------------------------------------------
+
+
+def serve(argv: list[str]) -> None:
+    """``soak.py _server SEED PLAN_JSON MEDIAN LIMIT DUMP``: serve until SIGTERM or stdin closes,
+    then write every task the server created, its request counts and the faults hit, to DUMP."""
+    from kling_async.testing import FakeKlingServer, FaultPlan
+
+    seed, plan, median, limit, dump = argv
+    mu = math.log(float(median))
+
+    async def main() -> None:
+        server = FakeKlingServer(
+            task_duration=lambda rng: min(rng.lognormvariate(mu, 0.6), 5.0),
+            task_limit=int(limit) or None,
+            faults=FaultPlan(**json.loads(plan)),
+            seed=int(seed),
+        )
+        loop = asyncio.get_running_loop()
+        stop = asyncio.Event()
+        loop.add_signal_handler(signal.SIGTERM, stop.set)
+        loop.add_reader(sys.stdin.fileno(), lambda: sys.stdin.buffer.read1(1 << 16) or stop.set())
+        async with server:
+            print(f"URL {server.url}", flush=True)
+            await stop.wait()
+            record = {
+                "tasks": [
+                    {
+                        "task_id": task.task_id,
+                        "stage": task.stage,
+                        "state": task.state,
+                        "reason": task.reason,
+                        "input": dict(task.input),
+                        "created_at": task.created_at,
+                    }
+                    for task in server.tasks.values()
+                ],
+                "requests": dict(server.requests),
+                "faults_hit": dict(server.faults_hit),
+                "max_running_seen": server.max_running_seen,
+            }
+        Path(dump).write_text(json.dumps(record))
+
+    asyncio.run(main())
+
+
+def work(argv: list[str]) -> None:
+    """``soak.py _worker URL JOURNAL JOBS OUT IN_FLIGHT [--advanced] [--resubmit-unknown]
+    [--retry-failed]``: run the job file as one journaled batch, one JSON line per result."""
+    import anyio
+
+    import kling_async as ka
+    from kling_async.journal import PostgresJournal
+
+    url, journal_arg, jobs_file, out_file, in_flight, *flags = argv
+    poll = ka.PollPolicy(first_delay=0.02, max_interval=0.1, multiplier=1.5, timeout=30.0)
+    retry = ka.RetryPolicy(max_attempts=6, base_delay=0.01, max_delay=0.1, concurrency_delay=0.02)
+    journal: str | PostgresJournal = journal_arg
+    if journal_arg.startswith("postgresql://"):
+        journal = PostgresJournal(url=journal_arg, lease=1.0, renew=0.2, claim_poll=0.02)
+    jobs = []
+    for text in Path(jobs_file).read_text().splitlines():
+        fields = json.loads(text)
+        make = ka.LipSyncJob.from_text if "text" in fields else ka.LipSyncJob.from_audio
+        jobs.append(make(**fields))
+
+    async def main(out: IO[str]) -> None:
+        client = ka.KlingClient.kling(
+            api_key="sk-sandbox",
+            base_url=url,
+            advanced="--advanced" in flags,
+            max_in_flight=int(in_flight),
+            poll=poll,
+            retry=retry,
+        )
+        async with client:
+            batch = client.run_batch(
+                jobs,
+                journal=journal,
+                resubmit_unknown="--resubmit-unknown" in flags,
+                retry_failed="--retry-failed" in flags,
+            )
+            async with batch:
+                async for result in batch:
+                    line = {
+                        "key": result.key,
+                        "task_id": result.task_id,
+                        "state": result.state.value,
+                        "error_type": type(result.error).__name__ if result.error else None,
+                        "error": None if result.error is None else str(result.error),
+                        "adopted": result.adopted,
+                    }
+                    out.write(json.dumps(line) + "\n")
+                    out.flush()
+
+    with open(out_file, "a", encoding="utf-8") as out:
+        anyio.run(main, out)
+
+
+# -- the driver -----------------------------------------------------------------------------------
+
+
+class Violation(Exception):
+    """A promise broken: the message is the evidence."""
+
+
+@dataclass
+class Run:
+    """One worker process of a round."""
+
+    argv: list[str]
+    out: Path
+    flags: set[str]
+    proc: subprocess.Popen[bytes] | None = None
+    started: float = 0.0
+    killed: bool = False
+    seconds: float = 0.0
+    exit: int | None = None
+    stderr: Path | None = None
+
+
+@dataclass
+class Tally:
+    """The soak's figures."""
+
+    rounds: int = 0
+    jobs: int = 0
+    runs: int = 0
+    kills: int = 0
+    tasks: int = 0
+    reports: int = 0
+    adopted: int = 0
+    unknown: int = 0
+    failed: int = 0
+    timed_out: int = 0
+    duplicates_allowed: int = 0
+    faults: collections.Counter[str] = field(default_factory=collections.Counter)
+    wall: float = 0.0
+
+    def line(self) -> str:
+        faults = ", ".join(f"{k} {v}" for k, v in sorted(self.faults.items())) or "none"
+        return (
+            f"{self.rounds} rounds, {self.jobs} jobs, {self.runs} runs, {self.kills} kills, "
+            f"{self.tasks} tasks, {self.reports} results reported ({self.adopted} adopted, "
+            f"{self.unknown} unknown, {self.failed} failed, {self.timed_out} timed out), "
+            f"{self.duplicates_allowed} documented second tasks; faults hit: {faults}; "
+            f"{self.wall:.0f} s"
+        )
+
+
+def env() -> dict[str, str]:
+    """The children's environment: this interpreter's path (the repo, tests/) included."""
+    return {**os.environ, "PYTHONPATH": os.pathsep.join([str(HERE.parent), *sys.path])}
+
+
+class Server:
+    """The fake server's process for one round."""
+
+    def __init__(self, plan: Plan, where: Path) -> None:
+        self.dump = where / "server.json"
+        argv = [
+            sys.executable,
+            str(HERE),
+            "_server",
+            str(plan.seed * 1000 + plan.round),
+            json.dumps(plan.faults),
+            str(plan.median),
+            str(plan.task_limit or 0),
+            str(self.dump),
+        ]
+        self.proc = subprocess.Popen(
+            argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env(), cwd=where
+        )
+        assert self.proc.stdout is not None
+        first = self.proc.stdout.readline().decode()
+        if not first.startswith("URL "):
+            self.proc.kill()
+            raise RuntimeError(f"the fake server did not start: {first!r}")
+        self.url = first.split()[1]
+
+    def stop(self) -> dict[str, Any]:
+        """Stop the server; return its record of the round."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        try:
+            self.proc.wait(timeout=10)
+        finally:
+            if self.proc.poll() is None:
+                self.proc.kill()
+                self.proc.wait()
+        record: dict[str, Any] = json.loads(self.dump.read_text())
+        return record
+
+
+def start(run: Run, where: Path) -> None:
+    """Start ``run``'s process, its stderr kept in a file of the round's folder."""
+    run.stderr = where / f"{run.out.stem}.stderr"
+    with open(run.stderr, "ab") as err:
+        run.proc = subprocess.Popen(
+            run.argv, stdout=subprocess.DEVNULL, stderr=err, env=env(), cwd=where
+        )
+    run.started = time.monotonic()
+
+
+def finish(run: Run, kill_at: float | None, bound: float) -> None:
+    """Wait for ``run``: SIGKILL it ``kill_at`` seconds after its start if still running."""
+    assert run.proc is not None
+    if kill_at is not None:
+        try:
+            run.proc.wait(timeout=max(0.0, run.started + kill_at - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            run.proc.send_signal(signal.SIGKILL)
+            run.killed = True
+    try:
+        run.proc.wait(timeout=max(0.0, run.started + bound - time.monotonic()))
+    except subprocess.TimeoutExpired:
+        run.proc.kill()
+        run.proc.wait()
+        run.seconds = time.monotonic() - run.started
+        raise Violation(
+            f"no endless wait: {' '.join(run.argv[2:])} still ran after {bound:g} s "
+            f"(stderr: {tail(run.stderr)})"
+        ) from None
+    run.seconds = time.monotonic() - run.started
+    run.exit = run.proc.returncode
+
+
+def tail(path: Path | None, lines: int = 8) -> str:
+    """The last lines of a file, for evidence."""
+    if path is None or not path.exists():
+        return ""
+    return " | ".join(path.read_text(errors="replace").splitlines()[-lines:])
+
+
+def read_lines(path: Path) -> list[dict[str, Any]]:
+    """A results file's lines (a killed run may leave half a line: skipped)."""
+    if not path.exists():
+        return []
+    lines = []
+    for text in path.read_text().splitlines():
+        with contextlib.suppress(json.JSONDecodeError):
+            lines.append(json.loads(text))
+    return lines
+
+
+def worker_argv(plan: Plan, url: str, journal: str, out: Path, flags: set[str]) -> list[str]:
+    """The command of one run: the CLI, or this file's script worker."""
+    jobs = str(out.parent / "jobs.jsonl")
+    if plan.runner == "cli":
+        argv = [sys.executable, "-m", "kling_async", "run", jobs, "--out", str(out)]
+        argv += ["--journal", journal, "--base-url", url, "--api-key", "sk-sandbox"]
+        argv += ["--max-in-flight", str(plan.in_flight), "-q"]
+        argv += ["--first-poll", "0.02", "--max-poll-interval", "0.1"]
+    else:
+        argv = [sys.executable, str(HERE), "_worker", url, journal, jobs, str(out)]
+        argv.append(str(plan.in_flight))
+    if plan.advanced:
+        argv.append("--advanced")
+    return argv + sorted(flags)
+
+
+def ok_exit(plan: Plan, run: Run) -> bool:
+    """Whether a run that was not killed completed its batch."""
+    # The command says 1 when some job failed (here: faults); the script 0 when it ran through.
+    return run.exit in ((0, 1) if plan.runner == "cli" else (0,))
+
+
+def run_sqlite(plan: Plan, url: str, where: Path, bound: float) -> list[Run]:
+    """Run the batch on a SQLite journal: killed at the plan's moments, rerun until complete."""
+    journal = str(where / "batch.journal")
+    runs: list[Run] = []
+    attempt = 0
+    while True:
+        flags = {"--resubmit-unknown"} if plan.resubmit_unknown[min(attempt, 3)] else set()
+        out = where / f"run-{len(runs)}.jsonl"
+        run = Run(worker_argv(plan, url, journal, out, flags), out, flags)
+        runs.append(run)
+        start(run, where)
+        finish(run, plan.kills[attempt] if attempt < len(plan.kills) else None, bound)
+        attempt += 1
+        if run.killed:
+            continue
+        if not ok_exit(plan, run):
+            raise Violation(f"run {len(runs) - 1} ended with status {run.exit}: {tail(run.stderr)}")
+        break
+    if plan.retry_failed:
+        out = where / f"run-{len(runs)}.jsonl"
+        flags = {"--retry-failed"}
+        run = Run(worker_argv(plan, url, journal, out, flags), out, flags)
+        runs.append(run)
+        start(run, where)
+        finish(run, None, bound)
+        if not ok_exit(plan, run):
+            raise Violation(f"the retry_failed run ended with {run.exit}: {tail(run.stderr)}")
+    return runs
+
+
+def run_pg(plan: Plan, url: str, where: Path, bound: float, database: str) -> list[Run]:
+    """Run the batch with 2-3 workers on one PostgreSQL journal; one is SIGKILLed."""
+    flags = {"--resubmit-unknown"}  # a dead worker's identify-face call may be sent again
+    runs = []
+    for n in range(plan.workers):
+        out = where / f"worker-{n}.jsonl"
+        runs.append(Run(worker_argv(plan, url, database, out, flags), out, flags))
+    for run in runs:
+        start(run, where)
+    victim = runs[plan.round % plan.workers]
+    assert plan.victim_at is not None
+    finish(victim, plan.victim_at, bound)
+    if victim.killed and plan.replace:
+        out = where / f"worker-{plan.workers}.jsonl"
+        runs.append(Run(worker_argv(plan, url, database, out, flags), out, flags))
+        start(runs[-1], where)
+    for run in runs:
+        if run is not victim:
+            finish(run, None, bound)
+    for n, run in enumerate(runs):
+        if not run.killed and run.exit != 0:
+            raise Violation(f"worker {n} ended with status {run.exit}: {tail(run.stderr)}")
+    return runs
+
+
+def check(plan: Plan, runs: list[Run], record: dict[str, Any], tally: Tally) -> None:
+    """Check the four promises against the server's record; raise :class:`Violation`."""
+    stage = "advanced-lip-sync" if plan.advanced else "lip-sync"
+    keys = {f"job-{n}" for n in range(plan.jobs)}
+    tasks = {t["task_id"]: t for t in record["tasks"] if t["stage"] == stage}
+    owner: dict[str, str] = {}
+    per_job: dict[str, list[str]] = collections.defaultdict(list)
+    for task_id, task in tasks.items():
+        found = {int(n) for n in MARK.findall(json.dumps(task["input"]))}
+        if len(found) != 1:
+            raise Violation(f"task {task_id} belongs to no single job: {task['input']}")
+        owner[task_id] = f"job-{found.pop()}"
+        per_job[owner[task_id]].append(task_id)
+    reports: dict[str, list[tuple[int, dict[str, Any]]]] = collections.defaultdict(list)
+    for n, run in enumerate(runs):
+        for line in read_lines(run.out):
+            reports[line["key"]].append((n, line))
+    tally.reports += sum(len(v) for v in reports.values())
+
+    # Nothing lost: every job reported by some run.
+    lost = sorted(keys - set(reports), key=lambda k: int(k[4:]))
+    if lost:
+        evidence = {k: per_job.get(k, []) for k in lost[:5]}
+        raise Violation(f"nothing lost: {len(lost)} jobs never reported, e.g. {evidence}")
+
+    # No result not the job's own, and what it says is what the server says.
+    for key, lines in reports.items():
+        for n, line in lines:
+            task_id = line["task_id"]
+            if task_id is None:
+                continue
+            if task_id not in tasks:
+                raise Violation(f"{key}: run {n} reported task {task_id}, not created: {line}")
+            if owner[task_id] != key:
+                raise Violation(
+                    f"not the job's own: run {n} reported {owner[task_id]}'s task {task_id} "
+                    f"for {key}: {line}"
+                )
+            state = tasks[task_id]["state"]
+            if line["state"] == "succeeded" and state != "succeed":
+                raise Violation(f"{key}: reported succeeded, the server says {state}: {line}")
+            if line["state"] == "failed" and line["error_type"] == "TaskFailedError":
+                if state != "failed":
+                    raise Violation(f"{key}: reported a failed task, the server says {state}")
+
+    # No job ends without its task while one exists (an unclear submit may end unknown).
+    for key, lines in reports.items():
+        # The latest word: the last run's (SQLite), a surviving worker's (PostgreSQL).
+        alive = [line for n, line in lines if not runs[n].killed] or [line for _, line in lines]
+        last = alive[-1]
+        if last["task_id"] is None and per_job.get(key):
+            kind = last["error_type"]
+            if plan.advanced or kind != "SubmitOutcomeUnknownError":
+                raise Violation(
+                    f"{key} ended without its task {per_job[key]} ({kind}: {last['error']})"
+                )
+
+    # Nothing paid twice: one task per job, but for the documented exceptions.
+    killed = any(run.killed for run in runs)
+    for key, ids in per_job.items():
+        if len(ids) < 2:
+            continue
+        lines = [line for _, line in reports.get(key, [])]
+        failed_before = any(not line_ok(line) for line in lines)
+        retried = any("--retry-failed" in run.flags for run in runs)
+        unclear = any(line["error_type"] == "SubmitOutcomeUnknownError" for line in lines)
+        resubmitted = any("--resubmit-unknown" in run.flags for run in runs)
+        # retry_failed: one new task per earlier failure; resubmit_unknown (basic lip-sync
+        # only: an advanced resend carries the same external id) after an unclear submit or a
+        # kill with a submit on the wire.
+        if retried and failed_before and len(ids) <= 2:
+            tally.duplicates_allowed += 1
+            continue
+        if resubmitted and not plan.advanced and (unclear or killed):
+            tally.duplicates_allowed += 1
+            continue
+        states = [tasks[t]["state"] for t in ids]
+        raise Violation(
+            f"paid twice: {key} has {len(ids)} tasks {ids} ({states}); reported: {lines}"
+        )
+    tally.tasks += len(tasks)
+    for lines in reports.values():
+        for _, line in lines:
+            tally.adopted += bool(line.get("adopted"))
+            tally.unknown += line["error_type"] == "SubmitOutcomeUnknownError"
+            tally.failed += line["state"] == "failed"
+            tally.timed_out += line["state"] == "timed_out"
+
+
+def line_ok(line: dict[str, Any]) -> bool:
+    """Whether a results line is a success."""
+    return line["state"] == "succeeded" and not line.get("error")
+
+
+def soak_round(
+    plan: Plan, tally: Tally, bound: float, keep: Path, keep_all: bool, pg_server: Any
+) -> tuple[bool, str]:
+    """Run and check one round; (passed, evidence)."""
+    where = Path(tempfile.mkdtemp(prefix=f"soak-{plan.seed}-{plan.round}-"))
+    with open(where / "jobs.jsonl", "w") as jobs:
+        for line in job_lines(plan):
+            jobs.write(json.dumps(line) + "\n")
+    server = Server(plan, where)
+    runs: list[Run] = []
+    problem = ""
+    try:
+        if plan.backend == "pg":
+            runs = run_pg(plan, server.url, where, bound, pg_server.new_database())
+        else:
+            runs = run_sqlite(plan, server.url, where, bound)
+    except Violation as exc:
+        problem = str(exc)
+    finally:
+        for run in runs:
+            if run.proc is not None and run.proc.poll() is None:
+                run.proc.kill()
+                run.proc.wait()
+        record = server.stop()
+    if not problem:
+        try:
+            check(plan, runs, record, tally)
+        except Violation as exc:
+            problem = str(exc)
+    tally.rounds += 1
+    tally.jobs += plan.jobs
+    tally.runs += len(runs)
+    tally.kills += sum(run.killed for run in runs)
+    tally.faults.update(record["faults_hit"])
+    tally.faults["task_failure"] += sum(
+        1 for t in record["tasks"] if t["reason"] and "risk control" in t["reason"]
+    )
+    if problem or keep_all:
+        kept = keep / where.name
+        if kept != where:
+            shutil.move(str(where), kept)
+        if problem:
+            return False, f"{problem}\n  (the round's files: {kept})"
+    else:
+        shutil.rmtree(where, ignore_errors=True)
+    return True, f"{len(runs)} runs ({sum(r.killed for r in runs)} killed), " + ", ".join(
+        f"{r.seconds:.1f}s" for r in runs
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--rounds", type=int, default=10)
+    parser.add_argument("--jobs", type=int, default=100)
+    parser.add_argument("--backend", choices=["sqlite", "pg"], default="sqlite")
+    parser.add_argument("--first-round", type=int, default=0, help="start at this round")
+    parser.add_argument("--bound", type=float, default=120.0, help="seconds a run may take")
+    parser.add_argument("--keep", type=Path, default=Path(tempfile.gettempdir()))
+    parser.add_argument("--go-on", action="store_true", help="run every round despite failures")
+    parser.add_argument("--keep-all", action="store_true", help="keep every round's files")
+    args = parser.parse_args(argv)
+    pg_server = None
+    if args.backend == "pg":
+        from pg import PgServer
+
+        pg_server = PgServer()
+        pg_server.start()
+    tally = Tally()
+    began = time.monotonic()
+    failures = 0
+    try:
+        for number in range(args.first_round, args.first_round + args.rounds):
+            plan = draw(args.seed, number, args.jobs, args.backend)
+            passed, evidence = soak_round(
+                plan, tally, args.bound, args.keep, args.keep_all, pg_server
+            )
+            verdict = "ok" if passed else "VIOLATION"
+            print(f"seed {args.seed} round {number}: {verdict} [{plan.describe()}] {evidence}")
+            sys.stdout.flush()
+            if not passed:
+                failures += 1
+                if not args.go_on:
+                    break
+    finally:
+        if pg_server is not None:
+            pg_server.stop()
+    tally.wall = time.monotonic() - began
+    print(f"soak seed {args.seed} ({args.backend}): {tally.line()}; {failures} violations")
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    if len(sys.argv) > 1 and sys.argv[1] == "_server":
+        serve(sys.argv[2:])
+    elif len(sys.argv) > 1 and sys.argv[1] == "_worker":
+        work(sys.argv[2:])
+    else:
+        sys.exit(main())
