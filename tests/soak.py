@@ -77,7 +77,7 @@ class Plan:
     resubmit_unknown: list[bool]  # sqlite: per run (the first run never)
     retry_failed: bool  # sqlite: one more run with retry_failed once done
     workers: int  # pg
-    victim_at: float | None  # pg: when one worker is killed
+    victim_at: float  # pg: when one worker is killed
     replace: bool  # pg: start a new worker after the kill
 
     def describe(self) -> str:
@@ -94,7 +94,7 @@ class Plan:
                 f" resubmit_unknown={self.resubmit_unknown} retry_failed={self.retry_failed}"
             )
         else:
-            text += f"; workers={self.workers} kill at {self.victim_at} replace={self.replace}"
+            text += f"; workers={self.workers} kill at {self.victim_at:.2f} replace={self.replace}"
         return text
 
 
@@ -116,7 +116,10 @@ def draw(seed: int, number: int, jobs: int, backend: str) -> Plan:
     }
     in_flight = rng.choice([4, 8, 16, 32])
     limit = rng.choice([None, None, in_flight, max(2, in_flight // 2)])
-    kills = [rng.uniform(0.1, 2.5) for _ in range(rng.randint(0, 3))]
+    median = rng.uniform(0.03, 0.4)
+    # Kills anywhere in a run: its length is about the waves of tasks times their duration.
+    length = max(1.0, jobs / min(in_flight, limit or in_flight) * (median * 1.2 + 0.05))
+    kills = [rng.uniform(0.05, 1.0) * length for _ in range(rng.randint(0, 3))]
     return Plan(
         seed=seed,
         round=number,
@@ -125,7 +128,7 @@ def draw(seed: int, number: int, jobs: int, backend: str) -> Plan:
         advanced=rng.random() < 0.6,
         shared_videos=rng.random() < 0.3,
         faults=faults,
-        median=rng.uniform(0.03, 0.4),
+        median=median,
         task_limit=limit,
         in_flight=in_flight,
         runner="script" if backend == "pg" else rng.choice(["cli", "script"]),
@@ -133,7 +136,7 @@ def draw(seed: int, number: int, jobs: int, backend: str) -> Plan:
         resubmit_unknown=[False] + [rng.random() < 0.3 for _ in kills],
         retry_failed=backend == "sqlite" and rng.random() < 0.3,
         workers=rng.choice([2, 3]),
-        victim_at=rng.uniform(0.2, 2.5) if backend == "pg" else None,
+        victim_at=rng.uniform(0.1, 0.8) * length if backend == "pg" else 0.0,
         replace=rng.random() < 0.5,
     )
 
@@ -168,7 +171,7 @@ def serve(argv: list[str]) -> None:
     seed, plan, median, limit, dump = argv
     mu = math.log(float(median))
 
-    async def main() -> None:
+    async def main() -> dict[str, Any]:
         server = FakeKlingServer(
             task_duration=lambda rng: min(rng.lognormvariate(mu, 0.6), 5.0),
             task_limit=int(limit) or None,
@@ -198,9 +201,9 @@ def serve(argv: list[str]) -> None:
                 "faults_hit": dict(server.faults_hit),
                 "max_running_seen": server.max_running_seen,
             }
-        Path(dump).write_text(json.dumps(record))
+        return record
 
-    asyncio.run(main())
+    Path(dump).write_text(json.dumps(asyncio.run(main())))
 
 
 def work(argv: list[str]) -> None:
@@ -347,8 +350,22 @@ class Server:
             if self.proc.poll() is None:
                 self.proc.kill()
                 self.proc.wait()
+            for pipe in (self.proc.stdin, self.proc.stdout):
+                if pipe is not None:
+                    pipe.close()
         record: dict[str, Any] = json.loads(self.dump.read_text())
         return record
+
+
+def startup_seconds() -> float:
+    """How long a worker process takes to import the library: kill moments count from there."""
+    began = time.monotonic()
+    subprocess.run([sys.executable, "-c", "import aiohttp, kling_async"], env=env(), check=True)
+    return time.monotonic() - began
+
+
+#: Set by :func:`soak_round` on first use (a kill before the imports end would test nothing).
+STARTUP: list[float] = []
 
 
 def start(run: Run, where: Path) -> None:
@@ -365,6 +382,7 @@ def finish(run: Run, kill_at: float | None, bound: float) -> None:
     """Wait for ``run``: SIGKILL it ``kill_at`` seconds after its start if still running."""
     assert run.proc is not None
     if kill_at is not None:
+        kill_at += STARTUP[0] if STARTUP else 0.0
         try:
             run.proc.wait(timeout=max(0.0, run.started + kill_at - time.monotonic()))
         except subprocess.TimeoutExpired:
@@ -464,7 +482,6 @@ def run_pg(plan: Plan, url: str, where: Path, bound: float, database: str) -> li
     for run in runs:
         start(run, where)
     victim = runs[plan.round % plan.workers]
-    assert plan.victim_at is not None
     finish(victim, plan.victim_at, bound)
     if victim.killed and plan.replace:
         out = where / f"worker-{plan.workers}.jsonl"
@@ -520,9 +537,9 @@ def check(plan: Plan, runs: list[Run], record: dict[str, Any], tally: Tally) -> 
             state = tasks[task_id]["state"]
             if line["state"] == "succeeded" and state != "succeed":
                 raise Violation(f"{key}: reported succeeded, the server says {state}: {line}")
-            if line["state"] == "failed" and line["error_type"] == "TaskFailedError":
-                if state != "failed":
-                    raise Violation(f"{key}: reported a failed task, the server says {state}")
+            failed_task = line["state"] == "failed" and line["error_type"] == "TaskFailedError"
+            if failed_task and state != "failed":
+                raise Violation(f"{key}: reported a failed task, the server says {state}")
 
     # No job ends without its task while one exists (an unclear submit may end unknown).
     for key, lines in reports.items():
@@ -559,6 +576,26 @@ def check(plan: Plan, runs: list[Run], record: dict[str, Any], tally: Tally) -> 
         raise Violation(
             f"paid twice: {key} has {len(ids)} tasks {ids} ({states}); reported: {lines}"
         )
+    # PostgreSQL: a surviving worker reports each job at most once.
+    if plan.backend == "pg":
+        for n, run in enumerate(runs):
+            seen = collections.Counter(line["key"] for line in read_lines(run.out))
+            twice = [key for key, times in seen.items() if times > 1]
+            if not run.killed and twice:
+                raise Violation(f"worker {n} reported {len(twice)} jobs twice, e.g. {twice[:3]}")
+
+    # The account's limit: never more tasks at once than max_in_flight (a task whose submit
+    # ended unclear is no job's, and holds no slot: such rounds are not checked).
+    unclear_any = any(
+        line["error_type"] == "SubmitOutcomeUnknownError"
+        for lines in reports.values()
+        for _, line in lines
+    )
+    if not unclear_any and record["max_running_seen"] > plan.in_flight:
+        raise Violation(
+            f"the account held {record['max_running_seen']} tasks at once, "
+            f"max_in_flight is {plan.in_flight}"
+        )
     tally.tasks += len(tasks)
     for lines in reports.values():
         for _, line in lines:
@@ -577,6 +614,8 @@ def soak_round(
     plan: Plan, tally: Tally, bound: float, keep: Path, keep_all: bool, pg_server: Any
 ) -> tuple[bool, str]:
     """Run and check one round; (passed, evidence)."""
+    if not STARTUP:
+        STARTUP.append(startup_seconds())
     where = Path(tempfile.mkdtemp(prefix=f"soak-{plan.seed}-{plan.round}-"))
     with open(where / "jobs.jsonl", "w") as jobs:
         for line in job_lines(plan):

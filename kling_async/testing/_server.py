@@ -155,10 +155,10 @@ class FakeKlingServer:
 
     @property
     def faults_hit(self) -> collections.Counter[str]:
-        """Injected faults that struck, by kind: ``http_500``, ``bad_gateway``, ``query_error``,
-        ``malformed_json`` and ``lost_answer`` (the :class:`FaultPlan` knobs without ``_rate``).
+        """Injected faults that struck, by kind (a :class:`FaultPlan` knob without ``_rate``).
 
-        Tasks failed by ``task_failure_rate`` are those whose ``reason`` is
+        The kinds: ``http_500``, ``bad_gateway``, ``query_error``, ``malformed_json`` and
+        ``lost_answer``.  Tasks failed by ``task_failure_rate`` are those whose ``reason`` is
         :data:`CONTENT_POLICY_REASON`.
         """
         return self._gate.faults_hit
