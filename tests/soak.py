@@ -49,7 +49,7 @@ from typing import IO, Any
 
 HERE = Path(__file__).resolve()
 #: A job's own mark in its request (the text of a basic job, the audio URL of an advanced one).
-MARK = re.compile(r"soak-line-(\d+)\b")
+MARK = re.compile(r"soak-(line|rival)-(\d+)\b")
 KILL_EXIT = -signal.SIGKILL
 #: Keys of the FakeKlingServer's fault counter, and the task failures counted from its tasks.
 FAULT_KINDS = ("http_500", "bad_gateway", "lost_answer", "malformed_json", "query_error")
@@ -79,12 +79,16 @@ class Plan:
     workers: int  # pg
     victim_at: float  # pg: when one worker is killed
     replace: bool  # pg: start a new worker after the kill
+    #: Another batch on the same account and videos (the same clips dubbed into another
+    #: language), run by a script worker on its own journal, never killed.
+    rival: bool = False
 
     def describe(self) -> str:
         faults = ", ".join(f"{k}={v:g}" for k, v in self.faults.items() if v) or "none"
         shape = "advanced" if self.advanced else "basic"
         text = (
-            f"{self.backend} {shape}{' shared-videos' if self.shared_videos else ''} "
+            f"{self.backend} {shape}{' shared-videos' if self.shared_videos else ''}"
+            f"{' +rival batch' if self.rival else ''} "
             f"jobs={self.jobs} in_flight={self.in_flight} limit={self.task_limit} "
             f"median={self.median:.3f}s faults: {faults}"
         )
@@ -120,7 +124,7 @@ def draw(seed: int, number: int, jobs: int, backend: str) -> Plan:
     # Kills anywhere in a run: its length is about the waves of tasks times their duration.
     length = max(1.0, jobs / min(in_flight, limit or in_flight) * (median * 1.2 + 0.05))
     kills = [rng.uniform(0.05, 1.0) * length for _ in range(rng.randint(0, 3))]
-    return Plan(
+    plan = Plan(
         seed=seed,
         round=number,
         jobs=jobs,
@@ -139,22 +143,30 @@ def draw(seed: int, number: int, jobs: int, backend: str) -> Plan:
         victim_at=rng.uniform(0.1, 0.8) * length if backend == "pg" else 0.0,
         replace=rng.random() < 0.5,
     )
+    # Drawn last, so that the draws above stay those of earlier versions of this file.
+    plan.rival = rng.random() < 0.3
+    plan.faults["create_delay"] = round(rng.uniform(0.0, 0.3), 3) if rng.random() < 0.3 else 0.0
+    return plan
 
 
-def job_lines(plan: Plan) -> list[dict[str, Any]]:
-    """The batch's jobs as job-file lines (``kling-async run``'s format, the script's too)."""
+def job_lines(plan: Plan, rival: bool = False) -> list[dict[str, Any]]:
+    """The batch's jobs as job-file lines (``kling-async run``'s format, the script's too).
+
+    ``rival``: the other batch's, half as many, on the first jobs' videos.
+    """
     lines = []
-    for n in range(plan.jobs):
+    name = "rival" if rival else "line"
+    for n in range(plan.jobs // 2 if rival else plan.jobs):
         clip = n // 2 if plan.shared_videos else n
         line: dict[str, Any] = {
-            "key": f"job-{n}",
+            "key": f"{'rival' if rival else 'job'}-{n}",
             "video_url": f"https://example.com/soak-{plan.seed}-{plan.round}-{clip}.mp4",
         }
         if plan.advanced:
-            line["audio_url"] = f"https://example.com/soak-line-{n}.mp3"
+            line["audio_url"] = f"https://example.com/soak-{name}-{n}.mp3"
             line["sound_end_time"] = 3000
         else:
-            line.update(text=f"soak-line-{n} said", voice_id="girlfriend_1_speech02")
+            line.update(text=f"soak-{name}-{n} said", voice_id="girlfriend_1_speech02")
             line["voice_language"] = "en"
         lines.append(line)
     return lines
@@ -420,10 +432,12 @@ def read_lines(path: Path) -> list[dict[str, Any]]:
     return lines
 
 
-def worker_argv(plan: Plan, url: str, journal: str, out: Path, flags: set[str]) -> list[str]:
-    """The command of one run: the CLI, or this file's script worker."""
-    jobs = str(out.parent / "jobs.jsonl")
-    if plan.runner == "cli":
+def worker_argv(
+    plan: Plan, url: str, journal: str, out: Path, flags: set[str], rival: bool = False
+) -> list[str]:
+    """The command of one run: the CLI, or this file's script worker (always for the rival)."""
+    jobs = str(out.parent / ("rival.jsonl" if rival else "jobs.jsonl"))
+    if plan.runner == "cli" and not rival:
         argv = [sys.executable, "-m", "kling_async", "run", jobs, "--out", str(out)]
         argv += ["--journal", journal, "--base-url", url, "--api-key", "sk-sandbox"]
         argv += ["--max-in-flight", str(plan.in_flight), "-q"]
@@ -500,14 +514,17 @@ def check(plan: Plan, runs: list[Run], record: dict[str, Any], tally: Tally) -> 
     """Check the four promises against the server's record; raise :class:`Violation`."""
     stage = "advanced-lip-sync" if plan.advanced else "lip-sync"
     keys = {f"job-{n}" for n in range(plan.jobs)}
+    if plan.rival:
+        keys |= {f"rival-{n}" for n in range(plan.jobs // 2)}
     tasks = {t["task_id"]: t for t in record["tasks"] if t["stage"] == stage}
     owner: dict[str, str] = {}
     per_job: dict[str, list[str]] = collections.defaultdict(list)
     for task_id, task in tasks.items():
-        found = {int(n) for n in MARK.findall(json.dumps(task["input"]))}
+        found = set(MARK.findall(json.dumps(task["input"])))
         if len(found) != 1:
             raise Violation(f"task {task_id} belongs to no single job: {task['input']}")
-        owner[task_id] = f"job-{found.pop()}"
+        name, n = found.pop()
+        owner[task_id] = f"{'rival' if name == 'rival' else 'job'}-{n}"
         per_job[owner[task_id]].append(task_id)
     reports: dict[str, list[tuple[int, dict[str, Any]]]] = collections.defaultdict(list)
     for n, run in enumerate(runs):
@@ -516,7 +533,7 @@ def check(plan: Plan, runs: list[Run], record: dict[str, Any], tally: Tally) -> 
     tally.reports += sum(len(v) for v in reports.values())
 
     # Nothing lost: every job reported by some run.
-    lost = sorted(keys - set(reports), key=lambda k: int(k[4:]))
+    lost = sorted(keys - set(reports))
     if lost:
         evidence = {k: per_job.get(k, []) for k in lost[:5]}
         raise Violation(f"nothing lost: {len(lost)} jobs never reported, e.g. {evidence}")
@@ -566,10 +583,10 @@ def check(plan: Plan, runs: list[Run], record: dict[str, Any], tally: Tally) -> 
         # retry_failed: one new task per earlier failure; resubmit_unknown (basic lip-sync
         # only: an advanced resend carries the same external id) after an unclear submit or a
         # kill with a submit on the wire.
-        if retried and failed_before and len(ids) <= 2:
-            tally.duplicates_allowed += 1
-            continue
-        if resubmitted and not plan.advanced and (unclear or killed):
+        retry = retried and failed_before and len(ids) <= 2
+        resend = resubmitted and not plan.advanced and (unclear or killed)
+        # The rival batch is never killed nor retried: no exception applies to it.
+        if (retry or resend) and not key.startswith("rival-"):
             tally.duplicates_allowed += 1
             continue
         states = [tasks[t]["state"] for t in ids]
@@ -591,10 +608,10 @@ def check(plan: Plan, runs: list[Run], record: dict[str, Any], tally: Tally) -> 
         for lines in reports.values()
         for _, line in lines
     )
-    if not unclear_any and record["max_running_seen"] > plan.in_flight:
+    limit = plan.in_flight * (2 if plan.rival else 1)  # each batch has its own
+    if not unclear_any and record["max_running_seen"] > limit:
         raise Violation(
-            f"the account held {record['max_running_seen']} tasks at once, "
-            f"max_in_flight is {plan.in_flight}"
+            f"the account held {record['max_running_seen']} tasks at once, max_in_flight is {limit}"
         )
     tally.tasks += len(tasks)
     for lines in reports.values():
@@ -622,15 +639,29 @@ def soak_round(
             jobs.write(json.dumps(line) + "\n")
     server = Server(plan, where)
     runs: list[Run] = []
+    rivals: list[Run] = []
     problem = ""
     try:
+        if plan.rival:
+            with open(where / "rival.jsonl", "w") as jobs:
+                for line in job_lines(plan, rival=True):
+                    jobs.write(json.dumps(line) + "\n")
+            out = where / "rival-0.jsonl"
+            journal = str(where / "rival.journal")
+            rivals.append(Run(worker_argv(plan, server.url, journal, out, set(), True), out, set()))
+            start(rivals[0], where)
         if plan.backend == "pg":
             runs = run_pg(plan, server.url, where, bound, pg_server.new_database())
         else:
             runs = run_sqlite(plan, server.url, where, bound)
+        for rival in rivals:
+            finish(rival, None, bound)
+            if rival.exit != 0:
+                raise Violation(f"the rival batch ended with {rival.exit}: {tail(rival.stderr)}")
     except Violation as exc:
         problem = str(exc)
     finally:
+        runs += rivals
         for run in runs:
             if run.proc is not None and run.proc.poll() is None:
                 run.proc.kill()
