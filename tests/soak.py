@@ -510,8 +510,32 @@ def run_pg(plan: Plan, url: str, where: Path, bound: float, database: str) -> li
     return runs
 
 
-def check(plan: Plan, runs: list[Run], record: dict[str, Any], tally: Tally) -> None:
-    """Check the four promises against the server's record; raise :class:`Violation`."""
+def export(journal: str) -> list[dict[str, Any]]:
+    """Every job of a journal with its latest result (``kling-async results``)."""
+    done = subprocess.run(
+        [sys.executable, "-m", "kling_async", "results", "--journal", journal],
+        capture_output=True,
+        text=True,
+        env=env(),
+        timeout=60,
+        check=False,
+    )
+    if done.returncode != 0:
+        raise Violation(f"kling-async results --journal {journal}: {done.stderr.strip()}")
+    return [json.loads(line) for line in done.stdout.splitlines() if line.strip()]
+
+
+def check(
+    plan: Plan,
+    runs: list[Run],
+    record: dict[str, Any],
+    tally: Tally,
+    journals: dict[str, list[dict[str, Any]]] | None = None,
+) -> None:
+    """Check the four promises against the server's record; raise :class:`Violation`.
+
+    ``journals``: each journal's export, whose jobs must all be done, once, with their own task.
+    """
     stage = "advanced-lip-sync" if plan.advanced else "lip-sync"
     keys = {f"job-{n}" for n in range(plan.jobs)}
     if plan.rival:
@@ -593,6 +617,20 @@ def check(plan: Plan, runs: list[Run], record: dict[str, Any], tally: Tally) -> 
         raise Violation(
             f"paid twice: {key} has {len(ids)} tasks {ids} ({states}); reported: {lines}"
         )
+    # The journals: every job once, finished, with its own task.
+    for journal, rows in (journals or {}).items():
+        seen = collections.Counter(row["key"] for row in rows)
+        twice = [key for key, times in seen.items() if times > 1]
+        if twice:
+            raise Violation(f"journal {journal} lists {twice[:3]} more than once")
+        for row in rows:
+            if row["key"] not in keys:
+                raise Violation(f"journal {journal} lists an unknown job: {row}")
+            if row["state"] in ("pending", "submitting", "running"):
+                raise Violation(f"journal {journal}: {row['key']} is left {row['state']}: {row}")
+            if row["task_id"] is not None and owner.get(row["task_id"]) != row["key"]:
+                raise Violation(f"journal {journal}: {row['key']} holds another's task: {row}")
+
     # PostgreSQL: a surviving worker reports each job at most once.
     if plan.backend == "pg":
         for n, run in enumerate(runs):
@@ -640,6 +678,7 @@ def soak_round(
     server = Server(plan, where)
     runs: list[Run] = []
     rivals: list[Run] = []
+    database = ""
     problem = ""
     try:
         if plan.rival:
@@ -651,7 +690,8 @@ def soak_round(
             rivals.append(Run(worker_argv(plan, server.url, journal, out, set(), True), out, set()))
             start(rivals[0], where)
         if plan.backend == "pg":
-            runs = run_pg(plan, server.url, where, bound, pg_server.new_database())
+            database = pg_server.new_database()
+            runs = run_pg(plan, server.url, where, bound, database)
         else:
             runs = run_sqlite(plan, server.url, where, bound)
         for rival in rivals:
@@ -669,7 +709,9 @@ def soak_round(
         record = server.stop()
     if not problem:
         try:
-            check(plan, runs, record, tally)
+            journals = {"rival": export(str(where / "rival.journal"))} if rivals else {}
+            journals["batch"] = export(database or str(where / "batch.journal"))
+            check(plan, runs, record, tally, journals)
         except Violation as exc:
             problem = str(exc)
     tally.rounds += 1
