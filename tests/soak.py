@@ -43,7 +43,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
@@ -587,7 +587,10 @@ def check(
         # The latest word: the last run's (SQLite), a surviving worker's (PostgreSQL).
         alive = [line for n, line in lines if not runs[n].killed] or [line for _, line in lines]
         last = alive[-1]
-        if last["task_id"] is None and per_job.get(key):
+        # A task that failed is left behind by retry_failed, which submits the job afresh.
+        retry = any("--retry-failed" in run.flags for run in runs)
+        abandoned = {line["task_id"] for _, line in lines if retry and line["state"] == "failed"}
+        if last["task_id"] is None and set(per_job.get(key, ())) - abandoned:
             kind = last["error_type"]
             if plan.advanced or kind != "SubmitOutcomeUnknownError":
                 raise Violation(
@@ -711,6 +714,7 @@ def soak_round(
         try:
             journals = {"rival": export(str(where / "rival.journal"))} if rivals else {}
             journals["batch"] = export(database or str(where / "batch.journal"))
+            save(where, plan, runs, journals)
             check(plan, runs, record, tally, journals)
         except Violation as exc:
             problem = str(exc)
@@ -735,6 +739,31 @@ def soak_round(
     )
 
 
+def save(where: Path, plan: Plan, runs: list[Run], journals: dict[str, Any]) -> None:
+    """Keep what :func:`check` reads beside the round's files, for ``--recheck``."""
+    ran = [{"out": run.out.name, "flags": sorted(run.flags), "killed": run.killed} for run in runs]
+    state = {"plan": asdict(plan), "runs": ran, "journals": journals}
+    (where / "round.json").write_text(json.dumps(state))
+
+
+def recheck(where: Path) -> int:
+    """Check a kept round's files again (after a change to the checks)."""
+    state = json.loads((where / "round.json").read_text())
+    plan = Plan(**state["plan"])
+    runs = [
+        Run(argv=[], out=where / run["out"], flags=set(run["flags"]), killed=run["killed"])
+        for run in state["runs"]
+    ]
+    record = json.loads((where / "server.json").read_text())
+    try:
+        check(plan, runs, record, Tally(), state["journals"])
+    except Violation as exc:
+        print(f"seed {plan.seed} round {plan.round}: VIOLATION {exc}")
+        return 1
+    print(f"seed {plan.seed} round {plan.round}: ok")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seed", type=int, default=1)
@@ -746,7 +775,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--keep", type=Path, default=Path(tempfile.gettempdir()))
     parser.add_argument("--go-on", action="store_true", help="run every round despite failures")
     parser.add_argument("--keep-all", action="store_true", help="keep every round's files")
+    parser.add_argument("--recheck", type=Path, help="check a kept round's files again")
     args = parser.parse_args(argv)
+    if args.recheck:
+        return recheck(args.recheck)
     pg_server = None
     if args.backend == "pg":
         from pg import PgServer
