@@ -634,13 +634,12 @@ def check(
             if row["task_id"] is not None and owner.get(row["task_id"]) != row["key"]:
                 raise Violation(f"journal {journal}: {row['key']} holds another's task: {row}")
 
-    # PostgreSQL: a surviving worker reports each job at most once.
-    if plan.backend == "pg":
-        for n, run in enumerate(runs):
-            seen = collections.Counter(line["key"] for line in read_lines(run.out))
-            twice = [key for key, times in seen.items() if times > 1]
-            if not run.killed and twice:
-                raise Violation(f"worker {n} reported {len(twice)} jobs twice, e.g. {twice[:3]}")
+    # A run that completes (a surviving worker) reports each job at most once.
+    for n, run in enumerate(runs):
+        seen = collections.Counter(line["key"] for line in read_lines(run.out))
+        twice = [key for key, times in seen.items() if times > 1]
+        if not run.killed and twice:
+            raise Violation(f"run {n} reported {len(twice)} jobs twice, e.g. {twice[:3]}")
 
     # The account's limit: never more tasks at once than max_in_flight (a task whose submit
     # ended unclear is no job's, and holds no slot: such rounds are not checked).
