@@ -82,6 +82,7 @@ class Plan:
     #: Another batch on the same account and videos (the same clips dubbed into another
     #: language), run by a script worker on its own journal, never killed.
     rival: bool = False
+    pg_resubmit: bool = True  # pg: the workers run with resubmit_unknown
 
     def describe(self) -> str:
         faults = ", ".join(f"{k}={v:g}" for k, v in self.faults.items() if v) or "none"
@@ -98,7 +99,10 @@ class Plan:
                 f" resubmit_unknown={self.resubmit_unknown} retry_failed={self.retry_failed}"
             )
         else:
-            text += f"; workers={self.workers} kill at {self.victim_at:.2f} replace={self.replace}"
+            text += (
+                f"; workers={self.workers} kill at {self.victim_at:.2f} replace={self.replace}"
+                f" resubmit_unknown={self.pg_resubmit}"
+            )
         return text
 
 
@@ -146,6 +150,7 @@ def draw(seed: int, number: int, jobs: int, backend: str) -> Plan:
     # Drawn last, so that the draws above stay those of earlier versions of this file.
     plan.rival = rng.random() < 0.3
     plan.faults["create_delay"] = round(rng.uniform(0.0, 0.3), 3) if rng.random() < 0.3 else 0.0
+    plan.pg_resubmit = rng.random() < 0.5
     return plan
 
 
@@ -488,7 +493,8 @@ def run_sqlite(plan: Plan, url: str, where: Path, bound: float) -> list[Run]:
 
 def run_pg(plan: Plan, url: str, where: Path, bound: float, database: str) -> list[Run]:
     """Run the batch with 2-3 workers on one PostgreSQL journal; one is SIGKILLed."""
-    flags = {"--resubmit-unknown"}  # a dead worker's identify-face call may be sent again
+    # resubmit_unknown: a dead worker's unclear submits (and identify-face calls) go again.
+    flags = {"--resubmit-unknown"} if plan.pg_resubmit else set()
     runs = []
     for n in range(plan.workers):
         out = where / f"worker-{n}.jsonl"
@@ -598,20 +604,17 @@ def check(
                 )
 
     # Nothing paid twice: one task per job, but for the documented exceptions.
-    killed = any(run.killed for run in runs)
     for key, ids in per_job.items():
         if len(ids) < 2:
             continue
         lines = [line for _, line in reports.get(key, [])]
         failed_before = any(not line_ok(line) for line in lines)
         retried = any("--retry-failed" in run.flags for run in runs)
-        unclear = any(line["error_type"] == "SubmitOutcomeUnknownError" for line in lines)
-        resubmitted = any("--resubmit-unknown" in run.flags for run in runs)
         # retry_failed: one new task per earlier failure; resubmit_unknown (basic lip-sync
-        # only: an advanced resend carries the same external id) after an unclear submit or a
-        # kill with a submit on the wire.
+        # only: an advanced resend carries the same external id) in a run after an unclear
+        # submit or a kill with a submit on the wire (PostgreSQL: workers run side by side).
         retry = retried and failed_before and len(ids) <= 2
-        resend = resubmitted and not plan.advanced and (unclear or killed)
+        resend = not plan.advanced and resent_after_doubt(plan, runs, reports.get(key, []))
         # The rival batch is never killed nor retried: no exception applies to it.
         if (retry or resend) and not key.startswith("rival-"):
             tally.duplicates_allowed += 1
@@ -660,6 +663,22 @@ def check(
             tally.unknown += line["error_type"] == "SubmitOutcomeUnknownError"
             tally.failed += line["state"] == "failed"
             tally.timed_out += line["state"] == "timed_out"
+
+
+def resent_after_doubt(
+    plan: Plan, runs: list[Run], lines: list[tuple[int, dict[str, Any]]]
+) -> bool:
+    """Whether a run with resubmit_unknown followed a doubt about the job's submit."""
+    unclear = {n for n, line in lines if line["error_type"] == "SubmitOutcomeUnknownError"}
+    for n, run in enumerate(runs):
+        if "--resubmit-unknown" not in run.flags:
+            continue
+        if plan.backend == "pg":
+            if any(other.killed for other in runs) or unclear:
+                return True
+        elif any(runs[m].killed or m in unclear for m in range(n)):
+            return True
+    return False
 
 
 def line_ok(line: dict[str, Any]) -> bool:

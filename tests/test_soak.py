@@ -114,10 +114,44 @@ def test_the_checks_catch_each_broken_promise(
     broken: str,
 ) -> None:
     plan = soak.draw(1, 0, 2, "sqlite")
-    plan.advanced, plan.retry_failed = True, False
+    plan.advanced, plan.retry_failed, plan.rival = True, False, False
     with pytest.raises(soak.Violation, match=broken):
         soak.check(plan, results(tmp_path, *lines), record(*tasks), soak.Tally())
     # The same round told the truth passes.
     good = record(("t0", 0, "succeed"), ("t1", 1, "succeed"))
     runs = results(tmp_path, ("job-0", "t0", "succeeded"), ("job-1", "t1", "succeeded"))
     soak.check(plan, runs, good, soak.Tally())
+
+
+@pytest.mark.parametrize(
+    ("advanced", "flags", "allowed"),
+    [
+        (False, {"--resubmit-unknown"}, True),  # basic: a resend after the kill may pay again
+        (False, set(), False),  # without resubmit_unknown it may not
+        (True, {"--resubmit-unknown"}, False),  # advanced: the resend carries the external id
+    ],
+)
+def test_a_second_task_is_allowed_only_where_documented(
+    tmp_path: Path, advanced: bool, flags: set[str], allowed: bool
+) -> None:
+    plan = soak.draw(1, 0, 1, "sqlite")
+    plan.advanced, plan.retry_failed, plan.rival = advanced, False, False
+    killed, rerun = tmp_path / "run-0.jsonl", tmp_path / "run-1.jsonl"
+    killed.write_text("")
+    rerun.write_text(
+        json.dumps({"key": "job-0", "task_id": "t1", "state": "succeeded", "error_type": None})
+        + "\n"
+    )
+    runs = [
+        soak.Run(argv=[], out=killed, flags=set(), killed=True),
+        soak.Run(argv=[], out=rerun, flags=flags),
+    ]
+    server = record(("t0", 0, "succeed"), ("t1", 0, "succeed"))
+    if not advanced:
+        for task in server["tasks"]:
+            task["stage"] = "lip-sync"
+    if allowed:
+        soak.check(plan, runs, server, soak.Tally())
+    else:
+        with pytest.raises(soak.Violation, match="paid twice"):
+            soak.check(plan, runs, server, soak.Tally())
