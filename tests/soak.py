@@ -42,6 +42,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -50,7 +51,8 @@ from typing import IO, Any
 HERE = Path(__file__).resolve()
 #: A job's own mark in its request (the text of a basic job, the audio URL of an advanced one).
 MARK = re.compile(r"soak-(line|rival)-(\d+)\b")
-KILL_EXIT = -signal.SIGKILL
+#: The PostgreSQL workers' lease, in seconds (a dead worker's jobs are taken over after it).
+LEASE = 1.0
 #: Keys of the FakeKlingServer's fault counter, and the task failures counted from its tasks.
 FAULT_KINDS = ("http_500", "bad_gateway", "lost_answer", "malformed_json", "query_error")
 
@@ -83,6 +85,7 @@ class Plan:
     #: language), run by a script worker on its own journal, never killed.
     rival: bool = False
     pg_resubmit: bool = True  # pg: the workers run with resubmit_unknown
+    pause_at: float = 0.0  # pg: another worker is SIGSTOPped past its lease then (0: none)
 
     def describe(self) -> str:
         faults = ", ".join(f"{k}={v:g}" for k, v in self.faults.items() if v) or "none"
@@ -103,6 +106,8 @@ class Plan:
                 f"; workers={self.workers} kill at {self.victim_at:.2f} replace={self.replace}"
                 f" resubmit_unknown={self.pg_resubmit}"
             )
+            if self.pause_at:
+                text += f" pause at {self.pause_at:.2f}"
         return text
 
 
@@ -151,6 +156,7 @@ def draw(seed: int, number: int, jobs: int, backend: str) -> Plan:
     plan.rival = rng.random() < 0.3
     plan.faults["create_delay"] = round(rng.uniform(0.0, 0.3), 3) if rng.random() < 0.3 else 0.0
     plan.pg_resubmit = rng.random() < 0.5
+    plan.pause_at = rng.uniform(0.1, 0.7) * length if backend == "pg" and rng.random() < 0.3 else 0
     return plan
 
 
@@ -236,7 +242,7 @@ def work(argv: list[str]) -> None:
     retry = ka.RetryPolicy(max_attempts=6, base_delay=0.01, max_delay=0.1, concurrency_delay=0.02)
     journal: str | PostgresJournal = journal_arg
     if journal_arg.startswith("postgresql://"):
-        journal = PostgresJournal(url=journal_arg, lease=1.0, renew=0.2, claim_poll=0.02)
+        journal = PostgresJournal(url=journal_arg, lease=LEASE, renew=LEASE / 5, claim_poll=0.02)
     jobs = []
     for text in Path(jobs_file).read_text().splitlines():
         fields = json.loads(text)
@@ -296,6 +302,14 @@ class Run:
     seconds: float = 0.0
     exit: int | None = None
     stderr: Path | None = None
+    #: SIGSTOPped past its lease, then stopped by the journal (JournalError): gone, as if killed.
+    paused: bool = False
+    lapsed: bool = False
+
+    @property
+    def gone(self) -> bool:
+        """Whether the run died or was stopped before it completed."""
+        return self.killed or self.lapsed
 
 
 @dataclass
@@ -502,18 +516,51 @@ def run_pg(plan: Plan, url: str, where: Path, bound: float, database: str) -> li
     for run in runs:
         start(run, where)
     victim = runs[plan.round % plan.workers]
+    timers = []
+    if plan.pause_at:
+        timers = pause(runs[(plan.round + 1) % plan.workers], plan.pause_at, LEASE * 3)
     finish(victim, plan.victim_at, bound)
     if victim.killed and plan.replace:
         out = where / f"worker-{plan.workers}.jsonl"
         runs.append(Run(worker_argv(plan, url, database, out, flags), out, flags))
         start(runs[-1], where)
-    for run in runs:
-        if run is not victim:
-            finish(run, None, bound)
+    try:
+        for run in runs:
+            if run is not victim:
+                finish(run, None, bound)
+    finally:
+        for timer in timers:
+            timer.cancel()
+        for run in runs:  # a stopped worker must not stay stopped
+            if run.paused and run.proc is not None and run.proc.poll() is None:
+                run.proc.send_signal(signal.SIGCONT)
     for n, run in enumerate(runs):
-        if not run.killed and run.exit != 0:
+        # A worker paused past its lease stops at its next write: its jobs may be others' now.
+        run.lapsed = run.paused and run.exit != 0 and "JournalError" in tail(run.stderr, 30)
+        if not run.gone and run.exit != 0:
             raise Violation(f"worker {n} ended with status {run.exit}: {tail(run.stderr)}")
     return runs
+
+
+def pause(run: Run, at: float, seconds: float) -> list[threading.Timer]:
+    """SIGSTOP ``run`` ``at`` seconds after its imports, SIGCONT it ``seconds`` later."""
+    assert run.proc is not None
+    proc = run.proc
+
+    def resume() -> None:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGCONT)
+
+    def stop() -> None:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGSTOP)
+            run.paused = True
+            timers[1].start()
+
+    delay = max(0.0, run.started + (STARTUP[0] if STARTUP else 0.0) + at - time.monotonic())
+    timers = [threading.Timer(delay, stop), threading.Timer(seconds, resume)]
+    timers[0].start()
+    return timers
 
 
 def export(journal: str) -> list[dict[str, Any]]:
@@ -591,7 +638,7 @@ def check(
     # No job ends without its task while one exists (an unclear submit may end unknown).
     for key, lines in reports.items():
         # The latest word: the last run's (SQLite), a surviving worker's (PostgreSQL).
-        alive = [line for n, line in lines if not runs[n].killed] or [line for _, line in lines]
+        alive = [line for n, line in lines if not runs[n].gone] or [line for _, line in lines]
         last = alive[-1]
         # A task that failed is left behind by retry_failed, which submits the job afresh.
         retry = any("--retry-failed" in run.flags for run in runs)
@@ -641,7 +688,7 @@ def check(
     for n, run in enumerate(runs):
         seen = collections.Counter(line["key"] for line in read_lines(run.out))
         twice = [key for key, times in seen.items() if times > 1]
-        if not run.killed and twice:
+        if not run.gone and twice:
             raise Violation(f"run {n} reported {len(twice)} jobs twice, e.g. {twice[:3]}")
 
     # The account's limit: never more tasks at once than max_in_flight (a task whose submit
@@ -674,7 +721,7 @@ def resent_after_doubt(
         if "--resubmit-unknown" not in run.flags:
             continue
         if plan.backend == "pg":
-            if any(other.killed for other in runs) or unclear:
+            if any(other.gone for other in runs) or unclear:
                 return True
         elif any(runs[m].killed or m in unclear for m in range(n)):
             return True
@@ -759,7 +806,10 @@ def soak_round(
 
 def save(where: Path, plan: Plan, runs: list[Run], journals: dict[str, Any]) -> None:
     """Keep what :func:`check` reads beside the round's files, for ``--recheck``."""
-    ran = [{"out": run.out.name, "flags": sorted(run.flags), "killed": run.killed} for run in runs]
+    ran = [
+        {"out": r.out.name, "flags": sorted(r.flags), "killed": r.killed, "lapsed": r.lapsed}
+        for r in runs
+    ]
     state = {"plan": asdict(plan), "runs": ran, "journals": journals}
     (where / "round.json").write_text(json.dumps(state))
 
@@ -769,7 +819,13 @@ def recheck(where: Path) -> int:
     state = json.loads((where / "round.json").read_text())
     plan = Plan(**state["plan"])
     runs = [
-        Run(argv=[], out=where / run["out"], flags=set(run["flags"]), killed=run["killed"])
+        Run(
+            argv=[],
+            out=where / run["out"],
+            flags=set(run["flags"]),
+            killed=run["killed"],
+            lapsed=run.get("lapsed", False),
+        )
         for run in state["runs"]
     ]
     record = json.loads((where / "server.json").read_text())
