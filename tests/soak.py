@@ -32,6 +32,7 @@ import argparse
 import asyncio
 import collections
 import contextlib
+import itertools
 import json
 import math
 import os
@@ -274,6 +275,7 @@ def work(argv: list[str]) -> None:
                         "error_type": type(result.error).__name__ if result.error else None,
                         "error": None if result.error is None else str(result.error),
                         "adopted": result.adopted,
+                        "at": time.time(),  # when it was handed over (a kill's evidence)
                     }
                     out.write(json.dumps(line) + "\n")
                     out.flush()
@@ -305,6 +307,7 @@ class Run:
     #: SIGSTOPped past its lease, then stopped by the journal (JournalError): gone, as if killed.
     paused: bool = False
     lapsed: bool = False
+    killed_at: float = 0.0  # Unix time of the SIGKILL
 
     @property
     def gone(self) -> bool:
@@ -419,6 +422,7 @@ def finish(run: Run, kill_at: float | None, bound: float) -> None:
         except subprocess.TimeoutExpired:
             run.proc.send_signal(signal.SIGKILL)
             run.killed = True
+            run.killed_at = time.time()
     try:
         run.proc.wait(timeout=max(0.0, run.started + bound - time.monotonic()))
     except subprocess.TimeoutExpired:
@@ -684,6 +688,19 @@ def check(
             if row["task_id"] is not None and owner.get(row["task_id"]) != row["key"]:
                 raise Violation(f"journal {journal}: {row['key']} holds another's task: {row}")
 
+    # SQLite: a result kept by the journal (a success, a failed task) is reported again by a
+    # later run only when it was handed over in the last moment before a kill (the "taken"
+    # marks are committed within a millisecond or two): never one handed over long before.
+    if plan.backend == "sqlite":
+        for key, lines in reports.items():
+            for (n, line), (m, again) in itertools.pairwise(lines):
+                if m != n and not held_at_a_kill(runs, n, line, runs[m]):
+                    ended = "was killed" if runs[n].killed else "completed"
+                    raise Violation(
+                        f"{key}: run {m} reported it again ({again}) though run {n} had handed"
+                        f" over its kept result ({line}) and {ended}"
+                    )
+
     # A run that completes (a surviving worker) reports each job at most once.
     for n, run in enumerate(runs):
         seen = collections.Counter(line["key"] for line in read_lines(run.out))
@@ -726,6 +743,17 @@ def resent_after_doubt(
         elif any(runs[m].killed or m in unclear for m in range(n)):
             return True
     return False
+
+
+def held_at_a_kill(runs: list[Run], n: int, line: dict[str, Any], later: Run) -> bool:
+    """Whether run ``n``'s result ``line`` may be reported again by the ``later`` run."""
+    kept = line["state"] == "succeeded" or line["error_type"] == "TaskFailedError"
+    if not kept or ("--retry-failed" in later.flags and not line_ok(line)):
+        return True  # a rerun improves it, or retry_failed runs it again
+    if not runs[n].killed:
+        return False
+    # Handed over within half a second of the kill (the CLI's lines do not say when).
+    return "at" not in line or runs[n].killed_at - line["at"] < 0.5
 
 
 def line_ok(line: dict[str, Any]) -> bool:
@@ -807,7 +835,13 @@ def soak_round(
 def save(where: Path, plan: Plan, runs: list[Run], journals: dict[str, Any]) -> None:
     """Keep what :func:`check` reads beside the round's files, for ``--recheck``."""
     ran = [
-        {"out": r.out.name, "flags": sorted(r.flags), "killed": r.killed, "lapsed": r.lapsed}
+        {
+            "out": r.out.name,
+            "flags": sorted(r.flags),
+            "killed": r.killed,
+            "lapsed": r.lapsed,
+            "killed_at": r.killed_at,
+        }
         for r in runs
     ]
     state = {"plan": asdict(plan), "runs": ran, "journals": journals}
@@ -825,6 +859,7 @@ def recheck(where: Path) -> int:
             flags=set(run["flags"]),
             killed=run["killed"],
             lapsed=run.get("lapsed", False),
+            killed_at=run.get("killed_at", 0.0),
         )
         for run in state["runs"]
     ]
