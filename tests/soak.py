@@ -538,9 +538,16 @@ def run_pg(plan: Plan, url: str, where: Path, bound: float, database: str) -> li
         for run in runs:  # a stopped worker must not stay stopped
             if run.paused and run.proc is not None and run.proc.poll() is None:
                 run.proc.send_signal(signal.SIGCONT)
-    for n, run in enumerate(runs):
+    for run in runs:
         # A worker paused past its lease stops at its next write: its jobs may be others' now.
         run.lapsed = run.paused and run.exit != 0 and "JournalError" in tail(run.stderr, 30)
+    if all(run.gone for run in runs):
+        # Every worker died or lapsed: the batch is run again, as its owner would.
+        out = where / f"worker-{len(runs)}.jsonl"
+        runs.append(Run(worker_argv(plan, url, database, out, flags), out, flags))
+        start(runs[-1], where)
+        finish(runs[-1], None, bound)
+    for n, run in enumerate(runs):
         if not run.gone and run.exit != 0:
             raise Violation(f"worker {n} ended with status {run.exit}: {tail(run.stderr)}")
     return runs
