@@ -45,6 +45,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import IO, Any
@@ -87,6 +88,9 @@ class Plan:
     rival: bool = False
     pg_resubmit: bool = True  # pg: the workers run with resubmit_unknown
     pause_at: float = 0.0  # pg: another worker is SIGSTOPped past its lease then (0: none)
+    #: PollPolicy.timeout of the script workers (0: 30 s): a short one makes TIMED_OUT results,
+    #: which a rerun (with the long one) must track, never submit again.
+    poll_timeout: float = 0.0
 
     def describe(self) -> str:
         faults = ", ".join(f"{k}={v:g}" for k, v in self.faults.items() if v) or "none"
@@ -109,6 +113,8 @@ class Plan:
             )
             if self.pause_at:
                 text += f" pause at {self.pause_at:.2f}"
+        if self.poll_timeout:
+            text += f"; poll timeout {self.poll_timeout:g}s"
         return text
 
 
@@ -158,6 +164,8 @@ def draw(seed: int, number: int, jobs: int, backend: str) -> Plan:
     plan.faults["create_delay"] = round(rng.uniform(0.0, 0.3), 3) if rng.random() < 0.3 else 0.0
     plan.pg_resubmit = rng.random() < 0.5
     plan.pause_at = rng.uniform(0.1, 0.7) * length if backend == "pg" and rng.random() < 0.3 else 0
+    if plan.runner == "script" and rng.random() < 0.3:
+        plan.poll_timeout = round(max(0.2, rng.uniform(0.5, 2.5) * median), 3)
     return plan
 
 
@@ -239,7 +247,10 @@ def work(argv: list[str]) -> None:
     from kling_async.journal import PostgresJournal
 
     url, journal_arg, jobs_file, out_file, in_flight, *flags = argv
-    poll = ka.PollPolicy(first_delay=0.02, max_interval=0.1, multiplier=1.5, timeout=30.0)
+    timeout = [float(f.split("=")[1]) for f in flags if f.startswith("--poll-timeout=")]
+    poll = ka.PollPolicy(
+        first_delay=0.02, max_interval=0.1, multiplier=1.5, timeout=(timeout or [30.0])[0]
+    )
     retry = ka.RetryPolicy(max_attempts=6, base_delay=0.01, max_delay=0.1, concurrency_delay=0.02)
     journal: str | PostgresJournal = journal_arg
     if journal_arg.startswith("postgresql://"):
@@ -486,6 +497,7 @@ def run_sqlite(plan: Plan, url: str, where: Path, bound: float) -> list[Run]:
     attempt = 0
     while True:
         flags = {"--resubmit-unknown"} if plan.resubmit_unknown[min(attempt, 3)] else set()
+        flags |= short_timeout(plan)
         out = where / f"run-{len(runs)}.jsonl"
         run = Run(worker_argv(plan, url, journal, out, flags), out, flags)
         runs.append(run)
@@ -497,6 +509,7 @@ def run_sqlite(plan: Plan, url: str, where: Path, bound: float) -> list[Run]:
         if not ok_exit(plan, run):
             raise Violation(f"run {len(runs) - 1} ended with status {run.exit}: {tail(run.stderr)}")
         break
+    settle(plan, runs, lambda out: worker_argv(plan, url, journal, out, set()), where, bound)
     if plan.retry_failed:
         out = where / f"run-{len(runs)}.jsonl"
         flags = {"--retry-failed"}
@@ -516,7 +529,8 @@ def run_pg(plan: Plan, url: str, where: Path, bound: float, database: str) -> li
     runs = []
     for n in range(plan.workers):
         out = where / f"worker-{n}.jsonl"
-        runs.append(Run(worker_argv(plan, url, database, out, flags), out, flags))
+        argv = worker_argv(plan, url, database, out, flags | short_timeout(plan))
+        runs.append(Run(argv, out, flags))
     for run in runs:
         start(run, where)
     victim = runs[plan.round % plan.workers]
@@ -550,7 +564,33 @@ def run_pg(plan: Plan, url: str, where: Path, bound: float, database: str) -> li
     for n, run in enumerate(runs):
         if not run.gone and run.exit != 0:
             raise Violation(f"worker {n} ended with status {run.exit}: {tail(run.stderr)}")
+    settle(plan, runs, lambda out: worker_argv(plan, url, database, out, flags), where, bound)
     return runs
+
+
+def short_timeout(plan: Plan) -> set[str]:
+    """The script worker's flag for the plan's short poll timeout, if it has one."""
+    return {f"--poll-timeout={plan.poll_timeout}"} if plan.poll_timeout else set()
+
+
+def settle(
+    plan: Plan, runs: list[Run], argv: Callable[[Path], list[str]], where: Path, bound: float
+) -> None:
+    """Rerun (with the long poll timeout) while the latest results hold TIMED_OUT ones."""
+    for _ in range(3):
+        latest: dict[str, str] = {}
+        for run in runs:
+            for line in read_lines(run.out):
+                latest[line["key"]] = line["state"]
+        if "timed_out" not in latest.values():
+            return
+        out = where / f"{runs[-1].out.stem.rstrip('0123456789')}{len(runs)}.jsonl"
+        run = Run(argv(out), out, set())
+        runs.append(run)
+        start(run, where)
+        finish(run, None, bound)
+        if not ok_exit(plan, run):
+            raise Violation(f"run {len(runs) - 1} ended with status {run.exit}: {tail(run.stderr)}")
 
 
 def pause(run: Run, at: float, seconds: float) -> list[threading.Timer]:
