@@ -91,6 +91,7 @@ class Plan:
     #: PollPolicy.timeout of the script workers (0: 30 s): a short one makes TIMED_OUT results,
     #: which a rerun (with the long one) must track, never submit again.
     poll_timeout: float = 0.0
+    retry_kill: float = 0.0  # sqlite: the retry_failed run is SIGKILLed then (0: never)
 
     def describe(self) -> str:
         faults = ", ".join(f"{k}={v:g}" for k, v in self.faults.items() if v) or "none"
@@ -106,6 +107,8 @@ class Plan:
                 f"; runner={self.runner} kills at {[round(k, 2) for k in self.kills]}"
                 f" resubmit_unknown={self.resubmit_unknown} retry_failed={self.retry_failed}"
             )
+            if self.retry_kill:
+                text += f" (killed at {self.retry_kill:.2f})"
         else:
             text += (
                 f"; workers={self.workers} kill at {self.victim_at:.2f} replace={self.replace}"
@@ -166,6 +169,8 @@ def draw(seed: int, number: int, jobs: int, backend: str) -> Plan:
     plan.pause_at = rng.uniform(0.1, 0.7) * length if backend == "pg" and rng.random() < 0.3 else 0
     if plan.runner == "script" and rng.random() < 0.3:
         plan.poll_timeout = round(max(0.2, rng.uniform(0.5, 2.5) * median), 3)
+    if plan.retry_failed and rng.random() < 0.5:
+        plan.retry_kill = rng.uniform(0.02, 0.3) * length
     return plan
 
 
@@ -516,9 +521,17 @@ def run_sqlite(plan: Plan, url: str, where: Path, bound: float) -> list[Run]:
         run = Run(worker_argv(plan, url, journal, out, flags), out, flags)
         runs.append(run)
         start(run, where)
-        finish(run, None, bound)
-        if not ok_exit(plan, run):
+        finish(run, plan.retry_kill or None, bound)
+        if not run.killed and not ok_exit(plan, run):
             raise Violation(f"the retry_failed run ended with {run.exit}: {tail(run.stderr)}")
+        if run.killed:  # run again, without retry_failed: what it began must be finished
+            out = where / f"run-{len(runs)}.jsonl"
+            run = Run(worker_argv(plan, url, journal, out, set()), out, set())
+            runs.append(run)
+            start(run, where)
+            finish(run, None, bound)
+            if not ok_exit(plan, run):
+                raise Violation(f"the rerun ended with {run.exit}: {tail(run.stderr)}")
     return runs
 
 
@@ -716,6 +729,13 @@ def check(
         # The rival batch is never killed nor retried: no exception applies to it.
         if (retry or resend) and not key.startswith("rival-"):
             tally.duplicates_allowed += 1
+            newest = max(ids, key=lambda t: tasks[t]["created_at"])
+            alive = [line for n, line in reports[key] if not runs[n].gone] or lines
+            if retry and alive[-1]["task_id"] not in (newest, None):
+                raise Violation(
+                    f"{key}: retry_failed made task {newest}, but its latest result names "
+                    f"{alive[-1]['task_id']}: {alive[-1]}"
+                )
             continue
         states = [tasks[t]["state"] for t in ids]
         raise Violation(
