@@ -2,28 +2,42 @@
 
     python tests/soak.py --seed 1 --rounds 30 --jobs 300            # SQLite journal
     python tests/soak.py --seed 1 --rounds 10 --jobs 300 --backend pg
+    python tests/soak.py --seed 1 --first-round 7 --rounds 1 --keep-all   # one round again
+    python tests/soak.py --recheck /tmp/soak-1-7-xxxx                # its files, checked again
 
-Each round draws, from ``--seed`` and the round number alone (so a failing round can be run
-again with the same numbers), a fault plan for a :class:`~kling_async.testing.FakeKlingServer`
-(HTML 500s, proxy 502s, answers lost after acting, malformed JSON, 5000s on queries, task
-failures, slow answers), task durations, the dialect (official advanced lip-sync, whose
-submits carry external task ids, or basic lip-sync, whose lost submits can only be adopted
-provably), whether jobs share videos, the batch's ``max_in_flight`` and the account's limit.
+Each round draws, from ``--seed`` and the round number alone (the draws repeat; the timing of
+a run does not), a fault plan for a :class:`~kling_async.testing.FakeKlingServer` (HTML 500s,
+proxy 502s, answers lost after acting, malformed JSON, 5000s on queries, task failures, slow
+answers, slow creates), task durations, the dialect (official advanced lip-sync, whose submits
+carry external task ids, or basic lip-sync, whose lost submits can only be adopted provably),
+whether jobs share videos, the batch's ``max_in_flight``, the account's limit, and sometimes a
+rival batch on the same account and videos (the same clips dubbed into another language).
 
 The server runs in its own process.  ``sqlite``: one worker process (the ``kling-async run``
 command or a small script, drawn per round) runs the batch on a SQLite journal, is SIGKILLed
 0-3 times at random moments and rerun on the same journal until a run completes (sometimes
-with ``--resubmit-unknown``; then sometimes once more with ``--retry-failed``).  ``pg``: 2-3
-workers share a PostgreSQL journal (a throw-away server, tests/pg.py), one is SIGKILLed at a
-random moment, sometimes replaced.
+with ``--resubmit-unknown``; sometimes with a short poll timeout, and then again until no
+result is ``TIMED_OUT``; then sometimes once more with ``--retry-failed``, itself perhaps
+killed and run again).  ``pg``: 2-3 workers share a PostgreSQL journal (a throw-away server,
+tests/pg.py); one is SIGKILLed at a random moment, sometimes replaced, and sometimes another is
+SIGSTOPped past its lease and resumed (it must stop with ``JournalError``).
 
-Then the promises are checked against every task the server created (it writes them out
-when it stops): nothing lost (every job was reported by some run), nothing paid twice (at most
-one task per job, unless ``retry_failed`` ran a failed job again or ``resubmit_unknown`` sent
-an unclear submit again), no result that is not the job's own (each reported task was created
-from that job's request, and says what the server says of it), no endless wait (each run ends
-within ``--bound`` seconds).  A violation prints the seed, the round and the evidence, keeps
-the round's files and exits with status 1.
+Then the promises are checked against every task the server created (it writes them out when
+it stops) and against each journal's export (``kling-async results``):
+
+* nothing lost: every job was reported by some run, and its journal holds it finished;
+* nothing paid twice: at most one task per job, unless ``retry_failed`` ran a failed job again
+  or ``resubmit_unknown`` sent an unclear submit of basic lip-sync again after a kill or an
+  unknown outcome; a completed run reports each job once, and a later run reports a kept
+  result again only if it was handed over just before a kill;
+* no result that is not the job's own: each reported task was created from that job's request
+  and says what the server says of it; a job whose task exists ends with it (or, on basic
+  lip-sync, as ``SubmitOutcomeUnknownError``); the account never ran more tasks at once than
+  ``max_in_flight`` (rounds without unclear submits);
+* no endless wait: each run ends within ``--bound`` seconds.
+
+A violation prints the seed, the round and the evidence, keeps the round's files and exits with
+status 1 (``--go-on`` runs the other rounds first).
 """
 
 from __future__ import annotations
