@@ -353,6 +353,7 @@ class Tally:
     jobs: int = 0
     runs: int = 0
     kills: int = 0
+    lapses: int = 0
     tasks: int = 0
     reports: int = 0
     adopted: int = 0
@@ -367,6 +368,7 @@ class Tally:
         faults = ", ".join(f"{k} {v}" for k, v in sorted(self.faults.items())) or "none"
         return (
             f"{self.rounds} rounds, {self.jobs} jobs, {self.runs} runs, {self.kills} kills, "
+            f"{self.lapses} lapsed leases, "
             f"{self.tasks} tasks, {self.reports} results reported ({self.adopted} adopted, "
             f"{self.unknown} unknown, {self.failed} failed, {self.timed_out} timed out), "
             f"{self.duplicates_allowed} documented second tasks; faults hit: {faults}; "
@@ -896,6 +898,7 @@ def soak_round(
     tally.jobs += plan.jobs
     tally.runs += len(runs)
     tally.kills += sum(run.killed for run in runs)
+    tally.lapses += sum(run.lapsed for run in runs)
     tally.faults.update(record["faults_hit"])
     tally.faults["task_failure"] += sum(
         1 for t in record["tasks"] if t["reason"] and "risk control" in t["reason"]
@@ -908,9 +911,9 @@ def soak_round(
             return False, f"{problem}\n  (the round's files: {kept})"
     else:
         shutil.rmtree(where, ignore_errors=True)
-    return True, f"{len(runs)} runs ({sum(r.killed for r in runs)} killed), " + ", ".join(
-        f"{r.seconds:.1f}s" for r in runs
-    )
+    lapsed = sum(r.lapsed for r in runs)
+    gone = f"{sum(r.killed for r in runs)} killed" + (f", {lapsed} lapsed" if lapsed else "")
+    return True, f"{len(runs)} runs ({gone}), " + ", ".join(f"{r.seconds:.1f}s" for r in runs)
 
 
 def save(where: Path, plan: Plan, runs: list[Run], journals: dict[str, Any]) -> None:
