@@ -67,6 +67,8 @@ from typing import IO, Any
 HERE = Path(__file__).resolve()
 #: A job's own mark in its request (the text of a basic job, the audio URL of an advanced one).
 MARK = re.compile(r"soak-(line|rival)-(\d+)\b")
+#: A job's video (apimodels' identify-face tasks carry nothing else of the job).
+VIDEO = re.compile(r"soak-\d+-\d+-(\d+)\.mp4")
 #: The PostgreSQL workers' lease, in seconds (a dead worker's jobs are taken over after it).
 LEASE = 1.0
 #: Keys of the FakeKlingServer's fault counter, and the task failures counted from its tasks.
@@ -106,10 +108,16 @@ class Plan:
     #: which a rerun (with the long one) must track, never submit again.
     poll_timeout: float = 0.0
     retry_kill: float = 0.0  # sqlite: the retry_failed run is SIGKILLed then (0: never)
+    #: The API: the official format ("kling"), DMXAPI's gateway under /kling ("dmxapi", with
+    #: its quirks drawn), or apimodels.app (identify-face and lip-sync tasks, no list query).
+    dialect: str = "kling"
 
     def describe(self) -> str:
         faults = ", ".join(f"{k}={v:g}" for k, v in self.faults.items() if v) or "none"
+        faults = faults.replace("=1,", ",").removesuffix("=1")  # the quirks are on or off
         shape = "advanced" if self.advanced else "basic"
+        if self.dialect != "kling":
+            shape = f"{self.dialect} {shape}"
         text = (
             f"{self.backend} {shape}{' shared-videos' if self.shared_videos else ''}"
             f"{' +rival batch' if self.rival else ''} "
@@ -185,6 +193,13 @@ def draw(seed: int, number: int, jobs: int, backend: str) -> Plan:
         plan.poll_timeout = round(max(0.2, rng.uniform(0.5, 2.5) * median), 3)
     if plan.retry_failed and rng.random() < 0.5:
         plan.retry_kill = rng.uniform(0.02, 0.3) * length
+    plan.dialect = rng.choice(["kling", "kling", "kling", "dmxapi", "apimodels"])
+    if plan.dialect == "dmxapi":
+        plan.faults["data_as_list"] = rng.random() < 0.5
+        plan.faults["errors_as_http_200"] = rng.random() < 0.5
+    elif plan.dialect == "apimodels":
+        # Audio jobs only; identify-face tasks are known by their video: one per job.
+        plan.advanced, plan.shared_videos, plan.rival = True, False, False
     return plan
 
 
@@ -241,6 +256,7 @@ def serve(argv: list[str]) -> None:
                     {
                         "task_id": task.task_id,
                         "stage": task.stage,
+                        "dialect": task.dialect,
                         "state": task.state,
                         "reason": task.reason,
                         "input": dict(task.input),
@@ -281,14 +297,13 @@ def work(argv: list[str]) -> None:
         jobs.append(make(**fields))
 
     async def main(out: IO[str]) -> None:
-        client = ka.KlingClient.kling(
-            api_key="sk-sandbox",
-            base_url=url,
-            advanced="--advanced" in flags,
-            max_in_flight=int(in_flight),
-            poll=poll,
-            retry=retry,
-        )
+        options: dict[str, Any] = {"max_in_flight": int(in_flight), "poll": poll, "retry": retry}
+        if "--dialect=apimodels" in flags:
+            client = ka.KlingClient.apimodels(api_key="sk-sandbox", base_url=url, **options)
+        else:
+            make = ka.KlingClient.dmxapi if "--dialect=dmxapi" in flags else ka.KlingClient.kling
+            advanced = "--advanced" in flags
+            client = make(api_key="sk-sandbox", base_url=url, advanced=advanced, **options)
         async with client:
             batch = client.run_batch(
                 jobs,
@@ -497,10 +512,14 @@ def worker_argv(
         argv += ["--journal", journal, "--base-url", url, "--api-key", "sk-sandbox"]
         argv += ["--max-in-flight", str(plan.in_flight), "-q"]
         argv += ["--first-poll", "0.02", "--max-poll-interval", "0.1"]
+        if plan.dialect != "kling":
+            argv += ["--dialect", plan.dialect]
     else:
         argv = [sys.executable, str(HERE), "_worker", url, journal, jobs, str(out)]
         argv.append(str(plan.in_flight))
-    if plan.advanced:
+        if plan.dialect != "kling":
+            argv.append(f"--dialect={plan.dialect}")
+    if plan.advanced and plan.dialect != "apimodels":
         argv.append("--advanced")
     return argv + sorted(flags)
 
@@ -670,19 +689,20 @@ def check(
     ``journals``: each journal's export, whose jobs must all be done, once, with their own task.
     """
     stage = "advanced-lip-sync" if plan.advanced else "lip-sync"
+    # apimodels: identify-face is a task too (paid), found by its video (no job shares one).
+    stages = {stage, "identify-face"} if plan.dialect == "apimodels" else {stage}
+    # Exact: official advanced lip-sync finds a lost submit by its external id.
+    exact = plan.advanced and plan.dialect != "apimodels"
     keys = {f"job-{n}" for n in range(plan.jobs)}
     if plan.rival:
         keys |= {f"rival-{n}" for n in range(plan.jobs // 2)}
-    tasks = {t["task_id"]: t for t in record["tasks"] if t["stage"] == stage}
+    tasks = {t["task_id"]: t for t in record["tasks"] if t["stage"] in stages}
     owner: dict[str, str] = {}
-    per_job: dict[str, list[str]] = collections.defaultdict(list)
+    per_step: dict[tuple[str, str], list[str]] = collections.defaultdict(list)
     for task_id, task in tasks.items():
-        found = set(MARK.findall(json.dumps(task["input"])))
-        if len(found) != 1:
-            raise Violation(f"task {task_id} belongs to no single job: {task['input']}")
-        name, n = found.pop()
-        owner[task_id] = f"{'rival' if name == 'rival' else 'job'}-{n}"
-        per_job[owner[task_id]].append(task_id)
+        owner[task_id] = job_of(task)
+        per_step[owner[task_id], task["stage"]].append(task_id)
+    per_job = {key: ids for (key, step), ids in per_step.items() if step == stage}
     reports: dict[str, list[tuple[int, dict[str, Any]]]] = collections.defaultdict(list)
     for n, run in enumerate(runs):
         for line in read_lines(run.out):
@@ -709,7 +729,10 @@ def check(
                     f"for {key}: {line}"
                 )
             state = tasks[task_id]["state"]
-            if line["state"] == "succeeded" and state != "succeed":
+            if line["state"] == "succeeded" and (state, tasks[task_id]["stage"]) != (
+                "succeed",
+                stage,
+            ):
                 raise Violation(f"{key}: reported succeeded, the server says {state}: {line}")
             failed_task = line["state"] == "failed" and line["error_type"] == "TaskFailedError"
             if failed_task and state != "failed":
@@ -725,13 +748,13 @@ def check(
         abandoned = {line["task_id"] for _, line in lines if retry and line["state"] == "failed"}
         if last["task_id"] is None and set(per_job.get(key, ())) - abandoned:
             kind = last["error_type"]
-            if plan.advanced or kind != "SubmitOutcomeUnknownError":
+            if exact or kind != "SubmitOutcomeUnknownError":
                 raise Violation(
                     f"{key} ended without its task {per_job[key]} ({kind}: {last['error']})"
                 )
 
     # Nothing paid twice: one task per job, but for the documented exceptions.
-    for key, ids in per_job.items():
+    for (key, step), ids in per_step.items():
         if len(ids) < 2:
             continue
         lines = [line for _, line in reports.get(key, [])]
@@ -741,13 +764,13 @@ def check(
         # only: an advanced resend carries the same external id) in a run after an unclear
         # submit or a kill with a submit on the wire (PostgreSQL: workers run side by side).
         retry = retried and failed_before and len(ids) <= 2
-        resend = not plan.advanced and resent_after_doubt(plan, runs, reports.get(key, []))
+        resend = not exact and resent_after_doubt(plan, runs, reports.get(key, []))
         # The rival batch is never killed nor retried: no exception applies to it.
         if (retry or resend) and not key.startswith("rival-"):
             tally.duplicates_allowed += 1
             newest = max(ids, key=lambda t: tasks[t]["created_at"])
             alive = [line for n, line in reports[key] if not runs[n].gone] or lines
-            if retry and alive[-1]["task_id"] not in (newest, None):
+            if retry and step == stage and alive[-1]["task_id"] not in (newest, None):
                 raise Violation(
                     f"{key}: retry_failed made task {newest}, but its latest result names "
                     f"{alive[-1]['task_id']}: {alive[-1]}"
@@ -755,7 +778,7 @@ def check(
             continue
         states = [tasks[t]["state"] for t in ids]
         raise Violation(
-            f"paid twice: {key} has {len(ids)} tasks {ids} ({states}); reported: {lines}"
+            f"paid twice: {key} has {len(ids)} {step} tasks {ids} ({states}); reported: {lines}"
         )
     # The journals: every job once, finished, with its own task.
     for journal, rows in (journals or {}).items():
@@ -810,6 +833,18 @@ def check(
             tally.unknown += line["error_type"] == "SubmitOutcomeUnknownError"
             tally.failed += line["state"] == "failed"
             tally.timed_out += line["state"] == "timed_out"
+
+
+def job_of(task: dict[str, Any]) -> str:
+    """The key of the job whose request created ``task`` (its mark, else its video)."""
+    text = json.dumps(task["input"])
+    found = set(MARK.findall(text))
+    if not found and task["stage"] == "identify-face":
+        found = {("line", n) for n in VIDEO.findall(text)}
+    if len(found) != 1:
+        raise Violation(f"task {task['task_id']} belongs to no single job: {task['input']}")
+    name, n = found.pop()
+    return f"{'rival' if name == 'rival' else 'job'}-{n}"
 
 
 def resent_after_doubt(
