@@ -116,6 +116,7 @@ def test_the_checks_catch_each_broken_promise(
 ) -> None:
     plan = soak.draw(1, 0, 2, "sqlite")
     plan.advanced, plan.retry_failed, plan.rival = True, False, False
+    plan.dialect = "kling"
     with pytest.raises(soak.Violation, match=broken):
         soak.check(plan, results(tmp_path, *lines), record(*tasks), soak.Tally())
     # The same round told the truth passes.
@@ -137,6 +138,7 @@ def test_a_second_task_is_allowed_only_where_documented(
 ) -> None:
     plan = soak.draw(1, 0, 1, "sqlite")
     plan.advanced, plan.retry_failed, plan.rival = advanced, False, False
+    plan.dialect = "kling"
     killed, rerun = tmp_path / "run-0.jsonl", tmp_path / "run-1.jsonl"
     killed.write_text("")
     rerun.write_text(
