@@ -353,6 +353,10 @@ class Run:
     paused: bool = False
     lapsed: bool = False
     killed_at: float = 0.0  # Unix time of the SIGKILL
+    #: The CLI's runs append to one results file, as a user's reruns do: the bytes this run
+    #: appended (from, to); None when the run has a file of its own.
+    span: list[int] | None = None
+    name: str = ""
 
     @property
     def gone(self) -> bool:
@@ -451,7 +455,9 @@ STARTUP: list[float] = []
 
 def start(run: Run, where: Path) -> None:
     """Start ``run``'s process, its stderr kept in a file of the round's folder."""
-    run.stderr = where / f"{run.out.stem}.stderr"
+    run.stderr = where / f"{run.name or run.out.stem}.stderr"
+    if run.span is not None:
+        run.span = [run.out.stat().st_size if run.out.exists() else 0, -1]
     with open(run.stderr, "ab") as err:
         run.proc = subprocess.Popen(
             run.argv, stdout=subprocess.DEVNULL, stderr=err, env=env(), cwd=where
@@ -482,6 +488,8 @@ def finish(run: Run, kill_at: float | None, bound: float) -> None:
         ) from None
     run.seconds = time.monotonic() - run.started
     run.exit = run.proc.returncode
+    if run.span is not None:
+        run.span[1] = run.out.stat().st_size if run.out.exists() else 0
 
 
 def tail(path: Path | None, lines: int = 8) -> str:
@@ -491,12 +499,15 @@ def tail(path: Path | None, lines: int = 8) -> str:
     return " | ".join(path.read_text(errors="replace").splitlines()[-lines:])
 
 
-def read_lines(path: Path) -> list[dict[str, Any]]:
-    """A results file's lines (a killed run may leave half a line: skipped)."""
-    if not path.exists():
+def read_lines(run: Run) -> list[dict[str, Any]]:
+    """The result lines a run wrote (a killed run may leave half a line: skipped)."""
+    if not run.out.exists():
         return []
+    data = run.out.read_bytes()
+    if run.span is not None:
+        data = data[run.span[0] : run.span[1] if run.span[1] >= 0 else len(data)]
     lines = []
-    for text in path.read_text().splitlines():
+    for text in data.decode(errors="replace").splitlines():
         with contextlib.suppress(json.JSONDecodeError):
             lines.append(json.loads(text))
     return lines
@@ -538,8 +549,9 @@ def run_sqlite(plan: Plan, url: str, where: Path, bound: float) -> list[Run]:
     while True:
         flags = {"--resubmit-unknown"} if plan.resubmit_unknown[min(attempt, 3)] else set()
         flags |= short_timeout(plan)
-        out = where / f"run-{len(runs)}.jsonl"
+        out = output(plan, where, runs)
         run = Run(worker_argv(plan, url, journal, out, flags), out, flags)
+        shared(plan, run, runs)
         runs.append(run)
         start(run, where)
         finish(run, plan.kills[attempt] if attempt < len(plan.kills) else None, bound)
@@ -551,23 +563,36 @@ def run_sqlite(plan: Plan, url: str, where: Path, bound: float) -> list[Run]:
         break
     settle(plan, runs, lambda out: worker_argv(plan, url, journal, out, set()), where, bound)
     if plan.retry_failed:
-        out = where / f"run-{len(runs)}.jsonl"
+        out = output(plan, where, runs)
         flags = {"--retry-failed"}
         run = Run(worker_argv(plan, url, journal, out, flags), out, flags)
+        shared(plan, run, runs)
         runs.append(run)
         start(run, where)
         finish(run, plan.retry_kill or None, bound)
         if not run.killed and not ok_exit(plan, run):
             raise Violation(f"the retry_failed run ended with {run.exit}: {tail(run.stderr)}")
         if run.killed:  # run again, without retry_failed: what it began must be finished
-            out = where / f"run-{len(runs)}.jsonl"
+            out = output(plan, where, runs)
             run = Run(worker_argv(plan, url, journal, out, set()), out, set())
+            shared(plan, run, runs)
             runs.append(run)
             start(run, where)
             finish(run, None, bound)
             if not ok_exit(plan, run):
                 raise Violation(f"the rerun ended with {run.exit}: {tail(run.stderr)}")
     return runs
+
+
+def output(plan: Plan, where: Path, runs: list[Run]) -> Path:
+    """The next run's results file: the CLI's reruns append to one, as a user's would."""
+    return where / ("results.jsonl" if plan.runner == "cli" else f"run-{len(runs)}.jsonl")
+
+
+def shared(plan: Plan, run: Run, runs: list[Run]) -> None:
+    """Mark a CLI run (about to join ``runs``) as one of several appending to one file."""
+    if plan.runner == "cli":
+        run.span, run.name = [0, -1], f"run-{len(runs)}"
 
 
 def run_pg(plan: Plan, url: str, where: Path, bound: float, database: str) -> list[Run]:
@@ -628,12 +653,16 @@ def settle(
     for _ in range(3):
         latest: dict[str, str] = {}
         for run in runs:
-            for line in read_lines(run.out):
+            for line in read_lines(run):
                 latest[line["key"]] = line["state"]
         if "timed_out" not in latest.values():
             return
         out = where / f"{runs[-1].out.stem.rstrip('0123456789')}{len(runs)}.jsonl"
+        if plan.backend == "sqlite":
+            out = output(plan, where, runs)
         run = Run(argv(out), out, set())
+        if plan.backend == "sqlite":
+            shared(plan, run, runs)
         runs.append(run)
         start(run, where)
         finish(run, None, bound)
@@ -705,7 +734,7 @@ def check(
     per_job = {key: ids for (key, step), ids in per_step.items() if step == stage}
     reports: dict[str, list[tuple[int, dict[str, Any]]]] = collections.defaultdict(list)
     for n, run in enumerate(runs):
-        for line in read_lines(run.out):
+        for line in read_lines(run):
             reports[line["key"]].append((n, line))
     tally.reports += sum(len(v) for v in reports.values())
 
@@ -809,7 +838,7 @@ def check(
 
     # A run that completes (a surviving worker) reports each job at most once.
     for n, run in enumerate(runs):
-        seen = collections.Counter(line["key"] for line in read_lines(run.out))
+        seen = collections.Counter(line["key"] for line in read_lines(run))
         twice = [key for key, times in seen.items() if times > 1]
         if not run.gone and twice:
             raise Violation(f"run {n} reported {len(twice)} jobs twice, e.g. {twice[:3]}")
@@ -960,6 +989,7 @@ def save(where: Path, plan: Plan, runs: list[Run], journals: dict[str, Any]) -> 
             "killed": r.killed,
             "lapsed": r.lapsed,
             "killed_at": r.killed_at,
+            "span": r.span,
         }
         for r in runs
     ]
@@ -979,6 +1009,7 @@ def recheck(where: Path) -> int:
             killed=run["killed"],
             lapsed=run.get("lapsed", False),
             killed_at=run.get("killed_at", 0.0),
+            span=run.get("span"),
         )
         for run in state["runs"]
     ]
