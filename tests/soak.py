@@ -829,7 +829,7 @@ def check(
     if plan.backend == "sqlite":
         for key, lines in reports.items():
             for (n, line), (m, again) in itertools.pairwise(lines):
-                if m != n and not held_at_a_kill(runs, n, line, runs[m]):
+                if m != n and not held_at_a_kill(runs, n, line, runs[n + 1 : m + 1]):
                     ended = "was killed" if runs[n].killed else "completed"
                     raise Violation(
                         f"{key}: run {m} reported it again ({again}) though run {n} had handed"
@@ -892,11 +892,15 @@ def resent_after_doubt(
     return False
 
 
-def held_at_a_kill(runs: list[Run], n: int, line: dict[str, Any], later: Run) -> bool:
-    """Whether run ``n``'s result ``line`` may be reported again by the ``later`` run."""
+def held_at_a_kill(runs: list[Run], n: int, line: dict[str, Any], later: list[Run]) -> bool:
+    """Whether run ``n``'s result ``line`` may be reported again by the last of ``later``.
+
+    ``later``: the runs after run ``n``, up to the one that reported it again.
+    """
     kept = line["state"] == "succeeded" or line["error_type"] == "TaskFailedError"
-    if not kept or ("--retry-failed" in later.flags and not line_ok(line)):
-        return True  # a rerun improves it, or retry_failed runs it again
+    retried = any("--retry-failed" in run.flags for run in later)
+    if not kept or (retried and not line_ok(line)):
+        return True  # a rerun improves it, or retry_failed runs it again (maybe killed)
     if not runs[n].killed:
         return False
     # Handed over within half a second of the kill (the CLI's lines do not say when).
