@@ -158,3 +158,28 @@ def test_a_second_task_is_allowed_only_where_documented(
     else:
         with pytest.raises(soak.Violation, match="paid twice"):
             soak.check(plan, runs, server, soak.Tally())
+
+
+@pytest.mark.parametrize(
+    ("killed", "before_kill", "allowed"), [(False, 0, False), (True, 0.1, True), (True, 5.0, False)]
+)
+def test_a_kept_result_is_reported_again_only_if_held_at_a_kill(
+    tmp_path: Path, killed: bool, before_kill: float, allowed: bool
+) -> None:
+    plan = soak.draw(1, 0, 1, "sqlite")
+    plan.advanced, plan.retry_failed, plan.rival = True, False, False
+    plan.dialect = "kling"
+    line = {"key": "job-0", "task_id": "t0", "state": "succeeded", "error_type": None}
+    first, second = tmp_path / "run-0.jsonl", tmp_path / "run-1.jsonl"
+    first.write_text(json.dumps({**line, "at": 1000.0}) + "\n")
+    second.write_text(json.dumps(line) + "\n")
+    runs = [
+        soak.Run(argv=[], out=first, flags=set(), killed=killed, killed_at=1000.0 + before_kill),
+        soak.Run(argv=[], out=second, flags=set()),
+    ]
+    server = record(("t0", 0, "succeed"))
+    if allowed:
+        soak.check(plan, runs, server, soak.Tally())
+    else:
+        with pytest.raises(soak.Violation, match="reported it again"):
+            soak.check(plan, runs, server, soak.Tally())
