@@ -157,7 +157,7 @@ def draw(seed: int, number: int, jobs: int, backend: str) -> Plan:
         "malformed_json_rate": rate(0.06),
         "query_error_rate": rate(0.1),
         "task_failure_rate": rate(0.15),
-        "answer_delay": round(rng.uniform(0.0, 0.15), 3) if rng.random() < 0.3 else 0.0,
+        "answer_delay": round(rng.uniform(0.0, 0.4), 3) if rng.random() < 0.3 else 0.0,
     }
     in_flight = rng.choice([4, 8, 16, 32])
     limit = rng.choice([None, None, in_flight, max(2, in_flight // 2)])
