@@ -42,7 +42,8 @@ durations, a watermark URL when ``watermark_info`` asked for one, and ``final_un
 (:data:`UNITS_PER_5_SECONDS` a started 5 s of output; 0 for a failed task).  An unknown path is
 answered with the official JSON error envelope (code 1202).
 
-Inspect ``server.requests`` (a Counter by route name), ``server.tasks`` (id -> :class:`FakeTask`),
+Inspect ``server.requests`` (a Counter by route name), ``server.faults_hit`` (a Counter of the
+injected faults that struck, by kind), ``server.tasks`` (id -> :class:`FakeTask`),
 ``server.tasks_created``, ``server.running``, ``server.max_running_seen`` and
 ``server.callbacks_sent``.  Without ``async with``: ``await server.start()``, later
 ``await server.close()``.
