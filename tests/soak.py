@@ -769,9 +769,7 @@ def check(
 
     # No job ends without its task while one exists (an unclear submit may end unknown).
     for key, lines in reports.items():
-        # The latest word: the last run's (SQLite), a surviving worker's (PostgreSQL).
-        alive = [line for n, line in lines if not runs[n].gone] or [line for _, line in lines]
-        last = alive[-1]
+        last = latest(plan, runs, lines)
         # A task that failed is left behind by retry_failed, which submits the job afresh.
         retry = any("--retry-failed" in run.flags for run in runs)
         abandoned = {line["task_id"] for _, line in lines if retry and line["state"] == "failed"}
@@ -798,13 +796,12 @@ def check(
         if (retry or resend) and not key.startswith("rival-"):
             tally.duplicates_allowed += 1
             newest = max(ids, key=lambda t: tasks[t]["created_at"])
-            alive = [line for n, line in reports[key] if not runs[n].gone] or lines
             # (apimodels: a result may name the job's identify-face task instead)
-            named = alive[-1]["task_id"]
+            named = latest(plan, runs, reports[key])["task_id"]
             if retry and step == stage and named in ids and named != newest:
                 raise Violation(
                     f"{key}: retry_failed made task {newest}, but its latest result names "
-                    f"{alive[-1]['task_id']}: {alive[-1]}"
+                    f"{named}: {latest(plan, runs, reports[key])}"
                 )
             continue
         states = [tasks[t]["state"] for t in ids]
@@ -864,6 +861,16 @@ def check(
             tally.unknown += line["error_type"] == "SubmitOutcomeUnknownError"
             tally.failed += line["state"] == "failed"
             tally.timed_out += line["state"] == "timed_out"
+
+
+def latest(plan: Plan, runs: list[Run], lines: list[tuple[int, dict[str, Any]]]) -> dict[str, Any]:
+    """A job's latest result: the last run's (SQLite: one after the other, a killed one's
+    too), a surviving worker's (PostgreSQL: side by side), else the last one seen."""
+    if plan.backend == "pg":
+        alive = [line for n, line in lines if not runs[n].gone]
+        if alive:
+            return alive[-1]
+    return lines[-1][1]
 
 
 def job_of(task: dict[str, Any]) -> str:
