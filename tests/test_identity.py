@@ -7,9 +7,12 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import anyio
 import pytest
-from helpers import kling_client
+from aiohttp import web
+from aiohttp.test_utils import TestServer
+from helpers import API_KEY, FAST_POLL, FAST_RETRY, kling_client
 
 import kling_async as ka
 from kling_async._identity import MAX_EXTERNAL_ID_LENGTH, derive_external_id
@@ -303,6 +306,57 @@ async def test_an_older_task_on_the_video_is_never_adopted() -> None:
     assert mine.task_id is None
     assert mine.error.candidates == (other.task_id,)
     assert server.tasks_created == 1
+
+
+def cut_off_submits(target: str) -> web.Application:
+    """A front that answers every lip-sync submit HTTP 200 with a cut-off body, without passing
+    it on (nothing is created: the fake's ``malformed_json_rate`` on a submit), and forwards
+    every other request to ``target``."""
+
+    async def forward(request: web.Request) -> web.Response:
+        if request.method == "POST" and request.path.endswith("/lip-sync"):
+            cut = b'{"code": 0, "message": "SUCCEED", "data": {"task_id": "1'
+            return web.Response(body=cut, content_type="application/json")
+        headers = {"Authorization": request.headers.get("Authorization", "")}
+        async with aiohttp.ClientSession() as http:
+            async with http.get(target + request.path_qs, headers=headers) as answer:
+                body = await answer.read()
+                return web.Response(
+                    body=body, status=answer.status, content_type="application/json"
+                )
+
+    app = web.Application()
+    app.router.add_route("*", "/{tail:.*}", forward)
+    return app
+
+
+async def test_a_new_batch_never_adopts_a_task_older_than_its_submit() -> None:
+    # Found by tests/soak.py (seed 700, round 27): another client's task on the same video,
+    # created just before this batch's first submit, whose 200 answer came cut off with nothing
+    # created.  Before any answer calibrated the server's clock the submit's window was 60 s
+    # wide on either side, so the older task counted as "inside" it and was adopted: a result
+    # carrying another client's task.
+    async with FakeKlingServer(task_duration=0.02) as server:
+        async with kling_client(server) as other:
+            (theirs,) = await run(other, [text_job(3)])
+        front = TestServer(cut_off_submits(server.url))
+        await front.start_server()
+        try:
+            fresh = ka.KlingClient.kling(
+                api_key=API_KEY,
+                base_url=str(front.make_url("")).rstrip("/"),
+                poll=FAST_POLL,
+                retry=FAST_RETRY,
+            )
+            async with fresh:
+                (mine,) = await run(fresh, [text_job(3)])
+        finally:
+            await front.close()
+    assert theirs.ok
+    assert server.tasks_created == 1
+    assert mine.task_id != theirs.task_id and not mine.adopted, mine
+    assert isinstance(mine.error, ka.SubmitOutcomeUnknownError), mine.error
+    assert mine.error.candidates == (theirs.task_id,)
 
 
 async def test_a_retried_failure_gets_a_fresh_external_id(tmp_path: Path) -> None:
