@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Iterable
 from pathlib import Path
@@ -308,55 +309,86 @@ async def test_an_older_task_on_the_video_is_never_adopted() -> None:
     assert server.tasks_created == 1
 
 
-def cut_off_submits(target: str) -> web.Application:
-    """A front that answers every lip-sync submit HTTP 200 with a cut-off body, without passing
-    it on (nothing is created: the fake's ``malformed_json_rate`` on a submit), and forwards
-    every other request to ``target``."""
+def cut_off_submits(target: str, answered: int, rival: bool) -> web.Application:
+    """A front for ``target`` that passes the first ``answered`` lip-sync submits on, and
+    answers each later one HTTP 200 with a cut-off body without passing it on (nothing is
+    created: what the fake's ``malformed_json_rate`` does to a submit).  With ``rival`` it
+    first submits another client's request on the same video (a task inside the submit's
+    window that is not its own).  Every other request is forwarded."""
+    seen = [0]
+
+    async def send(method: str, url: str, headers: dict[str, str], body: bytes) -> web.Response:
+        async with aiohttp.ClientSession() as http:
+            async with http.request(method, url, headers=headers, data=body or None) as answer:
+                content = await answer.read()
+                status = answer.status
+        return web.Response(body=content, status=status, content_type="application/json")
 
     async def forward(request: web.Request) -> web.Response:
-        if request.method == "POST" and request.path.endswith("/lip-sync"):
-            cut = b'{"code": 0, "message": "SUCCEED", "data": {"task_id": "1'
-            return web.Response(body=cut, content_type="application/json")
         headers = {"Authorization": request.headers.get("Authorization", "")}
-        async with aiohttp.ClientSession() as http:
-            async with http.get(target + request.path_qs, headers=headers) as answer:
-                body = await answer.read()
-                return web.Response(
-                    body=body, status=answer.status, content_type="application/json"
-                )
+        body = await request.read()
+        if body:
+            headers["Content-Type"] = "application/json"
+        url = target + request.path_qs
+        if request.method == "POST" and request.path.endswith("/lip-sync"):
+            seen[0] += 1
+            if seen[0] > answered:
+                if rival:
+                    other = json.loads(body)
+                    other["input"]["text"] = "someone else's line"
+                    await send("POST", url, headers, json.dumps(other).encode())
+                cut = b'{"code": 0, "message": "SUCCEED", "data": {"task_id": "1'
+                return web.Response(body=cut, content_type="application/json")
+        return await send(request.method, url, headers, body)
 
     app = web.Application()
     app.router.add_route("*", "/{tail:.*}", forward)
     return app
 
 
-async def test_a_new_batch_never_adopts_a_task_older_than_its_submit() -> None:
-    # Found by tests/soak.py (seed 700, round 27): another client's task on the same video,
-    # created just before this batch's first submit, whose 200 answer came cut off with nothing
-    # created.  Before any answer calibrated the server's clock the submit's window was 60 s
-    # wide on either side, so the older task counted as "inside" it and was adopted: a result
-    # carrying another client's task.
+@pytest.mark.xfail(
+    strict=True,
+    reason="a 2xx answer cut off is taken as proof of creation (kling_async/_reconcile.py,"
+    " Reconciler.resolve: exists=...), but the fake's malformed submit creates nothing",
+)
+@pytest.mark.parametrize("calibrated", [False, True])
+async def test_a_cut_off_answer_that_created_nothing_never_adopts_another_clients_task(
+    calibrated: bool,
+) -> None:
+    # Found by tests/soak.py (seed 700, round 27): a job's submit was answered HTTP 200 with a
+    # cut-off body and created nothing (FaultPlan.malformed_json_rate strikes a submit before
+    # it acts), and the job was reported with another client's task on the same video.  The
+    # batch takes a cut-off 2xx as proof that its task exists, so the one unowned task on the
+    # video in its window is adopted.  Uncalibrated (no submit answered yet) the window is a
+    # minute either way: an older task of another client is taken; calibrated, one that
+    # another client created while the submit was on its way.
     async with FakeKlingServer(task_duration=0.02) as server:
-        async with kling_client(server) as other:
-            (theirs,) = await run(other, [text_job(3)])
-        front = TestServer(cut_off_submits(server.url))
+        theirs = None
+        if not calibrated:
+            async with kling_client(server) as other:
+                (theirs,) = await run(other, [text_job(3)])
+        front = TestServer(cut_off_submits(server.url, int(calibrated), rival=calibrated))
         await front.start_server()
         try:
+            base = str(front.make_url("")).rstrip("/")
             fresh = ka.KlingClient.kling(
-                api_key=API_KEY,
-                base_url=str(front.make_url("")).rstrip("/"),
-                poll=FAST_POLL,
-                retry=FAST_RETRY,
+                api_key=API_KEY, base_url=base, poll=FAST_POLL, retry=FAST_RETRY, max_in_flight=1
             )
             async with fresh:
-                (mine,) = await run(fresh, [text_job(3)])
+                jobs = [text_job(1), text_job(3)] if calibrated else [text_job(3)]
+                mine = (await run(fresh, jobs))[-1]
         finally:
             await front.close()
-    assert theirs.ok
-    assert server.tasks_created == 1
-    assert mine.task_id != theirs.task_id and not mine.adopted, mine
+    on_video = {
+        task.task_id
+        for task in server.tasks.values()
+        if task.input["input"]["video_url"].endswith("clip-3.mp4")
+    }
+    assert len(on_video) == 1  # another client's: this job's submit created nothing
+    assert theirs is None or on_video == {theirs.task_id}
+    assert mine.key == "k3" and not mine.adopted and mine.task_id is None, mine
     assert isinstance(mine.error, ka.SubmitOutcomeUnknownError), mine.error
-    assert mine.error.candidates == (theirs.task_id,)
+    assert mine.error.candidates == tuple(on_video)
 
 
 async def test_a_retried_failure_gets_a_fresh_external_id(tmp_path: Path) -> None:
