@@ -312,7 +312,7 @@ class Batch:
                 raise slot_wait_error(self._client.retry.max_slot_wait, self.blocking())
             self._dialect.check_job(job)
             if self.budget is not None:
-                self.budget.reserve(key, job, resume)  # BudgetExceededError: not submitted
+                await self.budget.reserve(key, job, resume)  # BudgetExceededError: not submitted
             if job.external_task_id is None and self._dialect.external_ids:
                 job = attrs.evolve(job, external_task_id=self._external_id(key, resume))
             flow = self._dialect.flow(job, callback_url=self._callback_url)

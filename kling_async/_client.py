@@ -358,7 +358,8 @@ class KlingClient:
         job's estimate (:func:`~kling_async.estimate`) is reserved before its first submit, and
         once the next reservation would pass the cap, submitting stops and the remaining jobs
         end with :class:`~kling_async.BudgetExceededError`.  What a task actually cost replaces
-        its reservation when it ends; with a journal the spend carries over to reruns.
+        its reservation when it ends; with a journal the spend carries over to reruns, and a
+        PostgreSQL journal's workers share one budget (their reservations add up to it).
 
         ``on_event`` is called with what happens as it happens: typed records from
         :mod:`kling_async.events` (a plain or an ``async`` function; see that module).

@@ -162,12 +162,13 @@ async def test_tasks_running_at_a_crash_stay_reserved(tmp_path: Path) -> None:
 # -- the ledger's rules, one result at a time --------------------------------------------------
 
 
-def test_what_replaces_a_reservation() -> None:
+@pytest.mark.anyio
+async def test_what_replaces_a_reservation() -> None:
     from kling_async._budget import BudgetLedger
 
     ledger = BudgetLedger(ka.Budget(units=100), identify_face=False)
     for n in range(1, 7):
-        ledger.reserve(f"k{n}", job(n))
+        await ledger.reserve(f"k{n}", job(n))
     assert (ledger.spent, ledger.reserved) == (0.0, 6.0)
 
     def result(key: str, state: ka.TaskState, **extra: Any) -> ka.JobResult:
@@ -187,17 +188,18 @@ def test_what_replaces_a_reservation() -> None:
     assert ledger.spent == 1.5
 
 
-def test_unknown_lengths_reserve_the_longest_audio() -> None:
+@pytest.mark.anyio
+async def test_unknown_lengths_reserve_the_longest_audio() -> None:
     from kling_async._budget import BudgetLedger
 
     ledger = BudgetLedger(ka.Budget(units=6.0), identify_face=False)
-    ledger.reserve("a", job(1, sound_end_time=None))  # 60 s: 12 steps of 0.5
+    await ledger.reserve("a", job(1, sound_end_time=None))  # 60 s: 12 steps of 0.5
     assert ledger.reserved == 6.0
     with pytest.raises(ka.BudgetExceededError):
-        ledger.reserve("b", job(2, sound_end_time=3000))
+        await ledger.reserve("b", job(2, sound_end_time=3000))
     two_step = BudgetLedger(ka.Budget(units=6.0), identify_face=True)
     with pytest.raises(ka.BudgetExceededError):  # 6.0 plus an identify-face call
-        two_step.reserve("a", job(1, sound_end_time=None))
+        await two_step.reserve("a", job(1, sound_end_time=None))
     with pytest.raises(ka.ValidationError, match="budget"):
         BudgetLedger(5.0, identify_face=False)  # type: ignore[arg-type]
 
