@@ -14,6 +14,7 @@ from pg import journal_worker as worker
 
 import kling_async as ka
 from kling_async.journal import PostgresJournal
+from kling_async.journal._export import read_status
 from kling_async.testing import FakeKlingServer
 
 pytestmark = pytest.mark.anyio
@@ -92,6 +93,8 @@ async def test_a_later_worker_goes_on_from_the_batchs_spend(pg_url: str) -> None
     assert sorted(k for k, r in second.items() if r.ok) == ["k4", "k5"]
     assert all(isinstance(second[k].error, ka.BudgetExceededError) for k in ("k6", "k7", "k8"))
     assert spend(pg_url)[0] == pytest.approx(2.5)
+    status = await read_status(pg_url)
+    assert (status.units_spent, status.units_reserved) == (pytest.approx(2.5), 0.0)
 
 
 async def test_a_taken_over_jobs_reservation_replaces_the_dead_workers(pg_url: str) -> None:
