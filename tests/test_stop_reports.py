@@ -24,7 +24,7 @@ pytestmark = pytest.mark.anyio
 async def wait_counted(results: ka.BatchIterator, count: int) -> None:
     """Wait until ``count`` results have been handed to the pipe (finished, not yet taken)."""
     with anyio.fail_after(10):
-        while results.progress.succeeded + results.progress.failed < count:
+        while results.progress.succeeded + results.progress.failed < count:  # noqa: ASYNC110
             await anyio.sleep(0.005)
 
 
