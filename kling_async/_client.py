@@ -416,7 +416,7 @@ class KlingClient:
         ended ignores later news.  Returns True when the task is tracked now or was tracked
         recently by this client (the callback deserves a 2xx answer), False for a task this
         client knows nothing about.  A terminal snapshot of such a task is kept a while (at
-        most 1024 of them, for 5 minutes): its submit's answer may still be on its way, and the
+        most 256 of them, for 5 minutes): its submit's answer may still be on its way, and the
         task ends with it once tracked.  :class:`kling_async.webhook.CallbackReceiver` calls
         this; call it yourself from any other web framework, and only with a callback that
         passed your checks (the URL's token, the signature): it is taken as the server's word.

@@ -22,8 +22,9 @@ from ._results import TaskSnapshot
 
 __all__ = ["EARLY_CALLBACKS", "EARLY_CALLBACK_SECONDS", "EarlyCallbacks"]
 
-#: Most early callbacks kept: more than the tasks a batch has in flight, few enough to be small.
-EARLY_CALLBACKS = 1024
+#: Most early callbacks kept: many times the submits a batch has in flight by default (20), few
+#: enough to stay small (a snapshot holds what a callback body of ``max_body`` bytes said).
+EARLY_CALLBACKS = 256
 #: Seconds an early callback is kept: longer than a submit's answer may take (Timeouts.total,
 #: 180 s by default), as long as a safety poll would take to find the task ended by default.
 EARLY_CALLBACK_SECONDS = 300.0
