@@ -37,7 +37,12 @@ async def main() -> None:
         for n in range(6)
     ]
     async with FakeKlingServer(task_duration=0.05, task_limit=3) as server:
-        client = ka.KlingClient.kling(api_key=SANDBOX_API_KEY, base_url=server.url)
+        client = ka.KlingClient.kling(
+            api_key=SANDBOX_API_KEY,
+            base_url=server.url,
+            # Poll often: sandbox tasks are short.  Keep the defaults for the real service.
+            poll=ka.PollPolicy(first_delay=0.05, max_interval=0.2),
+        )
         async with client:
             async for _ in client.run_batch(jobs, on_event=on_event):
                 pass

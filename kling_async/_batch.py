@@ -110,8 +110,9 @@ class Batch:
         # Keys of successes whose video could not be saved: left unreported in the journal, so
         # that a rerun (the disk freed, the folder back) saves them instead of skipping them.
         self._unsaved: set[str] = set()
-        # Task id -> job key of ended tasks whose video is being saved: not reported yet either.
-        self._saving: dict[str, str] = {}
+        # Task id -> job key of ended tasks whose result is not in the pipe yet (being journaled,
+        # its video saved, or held back by a stop): paid for and unreported, so named at a stop.
+        self._ending: dict[str, str] = {}
         self._submitter = Submitter(client, self._slots, self._abort, blocking=self.blocking)
         self._batch_id = new_batch_id()  # (with a journal, the journal's own is used)
         # Timed-out tasks still holding their slots, followed until they end.
@@ -142,8 +143,12 @@ class Batch:
         return BatchIterator(self, self.pipe)
 
     def running_task_ids(self) -> tuple[str, ...]:
-        """Tasks submitted and not yet reported (after a stop: paid for), videos being saved too."""
-        return (*self._live, *self._saving)
+        """Tasks submitted and not yet reported (after a stop: paid for).
+
+        Running ones, and ended ones whose result the consumer has not taken: on its way (a
+        video being saved), held back by the stop, or left in the pipe when the consumer went.
+        """
+        return tuple(dict.fromkeys((*self._live, *self._ending, *self.pipe.untaken())))
 
     def progress(self) -> BatchProgress:
         """Counts of the batch so far (what a progress display shows)."""
@@ -312,7 +317,7 @@ class Batch:
                 raise slot_wait_error(self._client.retry.max_slot_wait, self.blocking())
             self._dialect.check_job(job)
             if self.budget is not None:
-                self.budget.reserve(key, job, resume)  # BudgetExceededError: not submitted
+                await self.budget.reserve(key, job, resume)  # BudgetExceededError: not submitted
             if job.external_task_id is None and self._dialect.external_ids:
                 job = attrs.evolve(job, external_task_id=self._external_id(key, resume))
             flow = self._dialect.flow(job, callback_url=self._callback_url)
@@ -370,6 +375,7 @@ class Batch:
                 slot.release()
         if task_id is not None:
             self._live.pop(task_id, None)
+            self._ending[task_id] = key  # until its result is in the pipe
             if not kept:
                 self._slots.finished()
         if self.budget is not None:
@@ -400,14 +406,15 @@ class Batch:
         if self._emit is not None:
             self._emit.finished(result)
         self.pipe.put(result)
+        if result.task_id is not None:
+            self._ending.pop(result.task_id, None)
 
     async def _report(self, result: JobResult) -> None:
         """Save the video where asked, count the result and hand it to the consumer."""
-        saving = None  # the task id of the video being saved (named if the batch stops meanwhile)
+        task_id = result.task_id  # named if the batch stops before the result is in the pipe
+        if task_id is not None:
+            self._ending[task_id] = result.key  # (a result of an earlier run too)
         if self._saver is not None and result.ok and result.path is None:
-            saving = result.task_id
-            if saving is not None:
-                self._saving[saving] = result.key
             result = await self._saver.save(result, self._emit)
             if result.error is not None:
                 self._unsaved.add(result.key)
@@ -415,8 +422,9 @@ class Batch:
         self.units += result.units or 0.0
         if self._scope.cancel_called:
             # A stopped batch hands over nothing more (after a fatal error the consumer still
-            # reads what came before it).  Only the batch's own scope: when an outer one is
-            # cancelled, the consumer is leaving too and reads nothing more anyway.
+            # reads what came before it): the result stays named in ``_ending``.  Only the
+            # batch's own scope: when an outer one is cancelled, the consumer is leaving too and
+            # reads nothing more anyway.
             await anyio.lowlevel.checkpoint_if_cancelled()
         # No waiting: the result's place was reserved before its job started.  No yield here
         # either: the consumer woken by it runs before any runner sends another submit, because
@@ -424,8 +432,8 @@ class Batch:
         if self._emit is not None:
             self._emit.finished(result)
         self.pipe.put(result)
-        if saving is not None:
-            self._saving.pop(saving, None)
+        if task_id is not None:
+            self._ending.pop(task_id, None)
 
     async def _track_all(self, task_ids: list[str]) -> None:
         """Track tasks created elsewhere (:func:`~._tracking.track_all`), reporting each end."""
@@ -437,7 +445,9 @@ class Batch:
         assert watch.result is not None
         self._live.pop(watch.task_id, None)
         if self._scope.cancel_called:
-            return  # a stopped batch hands over nothing more (as in _report)
+            # A stopped batch hands over nothing more (as in _report): the task stays named.
+            self._ending[watch.task_id] = watch.task_id
+            return
         result = self._result(watch.task_id, watch.result, None, watch.polls)
         self.counts["succeeded" if result.ok else "failed"] += 1
         self.pipe.put(result)
@@ -484,7 +494,7 @@ class Batch:
         log_batch_end(
             what,
             self.counts,
-            live={**self._live, **self._saving},
+            live={**self._live, **self._ending},
             all_reported=(
                 resume.all_reported() if resume is not None and self._fatal is None else None
             ),

@@ -119,7 +119,7 @@ def log_batch_end(
         logger.info("%d jobs that failed in earlier runs were submitted again", retried)
     if live:
         logger.info(
-            "%d tasks still run on the server, unreported: %s",
+            "%d tasks unreported (still running on the server, or just ended): %s",
             len(live),
             ", ".join(sorted(live)),
         )

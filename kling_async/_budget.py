@@ -12,6 +12,12 @@ reserved.
 With a journal the reservations and charges are kept in it, so that a rerun after a crash (or
 with a larger budget) starts from what was spent.  A resumed job whose task may already exist
 is never refused: it is being paid for anyway.
+
+With a PostgreSQL journal the budget is the batch's, shared by every worker: each reservation
+is checked against, and added to, the total of all workers' in one transaction
+(:class:`SharedChargeStore`), so that workers together never pass ``units`` (give each the
+same budget: each checks the total against its own).  A job taken over from a dead worker
+replaces that worker's reservation; it is not counted twice.
 """
 
 from __future__ import annotations
@@ -19,7 +25,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
-from typing import Protocol, runtime_checkable
+from typing import NoReturn, Protocol, runtime_checkable
 
 import attrs
 
@@ -33,7 +39,7 @@ from ._errors import (
 from ._jobs import LipSyncJob
 from ._results import JobResult, TaskState
 
-__all__ = ["Budget", "BudgetLedger", "ChargeStore"]
+__all__ = ["Budget", "BudgetLedger", "ChargeStore", "SharedChargeStore"]
 
 logger = logging.getLogger("kling_async")
 
@@ -70,6 +76,24 @@ class ChargeStore(Protocol):
         ...
 
 
+@runtime_checkable
+class SharedChargeStore(Protocol):
+    """Where every worker of a batch reserves from one budget (the PostgreSQL journal is one)."""
+
+    async def reserve_charge(
+        self, key: str, units: float, *, limit: float, force: bool
+    ) -> tuple[bool, float]:
+        """Make ``units`` ``key``'s reservation unless the batch's total would pass ``limit``.
+
+        Returns whether it did (always, when ``force``) and the batch's total.
+        """
+        ...
+
+    def charge(self, key: str, units: float, settled: bool) -> None:
+        """Record ``key``'s actual charge (``settled`` True) with its result."""
+        ...
+
+
 class _Record(Protocol):
     @property
     def may_have_task(self) -> bool: ...
@@ -99,13 +123,15 @@ class BudgetLedger:
         self._held: dict[str, float] = {}  # reserved, not yet settled
         self._settled: dict[str, float] = {}
         self._spent = 0.0
-        self._store: ChargeStore | None = None
+        self._store: ChargeStore | SharedChargeStore | None = None
+        self._shared: SharedChargeStore | None = None
+        self._shared_total = 0.0  # the batch's total as the last shared reservation saw it
         self._attached = False
         self.stopped = False
 
     @property
     def spent(self) -> float:
-        """Units charged by tasks that have ended."""
+        """Units charged by tasks that have ended (this worker's, with a shared journal)."""
         return self._spent
 
     @property
@@ -116,6 +142,9 @@ class BudgetLedger:
     def _attach(self, resume: _Resumed | None) -> None:
         self._attached = True
         journal = resume.journal if resume is not None else None
+        if isinstance(journal, SharedChargeStore):
+            self._store = self._shared = journal  # the totals live in the database
+            return
         if not isinstance(journal, ChargeStore):
             return  # no journal, or one that keeps no charges: spending lives in memory only
         self._store = journal
@@ -129,7 +158,7 @@ class BudgetLedger:
             "budget: %.4g units spent and %.4g reserved before this run", self.spent, self.reserved
         )
 
-    def reserve(self, key: str, job: LipSyncJob, resume: _Resumed | None = None) -> None:
+    async def reserve(self, key: str, job: LipSyncJob, resume: _Resumed | None = None) -> None:
         """Reserve ``job``'s estimate before its first submit, or raise BudgetExceededError."""
         if not self._attached:
             self._attach(resume)
@@ -142,21 +171,39 @@ class BudgetLedger:
         units = estimate_job(job, prices, identify_face=self._identify_face).units
         if units is None:
             units = prices.units_for(prices.unknown_seconds, identify_face=self._identify_face)
+        limit = self.budget.units * (1 + 1e-12)  # (sums of floats: a rounding is no excess)
+        if self._shared is not None:
+            if self.stopped and not paid:
+                self._refuse(key, units, self._shared_total)
+            first = not self._shared_total
+            granted, self._shared_total = await self._shared.reserve_charge(
+                key, units, limit=limit, force=paid
+            )
+            if not granted:
+                self._refuse(key, units, self._shared_total)
+            if first:
+                logger.info("budget: %.4g units spent or reserved by the batch", self._shared_total)
+            self._held[key] = units
+            return
         total = self._spent + self.reserved
-        if not paid and (self.stopped or total + units > self.budget.units * (1 + 1e-12)):
-            if not self.stopped:
-                logger.warning(
-                    "budget: stopping submits; %s would add %.4g units to %.4g (budget %.4g)",
-                    key,
-                    units,
-                    total,
-                    self.budget.units,
-                )
-            self.stopped = True
-            raise BudgetExceededError(units=units, spent=total, limit=self.budget.units)
+        if not paid and (self.stopped or total + units > limit):
+            self._refuse(key, units, total)
         self._held[key] = units
         # Not waited for: the submit's own journal write, next, commits it too.
         self._record(key, units, False)
+
+    def _refuse(self, key: str, units: float, total: float) -> NoReturn:
+        """Stop submitting (once said in the log) and raise for ``key``."""
+        if not self.stopped:
+            logger.warning(
+                "budget: stopping submits; %s would add %.4g units to %.4g (budget %.4g)",
+                key,
+                units,
+                total,
+                self.budget.units,
+            )
+        self.stopped = True
+        raise BudgetExceededError(units=units, spent=total, limit=self.budget.units)
 
     def settle(self, result: JobResult) -> None:
         """Replace ``result``'s reservation with what its task cost, once the task has ended."""

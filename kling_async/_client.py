@@ -29,6 +29,7 @@ from ._budget import Budget
 from ._client_view import ClientView
 from ._config import PollPolicy, RetryPolicy, check_count
 from ._download import Downloader, file_name
+from ._early import EarlyCallbacks
 from ._errors import ValidationError
 from ._http import normalize_base_url
 from ._jobs import LipSyncJob
@@ -131,6 +132,8 @@ class KlingClient:
         # Batches that may still track tasks, for callbacks; finished ones are pruned.
         self._batches: weakref.WeakSet[Batch] = weakref.WeakSet()
         self._recent: collections.OrderedDict[str, None] = collections.OrderedDict()
+        # Terminal callbacks about tasks not tracked yet (their submit's answer on its way).
+        self._early = EarlyCallbacks()
 
     # -- constructors --------------------------------------------------------------------
 
@@ -358,7 +361,8 @@ class KlingClient:
         job's estimate (:func:`~kling_async.estimate`) is reserved before its first submit, and
         once the next reservation would pass the cap, submitting stops and the remaining jobs
         end with :class:`~kling_async.BudgetExceededError`.  What a task actually cost replaces
-        its reservation when it ends; with a journal the spend carries over to reruns.
+        its reservation when it ends; with a journal the spend carries over to reruns, and a
+        PostgreSQL journal's workers share one budget (their reservations add up to it).
 
         ``on_event`` is called with what happens as it happens: typed records from
         :mod:`kling_async.events` (a plain or an ``async`` function; see that module).
@@ -398,6 +402,7 @@ class KlingClient:
         if self._task_group is None:
             raise RuntimeError("open the client first: `async with client:`")
         batch.tracker.on_unwatch = self._remember
+        batch.tracker.early = self._early.take
         self._batches.add(batch)
         return batch.start(self._task_group)
 
@@ -410,8 +415,11 @@ class KlingClient:
         (polling goes on).  Repeated and out-of-order callbacks are harmless: a task that has
         ended ignores later news.  Returns True when the task is tracked now or was tracked
         recently by this client (the callback deserves a 2xx answer), False for a task this
-        client knows nothing about.  :class:`kling_async.webhook.CallbackReceiver` calls this;
-        call it yourself from any other web framework.
+        client knows nothing about.  A terminal snapshot of such a task is kept a while (at
+        most 256 of them, for 5 minutes): its submit's answer may still be on its way, and the
+        task ends with it once tracked.  :class:`kling_async.webhook.CallbackReceiver` calls
+        this; call it yourself from any other web framework, and only with a callback that
+        passed your checks (the URL's token, the signature): it is taken as the server's word.
         """
         known = False
         for batch in list(self._batches):
@@ -419,7 +427,10 @@ class KlingClient:
                 self._batches.discard(batch)
             elif batch.tracker.update(snapshot):
                 known = True
-        return known or snapshot.task_id in self._recent
+        if known or snapshot.task_id in self._recent:
+            return True
+        self._early.keep(snapshot)
+        return False
 
     def handle_callback(
         self, body: bytes, *, headers: Mapping[str, str] | Iterable[tuple[str, str]] = ()

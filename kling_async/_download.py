@@ -3,8 +3,9 @@
 Result URLs expire (30 days at the official API, 7 days at apimodels; docs/protocol.md, Query one
 and apimodels.app), so a batch saves each video while its URL still works.  A download:
 
-* streams into a hidden temporary file in the target directory, then links it to its final
-  name in one step, so a crash never leaves a half-written file under a real name;
+* streams into a hidden temporary file in the target directory, fsyncs it, then links it to its
+  final name in one step and fsyncs the directory, so a crash never leaves a half-written file
+  under a real name, and a power cut after the video is reported does not lose it;
 * resumes with a ``Range`` request after a dropped connection, where the server honours ranges
   (``206`` whose ``Content-Range`` starts where the file ends, with the total announced before);
   a server that answers ``200`` instead, or a range of a file of another size, is read again
@@ -40,6 +41,7 @@ from anyio import AsyncFile
 
 from ._backoff import retry_delay
 from ._config import RetryPolicy
+from ._durable import make_directory, sync_directory
 from ._errors import DownloadError, KlingError, LocalWriteError, TransportError, ValidationError
 from ._results import JobResult
 from ._transport import Stream, Transport
@@ -212,7 +214,7 @@ class Downloader:
             ) from None
 
     async def _save(self, url: str, directory: Path, name: str) -> Path:
-        await anyio.to_thread.run_sync(lambda: directory.mkdir(parents=True, exist_ok=True))
+        await anyio.to_thread.run_sync(make_directory, directory)
         async with self.limiter:
             part = directory / f".{name}.{secrets.token_hex(4)}.part"
             file = await anyio.open_file(part, "xb")
@@ -399,7 +401,7 @@ class BatchSaver:
 def writable_folder(directory: Path) -> None:
     """Create ``directory`` if missing; raise :class:`ValidationError` unless files fit in it."""
     try:
-        directory.mkdir(parents=True, exist_ok=True)
+        make_directory(directory)
         with tempfile.TemporaryFile(dir=directory):
             pass
     except OSError as exc:
@@ -451,5 +453,8 @@ def _place(part: Path, directory: Path, name: str, url: str) -> Path:
             # No hard links on this file system: rename, which is atomic but may replace a
             # file created in the instant since the check above.
             os.replace(part, path)
+        # The file's bytes were fsynced; its new name lasts a power cut once the folder is too
+        # (before the video is reported, and so before a journal counts it done).
+        sync_directory(directory)
         return path
     raise DownloadError(f"no free file name like {name!r} in {directory}", url=_shown(url))

@@ -74,7 +74,8 @@ class BatchIterator:
         """Ids of the tasks submitted and not yet reported.
 
         Once the batch has stopped early (the loop left, Ctrl-C, a fatal error), these tasks
-        still run on the server and are paid for: look them up later (``client.get_task``,
+        still run on the server, or ended without their result reaching the consumer (it came
+        in just before or with the stop), and are paid for: look them up later (``client.get_task``,
         ``client.track``, ``kling-async status``), or use a journal, with which a rerun picks
         them up by itself.
         """

@@ -34,6 +34,9 @@ class ResultPipe:
         self._arrival: anyio.Event | None = None  # what a waiting consumer waits for
         self._closed = False  # no result will come any more
         self._abandoned = False  # the consumer has gone: results are dropped
+        # Task ids of the results dropped so: paid tasks the consumer was never given, which a
+        # stopped batch names (``running_task_ids``), or nothing would tell of them.
+        self._dropped: list[str] = []
 
     # -- the runners' side -------------------------------------------------------------------
 
@@ -69,6 +72,8 @@ class ResultPipe:
     def put(self, result: JobResult) -> None:
         """Hand ``result`` over, in the place reserved for it; never waits."""
         if self._abandoned:
+            if result.task_id is not None:
+                self._dropped.append(result.task_id)
             return
         self._results.append(result)
         arrival, self._arrival = self._arrival, None
@@ -107,6 +112,11 @@ class ResultPipe:
             await self._arrival.wait()
 
     def abandon(self) -> None:
-        """The consumer has gone: drop what waits and whatever comes."""
+        """The consumer has gone: drop what waits and whatever comes (their task ids are kept)."""
         self._abandoned = True
+        self._dropped.extend(r.task_id for r in self._results if r.task_id is not None)
         self._results.clear()
+
+    def untaken(self) -> list[str]:
+        """Task ids of the results handed over and not taken: waiting, or dropped unread."""
+        return [*self._dropped, *(r.task_id for r in self._results if r.task_id is not None)]

@@ -146,6 +146,24 @@ class Match:
     candidates: tuple[str, ...] = ()
 
 
+@attrs.frozen
+class _Listing:
+    """The newest tasks on the account, as far as :meth:`Reconciler._pages` read them."""
+
+    #: The readable rows, newest first.
+    snapshots: list[TaskSnapshot]
+    #: Whether they reach back past the time asked for (False: the pages read held newer only).
+    complete: bool
+    #: Why each unreadable row could not be read (an unknown state word, a missing field).
+    unreadable: list[MalformedResponseError]
+
+    def unreadable_rows(self) -> str:
+        """The unreadable rows, for a message: how many, and the first one's fault."""
+        count = len(self.unreadable)
+        rows = "1 row" if count == 1 else f"{count} rows"
+        return f"{rows} of the task list could not be read ({self.unreadable[0]!s:.200})"
+
+
 class _Absent(enum.Enum):
     ABSENT = "absent"
 
@@ -239,6 +257,12 @@ class Reconciler:
         looking), a task that another job owns is never handed over: the same external id was
         given to two jobs, and the one that created the task keeps it
         (:class:`SubmitOutcomeUnknownError`, naming ``cause``, for this one).
+
+        A list row that cannot be read (an unknown state word, a missing field) does not hide
+        the readable row carrying the id: the server keeps external ids unique, so no other row
+        carries it too.  But while one is unreadable, a readable list without the id does not
+        prove it absent (the unreadable row may be its task): that is
+        :class:`SubmitOutcomeUnknownError`, never :data:`ABSENT`.
         """
         request = self._dialect.query_request(stage, external_id)
         try:
@@ -247,11 +271,18 @@ class Reconciler:
             )
         except NotFoundError:
             async with self._lock:
-                pages, _ = await self._pages(stage, -math.inf)
-            listed = [s for page in pages for s in page if s.external_task_id == external_id]
-            if not listed:
+                listing = await self._pages(stage, -math.inf)
+            listed = [s for s in listing.snapshots if s.external_task_id == external_id]
+            if listed:
+                found = listed[0]
+            elif listing.unreadable:
+                detail = (
+                    f"no readable task carries external id {external_id}, but"
+                    f" {listing.unreadable_rows()}: it may be its task"
+                )
+                raise SubmitOutcomeUnknownError(stage, cause=cause, detail=detail) from None
+            else:
                 return ABSENT
-            found = listed[0]
         if key is not None and self._others(found.task_id, key):
             detail = (
                 f"external id {external_id} is carried by task {found.task_id}, which another"
@@ -344,7 +375,10 @@ class Reconciler:
         dubbed elsewhere at the same moment), so it is only named as a candidate.
 
         Transient list errors are retried (a list query is idempotent); one that persists
-        leaves the match unknown.  A fatal error (bad key) is raised.
+        leaves the match unknown.  A fatal error (bad key) is raised.  So does a list row that
+        cannot be read: it may be the job's own task (or the other task on its video that
+        makes a lone one ambiguous), so nothing is adopted while one is unreadable, and the
+        reason says so.
         """
         if video_url is None:
             return Match(reason="a video_id job has no video URL to recognise its task by")
@@ -354,14 +388,15 @@ class Reconciler:
         latest = answered_at if answered_at is not None else intent_at + LATEST_CREATE
         async with self._lock:
             try:
-                pages, complete = await self._pages(stage, intent_at - NEIGHBOURHOOD + lo)
+                listing = await self._pages(stage, intent_at - NEIGHBOURHOOD + lo)
             except KlingError as exc:
                 if exc.fatal:
                     raise
                 return Match(reason=f"listing recent tasks failed: {type(exc).__name__}")
+            complete = listing.complete
             near: list[TaskSnapshot] = []
             inside: list[TaskSnapshot] = []
-            for snapshot in (s for page in pages for s in page):
+            for snapshot in listing.snapshots:
                 created = snapshot.created_at
                 if created is None or snapshot.parent_video_url != video_url:
                     continue
@@ -375,10 +410,19 @@ class Reconciler:
             within = latest - intent_at + NEIGHBOURHOOD
             rivals = self.ledger.unresolved(key, stage, video_url, intent_at, within)
             ids = tuple(s.task_id for s in inside + near)  # the likeliest first
-            if exists and complete and len(inside) == 1 and not near and rivals == 0:
+            readable = not listing.unreadable
+            if exists and complete and readable and len(inside) == 1 and not near and rivals == 0:
                 self.adopted.add(ids[0])  # (before the lock is let go: no second adopter)
                 logger.info("%s: adopted task %s: the only one on its video", key, ids[0])
                 return Match(snapshot=inside[0])
+        if listing.unreadable:
+            # Skipping the row would be unsafe: it may be this job's task, or another client's
+            # on the same video (then a lone readable task there is not provably its own).
+            found = f"; readable tasks on its video: {', '.join(ids[:5])}" if ids else ""
+            return Match(
+                reason=f"{listing.unreadable_rows()}, and an unreadable row may be its task{found}",
+                candidates=ids,
+            )
         if not ids:
             return Match(reason="no task on its video around the submit")
         shown = ", ".join(ids[:5])
@@ -407,28 +451,32 @@ class Reconciler:
         owner = self.ledger.owner(task_id)
         return owner != key if owner is not None else task_id in self.adopted
 
-    async def _pages(self, stage: str, oldest: float) -> tuple[list[list[TaskSnapshot]], bool]:
+    async def _pages(self, stage: str, oldest: float) -> _Listing:
         """Newest-first list pages until one reaches back past server time ``oldest``.
 
-        Also whether they did (False: :data:`_MAX_PAGES` pages held newer tasks only).
+        Also whether they did (False: :data:`_MAX_PAGES` pages held newer tasks only), and the
+        rows that could not be read: one such row no longer fails the whole search (whoever
+        searches decides what an unreadable row means to it).
         """
         page_size = min(self._dialect.list_page_size, _PAGE_SIZE)
-        pages: list[list[TaskSnapshot]] = []
+        listing = _Listing([], False, [])
         if page_size <= 0:
-            return pages, False
+            return listing
         for number in range(1, _MAX_PAGES + 1):
             request = self._dialect.list_request(stage, number, page_size)
             if request is None:
                 break
-            snapshots = await self._requester.call(
-                request, lambda response: self._dialect.parse_list(stage, response)
+            snapshots, unreadable = await self._requester.call(
+                request, lambda response: self._dialect.parse_list_rows(stage, response)
             )
             times = [s.created_at for s in snapshots if s.created_at is not None]
             self.offset.observe_seen(self._clock(), max(times, default=None))
-            pages.append(snapshots)
-            if len(snapshots) < page_size or (times and min(times) < oldest):
-                return pages, True  # newest first: the rest is older
-        return pages, False
+            listing.snapshots.extend(snapshots)
+            listing.unreadable.extend(unreadable)
+            rows = len(snapshots) + len(unreadable)
+            if rows < page_size or (times and min(times) < oldest):
+                return attrs.evolve(listing, complete=True)  # newest first: the rest is older
+        return listing
 
 
 class MemoryLedger:

@@ -85,6 +85,9 @@ class SharedTracking:
         """:meth:`Tracker.wait <._tracker.Tracker.wait>`, answered by whoever holds the seat."""
         if snapshot.state.is_terminal:
             return snapshot, 0
+        early = self._tracker.take_early(snapshot.task_id)
+        if early is not None:
+            return early, 0  # its end was called back before it was waited for
         task_id = snapshot.task_id
         pending = self._waiting[task_id] = _Pending()
         if self.leading:

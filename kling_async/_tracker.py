@@ -92,6 +92,10 @@ class Tracker:
         self.on_news: Callable[[TaskSnapshot], bool] | None = None
         #: The batch's event sink (:mod:`kling_async.events`), if it has a callback.
         self.on_event: Callable[[Event], None] | None = None
+        #: Takes the terminal snapshot a callback brought before the task was tracked, if one
+        #: did (the client's :class:`~._early.EarlyCallbacks`).
+        self.early: Callable[[str], TaskSnapshot | None] | None = None
+        self._ends: dict[str, TaskSnapshot] = {}  # such snapshots of watches not yet ended
 
     @property
     def live(self) -> int:
@@ -130,6 +134,14 @@ class Tracker:
         now = loop_time()
         watch = Watch(task_id, stage, now, on_done)
         self._watches[task_id] = watch
+        early = self.take_early(task_id)
+        if early is not None:
+            # Its end was called back before it was tracked: it ends on the loop's next turn
+            # (not inside this call: the caller has not kept the watch yet), and teaches
+            # nothing of durations (when it ended, on our clock, is not known).
+            self._ends[task_id] = early
+            self._schedule(watch, now)
+            return watch, False
         if self._poll.adaptive:
             self._learner(stage).add(watch, len(self._watches))
         delay = self._delay(watch, now)
@@ -154,10 +166,14 @@ class Tracker:
     async def wait(self, snapshot: TaskSnapshot, stage: str) -> tuple[TaskSnapshot, int]:
         """Track ``snapshot``'s task until it ends; return its terminal snapshot and poll count.
 
-        A task still running after ``PollPolicy.timeout`` comes back as ``TIMED_OUT``.
+        A task still running after ``PollPolicy.timeout`` comes back as ``TIMED_OUT``.  A task
+        whose end was called back before it was tracked ends with that callback at once.
         """
         if snapshot.state.is_terminal:
             return snapshot, 0
+        early = self.take_early(snapshot.task_id)
+        if early is not None:
+            return early, 0
         waiter = Waiter()
         watch, ask = self._add(snapshot.task_id, stage, waiter, inline=True)
         try:
@@ -177,6 +193,10 @@ class Tracker:
                 self.unwatch(watch)
         assert watch.result is not None
         return watch.result, watch.polls
+
+    def take_early(self, task_id: str) -> TaskSnapshot | None:
+        """The terminal snapshot a callback brought before ``task_id`` was tracked, or None."""
+        return self.early(task_id) if self.early is not None else None
 
     def update(self, snapshot: TaskSnapshot) -> bool:
         """Apply news from outside (a callback); True when it concerned a tracked task."""
@@ -217,6 +237,10 @@ class Tracker:
             when, watch = heapq.heappop(heap)
             if watch.result is not None or watch.busy or watch.due != when:
                 continue  # finished, in flight, or rescheduled since
+            end = self._ends.pop(watch.task_id, None) if self._ends else None
+            if end is not None:
+                self._finish(watch, end)  # called back before it was tracked
+                continue
             if now - watch.started >= self._poll.timeout:
                 timed_out = TaskSnapshot(task_id=watch.task_id, state=TaskState.TIMED_OUT)
                 watch.ended = -(now - watch.started)
@@ -378,6 +402,7 @@ class Tracker:
     def _drop(self, watch: Watch) -> None:
         if self._watches.get(watch.task_id) is watch:
             del self._watches[watch.task_id]
+            self._ends.pop(watch.task_id, None)
             if self.on_unwatch is not None:
                 self.on_unwatch(watch.task_id)
 

@@ -30,7 +30,9 @@ a short status and no work:
 400   the body is not a callback in the client's dialect
 401   with a ``webhook_secret``: a missing, stale or wrong signature (nothing changes)
 404   wrong token (nothing revealed), or a task this client does not know (the vendor
-      retries, which gives a batch resumed from its journal a chance to take it)
+      retries, which gives a batch resumed from its journal a chance to take it); a
+      terminal one is kept a while too, since a task may be called back before its
+      submit's answer arrives: it ends the task once tracked
 405   a method other than POST
 413   a body larger than ``max_body`` (read no further than that)
 415   a Content-Type that is not JSON

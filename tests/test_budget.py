@@ -12,6 +12,8 @@ import pytest
 from helpers import kling_client, wav_bytes
 
 import kling_async as ka
+from kling_async._cli._journal_cmds import format_status
+from kling_async.journal._export import read_status
 from kling_async.testing import FakeKlingServer
 
 VIDEO = "https://example.com/clip.mp4"
@@ -119,6 +121,9 @@ async def test_with_a_journal_the_spend_survives_reruns(tmp_path: Path) -> None:
     assert all(isinstance(r.error, ka.BudgetExceededError) for r in second.values())
     assert sorted(k for k, r in third.items() if r.ok) == ["k4", "k5"]
     assert all(isinstance(third[k].error, ka.BudgetExceededError) for k in ("k6", "k7", "k8"))
+    status = await read_status(journal)  # what `kling-async status --journal` shows
+    assert (status.units_spent, status.units_reserved) == (2.5, 0.0)
+    assert "budget: 2.5 units spent, 0 reserved" in format_status(journal, status)
 
 
 async def finish_everything(server: FakeKlingServer) -> None:
@@ -156,18 +161,20 @@ async def test_tasks_running_at_a_crash_stay_reserved(tmp_path: Path) -> None:
     assert server.tasks_created == 5  # the four resumed tasks were tracked, not submitted again
     assert isinstance(got["k6"].error, ka.BudgetExceededError)
     assert "(5 already spent or reserved)" in str(got["k6"].error)
+    assert (await read_status(journal)).units_spent == 5 * 0.5
     assert all(got[f"k{n}"].ok for n in range(1, 6))
 
 
 # -- the ledger's rules, one result at a time --------------------------------------------------
 
 
-def test_what_replaces_a_reservation() -> None:
+@pytest.mark.anyio
+async def test_what_replaces_a_reservation() -> None:
     from kling_async._budget import BudgetLedger
 
     ledger = BudgetLedger(ka.Budget(units=100), identify_face=False)
     for n in range(1, 7):
-        ledger.reserve(f"k{n}", job(n))
+        await ledger.reserve(f"k{n}", job(n))
     assert (ledger.spent, ledger.reserved) == (0.0, 6.0)
 
     def result(key: str, state: ka.TaskState, **extra: Any) -> ka.JobResult:
@@ -187,17 +194,18 @@ def test_what_replaces_a_reservation() -> None:
     assert ledger.spent == 1.5
 
 
-def test_unknown_lengths_reserve_the_longest_audio() -> None:
+@pytest.mark.anyio
+async def test_unknown_lengths_reserve_the_longest_audio() -> None:
     from kling_async._budget import BudgetLedger
 
     ledger = BudgetLedger(ka.Budget(units=6.0), identify_face=False)
-    ledger.reserve("a", job(1, sound_end_time=None))  # 60 s: 12 steps of 0.5
+    await ledger.reserve("a", job(1, sound_end_time=None))  # 60 s: 12 steps of 0.5
     assert ledger.reserved == 6.0
     with pytest.raises(ka.BudgetExceededError):
-        ledger.reserve("b", job(2, sound_end_time=3000))
+        await ledger.reserve("b", job(2, sound_end_time=3000))
     two_step = BudgetLedger(ka.Budget(units=6.0), identify_face=True)
     with pytest.raises(ka.BudgetExceededError):  # 6.0 plus an identify-face call
-        two_step.reserve("a", job(1, sound_end_time=None))
+        await two_step.reserve("a", job(1, sound_end_time=None))
     with pytest.raises(ka.ValidationError, match="budget"):
         BudgetLedger(5.0, identify_face=False)  # type: ignore[arg-type]
 

@@ -512,7 +512,10 @@ async def test_duplicate_keys_are_refused_and_the_batch_stays_resumable(tmp_path
     async def jobs() -> AsyncIterator[ka.LipSyncJob]:
         for n in range(4):
             yield text_job(n, key=f"k{n}")
-        await anyio.sleep(0.1)  # the first four are running by now
+        for _ in range(1000):  # the first four running (a fixed sleep was short under load)
+            if server.tasks_created == 4:
+                break
+            await anyio.sleep(0.005)
         yield text_job(9, key="k1")
 
     async with FakeKlingServer(task_duration=0.3) as server:

@@ -12,6 +12,7 @@ from typing import Any
 import anyio
 import psycopg
 import pytest
+from aiohttp.test_utils import TestServer
 from helpers import kling_client, text_job
 from pg import PgServer
 
@@ -19,7 +20,8 @@ import kling_async as ka
 from kling_async.journal import PostgresJournal, open_journal
 from kling_async.journal._codec import snapshot_to_json
 from kling_async.journal._pg_poll import seat_key
-from kling_async.testing import FakeKlingServer
+from kling_async.testing import FakeKlingServer, FaultPlan
+from kling_async.webhook import CallbackReceiver
 
 pytestmark = pytest.mark.anyio
 
@@ -231,3 +233,31 @@ async def test_a_poller_whose_lease_expired_gives_the_seat_up(pg_url: str) -> No
                 group.start_soon(second)
     assert sorted(ended) == ["k0", "k1"]  # k0 taken over, k1 its own
     assert ended["k1"] - started < 2.0, ended["k1"] - started  # not after k0's 4 s task
+
+
+async def test_an_early_callback_finishes_a_task_on_a_worker_that_does_not_poll(
+    pg_url: str,
+) -> None:
+    """The task ends, and is called back, before its submit's answer arrives, on a worker that
+    polls nothing (another holds the seat).  The callback concerned no task it waited for yet,
+    and was dropped: nothing else would end that wait but the seat holder's polls (at
+    ``callback_safety_interval`` with callbacks on).  It is kept, and ends the task once waited for.
+    """
+    journal = PostgresJournal(url=pg_url, lease=5.0, renew=1.0, claim_poll=0.02)
+    slow = ka.PollPolicy(first_delay=60.0, max_interval=60.0, callback_safety_interval=60.0)
+    faults = FaultPlan(answer_delay=0.3)
+    async with FakeKlingServer(task_duration=0.02, faults=faults) as server:
+        with await seat_taken(journal, server):  # by another worker
+            async with kling_client(server, poll=slow) as client:
+                receiver = CallbackReceiver(client)
+                async with TestServer(receiver.aiohttp_app()) as hooks:
+                    url = receiver.callback_url(str(hooks.make_url("/")))
+                    jobs = [text_job(0, key="k0")]
+                    with anyio.fail_after(5):
+                        got = [
+                            r
+                            async for r in client.run_batch(jobs, journal=journal, callback_url=url)
+                        ]
+        assert status_requests(server) == 0
+    assert [r.key for r in got] == ["k0"] and got[0].ok
+    assert receiver.counts["unknown"] >= 1  # it came before the answer

@@ -97,12 +97,16 @@ async def test_take_waits_for_a_result_and_ends_after_close() -> None:
         await pipe.take()
 
 
-async def test_an_abandoned_pipe_drops_results() -> None:
-    pipe = ResultPipe(2)
+async def test_an_abandoned_pipe_drops_results_and_keeps_their_task_ids() -> None:
+    pipe = ResultPipe(3)
     pipe.put(result(1))
-    pipe.abandon()
     pipe.put(result(2))
+    assert pipe.take_nowait() == result(1)
+    assert pipe.untaken() == ["t2"]  # waiting: not taken yet
+    pipe.abandon()
+    pipe.put(result(3))
     assert pipe.take_nowait() is None
+    assert pipe.untaken() == ["t2", "t3"]  # paid tasks the consumer never got: named at a stop
 
 
 async def test_a_cancelled_taker_loses_no_result() -> None:

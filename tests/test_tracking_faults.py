@@ -6,15 +6,17 @@ so that the tracker meets them in a real batch.
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
+
 import anyio
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 from helpers import API_KEY, FAST_RETRY, kling_client, text_job
-from proxy import proxy_app
+from proxy import proxy_app, run_through
 
 import kling_async as ka
-from kling_async.testing import FakeKlingServer
+from kling_async.testing import FakeKlingServer, FaultPlan
 
 pytestmark = pytest.mark.anyio
 
@@ -198,3 +200,137 @@ async def test_a_query_refused_with_an_unexpected_code_is_asked_again(code: int)
     assert result.ok, (result.state, result.error)
     assert server.tasks_created == 1
     assert server.requests["query"] >= 4
+
+
+# -- unclear submits and one unreadable list row ----------------------------------------------
+
+
+def line(key: str) -> ka.LipSyncJob:
+    """An advanced lip-sync job carrying its own external id (``line-<key>``)."""
+    return ka.LipSyncJob.from_audio(
+        video_url=f"https://example.com/clip-{key}.mp4",
+        audio_url=f"https://example.com/line-{key}.mp3",
+        sound_end_time=4000,
+        external_task_id=f"line-{key}",
+        key=key,
+    )
+
+
+class LostLookup:
+    """A proxy's rewrite: job ``second``'s submit answer is lost (its task is created), the
+    single-task query by its external id says "not found" (the list is read instead), and the
+    list rows of the tasks in ``garbled`` carry a state word the client does not know."""
+
+    def __init__(self, garble: str) -> None:
+        self.garble = garble  # "first" (another job's row) or "second" (the lost job's own)
+        self.tasks: dict[str, str] = {}  # job key -> its task id
+        self.pages = 0  # list pages rewritten
+
+    def __call__(self, request: web.Request, sent: bytes, body: dict[str, object]) -> None:
+        data = body.get("data")
+        if request.method == "POST" and request.path.endswith("/advanced-lip-sync"):
+            key = "second" if b'"line-second"' in sent else "first"
+            if isinstance(data, dict):
+                self.tasks[key] = str(data["task_id"])
+            if key == "second":
+                raise web.HTTPGatewayTimeout(text="<html>504 Gateway Time-out</html>")
+        elif request.method == "GET" and request.path.endswith("/line-second"):
+            body.clear()
+            body.update(code=1203, message="task not found", request_id="r")
+        elif request.method == "GET" and "pageNum" in request.query and isinstance(data, list):
+            for row in data:
+                if isinstance(row, dict) and row.get("task_id") == self.tasks.get(self.garble):
+                    row["task_status"] = "queueing"  # a word the client does not know
+                    self.pages += 1
+
+
+async def lost_lookup_batch(garble: str) -> tuple[LostLookup, FakeKlingServer, ka.JobResult]:
+    """Jobs ``first`` then ``second`` (one at a time); ``second``'s answer is lost."""
+    rewrite = LostLookup(garble)
+    poll = ka.PollPolicy(first_delay=0.01, max_interval=0.05, timeout=5.0)
+    async with FakeKlingServer(task_duration=0.05) as fake:
+        results = await run_through(
+            fake,
+            proxy_app(fake.url, rewrite),
+            [line("first"), line("second")],
+            advanced=True,
+            max_in_flight=1,
+            poll=poll,
+        )
+    assert rewrite.pages >= 1, "no list page showed the garbled row"
+    by_key = {r.key: r for r in results}
+    assert by_key["first"].ok, by_key["first"].error
+    return rewrite, fake, by_key["second"]
+
+
+async def test_an_unreadable_row_does_not_hide_a_task_found_by_its_external_id() -> None:
+    """A lost submit's task is on the list page, readable, found by its external id; another
+    task's row on that page cannot be read (an unknown state word).
+
+    The whole page failed to parse, so the lookup failed: the job ended "outcome unknown" with
+    its task (paid for) running on.  A positive match by external id is safe whatever the other
+    rows say (the server keeps external ids unique): the job takes its task.
+    """
+    rewrite, fake, second = await lost_lookup_batch(garble="first")
+    assert second.ok and second.adopted, second.error
+    assert second.task_id == rewrite.tasks["second"]
+    assert fake.tasks_created == 2
+
+
+async def test_an_unreadable_row_never_makes_an_external_id_absent() -> None:
+    """The lost submit's own row is the unreadable one: no readable row carries its external
+    id, which proves nothing (that row may be its task).  The job is not sent again (a second
+    task), and its outcome is unknown, saying why."""
+    rewrite, fake, second = await lost_lookup_batch(garble="second")
+    assert isinstance(second.error, ka.SubmitOutcomeUnknownError), second.error
+    assert "1 row of the task list could not be read" in str(second.error)
+    assert "may be its task" in str(second.error)
+    assert second.task_id != rewrite.tasks["second"] and not second.adopted  # (the session id)
+    assert fake.tasks_created == 2
+    assert fake.requests["advanced-submit"] == 2  # not sent again
+
+
+async def test_an_unreadable_row_leaves_a_match_by_video_unknown_and_says_why() -> None:
+    """Without external ids (matching by video and time) an unreadable row may be the job's own
+    task, or another client's on its video: nothing is adopted, as before, but the reason now
+    names the unreadable row (it said "listing recent tasks failed: MalformedResponseError")
+    and the readable candidate is named."""
+    garbled: list[str] = []
+
+    def garble(request: web.Request, sent: bytes, body: dict[str, object]) -> None:
+        data = body.get("data")
+        if request.method == "POST" and isinstance(data, dict) and not garbled:
+            garbled.append(str(data["task_id"]))  # the first job's task
+        if request.method == "GET" and "pageNum" in request.query and isinstance(data, list):
+            for row in data:
+                if isinstance(row, dict) and row.get("task_id") in garbled:
+                    row["task_status"] = "queueing"
+
+    poll = ka.PollPolicy(first_delay=0.01, max_interval=0.05, timeout=5.0)
+    async with FakeKlingServer(task_duration=0.02) as fake:
+
+        async def jobs() -> AsyncIterator[ka.LipSyncJob]:
+            yield text_job(0, key="k0")
+            await anyio.sleep(0.1)  # its answer calibrates the server's clock
+            fake.faults = FaultPlan(lost_answer_rate=1.0)  # created, the answer cut off
+            yield text_job(1, key="k1")
+
+        async with TestServer(proxy_app(fake.url, garble)) as proxy:
+            url = str(proxy.make_url("")).rstrip("/")
+            async with ka.KlingClient.kling(
+                api_key=API_KEY, base_url=url, poll=poll, retry=FAST_RETRY
+            ) as client:
+                with anyio.fail_after(20):
+                    results = {r.key: r async for r in client.run_batch(jobs())}
+    assert results["k0"].ok, results["k0"].error
+    lost = results["k1"]
+    assert isinstance(lost.error, ka.SubmitOutcomeUnknownError), lost.error
+    assert "1 row of the task list could not be read" in str(lost.error)
+    own = [
+        t
+        for t, task in fake.tasks.items()
+        if task.input["input"]["video_url"].endswith("clip-1.mp4")
+    ]
+    assert lost.error.candidates == tuple(own) and len(own) == 1
+    assert lost.task_id is None and not lost.adopted
+    assert fake.tasks_created == 2

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import anyio
+import attrs
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
@@ -21,7 +22,9 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 import kling_async as ka
-from kling_async.testing import FakeKlingServer
+from kling_async._early import EARLY_CALLBACKS, EarlyCallbacks
+from kling_async._signature import WebhookSecret
+from kling_async.testing import FakeKlingServer, FaultPlan
 from kling_async.webhook import CallbackReceiver
 
 pytestmark = pytest.mark.anyio
@@ -599,3 +602,98 @@ async def test_fake_server_callbacks_finish_a_batch(make: MakeClient, job: Any) 
     assert answered.count(200) >= 8 * steps
     # An official "processing" callback may beat the submit's answer: a harmless 404.
     assert receiver.counts["accepted"] == answered.count(200)
+
+
+async def test_a_callback_that_beats_its_submit_answer_finishes_the_task() -> None:
+    """The task ends (and is called back) before its submit's answer arrives.
+
+    The callback was about a task no batch tracked yet: answered 404 and dropped, and the task
+    waited for PollPolicy.callback_safety_interval (a minute here) before a poll found it ended.
+    It is kept a while, and applied when its task is tracked.
+    """
+    slow_answers = FaultPlan(answer_delay=0.3)
+    async with FakeKlingServer(task_duration=0.02, faults=slow_answers) as server:
+        async with kling_client(server, poll=SLOW_POLL) as client:
+            receiver = CallbackReceiver(client)
+            async with TestServer(receiver.aiohttp_app()) as hook_server:
+                url = receiver.callback_url(str(hook_server.make_url("/")))
+                jobs = [text_job(n, key=f"job-{n}") for n in range(3)]
+                with anyio.fail_after(5):
+                    results = [r async for r in client.run_batch(jobs, callback_url=url)]
+    assert sorted(r.key for r in results) == ["job-0", "job-1", "job-2"]
+    assert all(r.ok and r.polls == 0 for r in results), results
+    assert server.requests["query"] + server.requests["list"] == 0
+    assert receiver.counts["unknown"] >= 3  # each called back before its answer came
+
+
+SECRET = "whsec_dGVzdHNlY3JldHRlc3RzZWNyZXR0ZXN0c2VjcmV0MTI="
+OTHER_SECRET = "whsec_b3RoZXJzZWNyZXRvdGhlcnNlY3JldG90aGVyc2VjcmV0"
+
+
+def ended(task_id: str) -> ka.TaskSnapshot:
+    return ka.TaskSnapshot(
+        task_id=task_id, state=ka.TaskState.SUCCEEDED, video_urls=("https://cdn.example/v.mp4",)
+    )
+
+
+async def test_only_accepted_early_callbacks_finish_a_task_once_tracked() -> None:
+    """A terminal callback about a task not tracked yet is kept for it, if it passed the
+    receiver's checks: a forged token, a missing or foreign signature keep nothing."""
+    async with hooks(webhook_secret=SECRET) as h:
+
+        async def signed(body: bytes, secret: str, path: str | None = None) -> int:
+            signature = WebhookSecret(secret).headers("msg_1", int(time.time()), body)
+            async with h.http.post(
+                path or h.receiver.path, data=body, headers={**JSON, **signature}
+            ) as answer:
+                return answer.status
+
+        forged = "/kling-callback/" + TOKEN[:-1] + "X"
+        assert await signed(official("t1"), SECRET, path=forged) == 404
+        assert (await h.post(official("t2")))[0] == 401  # unsigned
+        assert await signed(official("t3"), OTHER_SECRET) == 401
+        assert await signed(official("t4"), SECRET) == 404  # genuine, but not tracked yet
+        assert h.receiver.counts["unknown"] == 1
+        results = await h.track("t1", "t2", "t3", "t4")
+        got = await results.wait()
+        assert list(got) == ["t4"] and got["t4"].ok and got["t4"].polls == 0
+        await results.nothing_yet()
+
+
+async def test_early_callbacks_are_kept_in_bounded_number() -> None:
+    """A flood of callbacks about tasks nobody tracks grows no memory past the bound: the
+    oldest make room (and apply to nothing), the newest still finish their task."""
+    flood = [f"flood-{n}" for n in range(EARLY_CALLBACKS + 10)]
+    async with hooks() as h:
+        for task_id in flood:
+            assert not h.client.deliver_callback(ended(task_id))
+        results = await h.track(flood[0], flood[9], flood[10], flood[-1])
+        got = await results.wait(2)
+        assert sorted(got) == sorted([flood[10], flood[-1]])
+        await results.nothing_yet()
+
+
+def test_early_callback_buffer_bounds_and_rules() -> None:
+    now = [0.0]
+    early = EarlyCallbacks(size=3, seconds=10.0, clock=lambda: now[0])
+    early.keep(ka.TaskSnapshot(task_id="a", state=ka.TaskState.PROCESSING))  # not an end
+    assert len(early) == 0
+    early.keep(ended("a"))
+    early.keep(attrs.evolve(ended("a"), state=ka.TaskState.FAILED))  # later news: ignored
+    for task_id in "bcd":
+        early.keep(ended(task_id))
+    assert len(early) == 3  # "a", the oldest, made room
+    assert early.take("a") is None
+    taken = early.take("b")
+    assert taken is not None and taken.state is ka.TaskState.SUCCEEDED
+    assert early.take("b") is None  # taken once
+    now[0] = 5.0
+    early.keep(ended("e"))
+    now[0] = 10.5  # "c" and "d" (kept at 0) are too old now; "e" is not
+    assert early.take("c") is None and len(early) == 1
+    assert early.take("e") is not None
+    first = EarlyCallbacks(clock=lambda: now[0])
+    first.keep(ended("x"))
+    first.keep(attrs.evolve(ended("x"), state=ka.TaskState.FAILED))
+    kept = first.take("x")
+    assert kept is not None and kept.state is ka.TaskState.SUCCEEDED  # the first end stands

@@ -96,6 +96,11 @@ def format_status(name: str, status: JournalStatus) -> str:
     states = ", ".join(f"{state} {count}" for state, count in sorted(status.states.items()))
     lines = [f"journal {redact(name)}: {status.jobs} jobs" + (f" ({states})" if states else "")]
     lines.append(f"tasks running: {status.running}")
+    if status.units_spent is not None:
+        lines.append(
+            f"budget: {status.units_spent:g} units spent, {status.units_reserved:g} reserved"
+            " for tasks that may still run"
+        )
     if status.capacity is not None:
         lines.append(
             f"account: {status.slots_held} task slots held, limit {status.limit}"

@@ -132,15 +132,15 @@ def _stopped(run: _Run, error: BaseException) -> None:
     if run.args.journal:
         verb = "is" if len(ids) == 1 else "are"
         print(
-            f"kling-async: {tasks} still running on the server {verb} in the journal: run the "
-            "same command again to pick them up",
+            f"kling-async: {tasks} still running on the server or just ended {verb} in the "
+            "journal: run the same command again to pick them up",
             file=sys.stderr,
         )
         return
     print(
-        f"kling-async: {tasks} still running on the server (paid for) will not be reported: "
-        f"{' '.join(ids)}; look them up with `kling-async status ID...` (with --journal FILE "
-        "a rerun picks up such tasks by itself)",
+        f"kling-async: {tasks} still running on the server or just ended (paid for) will not be "
+        f"reported: {' '.join(ids)}; look them up with `kling-async status ID...` (with "
+        "--journal FILE a rerun picks up such tasks by itself)",
         file=sys.stderr,
     )
 

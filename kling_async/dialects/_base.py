@@ -100,6 +100,17 @@ class Dialect(Protocol):
         """The snapshots on one page of a list answer."""
         ...
 
+    def parse_list_rows(
+        self, stage: str, response: HttpResponse
+    ) -> tuple[list[TaskSnapshot], list[MalformedResponseError]]:
+        """The snapshots of a list page's readable rows, and why each other row is unreadable.
+
+        A row's fault (a state word the client does not know, a success without its video)
+        concerns that row only; the page's own (an error answer, ``data`` not a list) is raised.
+        :meth:`parse_list` is this, raising the first row's fault.
+        """
+        ...
+
     def parse_list_page(
         self, stage: str, response: HttpResponse, wanted: Container[str]
     ) -> tuple[int, list[tuple[int, TaskSnapshot]]]:

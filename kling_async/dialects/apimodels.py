@@ -164,6 +164,12 @@ class ApimodelsDialect:
         """Never called (``list_page_size`` is 0); raises NotImplementedError."""
         raise NotImplementedError("apimodels has no list query")
 
+    def parse_list_rows(
+        self, stage: str, response: HttpResponse
+    ) -> tuple[list[TaskSnapshot], list[MalformedResponseError]]:
+        """Never called (``list_page_size`` is 0); raises NotImplementedError."""
+        raise NotImplementedError("apimodels has no list query")
+
     def parse_list_page(
         self, stage: str, response: HttpResponse, wanted: Container[str]
     ) -> tuple[int, list[tuple[int, TaskSnapshot]]]:

@@ -303,16 +303,30 @@ class KlingDialect:
 
     def parse_list(self, stage: str, response: HttpResponse) -> list[TaskSnapshot]:
         """The snapshots on one page of a list answer, newest first as the server sends them."""
+        snapshots, unreadable = self.parse_list_rows(stage, response)
+        if unreadable:
+            raise unreadable[0]
+        return snapshots
+
+    def parse_list_rows(
+        self, stage: str, response: HttpResponse
+    ) -> tuple[list[TaskSnapshot], list[MalformedResponseError]]:
+        """The snapshots of a list page's readable rows (newest first), and each other's fault."""
         _check_stage(stage)
         status = response.status
         data = _data(decode_envelope(response), status, allow_null=True)
         if data is None:
-            return []  # an empty page, as some gateways spell it
+            return [], []  # an empty page, as some gateways spell it
         if not isinstance(data, list):
             raise MalformedResponseError("list answer's data is not a JSON list", status=status)
-        return [
-            task_snapshot(item, where=f"data[{i}]", status=status) for i, item in enumerate(data)
-        ]
+        snapshots: list[TaskSnapshot] = []
+        unreadable: list[MalformedResponseError] = []
+        for i, item in enumerate(data):
+            try:
+                snapshots.append(task_snapshot(item, where=f"data[{i}]", status=status))
+            except MalformedResponseError as exc:
+                unreadable.append(exc)
+        return snapshots, unreadable
 
     def parse_list_page(
         self, stage: str, response: HttpResponse, wanted: Container[str]

@@ -3,8 +3,8 @@
 What ``kling-async results`` and ``kling-async status --journal`` print, for both backends:
 
 * :func:`read_jobs` returns every job the journal recorded, with its stages and latest result;
-* :func:`read_status` counts jobs by state, tasks running and (PostgreSQL) the workers and
-  their leases.
+* :func:`read_status` counts jobs by state, tasks running, the budget's units spent and
+  reserved, and (PostgreSQL) the workers and their leases.
 
 A SQLite journal is read from its file (read-only; a batch running on it holds the file's lock,
 so it is read once that batch has ended).  A PostgreSQL journal is read while its workers run.
@@ -53,6 +53,10 @@ class JournalStatus:
     limit: int | None = None
     capacity: int | None = None
     slots_held: int | None = None
+    #: Budget units charged by tasks that ended, and reserved for tasks that may still run
+    #: (None: the batches on this journal had no budget).
+    units_spent: float | None = None
+    units_reserved: float | None = None
 
 
 def job_state(job: JournalJob) -> str:
@@ -79,25 +83,45 @@ def _target_name(target: str | os.PathLike[str] | PostgresJournal) -> str:
 
 async def read_jobs(target: str | os.PathLike[str] | PostgresJournal) -> list[JournalJob]:
     """Every job the journal at ``target`` recorded, in the order they were recorded."""
+    return (await _read(target))[0]
+
+
+#: A journal's budget: units spent (tasks that ended) and reserved, or None without charges.
+Spend = tuple[float, float] | None
+
+# The charges' sums, by SQL that both SQLite and PostgreSQL read alike.
+_SPEND = (
+    "SELECT count(*), COALESCE(sum(CASE WHEN settled THEN units ELSE 0 END), 0),"
+    " COALESCE(sum(CASE WHEN settled THEN 0 ELSE units END), 0) FROM {table}"
+)
+
+
+def _spend(row: Any) -> Spend:
+    return (float(row[1]), float(row[2])) if row and row[0] else None
+
+
+async def _read(target: str | os.PathLike[str] | PostgresJournal) -> tuple[list[JournalJob], Spend]:
     if isinstance(target, PostgresJournal) or is_postgres_url(target):
         url = target.url if isinstance(target, PostgresJournal) else str(target)
-        rows = await _pg_rows(url)
+        rows, spend = await _pg_rows(url)
     else:
-        rows = await anyio.to_thread.run_sync(_sqlite_rows, Path(target))
+        rows, spend = await anyio.to_thread.run_sync(_sqlite_rows, Path(target))
     try:
-        return [job_from_row(row) for row in rows]
+        return [job_from_row(row) for row in rows], spend
     except UNREADABLE as exc:
         raise unreadable(_target_name(target), exc) from None
 
 
 async def read_status(target: str | os.PathLike[str] | PostgresJournal) -> JournalStatus:
     """Counts of the journal at ``target`` (see :class:`JournalStatus`)."""
-    jobs = await read_jobs(target)
+    jobs, spend = await _read(target)
     states: dict[str, int] = {}
     for job in jobs:
         state = job_state(job)
         states[state] = states.get(state, 0) + 1
     status = JournalStatus(jobs=len(jobs), states=states, running=states.get("running", 0))
+    if spend is not None:
+        status = attrs.evolve(status, units_spent=spend[0], units_reserved=spend[1])
     if isinstance(target, PostgresJournal) or is_postgres_url(target):
         url = target.url if isinstance(target, PostgresJournal) else str(target)
         workers, account = await _pg_workers(url)
@@ -111,7 +135,7 @@ async def read_status(target: str | os.PathLike[str] | PostgresJournal) -> Journ
     return status
 
 
-def _sqlite_rows(path: Path) -> list[Row]:
+def _sqlite_rows(path: Path) -> tuple[list[Row], Spend]:
     if not path.exists():
         raise JournalError(f"journal {path}: no such file")
     try:
@@ -133,14 +157,17 @@ def _sqlite_rows(path: Path) -> list[Row]:
             conn.close()
             conn = copy
             fold(conn, str(path))
-        return read_rows(conn)
+        spend = None
+        if conn.execute("SELECT 1 FROM sqlite_master WHERE name = 'charges'").fetchone():
+            spend = _spend(conn.execute(_SPEND.format(table="charges")).fetchone())
+        return read_rows(conn), spend
     except sqlite3.Error as exc:
         raise journal_error(str(path), exc) from None
     finally:
         conn.close()
 
 
-async def _pg_rows(url: str) -> list[Row]:
+async def _pg_rows(url: str) -> tuple[list[Row], Spend]:
     import psycopg
 
     try:
@@ -157,9 +184,15 @@ async def _pg_rows(url: str) -> list[Row]:
             for row in await cur.fetchall():
                 if row[0] in jobs:
                     jobs[row[0]][1].append(row)
+            spend = None
+            cur = await conn.execute("SELECT to_regclass('kling_charges') IS NOT NULL")
+            charges = await cur.fetchone()
+            if charges and charges[0]:  # (a journal begun before shared budgets has none)
+                cur = await conn.execute(_SPEND.format(table="kling_charges"))
+                spend = _spend(await cur.fetchone())
     except psycopg.Error as exc:
         raise JournalError(f"journal {redact(url)}: {str(exc).strip()[:300]}") from None
-    return list(jobs.values())
+    return list(jobs.values()), spend
 
 
 async def _pg_workers(url: str) -> tuple[tuple[WorkerLease, ...], tuple[Any, ...] | None]:

@@ -95,6 +95,7 @@ class PgJournal(ServerFacts):
         self._skip: set[str] = set()  # keys it cannot (another worker's job file)
         self._kept: set[str] = set()  # timed-out jobs whose slot is kept (see finished)
         self._slotless: set[str] = set()  # jobs claimed without a slot (claim's without_slot)
+        self._charges: dict[str, float] = {}  # budget charges to write with their results
         self._freed = anyio.Event()  # set (and replaced) when a job of this worker ends
         self._closed = False
 
@@ -253,6 +254,9 @@ class PgJournal(ServerFacts):
             "ended": result.task_id is not None,
             "keep": keep,
         }
+        charge = self._charges.pop(result.key, None)
+        if charge is not None:  # (the budget's charge for the task that ended, first)
+            await self._fenced(job, sql.CHARGE, _charge_params(charge, settled=True))
         if keep:
             # Kept before the write: the batch may let go of the slot while it is under way
             # (its follower cancelled as the batch stops), and slot_ended must not miss it.
@@ -266,6 +270,27 @@ class PgJournal(ServerFacts):
             raise
         if not keep:
             self._wake()
+
+    async def reserve_charge(
+        self, key: str, units: float, *, limit: float, force: bool
+    ) -> tuple[bool, float]:
+        """Reserve ``units`` of the batch's budget for ``key`` (replacing its earlier charge).
+
+        Atomic across every worker: granted only if the batch's total stays within ``limit``
+        (or ``force``).  Returns whether it was granted, and the batch's total after it (or as
+        it stands, when refused).
+        """
+        params = _charge_params(units, settled=False, limit=limit, force=force)
+        row = await self._fenced(self._jobs[key], sql.CHARGE, params)
+        return bool(row[2]), float(row[3])
+
+    def charge(self, key: str, units: float, settled: bool) -> None:
+        """Record what ``key``'s task cost (``settled``): written with its result (finished).
+
+        A reservation (not ``settled``) is :meth:`reserve_charge`'s, never this one's.
+        """
+        if settled:
+            self._charges[key] = units
 
     def slot_ended(self, key: str) -> None:
         """The batch let go of ``key``'s slot: a kept one (timed out) goes back to the account.
@@ -452,3 +477,10 @@ class PgJournal(ServerFacts):
         for key in keys:
             await self._fenced(self._jobs[key], sql.SLOT_ENDED, {"ended": True}, closing=True)
         self._wake()
+
+
+def _charge_params(
+    units: float, *, settled: bool, limit: float = 0.0, force: bool = True
+) -> dict[str, Any]:
+    """Parameters of :data:`._pg_sql.CHARGE` (a settled charge is never refused)."""
+    return {"units": float(units), "settled": settled, "limit": float(limit), "force": force}

@@ -11,6 +11,8 @@ database (or one schema: ``?options=-csearch_path%3Dmybatch`` in the URL) holds 
     kling_account(id = 1, capacity, lim, held, clean)
     kling_workers(id, host, pid, started_at, expires_at, drained)
     kling_task_states(task_id, snapshot)     terminal states the elected poller saw
+    kling_charges(key, units, settled)       each job's budget reservation or charge
+    kling_spend(id = 1, total)               the sum of kling_charges.units, kept as they change
 
 A job's ``state`` is ``pending`` (anyone may claim it), ``claimed`` (``worker`` runs it) or
 ``done`` (its latest result is recorded).  ``slot`` says the job holds one of the account's task
@@ -18,7 +20,10 @@ slots: taken with the claim, kept while its task may run (even across its worker
 back when the result is recorded.  ``kling_account.held`` counts those slots; ``lim`` is the
 shared limit (``capacity`` lowered by 1303 refusals, creeping back up after clean finishes).
 ``kling_task_states`` holds what the one worker that polls for all (:mod:`._pg_poll`) saw of
-tasks that ended: the others read it instead of asking the server.
+tasks that ended: the others read it instead of asking the server.  ``kling_charges`` and
+``kling_spend`` are the batch's budget, shared by every worker (:mod:`kling_async._budget`):
+``kling_spend``'s one row is what a reservation locks and checks, so that two workers never
+both take the last units.
 """
 
 from __future__ import annotations
@@ -38,6 +43,20 @@ _TASK_STATES = """CREATE TABLE IF NOT EXISTS kling_task_states (
     task_id text PRIMARY KEY,
     snapshot text NOT NULL
 )"""
+
+#: The shared budget's tables (added after the first layout: created when missing).
+_CHARGES = (
+    """CREATE TABLE IF NOT EXISTS kling_charges (
+        key text PRIMARY KEY,
+        units double precision NOT NULL,
+        settled boolean NOT NULL
+    )""",
+    """CREATE TABLE IF NOT EXISTS kling_spend (
+        id integer PRIMARY KEY CHECK (id = 1),
+        total double precision NOT NULL
+    )""",
+    "INSERT INTO kling_spend VALUES (1, 0) ON CONFLICT (id) DO NOTHING",
+)
 
 _SCHEMA = (
     "CREATE TABLE IF NOT EXISTS kling_meta (name text PRIMARY KEY, value text NOT NULL)",
@@ -85,6 +104,7 @@ _SCHEMA = (
         drained boolean NOT NULL DEFAULT false
     )""",
     _TASK_STATES,
+    *_CHARGES,
 )
 
 
@@ -108,10 +128,14 @@ async def prepare(
         for sql in _SCHEMA:
             await conn.execute(sql)
     else:
-        cur = await conn.execute("SELECT to_regclass('kling_task_states') IS NOT NULL")
-        states = await cur.fetchone()
-        if not (states and states[0]):  # a journal begun by a version without the poller
-            await conn.execute(_TASK_STATES)
+        # Tables a journal begun by an earlier version lacks (the poller's, the budget's).
+        added = (("kling_task_states", (_TASK_STATES,)), ("kling_spend", _CHARGES))
+        for table, statements in added:
+            cur = await conn.execute("SELECT to_regclass(%s) IS NOT NULL", (table,))
+            found = await cur.fetchone()
+            if not (found and found[0]):
+                for sql in statements:
+                    await conn.execute(sql)
     cur = await conn.execute("SELECT name, value FROM kling_meta")
     stored = {str(name): str(value) for name, value in await cur.fetchall()}
     if not stored:

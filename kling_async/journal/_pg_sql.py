@@ -11,6 +11,7 @@ slot (before the statement), and for :data:`REGAIN_SLOT` whether it holds one no
 from __future__ import annotations
 
 __all__ = [
+    "CHARGE",
     "CREATED",
     "FINISHED",
     "LOWER_LIMIT",
@@ -100,4 +101,24 @@ w AS (
     UPDATE kling_jobs j SET slot = true FROM own
     WHERE j.key = own.key AND EXISTS (SELECT 1 FROM acc))""",
     ", EXISTS (SELECT 1 FROM acc)",
+)
+
+#: The job's budget reservation or charge becomes ``units`` (it replaces the job's earlier one),
+#: and the batch's total follows, unless that would pass ``limit`` (not ``force``d: a job whose
+#: task may exist is paid for anyway).  Locking ``kling_spend``'s row serialises every worker's
+#: reservations, and the check reads the total as it is once the lock is had.  A lowering never
+#: fails, so running the statement again (its answer lost) grants what the first run granted.
+CHARGE = fenced(
+    """prev AS (
+    SELECT COALESCE((SELECT units FROM kling_charges WHERE key = %(key)s), 0) AS units),
+acc AS (
+    UPDATE kling_spend s SET total = s.total + %(units)s - prev.units FROM prev
+    WHERE s.id = 1 AND EXISTS (SELECT 1 FROM own)
+        AND (%(force)s OR %(units)s <= prev.units OR s.total + %(units)s - prev.units <= %(limit)s)
+    RETURNING s.total),
+w AS (
+    INSERT INTO kling_charges (key, units, settled) SELECT %(key)s, %(units)s, %(settled)s FROM acc
+    ON CONFLICT (key) DO UPDATE SET units = EXCLUDED.units, settled = EXCLUDED.settled)""",
+    ", EXISTS (SELECT 1 FROM acc),"
+    " COALESCE((SELECT total FROM acc), (SELECT total FROM kling_spend WHERE id = 1))",
 )

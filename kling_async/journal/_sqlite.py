@@ -51,6 +51,7 @@ from typing import Any
 import anyio
 import attrs
 
+from .._durable import sync_directory
 from .._errors import JournalError, ValidationError
 from .._identity import new_batch_id
 from .._results import JobResult, TaskSnapshot
@@ -208,7 +209,11 @@ class Journal(ServerFacts):
         def setup() -> tuple[Store, dict[str, str], list[Row]]:
             store = Store(name, timeout=lock_timeout)
             try:
-                return store, *store.open(meta)
+                opened = store.open(meta)
+                # A new file, and the WAL each opening makes anew, last a power cut only once
+                # their folder is synced: without, the synced submit intents could vanish.
+                sync_directory(os.path.dirname(os.path.abspath(name)))
+                return store, *opened
             except BaseException:
                 store.close()
                 raise
@@ -219,6 +224,8 @@ class Journal(ServerFacts):
             raise
         except sqlite3.Error as exc:
             raise journal_error(name, exc, writing=True) from None
+        except OSError as exc:  # (the folder's sync failed: a disk error)
+            raise JournalError(f"journal {name}: cannot sync its folder: {exc}") from None
         except UNREADABLE as exc:  # a change this version cannot read
             raise unreadable(name, exc) from None
         try:
