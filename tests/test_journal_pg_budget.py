@@ -9,7 +9,7 @@ from __future__ import annotations
 import anyio
 import psycopg
 import pytest
-from helpers import kling_client
+from helpers import audio_job, kling_client
 from pg import journal_worker as worker
 
 import kling_async as ka
@@ -21,12 +21,7 @@ pytestmark = pytest.mark.anyio
 
 
 def job(n: int) -> ka.LipSyncJob:
-    return ka.LipSyncJob.from_audio(
-        video_url=f"https://example.com/clip-{n}.mp4",
-        audio_url=f"https://example.com/line-{n}.mp3",
-        sound_end_time=7000,  # estimated 1.0 unit
-        key=f"k{n}",
-    )
+    return audio_job(n, sound_end_time=7000, key=f"k{n}")  # estimated 1.0 unit
 
 
 def spend(url: str) -> tuple[float, float, int]:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import anyio
 import pytest
 from aiohttp import web
+from helpers import audio_job
 from proxy import proxy_app, run_through
 
 import kling_async as ka
@@ -19,11 +20,7 @@ POLL = ka.PollPolicy(first_delay=0.01, max_interval=0.05, timeout=3.0)
 
 
 def _apimodels_job(n: int) -> ka.LipSyncJob:
-    return ka.LipSyncJob.from_audio(
-        video_url=f"https://example.com/clip-{n}.mp4",
-        audio_url=f"https://example.com/line-{n}.mp3",
-        key=f"k{n}",
-    )
+    return audio_job(n, key=f"k{n}")
 
 
 async def test_apimodels_figures_sent_as_strings_do_not_lose_the_video() -> None:
@@ -104,12 +101,7 @@ async def test_identify_face_with_null_face_data_fails_the_job_without_lip_sync(
         if request.path.endswith("/identify-face") and isinstance(data, dict):
             data["face_data"] = None
 
-    job = ka.LipSyncJob.from_audio(
-        video_url="https://example.com/clip-1.mp4",
-        audio_url="https://example.com/line-1.mp3",
-        sound_end_time=3000,
-        key="k1",
-    )
+    job = audio_job(1, sound_end_time=3000, key="k1")
     async with FakeKlingServer(task_duration=0.05) as fake:
         app = proxy_app(fake.url, no_faces)
         results = await run_through(fake, app, [job], poll=POLL, advanced=True)
