@@ -401,8 +401,15 @@ class Batch:
 
     def _hand_over(self, result: JobResult) -> None:
         """Count ``result`` and put it in the pipe (its place was reserved), as it is."""
+        self._count(result)
+        self._put(result)
+
+    def _count(self, result: JobResult) -> None:
         self.counts["succeeded" if result.ok else "failed"] += 1
         self.units += result.units or 0.0
+
+    def _put(self, result: JobResult) -> None:
+        """Say ``result`` finished and put it in the pipe: from here on the pipe names it."""
         if self._emit is not None:
             self._emit.finished(result)
         self.pipe.put(result)
@@ -418,8 +425,7 @@ class Batch:
             result = await self._saver.save(result, self._emit)
             if result.error is not None:
                 self._unsaved.add(result.key)
-        self.counts["succeeded" if result.ok else "failed"] += 1
-        self.units += result.units or 0.0
+        self._count(result)
         if self._scope.cancel_called:
             # A stopped batch hands over nothing more (after a fatal error the consumer still
             # reads what came before it): the result stays named in ``_ending``.  Only the
@@ -429,11 +435,7 @@ class Batch:
         # No waiting: the result's place was reserved before its job started.  No yield here
         # either: the consumer woken by it runs before any runner sends another submit, because
         # Submitter.create yields before it sends.
-        if self._emit is not None:
-            self._emit.finished(result)
-        self.pipe.put(result)
-        if task_id is not None:
-            self._ending.pop(task_id, None)
+        self._put(result)
 
     async def _track_all(self, task_ids: list[str]) -> None:
         """Track tasks created elsewhere (:func:`~._tracking.track_all`), reporting each end."""
