@@ -22,7 +22,7 @@ import time
 from typing import Any
 
 import anyio
-from _common import table
+from _common import table, text_job
 
 from kling_async._results import JobResult, TaskState
 from kling_async.journal._sqlite import Journal
@@ -41,7 +41,7 @@ async def one_round(jobs: int, writers: int) -> tuple[float, float, int]:
         async def writer() -> None:
             for n in keys:
                 key, task_id = f"job-{n}", f"task-{n}"
-                journal.begin(key, "0" * 64, f"https://example.com/clip-{n}.mp4")
+                journal.begin(key, text_job(n))
                 await journal.submitting(key, "lip-sync", 1.0)
                 await journal.created(key, "lip-sync", task_id)
                 result = JobResult(

@@ -144,9 +144,9 @@ class Resume:
         self._keys.add(key)
         if not isinstance(job, LipSyncJob):
             return None  # fails at once, creates nothing: nothing to journal
-        digest = request_hash(job)
         record = self.journal.job(key)
-        if record is not None and record.request_hash != digest:
+        # (Hashed only to compare: a new job's hash is the journal's to make, off the loop.)
+        if record is not None and record.request_hash != request_hash(job):
             if record.may_have_task:
                 raise ValidationError(
                     "key",
@@ -156,7 +156,7 @@ class Resume:
                 )
             record = None
         if record is None:
-            self.journal.begin(key, digest, job.video_url)
+            self.journal.begin(key, job)
             return None
         if record.final and record.result is not None:
             if self._retry_failed and not record.result.ok:
@@ -167,7 +167,7 @@ class Resume:
                 self.retried += 1
                 self._fresh_ids.add(key)
                 logger.debug("%s: failed in an earlier run, submitting it again", key)
-                self.journal.begin(key, digest, job.video_url)
+                self.journal.begin(key, job)
                 return None
             if not record.reported:
                 return record.result

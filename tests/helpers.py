@@ -31,6 +31,17 @@ def text_job(n: int, **extra: Any) -> ka.LipSyncJob:
     )
 
 
+def journal_job(video_url: str | None, n: int = 0) -> ka.LipSyncJob:
+    """A text job of ``video_url`` (None: of a Kling video id), as journal tests record them."""
+    if video_url is None:
+        return ka.LipSyncJob(
+            video_id=f"video-{n}", text=f"line {n}", voice_id="girlfriend_1_speech02"
+        )
+    return ka.LipSyncJob.from_text(
+        video_url=video_url, text=f"line {n}", voice_id="girlfriend_1_speech02"
+    )
+
+
 def audio_job(n: int, **extra: Any) -> ka.LipSyncJob:
     return ka.LipSyncJob.from_audio(
         video_url=f"https://example.com/clip-{n}.mp4",

@@ -17,10 +17,12 @@ from pathlib import Path
 from typing import Any
 
 import anyio
+import attrs
 import pytest
 from helpers import (
     WAV,
     apimodels_client,
+    journal_job,
     kling_client,
     requests_sent,
     text_job,
@@ -29,6 +31,8 @@ from helpers import (
 import kling_async as ka
 from kling_async._resume import is_final
 from kling_async.journal._codec import (
+    REQUEST_FIELDS,
+    RESULT_FIELDS,
     request_hash,
     result_from_json,
     result_to_json,
@@ -101,6 +105,71 @@ def test_request_hash_ignores_the_key_and_sees_every_other_field() -> None:
     )
 
 
+#: Hashes version 0.x wrote for these jobs: a journal's hash form may never change.
+PINNED_HASHES = {
+    "text": "cdb31b6c4b586c6496b9b24ac7b801ba3e1f45db88270e7ce26b501f924a1287",
+    "audio bytes": "a1abd2bfee3deced79264a3cfa1376089530ea6d8fce9f7e70fcc30251cdad0e",
+    "video id": "d00ac3398f7bdec6fcd662b70f733fb28df95b3b93ee07d10c4b77e71ecb7c1c",
+}
+PINNED_JOBS = {
+    "text": text_job(1),
+    "audio bytes": ka.LipSyncJob.from_audio(video_url="https://e.com/v.mp4", audio_file=WAV),
+    "video id": journal_job(None),
+}
+
+
+def test_the_request_fields_are_every_field_of_a_job_but_its_key() -> None:
+    # The log keeps a job's values in REQUEST_FIELDS' order: a new field needs a new operation.
+    names = tuple(field.name for field in attrs.fields(ka.LipSyncJob) if field.name != "key")
+    assert sorted(REQUEST_FIELDS) == sorted(names)
+
+
+@pytest.mark.parametrize("name", sorted(PINNED_JOBS))
+async def test_a_job_logged_by_its_values_folds_into_its_request_hash(
+    tmp_path: Path, name: str
+) -> None:
+    job = PINNED_JOBS[name]
+    assert request_hash(job) == PINNED_HASHES[name]
+    journal = await open_journal(tmp_path / "j.sqlite")
+    journal.begin("a", job)
+    await journal.submitting("a", "lip-sync", 1.0)
+    begun = journal.job("a")
+    assert begun is not None and begun.request_hash is None  # hashed at the fold, not now
+    await journal.close()
+    again = await open_journal(tmp_path / "j.sqlite")
+    record = again.job("a")
+    await again.close()
+    assert record is not None and record.request_hash == PINNED_HASHES[name]
+    assert record.video_url == job.video_url
+
+
+async def test_a_result_logged_by_its_values_folds_into_its_json(tmp_path: Path) -> None:
+    result = ka.JobResult(
+        key="a",
+        task_id="7",
+        state=ka.TaskState.FAILED,
+        error=ka.ServerError("busy", status=500, code=5000, request_id="r-1"),
+        submitted_at=1.5,
+        finished_at=float("nan"),  # (a value JSON spells only as Python does: kept as before)
+        polls=3,
+        video_duration=4.2,
+        units=1.0,
+        balance_deduction=ka.BalanceDeduction(quota=2.0, list_price=None),
+    )
+    journal = await open_journal(tmp_path / "j.sqlite")
+    journal.begin("a", text_job(1))
+    await journal.finished(result, final=True)
+    await journal.close()
+    rows = read_as_a_crash_leaves_it(tmp_path / "j.sqlite", "SELECT result, final FROM jobs")
+    assert rows == [(result_to_json(result), 1)]
+    assert set(json.loads(rows[0][0])) == set(RESULT_FIELDS)
+    again = await open_journal(tmp_path / "j.sqlite")
+    record = again.job("a")
+    await again.close()
+    assert record is not None and record.result is not None and record.final
+    assert record.result.video_duration == 4.2 and str(record.result.error) == str(result.error)
+
+
 @pytest.mark.parametrize(
     "error",
     [
@@ -162,8 +231,8 @@ def test_what_a_rerun_keeps() -> None:
 async def test_journal_keeps_stages_results_and_marks_across_reopening(tmp_path: Path) -> None:
     path = tmp_path / "j.sqlite"
     journal = await open_journal(path)
-    journal.begin("a", "hash-a", "https://e.com/a.mp4")
-    journal.begin("b", "hash-b", None)
+    journal.begin("a", journal_job("https://e.com/a.mp4"))
+    journal.begin("b", journal_job(None))
     await journal.submitting("a", "lip-sync", 100.0)
     await journal.created("a", "lip-sync", "task-1")
     await journal.submitting("b", "identify-face", 101.0)
@@ -180,7 +249,7 @@ async def test_journal_keeps_stages_results_and_marks_across_reopening(tmp_path:
     )
     await journal.finished(done, final=True)
     journal.reported("a")
-    journal.begin("never-written", "h", None)  # no change: no row
+    journal.begin("never-written", journal_job(None))  # no change: no row
     await journal.close()
     await journal.close()  # idempotent
 
@@ -189,7 +258,10 @@ async def test_journal_keeps_stages_results_and_marks_across_reopening(tmp_path:
         a, b = again.job("a"), again.job("b")
         assert a is not None and b is not None
         assert again.job("never-written") is None
-        assert a.request_hash == "hash-a" and a.video_url == "https://e.com/a.mp4"
+        assert (
+            a.request_hash == request_hash(journal_job("https://e.com/a.mp4"))
+            and a.video_url == "https://e.com/a.mp4"
+        )
         assert a.final and a.reported and a.result == done
         assert a.stages["lip-sync"].status == "created"
         assert a.stages["lip-sync"].task_id == "task-1"
@@ -220,7 +292,7 @@ def read_as_a_crash_leaves_it(path: Path, query: str) -> list[tuple[Any, ...]]:
 async def test_every_submit_intent_is_committed_before_the_call_returns(tmp_path: Path) -> None:
     path = tmp_path / "j.sqlite"
     journal = await open_journal(path)
-    journal.begin("a", "h", None)
+    journal.begin("a", journal_job(None))
     await journal.submitting("a", "lip-sync", 5.0)
     rows = read_as_a_crash_leaves_it(path, "SELECT key, stage, status, intent_at FROM stages")
     assert rows == [("a", "lip-sync", "submitting", 5.0)]
@@ -230,7 +302,7 @@ async def test_every_submit_intent_is_committed_before_the_call_returns(tmp_path
 async def test_concurrent_writes_share_transactions(tmp_path: Path) -> None:
     journal = await open_journal(tmp_path / "j.sqlite")
     for n in range(50):
-        journal.begin(f"k{n}", "h", None)
+        journal.begin(f"k{n}", journal_job(None))
     async with anyio.create_task_group() as group:
         for n in range(50):
             group.start_soon(journal.submitting, f"k{n}", "lip-sync", float(n))
@@ -244,7 +316,7 @@ async def test_concurrent_writes_share_transactions(tmp_path: Path) -> None:
 
 async def test_a_cancelled_writer_still_gets_its_write_committed(tmp_path: Path) -> None:
     journal = await open_journal(tmp_path / "j.sqlite")
-    journal.begin("a", "h", None)
+    journal.begin("a", journal_job(None))
     with anyio.CancelScope() as scope:
         scope.cancel()
         await journal.created("a", "lip-sync", "task-9")
@@ -303,7 +375,7 @@ async def test_a_damaged_record_is_one_clear_error_and_leaves_the_file_free(
 ) -> None:
     path = tmp_path / "dub.journal"
     journal = await open_journal(path)
-    journal.begin("a", "h", None)
+    journal.begin("a", journal_job(None))
     await journal.submitting("a", "lip-sync", 1.0)
     done = ka.TaskState.SUCCEEDED
     await journal.created("a", "lip-sync", "t1", ka.TaskSnapshot(task_id="t1", state=done))
@@ -338,7 +410,7 @@ async def test_a_journal_that_cannot_be_written_says_it_is_read_only(
     folder.mkdir()
     path = folder / "dub.journal"
     journal = await open_journal(path)
-    journal.begin("a", "h", None)
+    journal.begin("a", journal_job(None))
     await journal.submitting("a", "lip-sync", 1.0)
     await journal.close()
     target = path if what == "file" else folder
@@ -356,7 +428,7 @@ async def test_a_journal_that_cannot_be_written_says_it_is_read_only(
 async def test_a_journal_of_a_newer_layout_is_refused_also_by_its_readers(tmp_path: Path) -> None:
     path = tmp_path / "dub.journal"
     journal = await open_journal(path)
-    journal.begin("a", "h", None)
+    journal.begin("a", journal_job(None))
     await journal.finished(
         ka.JobResult(key="a", task_id="t1", state=ka.TaskState.SUCCEEDED), final=True
     )

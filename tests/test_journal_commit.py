@@ -11,7 +11,7 @@ from pathlib import Path
 
 import anyio
 import pytest
-from helpers import apimodels_client, kling_client, text_job
+from helpers import apimodels_client, journal_job, kling_client, text_job
 
 import kling_async as ka
 from kling_async.dialects.kling import STAGE_ADVANCED_LIP_SYNC, STAGE_LIP_SYNC
@@ -279,7 +279,7 @@ async def test_a_journal_whose_last_transaction_fails_still_releases_its_file(
 ) -> None:
     path = tmp_path / "j.sqlite"
     journal = await Journal.open(path, dialect="kling", stage="lip-sync", base_url="http://x")
-    journal.begin("a", "h", None)
+    journal.begin("a", journal_job(None))
     journal.reported("a")  # (queued, not waited for)
     journal._store._conn.execute("DROP TABLE events")  # SQLite refuses the last transaction
     with pytest.raises(ka.JournalError, match="no such table: events"):
@@ -295,7 +295,7 @@ async def test_a_failed_transaction_nobody_waited_for_fails_the_close(tmp_path: 
     # (before the fix close() returned quietly and a rerun reported those results again).
     path = tmp_path / "j.sqlite"
     journal = await Journal.open(path, dialect="kling", stage="lip-sync", base_url="http://x")
-    journal.begin("a", "h", None)
+    journal.begin("a", journal_job(None))
     journal.charge("a", 1.5, False)  # (queued, not waited for)
     journal._store._conn.execute("DROP TABLE events")  # SQLite refuses that transaction
     committer = journal._committer

@@ -15,9 +15,11 @@ from typing import Any
 
 import anyio
 import pytest
+from helpers import journal_job
 
 import kling_async as ka
 from kling_async.journal import JournalBackend, PostgresJournal, open_journal
+from kling_async.journal._codec import request_hash
 from kling_async.journal._export import read_jobs
 from kling_async.journal._sqlite import JournalJob
 
@@ -70,8 +72,8 @@ def backend(request: pytest.FixtureRequest, tmp_path: Path) -> Backend:
 
 async def test_intents_task_ids_results_and_marks_are_kept(backend: Backend) -> None:
     journal = await backend.open()
-    journal.begin("a", "hash-a", "https://e.com/a.mp4")
-    journal.begin("b", "hash-b", None)
+    journal.begin("a", journal_job("https://e.com/a.mp4"))
+    journal.begin("b", journal_job(None))
     await journal.submitting("a", "lip-sync", 100.0)
     seen = await backend.read()  # committed before the call returned
     assert seen["a"].stages["lip-sync"].status == "submitting"
@@ -88,7 +90,7 @@ async def test_intents_task_ids_results_and_marks_are_kept(backend: Backend) -> 
     )
     await journal.finished(done, final=True)
     journal.reported("a")
-    journal.begin("never-written", "h", None)
+    journal.begin("never-written", journal_job(None))
     assert journal.owner("task-1") == "a" and journal.owner("nope") is None
     await journal.close()
     await journal.close()  # idempotent
@@ -96,7 +98,10 @@ async def test_intents_task_ids_results_and_marks_are_kept(backend: Backend) -> 
     jobs = await backend.read()
     assert set(jobs) == {"a", "b"}
     a, b = jobs["a"], jobs["b"]
-    assert a.request_hash == "hash-a" and a.video_url == "https://e.com/a.mp4"
+    assert (
+        a.request_hash == request_hash(journal_job("https://e.com/a.mp4"))
+        and a.video_url == "https://e.com/a.mp4"
+    )
     assert a.final and a.reported and a.result == done
     assert a.stages["lip-sync"].status == "created" and a.stages["lip-sync"].task_id == "task-1"
     assert a.stages["lip-sync"].intent_at == 100.0
@@ -107,24 +112,27 @@ async def test_intents_task_ids_results_and_marks_are_kept(backend: Backend) -> 
 
 async def test_a_refusal_clears_the_intent_and_a_job_may_start_over(backend: Backend) -> None:
     journal = await backend.open()
-    journal.begin("a", "old", "https://e.com/a.mp4")
+    journal.begin("a", journal_job("https://e.com/a.mp4"))
     await journal.submitting("a", "lip-sync", 1.0)
     await journal.refused("a", "lip-sync")
     await journal.refused("a", "lip-sync")  # nothing in flight any more: no change
     record = journal.job("a")
     assert record is not None and not record.may_have_task
-    journal.begin("a", "new", "https://e.com/a2.mp4")  # it created nothing: may change
+    journal.begin("a", journal_job("https://e.com/a2.mp4"))  # it created nothing: may change
     await journal.submitting("a", "lip-sync", 2.0)
     await journal.close()
     (job,) = (await backend.read()).values()
-    assert job.request_hash == "new" and job.video_url == "https://e.com/a2.mp4"
+    assert (
+        job.request_hash == request_hash(journal_job("https://e.com/a2.mp4"))
+        and job.video_url == "https://e.com/a2.mp4"
+    )
     assert job.stages["lip-sync"].status == "submitting" and job.stages["lip-sync"].intent_at == 2
 
 
 async def test_concurrent_writes_all_land(backend: Backend) -> None:
     journal = await backend.open()
     for n in range(40):
-        journal.begin(f"k{n}", "h", None)
+        journal.begin(f"k{n}", journal_job(None))
     async with anyio.create_task_group() as group:
         for n in range(40):
             group.start_soon(journal.submitting, f"k{n}", "lip-sync", float(n))
@@ -138,7 +146,7 @@ async def test_concurrent_writes_all_land(backend: Backend) -> None:
 
 async def test_a_cancelled_writer_still_gets_its_write_committed(backend: Backend) -> None:
     journal = await backend.open()
-    journal.begin("a", "h", None)
+    journal.begin("a", journal_job(None))
     with anyio.CancelScope() as scope:
         scope.cancel()
         await journal.created("a", "lip-sync", "task-9")
@@ -157,7 +165,7 @@ async def test_a_journal_of_another_server_or_dialect_is_refused(backend: Backen
 async def test_unanswered_submits_on_one_video_are_counted(backend: Backend) -> None:
     journal = await backend.open()
     for key in ("a", "b", "c"):
-        journal.begin(key, "h", "https://e.com/same.mp4")
+        journal.begin(key, journal_job("https://e.com/same.mp4"))
     await journal.submitting("a", "lip-sync", 100.0)
     await journal.submitting("b", "lip-sync", 130.0)
     await journal.submitting("c", "lip-sync", 500.0)
@@ -171,7 +179,7 @@ async def test_unanswered_submits_on_one_video_are_counted(backend: Backend) -> 
 
 async def test_writing_after_close_is_an_error(backend: Backend) -> None:
     journal = await backend.open()
-    journal.begin("a", "h", None)
+    journal.begin("a", journal_job(None))
     await journal.close()
     with pytest.raises(ka.JournalError, match="closed"):
         await journal.submitting("a", "lip-sync", 1.0)
@@ -181,7 +189,7 @@ async def test_external_ids_adoption_and_the_batch_identity_are_kept(backend: Ba
     journal = await backend.open()
     batch_id = journal.batch_id
     assert len(batch_id) >= 16
-    journal.begin("a", "h", "https://e.com/a.mp4")
+    journal.begin("a", journal_job("https://e.com/a.mp4"))
     await journal.submitting("a", "lip-sync", 7.0, external_id="ka-x-a")
     await journal.created("a", "lip-sync", "task-a", adopted=True)
     journal.set_clock_offset(-1.5, 2.0)

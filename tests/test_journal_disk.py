@@ -152,14 +152,16 @@ def test_results_whose_commit_fails_on_a_full_disk_are_still_handed_over(tmp_pat
 FOLD_ON_A_FULL_DISK = """
     import resource, sys
     import anyio
+    from kling_async import LipSyncJob
     from kling_async.journal._sqlite import Journal
 
     META = dict(dialect="kling", stage="lip-sync", base_url="http://127.0.0.1:1")
+    JOB = LipSyncJob.from_text(video_url="https://e.com/v.mp4", text="hi", voice_id="v1")
 
     async def main() -> None:
         journal = await Journal.open(sys.argv[1], **META)
         for key in ("a", "b", "c"):
-            journal.begin(key, "h", None)
+            journal.begin(key, JOB)
             await journal.submitting(key, "lip-sync", 1.0)
             await journal.created(key, "lip-sync", f"task-{key}", adopted=True)
         await journal.close()

@@ -5,9 +5,12 @@ the library must stay readable by the next, and must not execute anything when r
 
 * :func:`request_hash` fingerprints everything about a job that shapes its request (every field
   but ``key``; audio bytes by their own SHA-256), so that a changed job under an old key is
-  caught before its old task is mistaken for the new job's.
+  caught before its old task is mistaken for the new job's.  A running SQLite journal logs a
+  job's :func:`request_values` instead and hashes them (:func:`hash_request`) when the log is
+  folded: the hash costs the running batch nothing.
 * :func:`result_to_json` / :func:`result_from_json` keep a :class:`JobResult`, its error rebuilt
-  as the same :class:`KlingError` class with the same message.
+  as the same :class:`KlingError` class with the same message; likewise a running SQLite
+  journal logs :func:`result_values`, spelt as that JSON (:func:`result_json`) when folded.
 * :func:`snapshot_to_json` / :func:`snapshot_from_json` keep the terminal snapshot of a
   synchronous step (the official identify-face), whose session a resumed job needs.
 """
@@ -17,9 +20,9 @@ from __future__ import annotations
 import hashlib
 import json
 import operator
+from collections.abc import Sequence
 from typing import Any
 
-import attrs
 import cattrs
 
 from .. import _errors
@@ -28,12 +31,18 @@ from .._jobs import LipSyncJob
 from .._results import BalanceDeduction, JobResult, TaskSnapshot, TaskState, returned_fields
 
 __all__ = [
+    "REQUEST_FIELDS",
+    "RESULT_FIELDS",
     "UNREADABLE",
     "error_from_json",
     "error_to_json",
+    "hash_request",
     "request_hash",
+    "request_values",
     "result_from_json",
+    "result_json",
     "result_to_json",
+    "result_values",
     "snapshot_from_json",
     "snapshot_to_json",
     "unreadable",
@@ -79,26 +88,69 @@ def request_hash(job: LipSyncJob) -> str:
     ``external_task_id`` (journals written before it existed stay valid); ``audio_file`` enters
     as the SHA-256 of its bytes; numbers enter as floats, so ``1`` and ``1.0`` hash alike.
     """
-    # (Read with one attrgetter call and normalised in one comprehension: attrs.asdict and a
-    # loop cost a fifth more, on every job of a journaled batch.)
+    return hash_request(request_values(job))
+
+
+#: The fields of a job its request hash covers, in the order :func:`request_values` gives them
+#: (``audio_file`` by the SHA-256 of its bytes).  The SQLite journal's log keeps a job's
+#: values in this order, so it never changes: a field added to LipSyncJob gets a new log
+#: operation (tests/test_journal.py checks that these are the job's fields).
+REQUEST_FIELDS = (
+    "video_url",
+    "video_id",
+    "source_task_id",
+    "text",
+    "voice_id",
+    "voice_language",
+    "voice_speed",
+    "audio_url",
+    "audio_file",
+    "audio_format",
+    "audio_id",
+    "watermark",
+    "sound_start_time",
+    "sound_end_time",
+    "sound_insert_time",
+    "sound_volume",
+    "original_audio_volume",
+    "face_index",
+    "face_id",
+    "callback_url",
+    "external_task_id",
+)
+_job_values = operator.attrgetter(*REQUEST_FIELDS)
+_AUDIO = REQUEST_FIELDS.index("audio_file")
+
+
+def request_values(job: LipSyncJob) -> tuple[Any, ...]:
+    """``job``'s :data:`REQUEST_FIELDS` as plain JSON values (audio bytes as their SHA-256).
+
+    What the SQLite journal logs for a new job: :func:`hash_request` turns it into the request
+    hash when the log is folded, off the running batch's loop.
+    """
+    values: tuple[Any, ...] = _job_values(job)
+    audio = values[_AUDIO]
+    if audio is not None:
+        digest = hashlib.sha256(audio).hexdigest() if audio else None
+        values = (*values[:_AUDIO], digest, *values[_AUDIO + 1 :])
+    return values
+
+
+def hash_request(values: Sequence[Any]) -> str:
+    """The :func:`request_hash` of a job whose :func:`request_values` are ``values``."""
+    # (Normalised in one comprehension: attrs.asdict and a loop cost a fifth more.)
     fields: dict[str, Any] = {
         name: float(value)
         if isinstance(value, (int, float)) and not isinstance(value, bool)
         else value
-        for name, value in zip(_JOB_FIELDS, _job_values(job), strict=True)
+        for name, value in zip(REQUEST_FIELDS, values, strict=True)
     }
     for name in _ADDED_AFTER_V1:
         if fields.get(name, 0) is None:
             del fields[name]  # (absent before it existed: old hashes hold)
-    audio = fields.pop("audio_file", None)
-    fields["audio_file_sha256"] = hashlib.sha256(audio).hexdigest() if audio else None
+    fields["audio_file_sha256"] = fields.pop("audio_file")
     text = f"{_HASH_VERSION}\n{_dumps(fields)}"
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
-
-
-#: Every field of a job but ``key``, and a getter of their values in that order.
-_JOB_FIELDS = tuple(field.name for field in attrs.fields(LipSyncJob) if field.name != "key")
-_job_values = operator.attrgetter(*_JOB_FIELDS)
 
 
 # -- errors --------------------------------------------------------------------------------
@@ -147,23 +199,55 @@ def error_from_json(data: dict[str, Any]) -> KlingError:
 # -- results -------------------------------------------------------------------------------
 
 
+#: The fields of a result's JSON, in the order :func:`result_values` gives them.  The SQLite
+#: journal's log keeps a result's values in this order, so it never changes: a field added to
+#: the result's JSON gets a new log operation.
+RESULT_FIELDS = (
+    "key",
+    "task_id",
+    "state",
+    "video_urls",
+    "error",
+    "submitted_at",
+    "finished_at",
+    "polls",
+    "adopted",
+    # What the server returned (absent from journals written before these existed).
+    "video_id",
+    "video_duration",
+    "watermark_url",
+    "units",
+    "balance_deduction",
+)
+
+
 def result_to_json(result: JobResult) -> str:
     """``result`` as compact JSON (its error by :func:`error_to_json`)."""
-    return _dumps(
-        {
-            "key": result.key,
-            "task_id": result.task_id,
-            "state": result.state.value,
-            "video_urls": list(result.video_urls),
-            "error": error_to_json(result.error) if result.error is not None else None,
-            "submitted_at": result.submitted_at,
-            "finished_at": result.finished_at,
-            "polls": result.polls,
-            "adopted": result.adopted,
-            # What the server returned (absent from journals written before these existed).
-            **returned_fields(result),
-        }
+    return result_json(result_values(result))
+
+
+def result_values(result: JobResult) -> tuple[Any, ...]:
+    """``result``'s :data:`RESULT_FIELDS` as plain JSON values: :func:`result_json` spells them.
+
+    What the SQLite journal logs for a result (spelt as JSON when the log is folded).
+    """
+    return (
+        result.key,
+        result.task_id,
+        result.state.value,
+        list(result.video_urls),
+        error_to_json(result.error) if result.error is not None else None,
+        result.submitted_at,
+        result.finished_at,
+        result.polls,
+        result.adopted,
+        *returned_fields(result).values(),
     )
+
+
+def result_json(values: Sequence[Any]) -> str:
+    """The JSON :func:`result_to_json` writes, of a result whose :func:`result_values` these are."""
+    return _dumps(dict(zip(RESULT_FIELDS, values, strict=True)))
 
 
 def result_from_json(text: str) -> JobResult:

@@ -16,6 +16,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Protocol, runtime_checkable
 
+from .._jobs import LipSyncJob
 from .._results import JobResult, TaskSnapshot
 from .._shared_poll import PollSeat
 from ._sqlite import JournalJob
@@ -58,8 +59,8 @@ class JournalBackend(Protocol):
     def unresolved(self, key: str, stage: str, video_url: str, near: float, within: float) -> int:
         """How many jobs besides ``key`` wait on an unanswered ``stage`` submit of ``video_url``."""
 
-    def begin(self, key: str, request_hash: str, video_url: str | None) -> JournalJob:
-        """Start a record for ``key`` (written with its first change)."""
+    def begin(self, key: str, job: LipSyncJob) -> JournalJob:
+        """Start a record for ``key``, running ``job`` (written with its first change)."""
 
     async def submitting(
         self, key: str, stage: str, at: float, external_id: str | None = None

@@ -28,9 +28,10 @@ import anyio
 
 from .._errors import JournalError
 from .._identity import new_batch_id
+from .._jobs import LipSyncJob
 from .._results import JobResult, TaskSnapshot, TaskState
 from . import _pg_sql as sql
-from ._codec import result_to_json, snapshot_to_json
+from ._codec import request_hash, result_to_json, snapshot_to_json
 from ._config import PostgresJournal, redact
 from ._contract import Claim
 from ._facts import ServerFacts
@@ -183,14 +184,16 @@ class PgJournal(ServerFacts):
 
     # -- the contract's writes -----------------------------------------------------------
 
-    def begin(self, key: str, request_hash: str, video_url: str | None) -> JournalJob:
-        """Start a record for ``key`` outside :meth:`load`.
+    def begin(self, key: str, job: LipSyncJob) -> JournalJob:
+        """Start a record for ``key``, running ``job``, outside :meth:`load`.
 
         It is written, and claimed by this worker, with its first change.
         """
-        job = JournalJob(key=key, request_hash=request_hash, video_url=video_url, stored=False)
-        self._jobs[key] = job
-        return job
+        record = JournalJob(
+            key=key, request_hash=request_hash(job), video_url=job.video_url, stored=False
+        )
+        self._jobs[key] = record
+        return record
 
     async def submitting(
         self, key: str, stage: str, at: float, external_id: str | None = None

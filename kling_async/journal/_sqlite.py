@@ -54,12 +54,14 @@ import attrs
 from .._durable import sync_directory
 from .._errors import JournalError, ValidationError
 from .._identity import new_batch_id
+from .._jobs import LipSyncJob
 from .._results import JobResult, TaskSnapshot
 from . import _sqlite_log as log
 from ._codec import (
     UNREADABLE,
+    request_values,
     result_from_json,
-    result_to_json,
+    result_values,
     snapshot_from_json,
     snapshot_to_json,
     unreadable,
@@ -104,7 +106,9 @@ class JournalJob:
     """What the journal knows about one job: its request hash, stages and latest result."""
 
     key: str
-    request_hash: str
+    #: The hash of the job's request (:func:`~._codec.request_hash`); None for a job begun by
+    #: this run of a SQLite journal, which logs :attr:`request` instead.
+    request_hash: str | None
     video_url: str | None = None
     result: JobResult | None = None
     final: bool = False
@@ -112,6 +116,8 @@ class JournalJob:
     stages: dict[str, JournalStage] = attrs.Factory(dict)
     #: Whether the job's row exists in the file (new jobs are written with their first change).
     stored: bool = True
+    #: The request's values (:func:`~._codec.request_values`) until a SQLite journal logs them.
+    request: tuple[Any, ...] | None = None
 
     @property
     def may_have_task(self) -> bool:
@@ -270,14 +276,21 @@ class Journal(ServerFacts):
 
     # -- writing -------------------------------------------------------------------------
 
-    def begin(self, key: str, request_hash: str, video_url: str | None) -> JournalJob:
-        """Start a record for ``key`` (replacing one whose job never created a task).
+    def begin(self, key: str, job: LipSyncJob) -> JournalJob:
+        """Start a record for ``key``, running ``job`` (replacing one that never created a task).
 
-        Nothing is written until the job's first change.
+        Nothing is written until the job's first change, which logs the request's values: its
+        hash is made when the log is folded (:mod:`._sqlite_log`), not on the batch's loop.
         """
-        job = JournalJob(key=key, request_hash=request_hash, video_url=video_url, stored=False)
-        self._jobs[key] = job
-        return job
+        record = JournalJob(
+            key=key,
+            request_hash=None,
+            video_url=job.video_url,
+            stored=False,
+            request=request_values(job),
+        )
+        self._jobs[key] = record
+        return record
 
     async def submitting(
         self, key: str, stage: str, at: float, external_id: str | None = None
@@ -351,7 +364,7 @@ class Journal(ServerFacts):
         """Record ``result`` as its job's latest (not yet reported); committed on return."""
         job = self._write_job(result.key)
         job.result, job.final, job.reported = result, final, False
-        self._add(log.FINISHED, (result_to_json(result), int(final), result.key))
+        self._add(log.FINISHED_RESULT, (int(final), *result_values(result)))
         await self._commit()
 
     def charges(self) -> dict[str, tuple[float, bool]]:
@@ -406,7 +419,9 @@ class Journal(ServerFacts):
                 self._add(log.JOB_RESET, (key,))
             else:  # no row of this key was ever written: nothing to delete (one statement less)
                 self._in_file.add(key)
-            self._add(log.JOB, (key, job.request_hash, job.video_url))
+            request, job.request = job.request, None
+            assert request is not None  # (only begin() makes a record not stored yet)
+            self._add(log.JOB_REQUEST, (key, *request))
         return job
 
     def _add(self, op: int, params: Sequence[Any]) -> None:
