@@ -29,7 +29,7 @@ from .dialects import Submit
 from .events import Adopted, Event
 from .journal import JournalBackend, PostgresJournal, SharedBackend, open_journal
 from .journal._codec import request_hash
-from .journal._sqlite import CREATED, SUBMITTING
+from .journal._sqlite import CREATED, SUBMITTING, JournalStage
 
 __all__ = ["SKIP", "Resume", "is_final"]
 
@@ -212,13 +212,13 @@ class Resume:
 
     # -- per submit step -----------------------------------------------------------------
 
-    async def open_step(
+    def open_step(
         self,
         key: str,
         job: LipSyncJob,
         step: Submit,
         submit: Callable[..., Awaitable[TaskSnapshot]],
-    ) -> TaskSnapshot:
+    ) -> Awaitable[TaskSnapshot]:
         """The first snapshot of ``step``'s task: known, adopted or sent with ``submit()``.
 
         A synchronous step (the official identify-face) whose answer the journal kept is not
@@ -226,7 +226,22 @@ class Resume:
         """
         record = self.journal.job(key)
         known = record.stages.get(step.stage) if record is not None else None
-        if known is not None and known.status == CREATED and known.task_id is not None:
+        if known is None or known.status not in (CREATED, SUBMITTING):
+            # (The submit's own coroutine, not one awaiting it: every step of the request
+            # would pass through one more frame.)
+            return submit()
+        return self._reopen_step(key, job, step, submit, known)
+
+    async def _reopen_step(
+        self,
+        key: str,
+        job: LipSyncJob,
+        step: Submit,
+        submit: Callable[..., Awaitable[TaskSnapshot]],
+        known: JournalStage,
+    ) -> TaskSnapshot:
+        """:meth:`open_step` of a stage an earlier run left created or unanswered."""
+        if known.status == CREATED and known.task_id is not None:
             logger.debug("%s: %s task %s resumed from the journal", key, step.stage, known.task_id)
             return known.snapshot or TaskSnapshot(task_id=known.task_id, state=TaskState.SUBMITTED)
         if known is not None and known.status == SUBMITTING:

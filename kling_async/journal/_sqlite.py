@@ -45,7 +45,6 @@ from __future__ import annotations
 
 import os
 import sqlite3
-from collections.abc import Sequence
 from typing import Any
 
 import anyio
@@ -141,20 +140,16 @@ class JournalJob:
     def mark_created(
         self, stage: str, task_id: str, snapshot: TaskSnapshot | None, adopted: bool
     ) -> JournalStage:
-        """Record in memory that ``stage`` created ``task_id``; return the new record.
+        """Record in memory that ``stage`` created ``task_id``; return the stage's record.
 
         The intent's time and external id are kept; both backends then write the record.
         """
         record = self.stages.get(stage)
-        created = self.stages[stage] = JournalStage(
-            status=CREATED,
-            intent_at=record.intent_at if record is not None else 0.0,
-            task_id=task_id,
-            snapshot=snapshot,
-            external_id=record.external_id if record is not None else None,
-            adopted=adopted,
-        )
-        return created
+        if record is None:
+            record = self.stages[stage] = JournalStage(status=CREATED, intent_at=0.0)
+        record.status, record.task_id, record.snapshot = CREATED, task_id, snapshot
+        record.adopted = adopted
+        return record
 
 
 class Journal(ServerFacts):
@@ -301,7 +296,7 @@ class Journal(ServerFacts):
         """
         job = self._write_job(key)
         job.stages[stage] = JournalStage(status=SUBMITTING, intent_at=at, external_id=external_id)
-        self._add(log.SUBMITTING, (key, stage, at, external_id))
+        self._add(log.SUBMITTING, key, stage, at, external_id)
         await self._commit(durable=True)
 
     async def created(
@@ -323,8 +318,8 @@ class Journal(ServerFacts):
         record = job.mark_created(stage, task_id, snapshot, adopted)
         self._owners[task_id] = key
         text = snapshot_to_json(snapshot) if snapshot is not None else None
-        row = (key, stage, record.intent_at, task_id, text, record.external_id, int(adopted))
-        self._add(log.CREATED, row)
+        intent_at, external_id = record.intent_at, record.external_id
+        self._add(log.CREATED, key, stage, intent_at, task_id, text, external_id, int(adopted))
         if adopted:
             # The proof behind an adoption (an answer that showed a task was made) is in no
             # record: a rerun that found only the intent might not adopt again.  Rare: wait.
@@ -349,7 +344,7 @@ class Journal(ServerFacts):
 
     def _set_meta(self, name: str, value: str) -> None:
         if not self._closed:
-            self._add(log.META, (name, value))
+            self._add(log.META, name, value)
 
     async def refused(self, key: str, stage: str) -> None:
         """Record that ``stage``'s request of ``key`` created nothing (it may be sent again)."""
@@ -357,14 +352,14 @@ class Journal(ServerFacts):
         if record is None or record.status != SUBMITTING:
             return
         record.status = REFUSED
-        self._add(log.REFUSED, (key, stage))
+        self._add(log.REFUSED, key, stage)
         await self._commit()
 
     async def finished(self, result: JobResult, *, final: bool) -> None:
         """Record ``result`` as its job's latest (not yet reported); committed on return."""
         job = self._write_job(result.key)
         job.result, job.final, job.reported = result, final, False
-        self._add(log.FINISHED_RESULT, (int(final), *result_values(result)))
+        self._add(log.FINISHED_RESULT, int(final), *result_values(result))
         await self._commit()
 
     def charges(self) -> dict[str, tuple[float, bool]]:
@@ -373,7 +368,7 @@ class Journal(ServerFacts):
 
     def charge(self, key: str, units: float, settled: bool) -> None:
         """Record a budget reservation or charge; committed with the next write (or close)."""
-        self._add(log.CHARGE, (key, float(units), int(settled)))
+        self._add(log.CHARGE, key, float(units), int(settled))
 
     def reported(self, key: str) -> None:
         """Mark ``key``'s latest result as taken by the consumer.
@@ -385,7 +380,7 @@ class Journal(ServerFacts):
         if job is None or job.reported or self._closed:
             return
         job.reported = True
-        self._add(log.REPORTED, (key,))
+        self._add(log.REPORTED, key)
 
     async def commit_marks(self) -> None:
         """Wait until cancelled (a task of the batch runs this; see :meth:`reported`).
@@ -416,18 +411,19 @@ class Journal(ServerFacts):
             job.stored = True
             if key in self._in_file:
                 # A replaced record's stages were all refused: none of them may be tracked.
-                self._add(log.JOB_RESET, (key,))
+                self._add(log.JOB_RESET, key)
             else:  # no row of this key was ever written: nothing to delete (one statement less)
                 self._in_file.add(key)
             request, job.request = job.request, None
             assert request is not None  # (only begin() makes a record not stored yet)
-            self._add(log.JOB_REQUEST, (key, *request))
+            self._add(log.JOB_REQUEST, key, *request)
         return job
 
-    def _add(self, op: int, params: Sequence[Any]) -> None:
+    def _add(self, *change: Any) -> None:
+        """Queue ``change``: an operation code and its values (:mod:`._sqlite_log`)."""
         if self._closed:
             raise JournalError(f"journal {self.path} is closed")
-        self._committer.add(log.event(op, params))
+        self._committer.add(change)
 
     async def _commit(self, *, durable: bool = False) -> None:
         """Return once every statement added so far is committed (:mod:`._sqlite_commit`).
