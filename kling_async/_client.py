@@ -147,6 +147,7 @@ class KlingClient:
         base_url: str = OFFICIAL_BASE_URL,
         prefix: str = "",
         advanced: bool = False,
+        gateway: bool | None = None,
         **options: Unpack[ClientOptions],
     ) -> KlingClient:
         """A client for the official Kling format, at the official API or any gateway.
@@ -156,7 +157,10 @@ class KlingClient:
         environment: ``KLING_API_KEY``, else ``KLING_ACCESS_KEY`` and ``KLING_SECRET_KEY``
         (:class:`ValidationError` naming them when none is set).  ``prefix`` is the gateway's
         path prefix (``"/kling"`` at most gateways).  With ``advanced`` jobs use the official
-        advanced lip-sync (identify-face, then advanced-lip-sync).  ``options``: see
+        advanced lip-sync (identify-face, then advanced-lip-sync).  ``gateway``: whether
+        ``base_url`` is a gateway, which may send refusals with HTTP 200, rather than the
+        official API (default: when ``prefix`` is set); a cut-off 2xx answer then never proves
+        that a task was created (README, "Guarantees").  ``options``: see
         :class:`ClientOptions`.
         """
         credentials = credentials_for(
@@ -166,7 +170,7 @@ class KlingClient:
             jwt_allowed=True,
             environ=os.environ,
         )
-        dialect = KlingDialect(prefix=prefix, advanced=advanced)
+        dialect = KlingDialect(prefix=prefix, advanced=advanced, gateway=gateway)
         return cls(dialect=dialect, credentials=credentials, base_url=base_url, **options)
 
     @classmethod
@@ -184,7 +188,7 @@ class KlingClient:
         Without ``api_key`` the key is ``KLING_API_KEY`` from the environment.  ``advanced``
         is :meth:`kling`'s; ``options``: see :class:`ClientOptions`.
         """
-        dialect = KlingDialect(prefix=prefix, advanced=advanced)
+        dialect = KlingDialect(prefix=prefix, advanced=advanced, gateway=True)
         return cls(dialect=dialect, credentials=_bearer(api_key), base_url=base_url, **options)
 
     @classmethod

@@ -332,10 +332,13 @@ class Reconciler:
                 )
                 raise SubmitOutcomeUnknownError(stage, cause=cause, detail=detail)
             return ABSENT
+        # A success whose body was cut off proves its task exists, unless this server may send
+        # a refusal with a 2xx status too (a gateway): then it proves nothing.
         exists = (
             isinstance(cause, MalformedResponseError)
             and cause.status is not None
             and 200 <= cause.status < 300
+            and not self._dialect.refusals_may_be_2xx
         )
         match = await self.find(key, stage, video_url, intent_at, answered_at, exists=exists)
         if match.snapshot is None:

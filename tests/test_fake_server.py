@@ -285,15 +285,23 @@ async def test_faults_change_mid_run_and_queries_break_after_acting() -> None:
                 assert r.status == 200
                 with pytest.raises(json.JSONDecodeError):
                     json.loads(await r.read())
-        assert server.tasks_created == 1
+        assert server.tasks_created == 2  # the submit's task exists: its answer broke after
         assert server.faults_hit == {"malformed_json": 2}
+        # Only a gateway that sends refusals with HTTP 200 cuts a submit off before acting.
+        server.faults = FaultPlan(malformed_json_rate=1.0, errors_as_http_200=True)
+        async with http.post(server.url + LIP_SYNC, json=text_body(), headers=KEY) as r:
+            assert r.status == 200
+            with pytest.raises(json.JSONDecodeError):
+                json.loads(await r.read())
+        assert server.tasks_created == 2
+        assert server.faults_hit == {"malformed_json": 3}
         server.faults = FaultPlan(query_error_rate=1.0)
         status, answer = await call(http, "GET", f"{server.url}{LIP_SYNC}/{task_id}")
         assert (status, answer["code"]) == (500, 5000)
         status, answer = await call(http, "GET", f"{server.url}{APIMODELS}?task_id=x")
         assert (status, answer["code"]) == (500, 500)
         await submit(server, http)  # submits are no queries
-        assert server.faults_hit == {"malformed_json": 2, "query_error": 2}
+        assert server.faults_hit == {"malformed_json": 3, "query_error": 2}
 
 
 async def test_data_as_list() -> None:

@@ -22,6 +22,7 @@ import pytest
 from helpers import (
     WAV,
     apimodels_client,
+    dmx_client,
     journal_job,
     kling_client,
     requests_sent,
@@ -658,17 +659,38 @@ async def test_a_journal_is_refused_for_track_and_for_another_server(tmp_path: P
 # -- submits whose answer is lost --------------------------------------------------------------
 
 
-async def test_a_submit_whose_answer_was_cut_off_is_found_and_adopted(tmp_path: Path) -> None:
-    # A 200 whose body broke proves the task exists: the only task on its video is it.
+@pytest.mark.parametrize("gateway", [False, True], ids=["official", "gateway"])
+async def test_a_submit_whose_answer_was_cut_off_is_adopted_from_the_official_api_only(
+    tmp_path: Path, gateway: bool
+) -> None:
+    # The official API's 200 whose body broke proves the task exists: the only task on its
+    # video is it.  A gateway may send a refusal with HTTP 200, so its cut-off 200 proves
+    # nothing: each job ends unknown, naming its own task as the candidate.
     journal = tmp_path / "dub.journal"
     jobs = [text_job(n, key=f"k{n}") for n in range(5)]
     async with FakeKlingServer(task_duration=0.02, faults=FaultPlan(lost_answer_rate=1)) as server:
-        async with kling_client(server) as client:
+        async with (dmx_client if gateway else kling_client)(server) as client:
             results = await run(client, jobs, journal)
-    assert all(r.ok and r.adopted for r in results), [str(r.error) for r in results]
     assert server.tasks_created == 5
     assert server.requests["list"] >= 1
-    assert {r.task_id for r in results} == set(server.tasks)
+    if not gateway:
+        assert all(r.ok and r.adopted for r in results), [str(r.error) for r in results]
+        assert {r.task_id for r in results} == set(server.tasks)
+    for result in results if gateway else ():
+        assert isinstance(result.error, ka.SubmitOutcomeUnknownError), result.error
+        assert not result.adopted and len(result.error.candidates) == 1
+
+
+def test_only_the_official_api_answers_2xx_only_once_it_created_the_task() -> None:
+    def gateway(client: ka.KlingClient) -> bool:
+        return client.dialect.refusals_may_be_2xx
+
+    assert not gateway(ka.KlingClient.kling(api_key="k"))
+    assert not gateway(ka.KlingClient.kling(api_key="k", advanced=True))
+    assert gateway(ka.KlingClient.kling(api_key="k", prefix="/kling"))
+    assert gateway(ka.KlingClient.kling(api_key="k", base_url="https://gw.example", gateway=True))
+    assert gateway(ka.KlingClient.dmxapi(api_key="k", prefix=""))
+    assert gateway(ka.KlingClient.apimodels(api_key="k"))
 
 
 async def test_a_timed_out_submit_names_its_candidate_and_is_not_guessed(tmp_path: Path) -> None:

@@ -72,6 +72,10 @@ class Dialect(Protocol):
     #: :meth:`query_request` then takes one in place of a task id, answered by
     #: :meth:`parse_external`.
     external_ids: bool
+    #: Whether a refusal may come with a 2xx status (and only the body's code says so), as some
+    #: gateways send them (docs/protocol.md, Business codes).  Then a 2xx answer whose body was
+    #: cut off does not prove that a task was created, and no task is adopted on that proof.
+    refusals_may_be_2xx: bool
 
     def check_job(self, job: LipSyncJob) -> None:
         """Raise :class:`~kling_async.ValidationError` for a job this dialect cannot run."""

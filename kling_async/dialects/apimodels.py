@@ -97,6 +97,8 @@ class ApimodelsDialect:
     list_page_size = 0
     #: No external task ids (docs/protocol.md, apimodels.app, documents none).
     external_ids = False
+    #: Its errors may come with HTTP 200 (docs/protocol.md, apimodels.app).
+    refusals_may_be_2xx = True
 
     def check_job(self, job: LipSyncJob) -> None:
         """Refuse text, ``video_id``, ``audio_id`` and ``watermark`` jobs: not on this service."""

@@ -76,16 +76,25 @@ class KlingDialect:
     name = "kling"
     list_page_size = MAX_PAGE_SIZE
 
-    def __init__(self, *, prefix: str = "", advanced: bool = False) -> None:
+    def __init__(
+        self, *, prefix: str = "", advanced: bool = False, gateway: bool | None = None
+    ) -> None:
         self.prefix = normalize_prefix(prefix)
         self.advanced = advanced
+        #: A gateway (``gateway``, else a ``prefix``) may send refusals with HTTP 200; the
+        #: official API sends each with its own status (docs/protocol.md, Business codes), so
+        #: its 2xx answer means the task exists, even when the body was cut off.
+        self.refusals_may_be_2xx = bool(self.prefix) if gateway is None else gateway
         self.default_stage = STAGE_ADVANCED_LIP_SYNC if advanced else STAGE_LIP_SYNC
         #: Official advanced lip-sync takes ``external_task_id`` (docs/protocol.md, Advanced
         #: lip-sync): unique per account, echoed in ``task_info``, queryable in place of the id.
         self.external_ids = advanced
 
     def __repr__(self) -> str:
-        return f"{type(self).__name__}(prefix={self.prefix!r}, advanced={self.advanced})"
+        return (
+            f"{type(self).__name__}(prefix={self.prefix!r}, advanced={self.advanced},"
+            f" gateway={self.refusals_may_be_2xx})"
+        )
 
     # -- submitting -----------------------------------------------------------------------------
 

@@ -3,10 +3,11 @@
 Order (each step may answer instead of the route): count the route; a scripted error
 (:meth:`Gate.script`); an HTML 500 (``http_500_rate``) or a proxy's 502
 (``bad_gateway_rate``, the request never reached the service); authentication; the account error
-(:meth:`Gate.account_error`); for queries a 5000 (``query_error_rate``) and for submits a
-truncated answer (``malformed_json_rate``, nothing created).  Then the route runs; a query's
-answer may still be truncated afterwards, and so may a submit's once its task exists
-(``lost_answer_rate``).
+(:meth:`Gate.account_error`); for queries a 5000 (``query_error_rate``) and, from a gateway
+that sends refusals with HTTP 200 (``errors_as_http_200``), a submit's truncated refusal
+(``malformed_json_rate``, nothing created).  Then the route runs; its answer may still be
+truncated afterwards (``malformed_json_rate`` otherwise; a submit's once its task exists,
+``lost_answer_rate``).
 """
 
 from __future__ import annotations
@@ -150,8 +151,10 @@ class Gate:
                 self.requests["faulted"] += 1
                 body = response.body
                 return truncated_json(body if isinstance(body, bytes) else b"{}")
-            if kind == "query" and self._strikes(self.faults.malformed_json_rate, "malformed_json"):
-                # After acting: the query was answered, then its answer broke in transit.
+            malformed = kind == "query" or not self.faults.errors_as_http_200
+            if malformed and self._strikes(self.faults.malformed_json_rate, "malformed_json"):
+                # After acting: the request was answered, then its answer broke in transit (a
+                # server that sends every refusal with its own status answers 2xx only so).
                 self.requests["faulted"] += 1
                 body = response.body
                 return truncated_json(body if isinstance(body, bytes) else b"{}")
@@ -176,9 +179,13 @@ class Gate:
             return refusal_response(
                 Refusal(5000), dialect, request_id=request_id, as_http_200=False
             )
-        if kind == "submit" and self._strikes(self.faults.malformed_json_rate, "malformed_json"):
-            # Nothing was created: the answer breaks before the route acts.
-            return truncated_json(b'{"code": 0, "message": "SUCCEED", "data": {"task_id": "1')
+        if (
+            kind == "submit"
+            and self.faults.errors_as_http_200
+            and self._strikes(self.faults.malformed_json_rate, "malformed_json")
+        ):
+            # A gateway's refusal, sent with HTTP 200, broken in transit: nothing was created.
+            return truncated_json(b'{"code": 1303, "message": "over the task limit", "data": nu')
         return None
 
     def _strikes(self, rate: float, fault: str) -> bool:

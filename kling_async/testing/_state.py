@@ -64,8 +64,9 @@ class FaultPlan:
     * ``errors_as_http_200``: send business errors with HTTP 200 and only the body ``code``
       (a gateway quirk: docs/protocol.md, Business codes).
     * ``data_as_list``: a single-task query's ``data`` is a one-element list (DMXAPI's quirk).
-    * ``malformed_json_rate``: answer HTTP 200 with truncated JSON; after acting for queries,
-      before acting (nothing created) for submits.
+    * ``malformed_json_rate``: answer HTTP 200 with truncated JSON, after acting (a submit's
+      task exists); with ``errors_as_http_200`` a submit's is a refusal sent with HTTP 200,
+      before acting (nothing created), as only such a gateway can answer.
     * ``task_failure_rate``: tasks that end ``failed`` with a content-policy reason.
     * ``answer_delay``: seconds between creating a task and answering its submit (crash tests:
       the task exists before the client hears of it).
