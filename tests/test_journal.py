@@ -6,6 +6,7 @@ loopback, and (for the crash tests) a separate Python process killed with SIGKIL
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import json
 import os
@@ -30,6 +31,7 @@ from helpers import (
 )
 
 import kling_async as ka
+from kling_async._cli._connect import CliError, add_connection_options, make_client
 from kling_async._resume import is_final
 from kling_async.journal._codec import (
     REQUEST_FIELDS,
@@ -691,6 +693,13 @@ def test_only_the_official_api_answers_2xx_only_once_it_created_the_task() -> No
     assert gateway(ka.KlingClient.kling(api_key="k", base_url="https://gw.example", gateway=True))
     assert gateway(ka.KlingClient.dmxapi(api_key="k", prefix=""))
     assert gateway(ka.KlingClient.apimodels(api_key="k"))
+    parser = argparse.ArgumentParser()
+    add_connection_options(parser)
+    for argv, expected in [([], False), (["--prefix", "/kling"], True), (["--gateway"], True)]:
+        client = make_client(parser.parse_args(argv), creds={"api_key": "k"})
+        assert gateway(client) is expected, argv
+    with pytest.raises(CliError, match="--gateway does not apply to --dialect apimodels"):
+        make_client(parser.parse_args(["--dialect", "apimodels", "--gateway"]), creds={})
 
 
 async def test_a_timed_out_submit_names_its_candidate_and_is_not_guessed(tmp_path: Path) -> None:

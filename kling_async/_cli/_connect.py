@@ -47,6 +47,13 @@ def add_connection_options(parser: argparse.ArgumentParser) -> None:
         '(default: none for kling, "/kling" for dmxapi)',
     )
     group.add_argument(
+        "--gateway",
+        action="store_true",
+        help="kling: the base URL is a gateway, which may send refusals with HTTP 200 (the "
+        "default when --prefix is given): a cut-off HTTP 200 then never proves that a task "
+        "was created",
+    )
+    group.add_argument(
         "--advanced",
         action="store_true",
         help="kling/dmxapi: use advanced lip-sync (identify-face, then advanced-lip-sync)",
@@ -101,6 +108,8 @@ def make_client(
             raise CliError("--prefix does not apply to --dialect apimodels")
         if args.advanced:
             raise CliError("--advanced does not apply to --dialect apimodels (it always is)")
+        if args.gateway:
+            raise CliError("--gateway does not apply to --dialect apimodels (it may be one)")
         return KlingClient.apimodels(api_key=creds["api_key"], **options)
     if args.prefix is not None:
         options["prefix"] = args.prefix
@@ -108,6 +117,7 @@ def make_client(
         return KlingClient.dmxapi(api_key=creds["api_key"], advanced=args.advanced, **options)
     return KlingClient.kling(
         advanced=args.advanced,
+        gateway=True if args.gateway else None,
         api_key=creds.get("api_key"),
         access_key=creds.get("access_key"),
         secret_key=creds.get("secret_key"),
