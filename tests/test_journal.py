@@ -165,7 +165,16 @@ async def test_a_result_logged_by_its_values_folds_into_its_json(tmp_path: Path)
     await journal.close()
     rows = read_as_a_crash_leaves_it(tmp_path / "j.sqlite", "SELECT result, final FROM jobs")
     assert rows == [(result_to_json(result), 1)]
-    assert set(json.loads(rows[0][0])) == set(RESULT_FIELDS)
+    written = json.loads(rows[0][0])
+    assert set(written) == set(RESULT_FIELDS)
+    returned = {name: written[name] for name in RESULT_FIELDS[-5:]}
+    assert returned == {
+        "video_id": None,
+        "video_duration": 4.2,
+        "watermark_url": None,
+        "units": 1.0,
+        "balance_deduction": {"quota": 2.0, "list_price": None},
+    }
     again = await open_journal(tmp_path / "j.sqlite")
     record = again.job("a")
     await again.close()
