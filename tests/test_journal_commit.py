@@ -17,7 +17,7 @@ import kling_async as ka
 from kling_async.dialects.kling import STAGE_ADVANCED_LIP_SYNC, STAGE_LIP_SYNC
 from kling_async.journal._sqlite import CREATED, SUBMITTING, Journal
 from kling_async.journal._sqlite_commit import Committer
-from kling_async.journal._sqlite_log import JOB, event, fold
+from kling_async.journal._sqlite_log import JOB, fold
 from kling_async.journal._sqlite_store import Store
 from kling_async.testing import FakeKlingServer, FaultPlan
 
@@ -28,7 +28,7 @@ META = {"dialect": "kling", "stage": "lip-sync", "base_url": "http://127.0.0.1:9
 
 def job(key: str) -> tuple[object, ...]:
     """The change log's row that records job ``key``."""
-    return event(JOB, (key, "h", None))
+    return (JOB, key, "h", None)
 
 
 @contextlib.asynccontextmanager

@@ -67,7 +67,7 @@ class Committer:
         self._syncer = _Syncer(store, self._synced)
 
     def add(self, row: tuple[Any, ...]) -> None:
-        """Queue one change (a :func:`._sqlite_log.event` row) for the next transaction.
+        """Queue one change (an operation code and its values) for the next transaction.
 
         On the loop's thread.
         """

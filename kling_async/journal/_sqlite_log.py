@@ -42,7 +42,6 @@ __all__ = [
     "REPORTED",
     "SUBMITTING",
     "encode",
-    "event",
     "fold",
 ]
 
@@ -101,13 +100,8 @@ INSERT_EVENT = "INSERT INTO events (changes) VALUES (?)"
 _ENCODER = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False)
 
 
-def event(op: int, params: Sequence[Any]) -> tuple[Any, ...]:
-    """The change of operation ``op`` with ``params`` (plain values: str, int, float, None)."""
-    return (op, *params)
-
-
 def encode(changes: Sequence[tuple[Any, ...]]) -> str:
-    """The ``events`` row of ``changes`` (:func:`event` tuples)."""
+    """The ``events`` row of ``changes`` (each an operation code and its values)."""
     return _ENCODER.encode(changes)
 
 

@@ -214,7 +214,7 @@ class Store:
         return stored, rows
 
     def apply(self, events: list[tuple[Any, ...]]) -> None:
-        """Append ``events`` (:func:`._sqlite_log.event` tuples) to the log in one transaction.
+        """Append ``events`` (operation codes and their values) to the log in one transaction.
 
         The caller holds :attr:`write_lock`.  Raises :class:`JournalError`: what the
         transaction held is lost, so the journal can no longer vouch for anything.

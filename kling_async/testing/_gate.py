@@ -146,15 +146,16 @@ class Gate:
                     request_id=request_id,
                     as_http_200=self.faults.errors_as_http_200,
                 )
-            if route in CREATES_TASK and self._strikes(self.faults.lost_answer_rate, "lost_answer"):
-                # After acting: the task exists, its answer broke in transit.
-                self.requests["faulted"] += 1
-                body = response.body
-                return truncated_json(body if isinstance(body, bytes) else b"{}")
+            # After acting: the request was answered (a submit's task exists), then its answer
+            # broke in transit (a server that sends every refusal with its own status can only
+            # fail a 2xx so; a gateway's cut-off refusal is _before's).
+            lost = route in CREATES_TASK and self._strikes(
+                self.faults.lost_answer_rate, "lost_answer"
+            )
             malformed = kind == "query" or not self.faults.errors_as_http_200
-            if malformed and self._strikes(self.faults.malformed_json_rate, "malformed_json"):
-                # After acting: the request was answered, then its answer broke in transit (a
-                # server that sends every refusal with its own status answers 2xx only so).
+            if lost or (
+                malformed and self._strikes(self.faults.malformed_json_rate, "malformed_json")
+            ):
                 self.requests["faulted"] += 1
                 body = response.body
                 return truncated_json(body if isinstance(body, bytes) else b"{}")
