@@ -42,7 +42,7 @@ def journal_job(video_url: str | None, n: int = 0) -> ka.LipSyncJob:
     )
 
 
-def audio_job(n: int, **extra: Any) -> ka.LipSyncJob:
+def audio_job(n: int | str, **extra: Any) -> ka.LipSyncJob:
     return ka.LipSyncJob.from_audio(
         video_url=f"https://example.com/clip-{n}.mp4",
         audio_url=f"https://example.com/line-{n}.mp3",

@@ -549,12 +549,8 @@ def run_sqlite(plan: Plan, url: str, where: Path, bound: float) -> list[Run]:
     while True:
         flags = {"--resubmit-unknown"} if plan.resubmit_unknown[min(attempt, 3)] else set()
         flags |= short_timeout(plan)
-        out = output(plan, where, runs)
-        run = Run(worker_argv(plan, url, journal, out, flags), out, flags)
-        shared(plan, run, runs)
-        runs.append(run)
-        start(run, where)
-        finish(run, plan.kills[attempt] if attempt < len(plan.kills) else None, bound)
+        kill_at = plan.kills[attempt] if attempt < len(plan.kills) else None
+        run = next_run(plan, url, journal, where, runs, flags, kill_at, bound)
         attempt += 1
         if run.killed:
             continue
@@ -563,25 +559,36 @@ def run_sqlite(plan: Plan, url: str, where: Path, bound: float) -> list[Run]:
         break
     settle(plan, runs, lambda out: worker_argv(plan, url, journal, out, set()), where, bound)
     if plan.retry_failed:
-        out = output(plan, where, runs)
         flags = {"--retry-failed"}
-        run = Run(worker_argv(plan, url, journal, out, flags), out, flags)
-        shared(plan, run, runs)
-        runs.append(run)
-        start(run, where)
-        finish(run, plan.retry_kill or None, bound)
+        run = next_run(plan, url, journal, where, runs, flags, plan.retry_kill or None, bound)
         if not run.killed and not ok_exit(plan, run):
             raise Violation(f"the retry_failed run ended with {run.exit}: {tail(run.stderr)}")
         if run.killed:  # run again, without retry_failed: what it began must be finished
-            out = output(plan, where, runs)
-            run = Run(worker_argv(plan, url, journal, out, set()), out, set())
-            shared(plan, run, runs)
-            runs.append(run)
-            start(run, where)
-            finish(run, None, bound)
+            run = next_run(plan, url, journal, where, runs, set(), None, bound)
             if not ok_exit(plan, run):
                 raise Violation(f"the rerun ended with {run.exit}: {tail(run.stderr)}")
     return runs
+
+
+def next_run(
+    plan: Plan,
+    url: str,
+    journal: str,
+    where: Path,
+    runs: list[Run],
+    flags: set[str],
+    kill_at: float | None,
+    bound: float,
+) -> Run:
+    """The next worker of a SQLite round, with ``flags``: started, joined to ``runs`` and waited
+    for (SIGKILLed ``kill_at`` seconds after its start, if given)."""
+    out = output(plan, where, runs)
+    run = Run(worker_argv(plan, url, journal, out, flags), out, flags)
+    shared(plan, run, runs)
+    runs.append(run)
+    start(run, where)
+    finish(run, kill_at, bound)
+    return run
 
 
 def output(plan: Plan, where: Path, runs: list[Run]) -> Path:

@@ -12,7 +12,7 @@ import anyio
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
-from helpers import API_KEY, FAST_RETRY, kling_client, text_job
+from helpers import API_KEY, FAST_RETRY, audio_job, kling_client, text_job
 from proxy import proxy_app, run_through
 
 import kling_async as ka
@@ -207,13 +207,7 @@ async def test_a_query_refused_with_an_unexpected_code_is_asked_again(code: int)
 
 def line(key: str) -> ka.LipSyncJob:
     """An advanced lip-sync job carrying its own external id (``line-<key>``)."""
-    return ka.LipSyncJob.from_audio(
-        video_url=f"https://example.com/clip-{key}.mp4",
-        audio_url=f"https://example.com/line-{key}.mp3",
-        sound_end_time=4000,
-        external_task_id=f"line-{key}",
-        key=key,
-    )
+    return audio_job(key, sound_end_time=4000, external_task_id=f"line-{key}", key=key)
 
 
 class LostLookup:
