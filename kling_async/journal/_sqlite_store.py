@@ -225,14 +225,10 @@ class Store:
         except (TypeError, ValueError) as exc:  # (a value JSON cannot hold: a bug, but no hang)
             raise JournalError(f"journal {self.path}: cannot record a change: {exc}") from None
         try:
-            conn.execute("BEGIN IMMEDIATE")
-            try:
-                conn.execute(INSERT_EVENT, (text,))
-                conn.execute("COMMIT")
-            except BaseException:
-                if conn.in_transaction:
-                    conn.execute("ROLLBACK")
-                raise
+            # One statement outside a transaction is its own transaction (the connection is in
+            # autocommit mode): a failed one leaves nothing, and BEGIN and COMMIT of their own
+            # were two more statements on the loop, each handing the GIL over and back.
+            conn.execute(INSERT_EVENT, (text,))
         except sqlite3.Error as exc:
             raise journal_error(self.path, exc) from None
         self.transactions += 1
