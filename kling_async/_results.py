@@ -154,7 +154,8 @@ class JobResult:
 
     ``key`` is the job's key (its index in the batch, as a string, when it had none).
     ``task_id`` is the task that made, or failed to make, the video: in a two-step flow the
-    lip-sync task once it exists, else the identify-face task; ``None`` when no task was created.
+    lip-sync task once it exists, else the identify-face task (the official identify-face makes
+    no task: its session id); ``None`` when no task was created.
     A failure is a value: ``ok`` is False and ``error`` holds a :class:`KlingError` whose
     ``str()`` is the server's reason.  Times are Unix seconds; ``polls`` counts status queries
     that looked at this job's tasks.  ``path`` is where the video was saved, when the batch

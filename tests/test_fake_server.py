@@ -496,6 +496,10 @@ async def test_official_advanced_lip_sync() -> None:
         status, answer = await call(http, "POST", f"{base}/identify-face", two)
         assert status == 200
         assert len(answer["data"]["face_data"]) == 2
+        # A session, not a task: the server's record names it and its video.
+        session = server.sessions[answer["data"]["session_id"]]
+        assert (session.video_url, session.identify_task_id) == (two["video_url"], None)
+        assert server.tasks_created == 0
         face = answer["data"]["face_data"][0]
         assert {"face_id", "face_image", "start_time", "end_time"} <= face.keys()
         choice = {

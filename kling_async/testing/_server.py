@@ -16,7 +16,7 @@ from ._apimodels import ApimodelsRoutes
 from ._callbacks import CallbackDispatcher
 from ._gate import Credentials, Gate, Handler
 from ._official import OfficialRoutes
-from ._state import Account, Clock, Duration, FakeTask, FaultPlan, Outcome
+from ._state import Account, Clock, Duration, FaceSession, FakeTask, FaultPlan, Outcome
 from ._videos import VideoRoute
 from ._wire import Refusal, refusal_response
 
@@ -177,6 +177,11 @@ class FakeKlingServer:
     def tasks(self) -> dict[str, FakeTask]:
         """Every task created, by task id."""
         return self._account.tasks
+
+    @property
+    def sessions(self) -> dict[str, FaceSession]:
+        """Every identify-face session made, by session id (official and apimodels alike)."""
+        return self._account.sessions
 
     @property
     def tasks_created(self) -> int:
