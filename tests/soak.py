@@ -893,11 +893,16 @@ def check(
 
 def latest(plan: Plan, runs: list[Run], lines: list[tuple[int, dict[str, Any]]]) -> dict[str, Any]:
     """A job's latest result: the last run's (SQLite: one after the other, a killed one's
-    too), a surviving worker's (PostgreSQL: side by side), else the last one seen."""
+    too), the last a surviving worker handed over (PostgreSQL: side by side), else the last
+    one seen."""
     if plan.backend == "pg":
-        alive = [line for n, line in lines if not runs[n].gone]
+        # The one handed over last: a worker that starts later runs again a job whose result
+        # another worker reported but did not keep (an unknown outcome), and reports it anew.
+        alive = [
+            (line.get("at", 0.0), i, line) for i, (n, line) in enumerate(lines) if not runs[n].gone
+        ]
         if alive:
-            return alive[-1]
+            return max(alive)[2]
     return lines[-1][1]
 
 
