@@ -45,6 +45,8 @@ from .events import Event
 if TYPE_CHECKING:
     from typing_extensions import Unpack  # typing.Unpack of **kwargs: Python 3.12
 
+    from .journal import PostgresJournal
+
 __all__ = [
     "APIMODELS_BASE_URL",
     "DMXAPI_BASE_URL",
@@ -316,7 +318,7 @@ class KlingClient:
         jobs: JobSource,
         *,
         callback_url: str | None = None,
-        journal: str | os.PathLike[str] | None = None,
+        journal: str | os.PathLike[str] | PostgresJournal | None = None,
         resubmit_unknown: bool = False,
         retry_failed: bool = False,
         download_to: str | os.PathLike[str] | None = None,
@@ -332,8 +334,9 @@ class KlingClient:
         ``callback_url`` is passed to the dialect for every job (where your webhook receives the
         server's callbacks).
 
-        ``journal`` (a file path) makes the batch resumable: rerun the same jobs with the same
-        journal after a crash and
+        ``journal`` (a file path: SQLite; or a ``postgresql://`` URL or a
+        :class:`~kling_async.journal.PostgresJournal`, which several workers share) makes the
+        batch resumable: rerun the same jobs with the same journal after a crash and
 
         * a job whose result the consumer already took is not reported again; a finished job
           whose result was not taken yet is reported from the journal, without a request;
