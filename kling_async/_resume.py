@@ -244,7 +244,7 @@ class Resume:
         if known.status == CREATED and known.task_id is not None:
             logger.debug("%s: %s task %s resumed from the journal", key, step.stage, known.task_id)
             return known.snapshot or TaskSnapshot(task_id=known.task_id, state=TaskState.SUBMITTED)
-        if known is not None and known.status == SUBMITTING:
+        if known.status == SUBMITTING:
             # An earlier run stopped with this submit in flight, or its answer was lost.
             await self.refresh()
             try:

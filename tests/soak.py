@@ -741,14 +741,12 @@ def check(
         keys |= {f"rival-{n}" for n in range(plan.jobs // 2)}
     tasks = {t["task_id"]: t for t in record["tasks"] if t["stage"] in stages}
     sessions: dict[str, str | None] = record.get("sessions", {})
+    videos = {line["key"]: line["video_url"] for line in [*job_lines(plan), *job_lines(plan, True)]}
 
     def own_session(key: str, task_id: str) -> bool:
         """Whether ``task_id`` is the session of an official identify-face call on ``key``'s
         video: a result names it when its lip-sync task never came to exist (JobResult)."""
-        n = int(key.rsplit("-", 1)[1])
-        clip = n // 2 if plan.shared_videos else n
-        video = f"https://example.com/soak-{plan.seed}-{plan.round}-{clip}.mp4"
-        return task_id in sessions and sessions[task_id] == video
+        return task_id in sessions and sessions[task_id] == videos[key]
 
     owner: dict[str, str] = {}
     per_step: dict[tuple[str, str], list[str]] = collections.defaultdict(list)

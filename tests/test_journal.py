@@ -687,7 +687,8 @@ async def test_a_submit_whose_answer_was_cut_off_is_adopted_from_the_official_ap
     if not gateway:
         assert all(r.ok and r.adopted for r in results), [str(r.error) for r in results]
         assert {r.task_id for r in results} == set(server.tasks)
-    for result in results if gateway else ():
+        return
+    for result in results:
         assert isinstance(result.error, ka.SubmitOutcomeUnknownError), result.error
         assert not result.adopted and len(result.error.candidates) == 1
 
