@@ -247,7 +247,13 @@ def serve(argv: list[str]) -> None:
         loop = asyncio.get_running_loop()
         stop = asyncio.Event()
         loop.add_signal_handler(signal.SIGTERM, stop.set)
-        loop.add_reader(sys.stdin.fileno(), lambda: sys.stdin.buffer.read1(1 << 16) or stop.set())
+        stdin = sys.stdin.fileno()
+
+        def stdin_readable() -> None:
+            if not os.read(stdin, 1 << 16):  # the parent closed the pipe (or died): stop
+                stop.set()
+
+        loop.add_reader(stdin, stdin_readable)
         async with server:
             print(f"URL {server.url}", flush=True)
             await stop.wait()
@@ -808,8 +814,8 @@ def check(
     for (key, step), ids in per_step.items():
         if len(ids) < 2:
             continue
-        lines = [line for _, line in reports.get(key, [])]
-        failed_before = any(not line_ok(line) for line in lines)
+        step_lines = [line for _, line in reports.get(key, [])]
+        failed_before = any(not line_ok(line) for line in step_lines)
         retried = any("--retry-failed" in run.flags for run in runs)
         # retry_failed: one new task per earlier failure; resubmit_unknown (basic lip-sync
         # only: an advanced resend carries the same external id) in a run after an unclear
