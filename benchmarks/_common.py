@@ -69,7 +69,7 @@ def server_process(*args: str) -> Iterator[ServerProcess]:
 # -- a virtual clock ---------------------------------------------------------------------------
 
 
-class _VirtualSelector(selectors.DefaultSelector):  # type: ignore[misc,valid-type]
+class _VirtualSelector(selectors.DefaultSelector):
     def __init__(self) -> None:
         super().__init__()
         self.now = 0.0

@@ -14,6 +14,7 @@ import argparse
 import asyncio
 import json
 import math
+import os
 import random
 import signal
 import sys
@@ -42,7 +43,13 @@ async def serve(args: argparse.Namespace) -> None:
     stop = asyncio.Event()
     loop.add_signal_handler(signal.SIGTERM, stop.set)
     # The parent closing our stdin (or dying) also stops us: no orphaned servers.
-    loop.add_reader(sys.stdin.fileno(), lambda: sys.stdin.buffer.read1(1 << 16) or stop.set())
+    stdin = sys.stdin.fileno()
+
+    def stdin_readable() -> None:
+        if not os.read(stdin, 1 << 16):  # end of file: the parent closed the pipe, or died
+            stop.set()
+
+    loop.add_reader(stdin, stdin_readable)
     async with server:
         print(f"URL {server.url}", flush=True)
         await stop.wait()

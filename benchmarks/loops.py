@@ -19,8 +19,8 @@ from typing import Any
 
 import aiohttp
 import uvloop
-from _common import server_process, table
-from overhead import JOBS, kling_async_batch, text_job
+from _common import server_process, table, text_job
+from overhead import JOBS, kling_async_batch
 
 
 async def one_round(url: str, jobs: int, concurrency: int, listed: bool) -> float:

@@ -67,7 +67,7 @@ async def track_all(tracker: Tracker, task_ids: list[str], how: str, group: Any)
     """Start tracking every id; returns what keeps the results (watch or waiting tasks)."""
     if how == "watch":
         done: list[Any] = []
-        return [tracker.watch(i, STAGE, done.append) for i in task_ids]  # type: ignore[attr-defined]
+        return [tracker.watch(i, STAGE, done.append) for i in task_ids]
     snapshots = [TaskSnapshot(task_id=i, state=TaskState.SUBMITTED) for i in task_ids]
     gc.collect()
     before = _mark()
@@ -180,7 +180,7 @@ async def cpu_per_update(count: int, how: str) -> float:
     async with anyio.create_task_group() as group:
         if how == "watch":
             for i in task_ids:
-                tracker.watch(i, STAGE, on_done)  # type: ignore[attr-defined]
+                tracker.watch(i, STAGE, on_done)
         else:
             for i in task_ids:
                 group.start_soon(waiter, TaskSnapshot(task_id=i, state=TaskState.SUBMITTED))

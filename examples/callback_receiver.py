@@ -20,6 +20,7 @@ import secrets
 
 import anyio
 from aiohttp import web
+from aiohttp.typedefs import Handler
 
 import kling_async as ka
 from kling_async.testing import SANDBOX_API_KEY, FakeKlingServer
@@ -30,7 +31,7 @@ WEBHOOK_SECRET = "whsec_" + base64.b64encode(secrets.token_bytes(32)).decode()
 
 
 @web.middleware
-async def show(request: web.Request, handler: web.Handler) -> web.StreamResponse:
+async def show(request: web.Request, handler: Handler) -> web.StreamResponse:
     response = await handler(request)
     print(f"  callback: answered {response.status}")
     return response
