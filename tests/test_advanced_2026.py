@@ -127,7 +127,7 @@ def test_advanced_request_carries_audio_id_and_watermark_info() -> None:
         task_id="s1", state=ka.TaskState.SUCCEEDED, session_id="s1", faces=(face,)
     )
     body = flow.send(found).request.json
-    assert body is not None
+    assert isinstance(body, dict)  # (HttpRequest.json is typed object)
     assert body["watermark_info"] == {"enabled": True}
     (choice,) = body["face_choose"]
     assert choice["audio_id"] == "tts-9" and "sound_file" not in choice

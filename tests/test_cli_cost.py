@@ -58,6 +58,7 @@ async def test_run_with_max_units_stops_and_lines_carry_the_cost(tmp_path: Path)
     jobs = write_jsonl(tmp_path / "jobs.jsonl", *(audio_line(n) for n in range(1, 7)))
     out, journal = tmp_path / "out.jsonl", tmp_path / "dub.journal"
     async with FakeKlingServer(task_duration=0.02) as server:
+        args: tuple[str, ...]  # grows below
         args = ("run", str(jobs), "--base-url", server.url, "--out", str(out))
         args += ("--max-in-flight", "1", "--journal", str(journal), "--first-poll", "0.02")
         done = await acli(*args, "--max-units", "2", KLING_API_KEY="sk-sandbox")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +41,13 @@ def answer(name_or_body: str | object, status: int = 200) -> HttpResponse:
 
 def first_submit(dialect: KlingDialect, job: ka.LipSyncJob, **kw: Any) -> Submit:
     return next(dialect.flow(job, **kw))
+
+
+def body_of(submit: Submit) -> dict[str, Any]:
+    """A submit's JSON body (``HttpRequest.json`` is typed ``object``; the dialect sends a dict)."""
+    body = submit.request.json
+    assert isinstance(body, dict)
+    return body
 
 
 def no_nones(value: object) -> bool:
@@ -145,7 +153,7 @@ def test_audio_file_from_path(tmp_path: Path) -> None:
     path = tmp_path / "line.mp3"
     path.write_bytes(MP3)
     job = ka.LipSyncJob.from_audio(video_url=VIDEO, audio_file=path)
-    body = first_submit(KlingDialect(), job).request.json
+    body = body_of(first_submit(KlingDialect(), job))
     assert base64.b64decode(body["input"]["audio_file"]) == MP3
 
 
@@ -167,7 +175,7 @@ def test_no_std_or_pro_mode_ever_sent() -> None:
         ka.LipSyncJob.from_audio(video_url=VIDEO, audio_url=AUDIO),
         ka.LipSyncJob.from_text(video_url=VIDEO, text="hi", voice_id="v"),
     ]
-    modes = {first_submit(KlingDialect(), j).request.json["input"]["mode"] for j in jobs}
+    modes = {body_of(first_submit(KlingDialect(), j))["input"]["mode"] for j in jobs}
     assert modes == {"audio2video", "text2video"}
 
 
@@ -184,7 +192,7 @@ def test_callback_url_precedence(
     job_hook: str | None, flow_hook: str | None, expected: str | None
 ) -> None:
     job = ka.LipSyncJob.from_audio(video_url=VIDEO, audio_url=AUDIO, callback_url=job_hook)
-    body = first_submit(KlingDialect(), job, callback_url=flow_hook).request.json
+    body = body_of(first_submit(KlingDialect(), job, callback_url=flow_hook))
     assert body.get("callback_url") == expected
     assert "callback_url" not in body["input"]
     assert ("callback_url" in body) is (expected is not None)
@@ -600,7 +608,7 @@ def test_advanced_face_by_id_and_audio_file() -> None:
     job = advanced_job(audio_url=None, audio_file=MP3, face_id="0", face_index=1)
     gen = KlingDialect(advanced=True).flow(job)
     assert next(gen).request.path == "/v1/videos/identify-face"
-    body = gen.send(identified()).request.json
+    body = body_of(gen.send(identified()))
     assert body["face_choose"][0]["face_id"] == "0"  # face_id wins over face_index
     assert base64.b64decode(body["face_choose"][0]["sound_file"]) == MP3
     assert "callback_url" not in body
@@ -721,13 +729,14 @@ def test_a_failed_task_without_videos_reads_as_failed(result: object) -> None:
     body = sample("query_failed.json")
     body["data"]["task_result"] = result
     task_id = body["data"]["task_id"]
-    for parse in (
+    parsers: tuple[Callable[[], ka.TaskSnapshot], ...] = (
         lambda: KlingDialect().parse_query(STAGE_LIP_SYNC, task_id, answer(body)),
         lambda: KlingDialect().parse_list(STAGE_LIP_SYNC, answer({**body, "data": [body["data"]]}))[
             0
         ],
         lambda: KlingDialect().parse_callback(json.dumps(body["data"]).encode()),
-    ):
+    )
+    for parse in parsers:
         snapshot = parse()
         assert snapshot.state is ka.TaskState.FAILED
         assert snapshot.message == "there is no human in the video"

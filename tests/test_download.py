@@ -404,7 +404,7 @@ async def test_a_full_disk_is_one_line_naming_the_folder_and_leaves_no_partial_f
     assert listing(folder) == []  # the space the partial file took is given back
 
 
-async def test_downloads_at_once_are_bounded(host_factory, tmp_path: Path) -> None:
+async def test_downloads_at_once_are_bounded(host_factory: HostFactory, tmp_path: Path) -> None:
     async def handler(request: web.Request, n: int) -> web.StreamResponse:
         await anyio.sleep(0.05)
         return web.Response(body=BODY[: 1000 + n])

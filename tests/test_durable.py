@@ -36,7 +36,7 @@ def test_a_folder_that_cannot_be_synced_is_tolerated() -> None:
     finally:
         os.close(fd)
     assert refused.value.errno == errno.EINVAL
-    assert sync_directory("/proc") is None  # ...and ignored
+    sync_directory("/proc")  # ...and ignored: nothing raised
 
 
 def test_other_failures_are_raised(tmp_path: Path) -> None:

@@ -6,6 +6,7 @@ Both are described in docs/protocol.md, Business codes and apimodels.app errors.
 from __future__ import annotations
 
 import re
+from typing import Any
 
 import pytest
 from hypothesis import given, settings
@@ -73,7 +74,9 @@ BUSINESS_CODES: list[tuple[int, int, type[APIError]]] = [
 KNOWN_CODES = {code for code, _, _ in BUSINESS_CODES} | {400, 401, 402, 403, 404, 422, 429}
 
 
-def kling_body(code: int, message: str = "something happened", request_id: str = "req-123") -> dict:
+def kling_body(
+    code: int, message: str = "something happened", request_id: str = "req-123"
+) -> dict[str, Any]:
     return {"code": code, "message": message, "request_id": request_id, "data": None}
 
 

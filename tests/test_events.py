@@ -57,7 +57,7 @@ async def test_async_callback_gets_every_event_in_order() -> None:
             results = [r async for r in client.run_batch(map(text_job, range(5)), on_event=record)]
     finished = [e.result.key for e in seen if isinstance(e, events.Finished)]
     assert finished == [r.key for r in results]
-    firsts = {}
+    firsts: dict[tuple[str, str], int] = {}
     for index, event in enumerate(seen):
         if isinstance(event, (events.Submitted, events.Finished)):
             key = event.key if isinstance(event, events.Submitted) else event.result.key

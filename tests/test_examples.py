@@ -112,7 +112,12 @@ async def test_otel_example_counts_what_the_batch_does() -> None:
 
     meter = _Recorder()
     on_event = load("otel_metrics").otel_metrics(meter)
-    jobs = [ka.LipSyncJob.from_audio(**AUDIO_JOB, key=f"k{n}") for n in range(6)]
+    jobs = [
+        ka.LipSyncJob.from_audio(
+            video_url=AUDIO_JOB["video_url"], audio_url=AUDIO_JOB["audio_url"], key=f"k{n}"
+        )
+        for n in range(6)
+    ]
     async with FakeKlingServer(task_duration=0.02, task_limit=2) as server:
         client = ka.KlingClient.kling(
             api_key=SANDBOX_API_KEY,

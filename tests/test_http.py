@@ -144,7 +144,7 @@ def test_request_defaults_and_frozen() -> None:
     with pytest.raises(attrs.exceptions.FrozenInstanceError):
         request.path = "/other"  # type: ignore[misc]
     with pytest.raises(TypeError):
-        HttpRequest("GET", "/x")  # type: ignore[misc]
+        HttpRequest("GET", "/x")  # type: ignore[call-arg]  # positional on purpose
 
 
 # --- HttpResponse.json ------------------------------------------------------------------------

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Iterable
+from collections.abc import AsyncIterable, AsyncIterator, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -39,7 +39,9 @@ def advanced_client(server: FakeKlingServer, **options: Any) -> ka.KlingClient:
 
 
 async def run(
-    client: ka.KlingClient, jobs: Iterable[ka.LipSyncJob], **options: Any
+    client: ka.KlingClient,
+    jobs: Iterable[ka.LipSyncJob] | AsyncIterable[ka.LipSyncJob],
+    **options: Any,
 ) -> list[ka.JobResult]:
     out = []
     with anyio.fail_after(20):
@@ -260,14 +262,14 @@ async def test_without_a_journal_a_lost_answer_is_adopted_or_named(
         async with kling_client(server) as client:
             batch = [text_job(0)] + [text_job(n) for n in range(1, 6)]
 
-            async def jobs() -> Any:
+            async def jobs() -> AsyncIterator[ka.LipSyncJob]:
                 yield batch[0]
                 await anyio.sleep(0.05)  # the first answer calibrates the server's clock
                 server.faults = FaultPlan(lost_answer_rate=1.0)
                 for job in batch[1:]:
                     yield job
 
-            results = await run(client, jobs())  # type: ignore[arg-type]
+            results = await run(client, jobs())
     assert all(r.ok for r in results), [str(r.error) for r in results]
     assert sum(r.adopted for r in results) == 5
     assert server.tasks_created == 6
@@ -407,13 +409,13 @@ async def test_resends_are_bounded_and_end_unknown() -> None:
     async with FakeKlingServer(task_duration=0.02) as server:
         async with advanced_client(server, retry=retry) as client:
 
-            async def jobs() -> Any:
+            async def jobs() -> AsyncIterator[ka.LipSyncJob]:
                 yield dub_job(0)  # answered: shows that external ids are echoed
                 await anyio.sleep(0.1)
                 server.faults = FaultPlan(bad_gateway_rate=1.0)
                 yield dub_job(1)
 
-            results = {r.key: r for r in await run(client, jobs())}  # type: ignore[arg-type]
+            results = {r.key: r for r in await run(client, jobs())}
     assert results["fr-0"].ok
     error = results["fr-1"].error
     assert isinstance(error, ka.SubmitOutcomeUnknownError), error

@@ -567,9 +567,9 @@ def test_evolve_revalidates() -> None:
 
 def test_construction_is_keyword_only() -> None:
     with pytest.raises(TypeError):
-        LipSyncJob(VIDEO)  # type: ignore[misc]
+        LipSyncJob(VIDEO)  # type: ignore[call-arg]  # positional on purpose
     with pytest.raises(TypeError):
-        LipSyncJob.from_text("hi", "voice")  # type: ignore[misc]
+        LipSyncJob.from_text("hi", "voice")  # type: ignore[call-arg]  # positional on purpose
 
 
 @pytest.mark.parametrize(
@@ -577,10 +577,11 @@ def test_construction_is_keyword_only() -> None:
 )
 def test_audio_jobs_refuse_voice_options(field: str, value: object) -> None:
     # A voice option on an audio job would be silently ignored: say so instead.
+    option: dict[str, Any] = {field: value}  # a voice option: from_audio's ``**options: Any``
     with pytest.raises(ValidationError) as info:
         LipSyncJob.from_audio(
             video_url="https://example.com/v.mp4",
             audio_url="https://example.com/a.mp3",
-            **{field: value},
+            **option,
         )
     assert info.value.field == field

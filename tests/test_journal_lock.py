@@ -21,7 +21,13 @@ from kling_async.testing import FakeKlingServer
 
 pytestmark = pytest.mark.anyio
 
-META = {"dialect": "kling", "stage": "lip-sync", "base_url": "http://127.0.0.1:1"}
+
+async def open_journal(path: Path) -> Journal:
+    """The journal at ``path`` for a kling batch (the server is never contacted)."""
+    return await Journal.open(
+        path, dialect="kling", stage="lip-sync", base_url="http://127.0.0.1:1"
+    )
+
 
 # Opens the journal in another process and prints how long the refusal took, then the error.
 CONTENDER = textwrap.dedent(
@@ -64,7 +70,7 @@ def contend(path: Path) -> list[str]:
 
 async def test_a_second_process_is_refused_at_once_naming_the_holder(tmp_path: Path) -> None:
     path = tmp_path / "dub.journal"
-    journal = await Journal.open(path, **META)
+    journal = await open_journal(path)
     try:
         took, message = await anyio.to_thread.run_sync(contend, path)
     finally:
@@ -148,7 +154,7 @@ async def test_a_version_1_journal_is_upgraded_and_keeps_its_records(tmp_path: P
         """
     )
     conn.close()
-    journal = await Journal.open(path, **META)
+    journal = await open_journal(path)
     try:
         record = journal.job("k1")
         assert record is not None and record.stages["lip-sync"].task_id == "777"
@@ -158,7 +164,7 @@ async def test_a_version_1_journal_is_upgraded_and_keeps_its_records(tmp_path: P
         await journal.created("k1", "lip-sync", "778", adopted=True)
     finally:
         await journal.close()
-    again = await Journal.open(path, **META)
+    again = await open_journal(path)
     try:
         assert again.batch_id == batch_id  # kept from the first opening
         stage = again.job("k1").stages["lip-sync"]  # type: ignore[union-attr]

@@ -404,7 +404,7 @@ async def test_a_timed_out_task_keeps_its_shared_slot_until_it_ends(pg_url: str)
     poll = ka.PollPolicy(first_delay=0.01, max_interval=0.05, multiplier=1.0, timeout=0.2)
     journal = PostgresJournal(url=pg_url, lease=5.0, renew=1.0, claim_poll=0.02)
     jobs = [text_job(0, key="slow"), text_job(1, key="next")]
-    async with FakeKlingServer(task_duration=lambda rng: next(durations)) as server:  # type: ignore[arg-type]
+    async with FakeKlingServer(task_duration=lambda rng: next(durations)) as server:
         async with kling_client(server, max_in_flight=1, poll=poll) as client:
             seen: list[tuple[str, int]] = []
             with anyio.fail_after(20):

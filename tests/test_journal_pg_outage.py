@@ -19,6 +19,7 @@ from pg import PgServer, journal_worker, slots_held
 
 import kling_async as ka
 from kling_async.journal import PostgresJournal
+from kling_async.journal._pg import PgJournal
 from kling_async.journal._pg_claims import claim_one
 from kling_async.testing import FakeKlingServer
 
@@ -87,6 +88,8 @@ async def test_a_claim_whose_answer_was_lost_is_handed_back_before_the_next(
     by someone who knows it, and its slot is not counted twice.
     """
     journal = await journal_worker(pg_url)
+    # The worker's name is PgJournal's own, not the SharedBackend protocol's.
+    assert isinstance(journal, PgJournal)
     try:
         await journal.load([(f"k{n}", f"hash-{n}", None) for n in range(3)])
         # The lost claim: committed for this worker, on a connection whose answer never came.

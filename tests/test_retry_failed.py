@@ -137,6 +137,7 @@ async def test_cli_retry_failed_reruns_the_refused_job_and_exits_with_the_new_ou
     jobs.write_text("".join(json.dumps(line) + "\n" for line in lines), encoding="utf-8")
     journal, out = tmp_path / "dub.journal", tmp_path / "results.jsonl"
     async with FakeKlingServer(task_duration=0.02) as server:
+        common: tuple[str, ...]  # grows below
         common = ("run", str(jobs), "--base-url", server.url, "--journal", str(journal))
         common += ("--first-poll", "0.02", "--max-in-flight", "1")
         server.script("submit", status=400, code=1301)  # the first job is refused for good

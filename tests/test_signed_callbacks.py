@@ -93,6 +93,7 @@ def test_forged_signatures_are_refused(change: dict[str, str], reason: str) -> N
 
 def test_stale_and_future_timestamps_are_refused() -> None:
     secret = WebhookSecret(VECTOR_SECRET)
+    now: float
     for now in (VECTOR_TIMESTAMP + 300, VECTOR_TIMESTAMP - 300):
         secret.verify(VECTOR_BODY, VECTOR_HEADERS, now=now)  # the edge of the window passes
     for now in (VECTOR_TIMESTAMP + 301, VECTOR_TIMESTAMP - 301, time.time()):

@@ -109,12 +109,12 @@ async def test_a_timed_out_task_the_server_no_longer_knows_frees_its_slot(
         max_attempts=3, base_delay=0.005, max_delay=0.05, concurrency_delay=0.01, max_slot_wait=30
     )
     jobs = [text_job(n, key=f"k{n}") for n in range(2)]
-    options = {"journal": tmp_path / "j"} if journal else {}
+    target = tmp_path / "j" if journal else None
     async with FakeKlingServer(task_duration=600, task_limit=1) as server:
         async with kling_client(server, max_in_flight=1, poll=SHORT_POLL, retry=retry) as client:
             results = []
             with anyio.fail_after(5):
-                async for result in client.run_batch(jobs, **options):
+                async for result in client.run_batch(jobs, journal=target):
                     results.append(result)
                     if len(results) == 1:
                         assert result.state is ka.TaskState.TIMED_OUT

@@ -6,7 +6,7 @@ from __future__ import annotations
 import contextlib
 import json
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, MutableMapping
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -381,7 +381,7 @@ class Asgi:
         self.chunks = chunks
         self.endless = endless
         self.receives = 0
-        self.sent: list[dict[str, Any]] = []
+        self.sent: list[MutableMapping[str, Any]] = []
 
     async def receive(self) -> dict[str, Any]:
         self.receives += 1
@@ -392,7 +392,7 @@ class Asgi:
             return {"type": "http.request", "body": chunk, "more_body": bool(self.chunks)}
         return {"type": "http.disconnect"}
 
-    async def send(self, message: dict[str, Any]) -> None:
+    async def send(self, message: MutableMapping[str, Any]) -> None:
         self.sent.append(message)
 
     @property
