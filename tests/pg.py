@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from kling_async.journal import SharedBackend
+    from kling_async.journal._pg import PgJournal
 
 #: Environment variable naming a directory with ``initdb``/``pg_ctl`` in it (optional).
 BIN_ENV = "KLING_TEST_PG_BIN"
@@ -162,9 +162,10 @@ class PgServer:
         shutil.rmtree(self.dir, ignore_errors=True)
 
 
-async def journal_worker(url: str, max_in_flight: int = 4, **settings: float) -> SharedBackend:
+async def journal_worker(url: str, max_in_flight: int = 4, **settings: float) -> PgJournal:
     """A worker's shared journal on ``url`` for a fake batch: short leases, or ``settings``."""
     from kling_async.journal import PostgresJournal, SharedBackend, open_journal
+    from kling_async.journal._pg import PgJournal
 
     config = PostgresJournal(
         url=url, **{"lease": 5.0, "renew": 1.0, "claim_poll": 0.02, **settings}
@@ -172,6 +173,8 @@ async def journal_worker(url: str, max_in_flight: int = 4, **settings: float) ->
     meta = {"dialect": "kling", "stage": "lip-sync", "base_url": "http://127.0.0.1:1"}
     journal = await open_journal(config, **meta, max_in_flight=max_in_flight)
     assert isinstance(journal, SharedBackend)
+    # The tests also read PgJournal's own (its worker's name, reserve_charge).
+    assert isinstance(journal, PgJournal)
     return journal
 
 

@@ -6,7 +6,7 @@ import asyncio
 import itertools
 import logging
 from collections import Counter
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterable, AsyncIterator, Iterable, Iterator
 from pathlib import Path
 
 import anyio
@@ -40,11 +40,14 @@ def our_tasks() -> list[str]:
     ]
 
 
-async def collect(results: ka.KlingClient | object, jobs: object) -> list[ka.JobResult]:
+async def collect(
+    results: ka.KlingClient | object,
+    jobs: Iterable[ka.LipSyncJob] | AsyncIterable[ka.LipSyncJob],
+) -> list[ka.JobResult]:
     assert isinstance(results, ka.KlingClient)
     out = []
     with anyio.fail_after(30):
-        async for result in results.run_batch(jobs):  # type: ignore[arg-type]
+        async for result in results.run_batch(jobs):
             out.append(result)
     return out
 

@@ -124,7 +124,9 @@ def test_a_submits_repr_shows_neither_its_callback_token_nor_its_audio() -> None
     )
     hook = "https://hooks.example.com/kling-callback/s3cr3t-t0ken-0123456789"
     submit = next(KlingDialect().flow(job, callback_url=hook))
-    assert submit.request.json["callback_url"] == hook  # type: ignore[index]
+    body = submit.request.json
+    assert isinstance(body, dict)  # (HttpRequest.json is typed object)
+    assert body["callback_url"] == hook
     shown = repr(submit)
     assert "s3cr3t-t0ken" not in shown and "audio_file" not in shown
     assert "/v1/videos/lip-sync" in shown

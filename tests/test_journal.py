@@ -318,7 +318,8 @@ async def test_concurrent_writes_share_transactions(tmp_path: Path) -> None:
     async with anyio.create_task_group() as group:
         for n in range(50):
             group.start_soon(journal.submitting, f"k{n}", "lip-sync", float(n))
-    assert all(journal.job(f"k{n}").stages["lip-sync"].intent_at == n for n in range(50))  # type: ignore[union-attr]
+    records = [journal.job(f"k{n}") for n in range(50)]
+    assert all(r is not None and r.stages["lip-sync"].intent_at == n for n, r in enumerate(records))
     assert journal.transactions < 50  # group commit: writes that wait together commit together
     await journal.close()
     again = await open_journal(tmp_path / "j.sqlite")

@@ -167,7 +167,9 @@ async def test_a_version_1_journal_is_upgraded_and_keeps_its_records(tmp_path: P
     again = await open_journal(path)
     try:
         assert again.batch_id == batch_id  # kept from the first opening
-        stage = again.job("k1").stages["lip-sync"]  # type: ignore[union-attr]
+        record = again.job("k1")
+        assert record is not None
+        stage = record.stages["lip-sync"]
         assert (stage.task_id, stage.adopted) == ("778", True)
     finally:
         await again.close()

@@ -220,7 +220,7 @@ async def test_a_dead_workers_jobs_are_taken_over_and_it_is_fenced_out(pg_url: s
     await alive.refresh()
     assert alive.owner("t0") == "k0"
     status = await read_status(pg_url)
-    assert {lease.worker: lease.jobs for lease in status.workers}[alive.worker] == 2  # type: ignore[attr-defined]
+    assert {lease.worker: lease.jobs for lease in status.workers}[alive.worker] == 2
     await alive.close()
     await dead.close()
 
@@ -524,7 +524,7 @@ async def test_a_changed_job_is_refused_when_its_intent_commits_during_the_check
         async with anyio.create_task_group() as group:
             async with conn.transaction():
                 # one's intent (PgJournal.submitting's statement), committed a moment later.
-                params = {"key": "k0", "worker": one.worker, "stage": "lip-sync", "at": 1.0}  # type: ignore[attr-defined]
+                params = {"key": "k0", "worker": one.worker, "stage": "lip-sync", "at": 1.0}
                 await conn.execute(sql.SUBMITTING, {**params, "external_id": None})
                 refused: list[BaseException] = []
 

@@ -100,10 +100,10 @@ async def test_a_taken_over_jobs_reservation_replaces_the_dead_workers(pg_url: s
     await dead.load(keys)
     await alive.load(keys)
     assert await dead.claim() == "k0"
-    assert await dead.reserve_charge("k0", 1.0, limit=1.5, force=False) == (True, 1.0)  # type: ignore[attr-defined]
+    assert await dead.reserve_charge("k0", 1.0, limit=1.5, force=False) == (True, 1.0)
     assert await dead.claim() == "k1"
     # Refused: 1.0 + 1.0 would pass 1.5 (nothing is written for it).
-    assert await dead.reserve_charge("k1", 1.0, limit=1.5, force=False) == (False, 1.0)  # type: ignore[attr-defined]
+    assert await dead.reserve_charge("k1", 1.0, limit=1.5, force=False) == (False, 1.0)
     async with anyio.create_task_group() as group:
         group.start_soon(alive.commit_marks)  # renews the living worker's lease
         await anyio.sleep(0.45)
@@ -111,13 +111,13 @@ async def test_a_taken_over_jobs_reservation_replaces_the_dead_workers(pg_url: s
         group.cancel_scope.cancel()
     assert taken == ["k0", "k1"]
     # The taker reserves k0 again: it replaces the dead worker's 1.0, it does not add to it.
-    assert await alive.reserve_charge("k0", 1.0, limit=1.5, force=False) == (True, 1.0)  # type: ignore[attr-defined]
+    assert await alive.reserve_charge("k0", 1.0, limit=1.5, force=False) == (True, 1.0)
     # A job whose task may exist is paid for anyway: forced past the limit.
-    assert await alive.reserve_charge("k1", 1.0, limit=1.5, force=True) == (True, 2.0)  # type: ignore[attr-defined]
+    assert await alive.reserve_charge("k1", 1.0, limit=1.5, force=True) == (True, 2.0)
     # A lowering always passes, and the dead worker can no longer write its jobs.
-    assert await alive.reserve_charge("k1", 0.25, limit=0.0, force=False) == (True, 1.25)  # type: ignore[attr-defined]
+    assert await alive.reserve_charge("k1", 0.25, limit=0.0, force=False) == (True, 1.25)
     with pytest.raises(ka.JournalError, match="no longer this worker's"):
-        await dead.reserve_charge("k0", 5.0, limit=100.0, force=False)  # type: ignore[attr-defined]
+        await dead.reserve_charge("k0", 5.0, limit=100.0, force=False)
     assert spend(pg_url)[:2] == (1.25, 1.25)
     await alive.close()
     await dead.close()
@@ -132,6 +132,6 @@ async def test_a_journal_begun_before_shared_budgets_gets_their_tables(pg_url: s
     again = await worker(pg_url)
     await again.load([("k0", "h0", None)])
     assert await again.claim() == "k0"
-    assert await again.reserve_charge("k0", 0.5, limit=1.0, force=False) == (True, 0.5)  # type: ignore[attr-defined]
+    assert await again.reserve_charge("k0", 0.5, limit=1.0, force=False) == (True, 0.5)
     await again.close()
     assert spend(pg_url) == (0.5, 0.5, 0)

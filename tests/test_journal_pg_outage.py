@@ -19,7 +19,6 @@ from pg import PgServer, journal_worker, slots_held
 
 import kling_async as ka
 from kling_async.journal import PostgresJournal
-from kling_async.journal._pg import PgJournal
 from kling_async.journal._pg_claims import claim_one
 from kling_async.testing import FakeKlingServer
 
@@ -88,8 +87,6 @@ async def test_a_claim_whose_answer_was_lost_is_handed_back_before_the_next(
     by someone who knows it, and its slot is not counted twice.
     """
     journal = await journal_worker(pg_url)
-    # The worker's name is PgJournal's own, not the SharedBackend protocol's.
-    assert isinstance(journal, PgJournal)
     try:
         await journal.load([(f"k{n}", f"hash-{n}", None) for n in range(3)])
         # The lost claim: committed for this worker, on a connection whose answer never came.
@@ -162,7 +159,7 @@ async def test_marks_that_fail_in_an_outage_keep_the_lease_and_are_written_later
             with psycopg.connect(url) as conn:
                 row = conn.execute(
                     "SELECT expires_at > clock_timestamp() FROM kling_workers WHERE id = %s",
-                    (journal.worker,),  # type: ignore[attr-defined]
+                    (journal.worker,),
                 ).fetchone()
             assert row is not None and row[0], "the lease was not renewed after the outage"
             group.cancel_scope.cancel()

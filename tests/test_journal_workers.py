@@ -97,7 +97,8 @@ async def test_three_workers_one_killed_every_job_once_never_over_the_limit(
     task_ids = [job.result.task_id for job in exported if job.result]
     assert len(set(task_ids)) == count and set(task_ids) == set(server.tasks)
     for job in exported:
-        task = server.tasks[job.result.task_id]  # type: ignore[union-attr,index]
+        assert job.result is not None and job.result.task_id is not None  # (all ok, above)
+        task = server.tasks[job.result.task_id]
         assert task_video(task) == f"https://example.com/w-{job.key[4:]}.mp4"
 
     # What the workers reported: the survivors each job at most once, all jobs between them.

@@ -7,6 +7,9 @@ to page 2, then deeper, and below page 5 out of the pages read.
 
 from __future__ import annotations
 
+import random
+from collections.abc import Callable
+
 import anyio
 import pytest
 from helpers import FAST_RETRY, kling_client, text_job
@@ -29,7 +32,9 @@ DEEP = ka.PollPolicy(
 )
 
 
-def one_long_then_short(long: float, short: int) -> tuple[list[ka.LipSyncJob], object]:
+def one_long_then_short(
+    long: float, short: int
+) -> tuple[list[ka.LipSyncJob], Callable[[random.Random], float]]:
     durations = iter([long, *[0.005] * short])
     jobs = [text_job(0, key="long"), *(text_job(n, key=f"short-{n}") for n in range(1, short + 1))]
     return jobs, lambda rng: next(durations)
@@ -43,7 +48,7 @@ async def run(server: FakeKlingServer, jobs: list[ka.LipSyncJob]) -> dict[str, k
 
 async def test_a_sunk_task_is_found_on_its_page_without_chasing_it() -> None:
     jobs, duration = one_long_then_short(1.2, 50)
-    async with FakeKlingServer(task_duration=duration) as server:  # type: ignore[arg-type]
+    async with FakeKlingServer(task_duration=duration) as server:
         results = await run(server, jobs)
     assert all(r.ok for r in results.values()) and len(results) == 51
     assert results["long"].polls >= 1
@@ -61,7 +66,7 @@ async def test_a_sunk_task_is_found_on_its_page_without_chasing_it() -> None:
 
 async def test_a_task_below_the_deepest_page_is_queried_on_its_own() -> None:
     jobs, duration = one_long_then_short(2.0, 180)
-    async with FakeKlingServer(task_duration=duration) as server:  # type: ignore[arg-type]
+    async with FakeKlingServer(task_duration=duration) as server:
         results = await run(server, jobs)
     assert all(r.ok for r in results.values()) and len(results) == 181
     pages = server.list_pages
@@ -72,7 +77,7 @@ async def test_a_task_below_the_deepest_page_is_queried_on_its_own() -> None:
 
 async def test_failed_deep_reads_are_retried_and_fail_no_task() -> None:
     jobs, duration = one_long_then_short(1.0, 45)
-    async with FakeKlingServer(task_duration=duration) as server:  # type: ignore[arg-type]
+    async with FakeKlingServer(task_duration=duration) as server:
         server.script("list", status=500, code=5000, message="busy", times=40)
         results = await run(server, jobs)
     assert all(r.ok for r in results.values()), [str(r.error) for r in results.values()]

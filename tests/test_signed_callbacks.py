@@ -299,7 +299,8 @@ async def test_fake_server_signs_its_callbacks() -> None:
                 task = next(iter(server.tasks.values()))
                 task.notified = None
                 task.callback_url = wrong.callback_url(base + "wrong")
-                server._dispatcher.watch(task)  # type: ignore[union-attr]
+                assert server._dispatcher is not None  # (a callback_url was given)
+                server._dispatcher.watch(task)
                 for _ in range(200):
                     if wrong.counts["unsigned"]:
                         break
