@@ -89,21 +89,25 @@ _LAZY = {
 }
 
 
-def __getattr__(name: str) -> Any:
-    if name == "__version__":
-        value: Any = _version()
-    elif name == "events":  # the on_event records: ka.events.Finished, ...
-        import importlib
+# Hidden from type checkers: they read the names above (under TYPE_CHECKING), and a module
+# __getattr__ returning Any would let a misspelt ``ka.LipSyncJb`` pass ``mypy --strict``.
+if not TYPE_CHECKING:
 
-        value = importlib.import_module(".events", __name__)
-    elif name in _LAZY:
-        import importlib
+    def __getattr__(name: str) -> Any:
+        if name == "__version__":
+            value: Any = _version()
+        elif name == "events":  # the on_event records: ka.events.Finished, ...
+            import importlib
 
-        value = getattr(importlib.import_module(_LAZY[name], __name__), name)
-    else:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    globals()[name] = value  # looked up once: the next access is a plain global
-    return value
+            value = importlib.import_module(".events", __name__)
+        elif name in _LAZY:
+            import importlib
+
+            value = getattr(importlib.import_module(_LAZY[name], __name__), name)
+        else:
+            raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+        globals()[name] = value  # looked up once: the next access is a plain global
+        return value
 
 
 def __dir__() -> list[str]:

@@ -175,7 +175,7 @@ class LipSyncJob:
         video_url: str | None = None,
         video_id: str | None = None,
         audio_url: str | None = None,
-        audio_file: bytes | os.PathLike[str] | None = None,
+        audio_file: bytes | str | os.PathLike[str] | None = None,
         **options: Any,
     ) -> LipSyncJob:
         """A job whose face lip-syncs to audio: ``audio_url``, or ``audio_file`` as bytes or a path.

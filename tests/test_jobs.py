@@ -386,7 +386,7 @@ def test_audio_path_is_read_once_with_format_from_suffix(
 def test_audio_path_as_str(tmp_path: Path) -> None:
     path = tmp_path / "line.wav"
     path.write_bytes(WAV)
-    job = LipSyncJob.from_audio(video_url=VIDEO, audio_file=str(path))  # type: ignore[arg-type]
+    job = LipSyncJob.from_audio(video_url=VIDEO, audio_file=str(path))
     assert (job.audio_file, job.audio_format) == (WAV, "wav")
 
 

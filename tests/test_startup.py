@@ -83,7 +83,7 @@ def test_lazy_names_are_the_modules_own() -> None:
     assert ka.Timeouts is Timeouts
     assert set(ka.__all__) <= set(dir(ka))
     with pytest.raises(AttributeError, match="no_such_name"):
-        _ = ka.no_such_name
+        _ = ka.no_such_name  # type: ignore[attr-defined]  # (the misspelling is the test)
 
 
 def test_the_light_price_defaults_are_the_records_own() -> None:
