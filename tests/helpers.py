@@ -7,6 +7,7 @@ import wave
 from typing import Any
 
 import kling_async as ka
+from kling_async._batch import Batch
 from kling_async.testing import ROUTES, FakeKlingServer
 
 API_KEY = "sk-sandbox"
@@ -75,6 +76,16 @@ def apimodels_client(server: FakeKlingServer, **options: Any) -> ka.KlingClient:
     options.setdefault("poll", FAST_POLL)
     options.setdefault("retry", FAST_RETRY)
     return ka.KlingClient.apimodels(api_key=API_KEY, base_url=server.url, **options)
+
+
+def engine(results: ka.BatchIterator) -> Batch:
+    """The batch engine behind ``results``, for tests that read its internals.
+
+    (The iterator holds it as a ``BatchControl``, the consumer's narrow view of it.)
+    """
+    batch = results._batch
+    assert isinstance(batch, Batch)
+    return batch
 
 
 def requests_sent(server: FakeKlingServer) -> int:

@@ -18,6 +18,7 @@ from helpers import (
     apimodels_client,
     audio_job,
     dmx_client,
+    engine,
     jwt_client,
     kling_client,
     requests_sent,
@@ -25,7 +26,6 @@ from helpers import (
 )
 
 import kling_async as ka
-from kling_async._batch import Batch
 from kling_async.testing import FakeKlingServer, FaultPlan
 
 pytestmark = pytest.mark.anyio
@@ -304,9 +304,7 @@ async def test_leaving_a_track_stops_following_every_task() -> None:
                 async for result in results:
                     assert result.task_id == ids[0]
                     break
-            batch = results._batch
-            # BatchControl is the iterator's view of a Batch, whose tracker this test reads.
-            assert isinstance(batch, Batch)
+            batch = engine(results)
             assert batch.tracker.live == 0 and batch.progress().running == 5
             sent = requests_sent(server)
             await anyio.sleep(0.1)  # FAST_POLL would have asked several times by now

@@ -11,10 +11,9 @@ from pathlib import Path
 
 import anyio
 import pytest
-from helpers import apimodels_client, journal_job, kling_client, text_job
+from helpers import apimodels_client, engine, journal_job, kling_client, text_job
 
 import kling_async as ka
-from kling_async._batch import Batch
 from kling_async.dialects.kling import STAGE_ADVANCED_LIP_SYNC, STAGE_LIP_SYNC
 from kling_async.journal._sqlite import CREATED, SUBMITTING, Journal
 from kling_async.journal._sqlite_commit import Committer
@@ -202,11 +201,7 @@ async def test_a_crash_before_an_answered_task_id_is_on_disk_creates_no_second_t
             with anyio.fail_after(10):
                 async with client.run_batch([job], journal=journal) as batch:
                     await until(lambda: server.tasks_created > 0)  # its intent was on disk
-                    # The iterator sees the engine through BatchControl; it is a Batch, and this
-                    # test reaches into its internals.
-                    control = batch._batch
-                    assert isinstance(control, Batch)
-                    resume = control.resume  # (the live journal: held off, not replaced)
+                    resume = engine(batch).resume  # (the live journal: held off, not replaced)
                     assert resume is not None
                     assert isinstance(resume.journal, Journal)  # a file path: SQLite
                     store = resume.journal._store
@@ -254,10 +249,7 @@ async def test_a_batch_stopped_while_an_intent_is_committed_never_sends_it(
         async with apimodels_client(server) as client:
             with anyio.fail_after(10):
                 async with client.run_batch([job], journal=journal) as batch:
-                    # The iterator sees the engine through BatchControl; it is a Batch, and this
-                    # test reaches into its internals.
-                    control = batch._batch
-                    assert isinstance(control, Batch)
+                    control = engine(batch)
                     await until(lambda: control.resume is not None)
                     resume = control.resume
                     assert resume is not None

@@ -82,7 +82,7 @@ FULL_BEFORE_THE_RESULTS = """
     import anyio
     import kling_async as ka
     from kling_async.testing import FakeKlingServer
-    from helpers import kling_client, text_job
+    from helpers import engine, kling_client, text_job
 
     async def main() -> None:
         path, count = sys.argv[1], int(sys.argv[2])
@@ -93,9 +93,11 @@ FULL_BEFORE_THE_RESULTS = """
                 batch = client.run_batch(jobs, journal=path)
 
                 async def fill_the_disk() -> None:
-                    while batch._batch.resume is None:
+                    while engine(batch).resume is None:
                         await anyio.sleep(0.001)
-                    journal = batch._batch.resume.journal
+                    resume = engine(batch).resume
+                    assert resume is not None
+                    journal = resume.journal
                     committer = journal._committer
 
                     def recorded() -> bool:  # every task id known, and committed

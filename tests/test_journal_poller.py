@@ -13,7 +13,7 @@ import anyio
 import psycopg
 import pytest
 from aiohttp.test_utils import TestServer
-from helpers import kling_client, text_job
+from helpers import engine, kling_client, text_job
 from pg import PgServer
 
 import kling_async as ka
@@ -71,9 +71,9 @@ async def seat_taken(journal: PostgresJournal, server: FakeKlingServer) -> psyco
     return holder
 
 
-def tracker_requests(batch: Any) -> int:
+def tracker_requests(batch: ka.BatchIterator) -> int:
     """Status requests the worker's own tracker sent (the batch behind the iterator)."""
-    return int(batch._batch.tracker.requests)
+    return engine(batch).tracker.requests
 
 
 async def test_three_workers_poll_about_as_much_as_one(pg_server: PgServer) -> None:

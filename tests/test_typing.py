@@ -46,9 +46,10 @@ MISSPELT = "job = ka.LipSyncJb\n"
 
 def test_documented_calls_type_check_and_a_misspelt_name_does_not(tmp_path: Path) -> None:
     names = ", ".join(f"ka.{name}" for name in [*ka.__all__, "events", "__version__"])
+    documented = DOCUMENTED % names
     source = tmp_path / "uses.py"
-    source.write_text(DOCUMENTED % names + MISSPELT)
-    misspelt_line = (DOCUMENTED % names).count("\n") + 1
+    source.write_text(documented + MISSPELT)
+    misspelt_line = documented.count("\n") + 1
     out, err, status = api.run(
         ["--strict", "--no-incremental", "--cache-dir", os.devnull, str(source)]
     )
